@@ -1,0 +1,82 @@
+"""Broker addresses and paho-mqtt client construction, shared by the edge publisher and the sink ingest.
+
+A broker is one URL: ``mqtt://[user[:password]@]host[:port]`` or ``mqtts://...`` for TLS (default ports 1883 /
+8883). The password may instead come from ``$SMARTCAM_MQTT_PASSWORD`` so it stays out of process listings.
+
+>>> BrokerSettings.from_url("mqtts://cam1:secret@broker.local").port
+8883
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+from dataclasses import dataclass
+from urllib.parse import unquote, urlsplit
+
+DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
+
+
+@dataclass(frozen=True)
+class BrokerSettings:
+    host: str
+    port: int
+    tls: bool = False
+    username: str | None = None
+    password: str | None = None
+    ca_file: str | None = None  # CA bundle that signed the broker's certificate (TLS)
+    cert_file: str | None = None  # client certificate (mutual TLS), optional
+    key_file: str | None = None
+    insecure: bool = False  # skip hostname verification (testing only)
+    keepalive: int = 30
+
+    @classmethod
+    def from_url(cls, url: str, *, ca_file: str | None = None, cert_file: str | None = None,
+                 key_file: str | None = None, username: str | None = None, password: str | None = None,
+                 insecure: bool = False) -> BrokerSettings:
+        """Parse and check a broker URL; raise ValueError with a readable reason."""
+        parts = urlsplit(url)
+        if parts.scheme not in DEFAULT_PORTS:
+            raise ValueError(f"broker URL {url!r}: scheme must be mqtt:// or mqtts://")
+        if not parts.hostname:
+            raise ValueError(f"broker URL {url!r}: no host")
+        try:
+            port = parts.port or DEFAULT_PORTS[parts.scheme]
+        except ValueError:
+            raise ValueError(f"broker URL {url!r}: bad port") from None
+        user = username or (unquote(parts.username) if parts.username else None)
+        pw = password or (unquote(parts.password) if parts.password else None) or os.environ.get(
+            "SMARTCAM_MQTT_PASSWORD") if user else None
+        for path, what in ((ca_file, "CA file"), (cert_file, "client certificate"), (key_file, "client key")):
+            if path and not os.path.isfile(path):
+                raise ValueError(f"{what} not found: {path}")
+        return cls(host=parts.hostname, port=port, tls=parts.scheme == "mqtts", username=user, password=pw,
+                   ca_file=ca_file, cert_file=cert_file, key_file=key_file, insecure=insecure)
+
+    def redacted(self) -> str:
+        """The URL without the password, for logs."""
+        scheme = "mqtts" if self.tls else "mqtt"
+        user = f"{self.username}@" if self.username else ""
+        return f"{scheme}://{user}{self.host}:{self.port}"
+
+
+def make_client(settings: BrokerSettings, client_id: str, *, mqtt5: bool = True, manual_ack: bool = False):
+    """A configured (not yet connected) paho-mqtt 2.x client with auth and TLS applied."""
+    import paho.mqtt.client as mqtt
+
+    client = mqtt.Client(
+        mqtt.CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        protocol=mqtt.MQTTv5 if mqtt5 else mqtt.MQTTv311,
+        manual_ack=manual_ack,
+    )
+    if settings.username:
+        client.username_pw_set(settings.username, settings.password)
+    if settings.tls:
+        ctx = ssl.create_default_context(cafile=settings.ca_file)
+        if settings.cert_file:
+            ctx.load_cert_chain(settings.cert_file, settings.key_file)
+        if settings.insecure:
+            ctx.check_hostname = False
+        client.tls_set_context(ctx)
+    return client

@@ -1,0 +1,1 @@
+"""smartcam cloud_sink package."""

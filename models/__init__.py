@@ -1,0 +1,1 @@
+"""smartcam models package."""
