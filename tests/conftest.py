@@ -39,9 +39,9 @@ def mosquitto(tmp_path):
 
 
 @pytest.fixture(scope="session")
-def postgres_server(tmp_path_factory):
+def postgres_server():
     """One real PostgreSQL server for the whole test session; use ``postgres_url`` for a fresh database."""
-    pg = start_postgres(tmp_path_factory.mktemp("postgres"))
+    pg = start_postgres()
     yield pg
     pg.stop()
 

@@ -145,11 +145,18 @@ class Postgres:
     def stop(self) -> None:
         subprocess.run(self._as_postgres([_pg_bin("pg_ctl"), "-D", str(self.datadir), "-m", "immediate", "stop"]),
                        capture_output=True)
+        shutil.rmtree(self.datadir.parent, ignore_errors=True)
 
 
-def start_postgres(workdir: Path) -> Postgres:
-    """initdb into ``workdir`` (as user postgres when root), start on a free port, trust auth on loopback."""
-    workdir.mkdir(parents=True, exist_ok=True)
+def start_postgres(workdir: Path | None = None) -> Postgres:
+    """initdb (as user postgres when root), start on a free port, trust auth on loopback.
+
+    The data lives in its own directory directly under the system temp dir: pytest's temp dirs are private to
+    root (0700), which user postgres cannot enter.
+    """
+    import tempfile
+
+    workdir = Path(tempfile.mkdtemp(prefix="smartcam-pg-"))
     datadir = workdir / "pgdata"
     port = free_port()
     pg = Postgres(datadir=datadir, port=port)
