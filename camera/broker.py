@@ -2,6 +2,8 @@
 
 A broker is one URL: ``mqtt://[user[:password]@]host[:port]`` or ``mqtts://...`` for TLS (default ports 1883 /
 8883). The password may instead come from ``$SMARTCAM_MQTT_PASSWORD`` so it stays out of process listings.
+MQTT 5 is used unless the URL ends in ``?protocol=3.1.1`` (e.g. for the embedded demo broker, which only speaks
+3.1.1); ``persistent_connect_kwargs`` gives the right persistent-session arguments for either.
 
 >>> BrokerSettings.from_url("mqtts://cam1:secret@broker.local").port
 8883
@@ -29,6 +31,7 @@ class BrokerSettings:
     key_file: str | None = None
     insecure: bool = False  # skip hostname verification (testing only)
     keepalive: int = 30
+    mqtt5: bool = True  # False: MQTT 3.1.1 (URL query ?protocol=3.1.1)
 
     @classmethod
     def from_url(cls, url: str, *, ca_file: str | None = None, cert_file: str | None = None,
@@ -44,6 +47,10 @@ class BrokerSettings:
             port = parts.port or DEFAULT_PORTS[parts.scheme]
         except ValueError:
             raise ValueError(f"broker URL {url!r}: bad port") from None
+        query = dict(q.split("=", 1) for q in parts.query.split("&") if "=" in q)
+        protocol = query.pop("protocol", "5")
+        if protocol not in ("5", "3.1.1") or query:
+            raise ValueError(f"broker URL {url!r}: the only query option is protocol=5 or protocol=3.1.1")
         user = username or (unquote(parts.username) if parts.username else None)
         pw = password or (unquote(parts.password) if parts.password else None) or os.environ.get(
             "SMARTCAM_MQTT_PASSWORD") if user else None
@@ -51,24 +58,35 @@ class BrokerSettings:
             if path and not os.path.isfile(path):
                 raise ValueError(f"{what} not found: {path}")
         return cls(host=parts.hostname, port=port, tls=parts.scheme == "mqtts", username=user, password=pw,
-                   ca_file=ca_file, cert_file=cert_file, key_file=key_file, insecure=insecure)
+                   ca_file=ca_file, cert_file=cert_file, key_file=key_file, insecure=insecure,
+                   mqtt5=protocol == "5")
 
     def redacted(self) -> str:
         """The URL without the password, for logs."""
         scheme = "mqtts" if self.tls else "mqtt"
         user = f"{self.username}@" if self.username else ""
-        return f"{scheme}://{user}{self.host}:{self.port}"
+        query = "" if self.mqtt5 else "?protocol=3.1.1"
+        return f"{scheme}://{user}{self.host}:{self.port}{query}"
 
 
-def make_client(settings: BrokerSettings, client_id: str, *, mqtt5: bool = True, manual_ack: bool = False):
-    """A configured (not yet connected) paho-mqtt 2.x client with auth and TLS applied."""
+def make_client(settings: BrokerSettings, client_id: str, *, mqtt5: bool | None = None, manual_ack: bool = False,
+                persistent: bool = False):
+    """A configured (not yet connected) paho-mqtt 2.x client with auth and TLS applied.
+
+    ``mqtt5`` defaults to the URL's protocol. ``persistent`` asks for a broker-side session that survives
+    disconnects (MQTT 3.1.1 sets it here, in the constructor; MQTT 5 sets it at connect time, see
+    :func:`persistent_connect_kwargs`).
+    """
     import paho.mqtt.client as mqtt
 
+    use5 = settings.mqtt5 if mqtt5 is None else mqtt5
+    kwargs = {} if use5 else {"clean_session": not persistent}
     client = mqtt.Client(
         mqtt.CallbackAPIVersion.VERSION2,
         client_id=client_id,
-        protocol=mqtt.MQTTv5 if mqtt5 else mqtt.MQTTv311,
+        protocol=mqtt.MQTTv5 if use5 else mqtt.MQTTv311,
         manual_ack=manual_ack,
+        **kwargs,
     )
     if settings.username:
         client.username_pw_set(settings.username, settings.password)
@@ -80,3 +98,16 @@ def make_client(settings: BrokerSettings, client_id: str, *, mqtt5: bool = True,
             ctx.check_hostname = False
         client.tls_set_context(ctx)
     return client
+
+
+def persistent_connect_kwargs(client, session_expiry_s: int = 7 * 24 * 3600) -> dict:
+    """Extra ``client.connect(...)`` arguments for a persistent session on MQTT 5 (empty for 3.1.1)."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    if client.protocol != mqtt.MQTTv5:
+        return {}
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = session_expiry_s
+    return {"clean_start": False, "properties": props}
