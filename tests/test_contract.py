@@ -1,0 +1,88 @@
+"""The event contract: the shipped examples are valid, and each kind of bad payload is refused with a reason."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+
+from camera.broker import BrokerSettings
+from camera.contract import (
+    EVENT_TYPES,
+    format_ts,
+    new_event_id,
+    parse_topic,
+    parse_ts,
+    topic_for,
+    validate_event,
+    validation_errors,
+)
+
+SAMPLES = Path(__file__).resolve().parents[1] / "samples" / "events"
+
+
+def samples() -> dict[str, dict]:
+    return {p.name: json.loads(p.read_text()) for p in sorted(SAMPLES.glob("*.json"))}
+
+
+def test_every_sample_event_is_valid_and_every_type_has_one():
+    found = samples()
+    for name, event in found.items():
+        assert validation_errors(event) == [], name
+    assert {e["type"] for e in found.values()} == set(EVENT_TYPES)
+
+
+@pytest.mark.parametrize(
+    "mutate, fragment",
+    [
+        (lambda e: e.pop("event_id"), "event_id"),
+        (lambda e: e.update(schema_version=2), "schema_version"),
+        (lambda e: e.update(type="person.dance"), "type"),
+        (lambda e: e.update(ts="2026-11-22 10:15:02"), "ts"),
+        (lambda e: e.update(box=[0.1, 0.2, 1.5, 0.3]), "box"),
+        (lambda e: e.update(site="a/b"), "site"),
+        (lambda e: e.update(extra_field=1), "extra_field"),
+        (lambda e: e.pop("track_id"), "track_id"),
+        (lambda e: e.update(score="high"), "score"),
+    ],
+)
+def test_bad_events_are_refused_with_a_reason(mutate, fragment):
+    event = copy.deepcopy(samples()["person_enter.json"])
+    mutate(event)
+    errors = validation_errors(event)
+    assert errors and any(fragment in err for err in errors), errors
+    with pytest.raises(ValueError):
+        validate_event(event)
+
+
+def test_type_specific_fields_are_required():
+    exit_event = copy.deepcopy(samples()["person_exit.json"])
+    del exit_event["dwell_s"]
+    assert any("dwell_s" in e for e in validation_errors(exit_event))
+
+
+def test_timestamps_round_trip_at_millisecond_precision():
+    assert format_ts(1700000000.1234) == "2023-11-14T22:13:20.123Z"
+    assert parse_ts(format_ts(1700000000.5)) == pytest.approx(1700000000.5)
+
+
+def test_topics_and_ids():
+    assert topic_for("lobby", "cam-1", "events") == "smartcam/lobby/cam-1/events"
+    assert parse_topic("smartcam/lobby/cam-1/zones/door/count") == ("lobby", "cam-1", "zones/door/count")
+    assert parse_topic("other/lobby/cam-1/events") is None
+    ids = {new_event_id() for _ in range(1000)}
+    assert len(ids) == 1000 and all(len(i) == 32 for i in ids)
+
+
+def test_broker_urls():
+    s = BrokerSettings.from_url("mqtts://cam1:s%40cret@broker.local")
+    assert (s.host, s.port, s.tls, s.username, s.password, s.mqtt5) == ("broker.local", 8883, True, "cam1", "s@cret", True)
+    assert "s@cret" not in s.redacted()
+    assert BrokerSettings.from_url("mqtt://h:1884?protocol=3.1.1").mqtt5 is False
+    for bad in ("http://h", "mqtt://", "mqtt://h:notaport", "mqtt://h?qos=2"):
+        with pytest.raises(ValueError):
+            BrokerSettings.from_url(bad)
+    with pytest.raises(ValueError, match="CA file not found"):
+        BrokerSettings.from_url("mqtts://h", ca_file="/nonexistent/ca.pem")
