@@ -172,3 +172,103 @@ def start_postgres(workdir: Path | None = None) -> Postgres:
         log = (workdir / "pg.log").read_text() if (workdir / "pg.log").exists() else ""
         raise RuntimeError(f"postgres did not start: {res.stderr}\n{log[-2000:]}")
     return pg
+
+
+# --------------------------------------------------------------------------------------------- SeaweedFS (S3)
+
+
+@dataclass
+class SeaweedFS:
+    """A running ``weed mini``: a real S3-compatible server that checks request signatures.
+
+    ``endpoint`` is the S3 URL; ``access_key``/``secret_key`` are the only credentials it accepts.
+    """
+
+    workdir: Path
+    s3_port: int
+    access_key: str
+    secret_key: str
+    log_path: Path
+    proc: subprocess.Popen | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.s3_port}"
+
+    def client(self, access_key: str | None = None, secret_key: str | None = None):
+        """A boto3 S3 client for this server (the right credentials unless told otherwise)."""
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client(
+            "s3", endpoint_url=self.endpoint, region_name="us-east-1",
+            aws_access_key_id=access_key or self.access_key, aws_secret_access_key=secret_key or self.secret_key,
+            config=Config(retries={"max_attempts": 2}, connect_timeout=5, read_timeout=30),
+        )
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+
+
+def _weed_binary() -> str:
+    import sys
+
+    return _find_binary("weed", (str(Path(sys.executable).parent),))
+
+
+def start_seaweedfs(workdir: Path, access_key: str = "smartcam-test", secret_key: str = "smartcam-secret",
+                    buckets: tuple[str, ...] = ()) -> SeaweedFS:
+    """``weed mini`` on 127.0.0.1 with every port chosen free (master, volume, filer, S3, admin, gRPC).
+
+    Buckets are NOT auto-created on upload (``-s3.autoCreateBucket=false``) so a missing bucket is an error, as
+    on real S3; pass ``buckets`` to create some at start. The Iceberg/Lance/WebDAV side servers are turned off
+    so two instances never fight over their fixed default ports.
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    ports = {name: free_port() for name in ("master", "volume", "filer", "s3", "admin")}
+    grpc = {name: free_port() for name in ("master", "volume", "filer", "s3", "admin")}
+    args = [
+        _weed_binary(), "mini", f"-dir={workdir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+        "-master.telemetry=false", "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+        "-s3.autoCreateBucket=false",
+    ]
+    for name in ports:
+        args += [f"-{name}.port={ports[name]}", f"-{name}.port.grpc={grpc[name]}"]
+    if buckets:
+        args.append(f"-bucket={','.join(buckets)}")
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": access_key, "AWS_SECRET_ACCESS_KEY": secret_key}
+    log_path = workdir / "weed.log"
+    server = SeaweedFS(workdir=workdir, s3_port=ports["s3"], access_key=access_key, secret_key=secret_key,
+                       log_path=log_path)
+    with open(log_path, "ab") as log:
+        server.proc = subprocess.Popen(args, stdout=log, stderr=log, cwd=workdir, env=env)
+    try:
+        wait_for_port(server.s3_port, timeout=60)
+        _wait_s3_ready(server, buckets)
+    except Exception:
+        server.stop()
+        raise RuntimeError(f"seaweedfs did not start:\n{log_path.read_text()[-2000:]}") from None
+    return server
+
+
+def _wait_s3_ready(server: SeaweedFS, buckets: tuple[str, ...], timeout: float = 60.0) -> None:
+    """The S3 port opens before the filer behind it is ready: wait until a real request succeeds."""
+    client = server.client()
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            client.list_buckets()
+            for bucket in buckets:
+                client.head_bucket(Bucket=bucket)
+            return
+        except Exception:
+            if time.monotonic() > deadline or (server.proc and server.proc.poll() is not None):
+                raise
+            time.sleep(0.2)
