@@ -1,0 +1,160 @@
+"""``smartcam-edge``: run the edge pipeline on a camera/stream/file, or detect people in still images.
+
+    smartcam-edge run --source clip.mp4 --model person-int8.onnx --camera-id door [--broker mqtt://host:1883]
+    smartcam-edge detect --model person-int8.onnx --json image.jpg ...
+
+Exit codes: 0 ok, 1 events left in the outbox after the drain wait, 2 bad configuration / source / model,
+3 outbox failure (disk full, unwritable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from datetime import datetime
+
+log = logging.getLogger("camera")
+
+EXIT_USAGE = 2
+
+
+def _iso_time(value: str) -> str:
+    try:
+        datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {value!r} (e.g. 2024-05-01T08:00:00Z)") from None
+    return value.replace("Z", "+00:00")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="smartcam-edge", description="smartcam edge: people detection → tracked events → MQTT.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the pipeline on a source", description=(
+        "Run the edge pipeline. Settings come from --config (YAML) and these flags; flags win. "
+        "Without --broker the edge runs offline: events go to --events-file, or to stdout."))
+    run.add_argument("--config", metavar="EDGE.yaml", help="YAML config file (see samples/edge*.yaml)")
+    run.add_argument("--source", help="video file, image folder, webcam index (0), rtsp://... / http://... URL, "
+                                      "or picamera[:N]")
+    run.add_argument("--model", help="detection ONNX (fp32 or INT8, Ultralytics layout)")
+    run.add_argument("--camera-id", dest="camera_id", help="camera name (one MQTT topic level)")
+    run.add_argument("--site", help="site name (default: default)")
+    run.add_argument("--broker", help="mqtt://[user@]host[:port] or mqtts://... (omit for offline)")
+    run.add_argument("--username", help="MQTT user (or in the URL)")
+    run.add_argument("--password", help="MQTT password; prefer $SMARTCAM_MQTT_PASSWORD")
+    run.add_argument("--tls-ca", dest="tls_ca", metavar="CA.pem", help="CA certificate that signed the broker's")
+    run.add_argument("--tls-insecure", dest="tls_insecure", action="store_true", default=None,
+                     help="skip broker hostname verification (testing only)")
+    run.add_argument("--client-id", dest="client_id", help="MQTT client id (default smartcam-edge-<site>-<camera>)")
+    run.add_argument("--stats-interval", dest="stats_interval_s", type=float, metavar="S",
+                     help="publish runtime stats every S seconds (default 10)")
+    run.add_argument("--outbox", metavar="FILE.db", help="durable outbox path "
+                                                         "(default $XDG_STATE_HOME/smartcam/<site>-<camera>.outbox.db)")
+    run.add_argument("--outbox-max", dest="outbox_max", type=int, metavar="N",
+                     help="outbox bound; beyond it the oldest messages are dropped and counted (default 100000)")
+    run.add_argument("--events-file", dest="events_file", metavar="EVENTS.jsonl",
+                     help="append every event as one JSON line")
+    run.add_argument("--save-video", dest="save_video", metavar="OUT.mp4",
+                     help="write an annotated video (boxes, ids, zones, lines, counts)")
+    run.add_argument("--max-frames", dest="max_frames", type=int, metavar="N", help="stop after N processed frames")
+    run.add_argument("--fps", type=float, metavar="N", help="target processing rate; extra frames are skipped")
+    run.add_argument("--realtime", action="store_true", default=None, help="pace a file to its own frame rate")
+    run.add_argument("--start-time", dest="start_time", type=_iso_time, metavar="ISO",
+                     help="files: capture time of the first frame (replay footage as of a date; default now)")
+    run.add_argument("--conf", type=float, help="detection confidence threshold (default 0.25)")
+    run.add_argument("--iou", type=float, help="NMS IoU threshold (default 0.45)")
+    run.add_argument("--classes", help="comma-separated class names to detect (default person)")
+    run.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
+    motion = run.add_mutually_exclusive_group()
+    motion.add_argument("--motion", dest="motion", action="store_const", const=True,
+                        help="force the motion gate on (default: on for live sources, off for files)")
+    motion.add_argument("--no-motion", dest="motion", action="store_const", const=False,
+                        help="run the detector on every frame")
+    run.add_argument("--drain-timeout", dest="drain_timeout_s", type=float, metavar="S",
+                     help="at the end of a file, wait up to S s for the broker to acknowledge (default 30)")
+    run.add_argument("--no-broker", dest="no_broker", action="store_true",
+                     help="offline even if the config file names a broker")
+
+    det = sub.add_parser("detect", help="detect people in images and print the boxes",
+                         description="Detect objects in still images (source pixels).")
+    det.add_argument("--model", required=True, help="detection ONNX")
+    det.add_argument("--conf", type=float, default=0.25, help="confidence threshold (default 0.25)")
+    det.add_argument("--iou", type=float, default=0.45, help="NMS IoU threshold (default 0.45)")
+    det.add_argument("--classes", default="person", help="comma-separated class names, or 'all' (default person)")
+    det.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
+    det.add_argument("--json", action="store_true", help="print JSON (the default; kept for scripts)")
+    det.add_argument("images", nargs="+", metavar="IMAGE")
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    """CLI flags as dotted config keys (None = not given, the YAML or the default stays)."""
+    return {
+        "source": args.source, "model": args.model, "camera_id": args.camera_id, "site": args.site,
+        "mqtt.broker": args.broker, "mqtt.username": args.username, "mqtt.password": args.password,
+        "mqtt.tls_ca": args.tls_ca, "mqtt.tls_insecure": args.tls_insecure, "mqtt.client_id": args.client_id,
+        "mqtt.stats_interval_s": args.stats_interval_s, "outbox.path": args.outbox,
+        "outbox.max_events": args.outbox_max, "events_file": args.events_file, "save_video": args.save_video,
+        "max_frames": args.max_frames, "fps": args.fps, "realtime": args.realtime, "start_time": args.start_time,
+        "detector.conf": args.conf, "detector.iou": args.iou,
+        "detector.classes": args.classes.split(",") if args.classes else None, "detector.threads": args.threads,
+        "motion.enabled": args.motion, "drain_timeout_s": args.drain_timeout_s,
+    }
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from camera.config import ConfigError, load_config
+    from camera.detector import ModelError
+    from camera.outbox import OutboxError
+    from camera.pipeline import EXIT_OUTBOX, EdgeRunner
+    from camera.sources import SourceError
+
+    try:
+        cfg = load_config(args.config, _overrides(args))
+    except ConfigError as exc:
+        print(f"smartcam-edge: invalid configuration:\n{exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.no_broker:
+        cfg.mqtt.broker = None
+    runner = EdgeRunner(cfg)
+    signal.signal(signal.SIGTERM, runner.request_stop)
+    signal.signal(signal.SIGINT, runner.request_stop)
+    try:
+        return runner.run()
+    except (SourceError, ModelError) as exc:
+        print(f"smartcam-edge: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except OutboxError as exc:
+        print(f"smartcam-edge: {exc}", file=sys.stderr)
+        return EXIT_OUTBOX
+
+
+def cmd_detect(args: argparse.Namespace) -> int:
+    from camera.detector import ModelError, detect_images
+
+    classes = None if args.classes == "all" else [c.strip() for c in args.classes.split(",") if c.strip()]
+    try:
+        result = detect_images(args.images, args.model, conf=args.conf, iou=args.iou, classes=classes,
+                               threads=args.threads)
+    except (ModelError, ValueError) as exc:
+        print(f"smartcam-edge: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(json.dumps(result))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return {"run": cmd_run, "detect": cmd_detect}[args.command](args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""The edge configuration: one YAML file plus command-line overrides, validated once at start-up.
+
+Every section is a pydantic model with ``extra="forbid"``, so a typo is an error that names its path
+(``motion.treshold: unknown key``) instead of a silently ignored setting. See ``samples/edge*.yaml``.
+
+>>> cfg = load_config(overrides={"camera_id": "cam-1", "source": "0", "model": __file__})
+>>> cfg.site, cfg.motion_enabled(live=True), cfg.motion_enabled(live=False)
+('default', True, False)
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from camera.broker import BrokerSettings
+from camera.contract import is_valid_name
+from camera.filters import FilterSpec, MaskSpec
+from camera.tracker import TrackerSpec
+from camera.zones import LineSpec, ZoneSpec
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; the message lists every problem with its path, one per line."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DetectorConfig(_Strict):
+    conf: float = Field(0.25, gt=0, lt=1, description="minimum detection confidence")
+    iou: float = Field(0.45, gt=0, le=1, description="NMS IoU threshold")
+    classes: list[str] = Field(default_factory=lambda: ["person"], min_length=1)
+    threads: int | None = Field(None, ge=1, le=64, description="onnxruntime intra-op threads (default: all cores)")
+
+
+class MotionConfig(_Strict):
+    enabled: Literal["auto"] | bool = Field("auto", description="auto = on for live sources, off for files")
+    threshold: float = Field(0.003, ge=0, le=1, description="changed-area fraction that counts as motion")
+    pixel_threshold: int = Field(25, ge=1, le=255, description="grey-level change that counts a pixel as changed")
+    keepalive_s: float = Field(5.0, gt=0, description="run the detector at least this often, motion or not")
+
+
+class MqttConfig(_Strict):
+    broker: str | None = Field(None, description="mqtt://[user[:pw]@]host[:port] or mqtts://...; none = offline")
+    username: str | None = None
+    password: str | None = Field(None, description="better: $SMARTCAM_MQTT_PASSWORD")
+    tls_ca: Path | None = None
+    tls_insecure: bool = False
+    client_id: str | None = None
+    stats_interval_s: float = Field(10.0, gt=0)
+    window: int = Field(200, ge=1, le=10000, description="unacknowledged messages in flight at most")
+
+    @field_validator("broker")
+    @classmethod
+    def _check_broker(cls, value: str | None) -> str | None:
+        if value is not None:
+            BrokerSettings.from_url(value)  # raises ValueError with the reason
+        return value
+
+    def settings(self) -> BrokerSettings:
+        assert self.broker is not None
+        return BrokerSettings.from_url(self.broker, ca_file=str(self.tls_ca) if self.tls_ca else None,
+                                       username=self.username, password=self.password, insecure=self.tls_insecure)
+
+
+class OutboxConfig(_Strict):
+    path: Path | None = Field(None, description="SQLite file; default $XDG_STATE_HOME/smartcam/<site>-<camera>.db")
+    max_events: int = Field(100_000, ge=1, description="bounded: beyond it the oldest are dropped and counted")
+
+
+class EdgeConfig(_Strict):
+    camera_id: str
+    site: str = "default"
+    source: str
+    model: Path
+    detector: DetectorConfig = Field(default_factory=DetectorConfig)
+    motion: MotionConfig = Field(default_factory=MotionConfig)
+    fps: float | None = Field(None, gt=0, description="target processing rate; frames beyond it are skipped")
+    realtime: bool = Field(False, description="pace a file to its own frame rate")
+    start_time: datetime | None = Field(None, description="files: timestamp of the first frame (default: now)")
+    tracker: TrackerSpec = Field(default_factory=TrackerSpec)
+    filters: FilterSpec = Field(default_factory=FilterSpec)
+    masks: list[MaskSpec] = Field(default_factory=list)
+    zones: list[ZoneSpec] = Field(default_factory=list)
+    lines: list[LineSpec] = Field(default_factory=list)
+    mqtt: MqttConfig = Field(default_factory=MqttConfig)
+    outbox: OutboxConfig = Field(default_factory=OutboxConfig)
+    events_file: Path | None = None
+    save_video: Path | None = None
+    max_frames: int | None = Field(None, ge=1)
+    drain_timeout_s: float = Field(30.0, ge=0)
+
+    @field_validator("camera_id", "site")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        if not is_valid_name(value):
+            raise ValueError(f"{value!r} must be 1-64 chars of A-Z a-z 0-9 _ . - (one MQTT topic level)")
+        return value
+
+    @field_validator("model")
+    @classmethod
+    def _check_model(cls, value: Path) -> Path:
+        if not value.is_file():
+            raise ValueError(f"model file not found: {value}")
+        return value
+
+    @field_validator("start_time")
+    @classmethod
+    def _utc(cls, value: datetime | None) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            value = value.replace(tzinfo=timezone.utc)  # naive ISO times are UTC, like every event timestamp
+        return value
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> EdgeConfig:
+        for what, items in (("zones", self.zones), ("lines", self.lines)):
+            names = [i.name for i in items]
+            dupes = sorted({n for n in names if names.count(n) > 1})
+            if dupes:
+                raise ValueError(f"{what}: duplicate name(s) {', '.join(dupes)}")
+        return self
+
+    def motion_enabled(self, live: bool) -> bool:
+        return live if self.motion.enabled == "auto" else bool(self.motion.enabled)
+
+    def outbox_path(self) -> Path:
+        if self.outbox.path:
+            return self.outbox.path
+        state = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+        return state / "smartcam" / f"{self.site}-{self.camera_id}.outbox.db"
+
+    def start_epoch(self) -> float | None:
+        return self.start_time.timestamp() if self.start_time else None
+
+
+def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge ``overrides`` (dotted keys allowed: ``mqtt.broker``) into a copy of ``base``; None = not given."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            if not isinstance(node.get(p), dict):
+                node[p] = {}
+            node[p] = dict(node[p])
+            node = node[p]
+        node[leaf] = value
+    return out
+
+
+def _format_errors(exc: ValidationError, origin: str) -> str:
+    lines = []
+    for err in exc.errors():
+        path = ".".join(str(p) for p in err["loc"]) or "<root>"
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+        lines.append(f"{origin}: {path}: {msg}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> EdgeConfig:
+    """Read the YAML file (if any), apply CLI overrides, validate. Raises :class:`ConfigError`."""
+    data: dict[str, Any] = {}
+    origin = "command line"
+    if path is not None:
+        origin = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of settings")
+        data = loaded or {}  # relative paths are relative to the working directory, as on the command line
+    merged = _merge(data, overrides or {})
+    try:
+        return EdgeConfig.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, origin)) from None

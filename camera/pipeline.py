@@ -1,0 +1,254 @@
+"""The frame loop: source → motion gate → detector → filters → tracker → events → outbox (→ publisher).
+
+Events are written to the durable outbox first (one transaction per frame), then appended to ``events_file``,
+so every line of the events file is already safe on disk for the publisher. The loop never waits on the
+network. At the end of a file it flushes the tracker (every open track gets its exit), waits up to
+``drain_timeout_s`` for the broker to acknowledge everything, and reports what is left.
+
+Exit codes: 0 done (or stopped by a signal), 1 events still queued after the drain wait (kept for the next
+start), 3 the outbox failed (disk full, unwritable): nothing is lost silently.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import IO, Any
+
+from camera.config import EdgeConfig
+from camera.contract import topic_for
+from camera.motion import MotionGate
+from camera.outbox import Outbox, OutboxError
+from camera.sources import Source, open_source
+from camera.stats import RuntimeStats
+
+log = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_UNDRAINED, EXIT_OUTBOX = 0, 1, 3
+SIGNAL_DRAIN_S = 5.0  # on SIGTERM/SIGINT: how long to try to flush before leaving the rest in the outbox
+
+
+def topics_for_event(site: str, camera_id: str, event: dict[str, Any]) -> list[tuple[str, int, bool]]:
+    """Where one event goes: (topic, qos, retain). ``events`` always; retained summaries for counts and lines."""
+    out = [(topic_for(site, camera_id, "events"), 1, False)]
+    if event["type"] == "count":
+        leaf = f"zones/{event['zone']}/count" if event.get("zone") else "count"
+        out.append((topic_for(site, camera_id, leaf), 1, True))
+    elif event["type"] == "line.cross":
+        out.append((topic_for(site, camera_id, f"lines/{event['line']}/totals"), 1, True))
+    return out
+
+
+class EdgeRunner:
+    """Builds every part from a validated :class:`EdgeConfig` and runs the loop; :meth:`run` returns an exit code."""
+
+    def __init__(self, cfg: EdgeConfig, *, source: Source | None = None) -> None:
+        self.cfg = cfg
+        self._stop = threading.Event()
+        self.stopped_by_signal = False
+        self.stats = RuntimeStats()
+        self.events_emitted = 0
+        self.source = source
+        self.detector: Any = None
+        self.outbox: Outbox | None = None
+        self.publisher: Any = None
+        self._events_fh: IO[str] | None = None
+        self._video: Any = None
+        self._annotator: Any = None
+
+    # ------------------------------------------------------------------ set-up
+    def open(self) -> None:
+        """Open source, model, outbox and broker connection; raises SourceError / ModelError / OutboxError."""
+        from camera.detector import Detector
+
+        cfg = self.cfg
+        if self.source is None:
+            self.source = open_source(cfg.source, fps=cfg.fps, realtime=cfg.realtime, start_time=cfg.start_epoch())
+        log.info("source %s opened (%s%s)", self.source.name, self.source.kind,
+                 f", {self.source.fps:.1f} fps" if self.source.fps else "")
+        d = cfg.detector
+        self.detector = Detector(cfg.model, conf=d.conf, iou=d.iou, classes=d.classes, threads=d.threads)
+        log.info("model %s loaded (sha256 %s, imgsz %s, classes %s, conf %.2f, threads %s)", self.detector.name,
+                 self.detector.sha256[:12], self.detector.imgsz, d.classes, d.conf, d.threads or "auto")
+        if cfg.mqtt.broker:
+            from camera.publisher import Publisher
+
+            self.outbox = Outbox(cfg.outbox_path(), max_rows=cfg.outbox.max_events)
+            if self.outbox.depth():
+                log.info("outbox %s holds %d unacknowledged message(s) from a previous run: replaying",
+                         self.outbox.path, self.outbox.depth())
+            self.publisher = Publisher(cfg.mqtt.settings(), self.outbox, site=cfg.site, camera_id=cfg.camera_id,
+                                       client_id=cfg.mqtt.client_id, window=cfg.mqtt.window)
+            self.publisher.start()
+        else:
+            log.info("no broker configured: offline mode, events go to %s",
+                     cfg.events_file or "stdout")
+        if cfg.events_file:
+            Path(cfg.events_file).parent.mkdir(parents=True, exist_ok=True)
+            self._events_fh = open(cfg.events_file, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        elif not cfg.mqtt.broker:
+            self._events_fh = sys.stdout
+
+    def request_stop(self, signum: int | None = None, _frame: Any = None) -> None:
+        """Signal handler: finish the current frame, then wind down."""
+        if signum is not None:
+            self.stopped_by_signal = True
+            log.info("received %s: finishing the current frame and stopping", signal.Signals(signum).name)
+        self._stop.set()
+        if self.source is not None:
+            self.source._closed.set()  # wakes a live source's iterator; the reader thread exits by itself
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> int:
+        """Open everything, process frames until the end / max_frames / a signal, drain, close."""
+        try:
+            self.open()
+            return self._loop()
+        finally:
+            self.close()
+
+    def _loop(self) -> int:
+        from camera.events import EventBuilder
+        from camera.filters import apply_filters
+        from camera.tracker import Tracker
+
+        cfg, src, stats = self.cfg, self.source, self.stats
+        assert src is not None
+        tracker = Tracker(cfg.tracker)
+        builder = EventBuilder(site=cfg.site, camera_id=cfg.camera_id, model_name=self.detector.name,
+                               model_sha256=self.detector.sha256, zones=cfg.zones, lines=cfg.lines,
+                               track_threshold=cfg.filters.track_threshold)
+        gate = None
+        if cfg.motion_enabled(src.live):
+            m = cfg.motion
+            gate = MotionGate(m.threshold, m.keepalive_s, pixel_threshold=m.pixel_threshold)
+            log.info("motion gate on (threshold %.4f, keepalive %.1fs)", m.threshold, m.keepalive_s)
+        next_stats = time.monotonic() + cfg.mqtt.stats_interval_s
+        last_ts, size = time.time(), (0, 0)
+        try:
+            for frame in src:
+                h, w = frame.image.shape[:2]
+                size, last_ts = (w, h), frame.ts
+                if gate is None or gate.check(frame.image, frame.ts):
+                    t0 = time.perf_counter()
+                    detections = self.detector.detect(frame.image)
+                    stats.record_inference((time.perf_counter() - t0) * 1000)
+                    detections = apply_filters(detections, cfg.filters, cfg.masks, w, h)
+                    update = tracker.update(detections, frame.ts)
+                else:
+                    stats.motion_skipped += 1
+                    update = tracker.hold(frame.ts)
+                self._emit(builder.update(update, frame.ts, w, h))
+                stats.frames_processed += 1
+                stats.people = int(builder.counts["people"])
+                if cfg.save_video:
+                    self._write_video(frame.image, update.active, builder.counts)
+                if time.monotonic() >= next_stats:
+                    next_stats = time.monotonic() + cfg.mqtt.stats_interval_s
+                    self._report_stats()
+                if self._stop.is_set() or (cfg.max_frames and stats.frames_processed >= cfg.max_frames):
+                    break
+                if self.publisher is not None and self.publisher.error is not None:
+                    raise self.publisher.error
+            # end of stream, max_frames or signal: every open track ends now
+            if size[0]:
+                self._emit(builder.update(tracker.flush(last_ts), last_ts, *size))
+                stats.people = int(builder.counts["people"])
+        except OutboxError as exc:
+            log.error("%s: stopping (events already queued stay in the outbox)", exc)
+            return EXIT_OUTBOX
+        self._sync_source_counters()
+        return self._finish()
+
+    def _emit(self, events: list[dict]) -> None:
+        if not events:
+            return
+        if self.outbox is not None:
+            cfg = self.cfg
+            rows = []
+            for ev in events:
+                payload = json.dumps(ev, separators=(",", ":"))
+                rows.extend((topic, payload, qos, retain) for topic, qos, retain in
+                            topics_for_event(cfg.site, cfg.camera_id, ev))
+            self.outbox.put_many(rows)  # durable before anything else sees the events
+            self.publisher.notify()
+        if self._events_fh is not None:
+            self._events_fh.write("".join(json.dumps(ev, separators=(",", ":")) + "\n" for ev in events))
+            self._events_fh.flush()
+        self.events_emitted += len(events)
+        self.stats.events += len(events)
+
+    def _write_video(self, image, tracks, counts) -> None:
+        from camera.annotate import AnnotatedVideo, Annotator
+
+        if self._video is None:
+            h, w = image.shape[:2]
+            fps = self.cfg.fps or self.source.fps or 10.0
+            self._annotator = Annotator(self.cfg.zones, self.cfg.lines, self.cfg.masks)
+            self._video = AnnotatedVideo(self.cfg.save_video, fps, (w, h))
+            log.info("writing annotated video to %s (%dx%d @ %.1f fps)", self.cfg.save_video, w, h, fps)
+        self._video.write(self._annotator.draw(image, tracks, counts))
+
+    def _sync_source_counters(self) -> None:
+        src = self.source
+        self.stats.frames_in = src.frames_read
+        self.stats.dropped_frames = src.dropped
+
+    def stats_payload(self) -> dict[str, Any]:
+        self._sync_source_counters()
+        return self.stats.snapshot(
+            site=self.cfg.site, camera_id=self.cfg.camera_id,
+            outbox_depth=self.outbox.depth() if self.outbox else 0,
+            outbox_dropped=self.outbox.dropped if self.outbox else 0,
+            source_state=self.source.state, reconnects=self.source.reconnects)
+
+    def _report_stats(self) -> None:
+        payload = self.stats_payload()
+        log.info("stats: %.1f fps in, %.1f fps processed, inference p50 %.1f ms, people %d, outbox %d, "
+                 "source %s, cpu %.0f%%", payload["input_fps"], payload["processed_fps"],
+                 payload["inference_ms_p50"], payload["people"], payload["outbox_depth"],
+                 payload["source_state"], payload["cpu_percent"])
+        if self.publisher is not None:
+            self.publisher.publish_now("stats", json.dumps(payload, separators=(",", ":")), qos=0)
+
+    # ------------------------------------------------------------------ wind-down
+    def _finish(self) -> int:
+        s = self.stats
+        log.info("done: %d frames processed (%d read, %d dropped, %d motion-skipped), %d events, %.1f fps, "
+                 "inference p50/p95 %.1f/%.1f ms", s.frames_processed, s.frames_in, s.dropped_frames,
+                 s.motion_skipped, self.events_emitted, s.overall_fps(), *s.inference_percentiles())
+        if self.publisher is None:
+            return EXIT_OK
+        self._report_stats()
+        timeout = min(self.cfg.drain_timeout_s, SIGNAL_DRAIN_S) if self.stopped_by_signal else self.cfg.drain_timeout_s
+        remaining = self.publisher.wait_drained(timeout)
+        if self.publisher.error is not None:
+            log.error("%s", self.publisher.error)
+            return EXIT_OUTBOX
+        if remaining:
+            log.error("%d message(s) not acknowledged by the broker after %.0fs; they stay in the outbox %s "
+                      "and are replayed on the next start", remaining, timeout, self.outbox.path)
+            return EXIT_OK if self.stopped_by_signal else EXIT_UNDRAINED
+        log.info("outbox drained: every event acknowledged by the broker")
+        return EXIT_OK
+
+    def close(self) -> None:
+        """Release everything (idempotent); publishes ``offline``."""
+        if self.publisher is not None:
+            self.publisher.stop()
+            self.publisher = None
+        if self.outbox is not None:
+            self.outbox.close()
+        if self._video is not None:
+            self._video.close()
+            self._video = None
+        if self._events_fh is not None and self._events_fh is not sys.stdout:
+            self._events_fh.close()
+        self._events_fh = None
+        if self.source is not None:
+            self.source.close()
