@@ -1,0 +1,356 @@
+"""Analytics: hourly rollups maintained on ingest, and the queries the report, API and dashboard ask.
+
+Two halves. :func:`deltas` is pure maths: the rollup increments for a list of *newly stored* events (the store
+applies them in the same transaction as the insert). The query functions read only the small rollup tables
+(except :func:`occupancy`, which buckets raw ``count`` events at any resolution), so they stay fast however many
+events are stored.
+
+What the figures mean (per site, camera, hour; ``zone=''`` = the whole camera):
+- entries / exits: ``person.enter`` / ``person.exit`` events (per zone: ``zone.enter`` / ``zone.exit``).
+- unique_tracks: distinct track ids with an event in that hour (exact; tracks seen in several hours count in each).
+- occupancy_max / occupancy_mean: max and mean of the people counts reported by ``count`` events (a zone's
+  ``count`` events carry its name). The mean is over reports, not time-weighted.
+- dwell: ``dwell_s`` of ``person.exit`` (per zone: ``zone.exit``): exact mean, median/p90 from a fixed histogram
+  (0.5 s bins below 10 s, then 5 % geometric bins), so they are within one bin of the exact value.
+- lines: ``line.cross`` events counted per direction.
+
+Arguments: ``since``/``until`` are epoch seconds, aware ``datetime`` or RFC 3339 strings; hourly figures cover
+the hours that start in ``[floor_hour(since), until)``. ``zone=None`` selects whole-camera figures, ``zone="*"``
+every zone, ``zone="name"`` one zone.
+
+>>> dwell_bin(3.2), dwell_bin(10.0), round(bin_edges(dwell_bin(100.0))[0], 2)
+(6, 20, 99.06)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+
+from camera.contract import format_ts, parse_ts
+
+if TYPE_CHECKING:
+    from cloud_sink.store import Store
+
+HOUR = 3600
+DAY = 86400
+_FINE_BINS = 20  # 0.5 s wide below 10 s
+_RATIO = 1.05
+
+
+# ---------------------------------------------------------------------------------------------- pure maths
+def dwell_bin(seconds: float) -> int:
+    """Histogram bin of a dwell time."""
+    if seconds < 10.0:
+        return max(0, int(seconds * 2))
+    return _FINE_BINS + int(math.log(seconds / 10.0) / math.log(_RATIO))
+
+
+def bin_edges(index: int) -> tuple[float, float]:
+    """[lo, hi) seconds of a dwell bin."""
+    if index < _FINE_BINS:
+        return index / 2.0, (index + 1) / 2.0
+    k = index - _FINE_BINS
+    return 10.0 * _RATIO**k, 10.0 * _RATIO ** (k + 1)
+
+
+def histogram_quantile(bins: dict[int, int], q: float) -> float | None:
+    """The q-quantile of a binned distribution, interpolating linearly inside the bin."""
+    total = sum(bins.values())
+    if total == 0:
+        return None
+    target = q * total
+    seen = 0
+    for index in sorted(bins):
+        n = bins[index]
+        if seen + n >= target and n > 0:
+            lo, hi = bin_edges(index)
+            return lo + (hi - lo) * max(0.0, target - seen) / n
+        seen += n
+    return bin_edges(max(bins))[1]
+
+
+def _hour(ts: str) -> int:
+    return int(parse_ts(ts)) // HOUR * HOUR
+
+
+def _zero() -> dict[str, Any]:
+    return {"entries": 0, "exits": 0, "unique_tracks": 0, "occupancy_max": 0, "occupancy_sum": 0,
+            "occupancy_samples": 0, "dwell_sum": 0.0, "dwell_count": 0, "loiters": 0}
+
+
+@dataclass
+class Deltas:
+    """Increments for the rollup tables. Keys: (site, camera_id, zone, hour[, track_id | bin]) / line key."""
+
+    hourly: dict[tuple[str, str, str, int], dict[str, Any]] = field(default_factory=lambda: defaultdict(_zero))
+    tracks: set[tuple[str, str, str, int, int]] = field(default_factory=set)
+    dwell_bins: dict[tuple[str, str, str, int, int], int] = field(default_factory=lambda: defaultdict(int))
+    lines: dict[tuple[str, str, str, int], list[int]] = field(default_factory=lambda: defaultdict(lambda: [0, 0]))
+
+
+def deltas(new_events: list[dict[str, Any]]) -> Deltas:
+    """Rollup increments for events that were just stored for the first time (never for duplicates)."""
+    out = Deltas()
+    for ev in new_events:
+        site, cam, kind = ev["site"], ev["camera_id"], ev["type"]
+        hour = _hour(ev["ts"])
+        zone = ev.get("zone") or ""
+        key = (site, cam, zone, hour)
+        row = out.hourly[key]
+        if kind in ("person.enter", "zone.enter"):
+            row["entries"] += 1
+        elif kind in ("person.exit", "zone.exit"):
+            row["exits"] += 1
+            dwell = float(ev["dwell_s"])
+            row["dwell_sum"] += dwell
+            row["dwell_count"] += 1
+            out.dwell_bins[(*key, dwell_bin(dwell))] += 1
+        elif kind == "count":
+            row["occupancy_max"] = max(row["occupancy_max"], int(ev["count"]))
+            row["occupancy_sum"] += int(ev["count"])
+            row["occupancy_samples"] += 1
+        elif kind == "loiter":
+            row["loiters"] += 1
+        elif kind == "line.cross":
+            out.lines[(site, cam, ev["line"], hour)][0 if ev["direction"] == "in" else 1] += 1
+        if ev.get("track_id") is not None:
+            out.tracks.add((site, cam, zone, hour, int(ev["track_id"])))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- queries
+def _tables():
+    from cloud_sink import store as tables
+
+    return tables
+
+
+def _epoch_s(value: Any) -> int | None:
+    from cloud_sink.store import to_ms
+
+    ms = to_ms(value)
+    return None if ms is None else ms // 1000
+
+
+def _hour_range(query, column, since: Any, until: Any):
+    start = _epoch_s(since)
+    if start is not None:
+        query = query.where(column >= start // HOUR * HOUR)
+    end = _epoch_s(until)
+    if end is not None:
+        query = query.where(column < end)
+    return query
+
+
+def _filter(query, table, site: str | None, camera_id: str | None, zone: str | None):
+    if site is not None:
+        query = query.where(table.c.site == site)
+    if camera_id is not None:
+        query = query.where(table.c.camera_id == camera_id)
+    if zone is None:
+        query = query.where(table.c.zone == "")
+    elif zone == "*":
+        query = query.where(table.c.zone != "")
+    else:
+        query = query.where(table.c.zone == zone)
+    return query
+
+
+def _mean(total: float, n: int) -> float | None:
+    return total / n if n else None
+
+
+def hourly(store: Store, *, since: Any, until: Any = None, site: str | None = None, camera_id: str | None = None,
+           zone: str | None = None) -> list[dict[str, Any]]:
+    """One row per (site, camera, zone, hour), oldest first."""
+    t = _tables().rollup_hourly
+    query = _filter(_hour_range(sa.select(t), t.c.hour, since, until), t, site, camera_id, zone)
+    query = query.order_by(t.c.hour, t.c.site, t.c.camera_id, t.c.zone)
+    with store.engine.connect() as conn:
+        rows = conn.execute(query).mappings().all()
+    return [{
+        "site": r["site"], "camera_id": r["camera_id"], "zone": r["zone"] or None,
+        "hour": format_ts(r["hour"]), "hour_ts": r["hour"], "entries": r["entries"], "exits": r["exits"],
+        "unique_tracks": r["unique_tracks"], "occupancy_max": r["occupancy_max"] if r["occupancy_samples"] else None,
+        "occupancy_mean": _mean(r["occupancy_sum"], r["occupancy_samples"]),
+        "dwell_mean": _mean(r["dwell_sum"], r["dwell_count"]), "dwell_count": r["dwell_count"],
+        "loiters": r["loiters"],
+    } for r in rows]
+
+
+def daily(store: Store, *, since: Any, until: Any = None, site: str | None = None, camera_id: str | None = None,
+          zone: str | None = None) -> list[dict[str, Any]]:
+    """Hourly rollups summed per UTC day; unique_tracks is distinct over the whole day."""
+    tables = _tables()
+    t, tr = tables.rollup_hourly, tables.rollup_tracks
+    day = (t.c.hour // DAY) * DAY
+    query = sa.select(
+        t.c.site, t.c.camera_id, t.c.zone, day.label("day"), sa.func.sum(t.c.entries).label("entries"),
+        sa.func.sum(t.c.exits).label("exits"), sa.func.max(t.c.occupancy_max).label("occupancy_max"),
+        sa.func.sum(t.c.occupancy_sum).label("occupancy_sum"),
+        sa.func.sum(t.c.occupancy_samples).label("occupancy_samples"), sa.func.sum(t.c.dwell_sum).label("dwell_sum"),
+        sa.func.sum(t.c.dwell_count).label("dwell_count"), sa.func.sum(t.c.loiters).label("loiters"),
+    ).group_by(t.c.site, t.c.camera_id, t.c.zone, day)
+    query = _filter(_hour_range(query, t.c.hour, since, until), t, site, camera_id, zone)
+    tday = (tr.c.hour // DAY) * DAY
+    tracks = sa.select(tr.c.site, tr.c.camera_id, tr.c.zone, tday.label("day"),
+                       sa.func.count(sa.distinct(tr.c.track_id)).label("n")).group_by(
+        tr.c.site, tr.c.camera_id, tr.c.zone, tday)
+    tracks = _filter(_hour_range(tracks, tr.c.hour, since, until), tr, site, camera_id, zone)
+    with store.engine.connect() as conn:
+        rows = conn.execute(query).mappings().all()
+        uniques = {(r.site, r.camera_id, r.zone, r.day): r.n for r in conn.execute(tracks)}
+    out = [{
+        "site": r["site"], "camera_id": r["camera_id"], "zone": r["zone"] or None, "day": format_ts(r["day"])[:10],
+        "day_ts": int(r["day"]), "entries": int(r["entries"]), "exits": int(r["exits"]),
+        "unique_tracks": uniques.get((r["site"], r["camera_id"], r["zone"], r["day"]), 0),
+        "occupancy_max": int(r["occupancy_max"]) if r["occupancy_samples"] else None,
+        "occupancy_mean": _mean(float(r["occupancy_sum"]), int(r["occupancy_samples"])),
+        "dwell_mean": _mean(float(r["dwell_sum"]), int(r["dwell_count"])), "loiters": int(r["loiters"]),
+    } for r in rows]
+    return sorted(out, key=lambda r: (r["day_ts"], r["site"], r["camera_id"], r["zone"] or ""))
+
+
+def occupancy(store: Store, *, since: Any, until: Any = None, site: str | None = None,
+              camera_id: str | None = None, zone: str | None = None, bucket_s: int = 60) -> list[dict[str, Any]]:
+    """People in view per ``bucket_s`` interval (max and mean of ``count`` reports), from raw count events."""
+    from cloud_sink.store import to_ms
+
+    if bucket_s < 1:
+        raise ValueError("bucket_s must be >= 1")
+    e = _tables().events
+    bucket_ms = int(bucket_s) * 1000
+    bucket = (e.c.ts // bucket_ms) * bucket_ms
+    query = sa.select(e.c.site, e.c.camera_id, e.c.zone, bucket.label("t"), sa.func.max(e.c.count).label("max"),
+                      sa.func.avg(e.c.count).label("mean"), sa.func.count().label("samples")).where(
+        e.c.type == "count").group_by(e.c.site, e.c.camera_id, e.c.zone, bucket)
+    if since is not None:
+        query = query.where(e.c.ts >= to_ms(since))
+    if until is not None:
+        query = query.where(e.c.ts < to_ms(until))
+    for column, value in ((e.c.site, site), (e.c.camera_id, camera_id)):
+        if value is not None:
+            query = query.where(column == value)
+    if zone is None:
+        query = query.where(e.c.zone.is_(None))
+    elif zone == "*":
+        query = query.where(e.c.zone.is_not(None))
+    else:
+        query = query.where(e.c.zone == zone)
+    with store.engine.connect() as conn:
+        rows = conn.execute(query).mappings().all()
+    out = [{"site": r["site"], "camera_id": r["camera_id"], "zone": r["zone"], "t": format_ts(r["t"] / 1000),
+            "t_ts": int(r["t"]) // 1000, "max": int(r["max"]), "mean": float(r["mean"]), "samples": int(r["samples"])}
+           for r in rows]
+    return sorted(out, key=lambda r: (r["t_ts"], r["site"], r["camera_id"], r["zone"] or ""))
+
+
+def dwell(store: Store, *, since: Any, until: Any = None, site: str | None = None, camera_id: str | None = None,
+          zone: str | None = None) -> dict[str, Any]:
+    """Dwell distribution over the range: n, mean (exact), median and p90 (histogram), histogram bins."""
+    tables = _tables()
+    t, d = tables.rollup_hourly, tables.rollup_dwell
+    sums = _filter(_hour_range(sa.select(sa.func.sum(t.c.dwell_sum), sa.func.sum(t.c.dwell_count)), t.c.hour,
+                               since, until), t, site, camera_id, zone)
+    bins_q = _filter(_hour_range(sa.select(d.c.bin, sa.func.sum(d.c.n)).group_by(d.c.bin), d.c.hour, since, until),
+                     d, site, camera_id, zone)
+    with store.engine.connect() as conn:
+        total, n = conn.execute(sums).one()
+        bins = {int(b): int(c) for b, c in conn.execute(bins_q)}
+    n = int(n or 0)
+    return {
+        "n": n, "mean": _mean(float(total or 0.0), n), "median": histogram_quantile(bins, 0.5),
+        "p90": histogram_quantile(bins, 0.9),
+        "histogram": [{"lo": round(bin_edges(b)[0], 3), "hi": round(bin_edges(b)[1], 3), "n": bins[b]}
+                      for b in sorted(bins)],
+    }
+
+
+def peak_hour(store: Store, *, since: Any, until: Any = None, site: str | None = None,
+              camera_id: str | None = None, zone: str | None = None) -> dict[str, Any] | None:
+    """The hour with the most entries (summed over the matching cameras); earliest on ties; None if no entries."""
+    t = _tables().rollup_hourly
+    total = sa.func.sum(t.c.entries).label("entries")
+    query = _filter(_hour_range(sa.select(t.c.hour, total).group_by(t.c.hour), t.c.hour, since, until), t, site,
+                    camera_id, zone)
+    query = query.order_by(total.desc(), t.c.hour).limit(1)
+    with store.engine.connect() as conn:
+        row = conn.execute(query).first()
+    if row is None or not row.entries:
+        return None
+    return {"hour": format_ts(row.hour), "hour_ts": int(row.hour), "entries": int(row.entries)}
+
+
+def lines(store: Store, *, since: Any, until: Any = None, site: str | None = None, camera_id: str | None = None,
+          line: str | None = None) -> list[dict[str, Any]]:
+    """In/out crossings per line over the range."""
+    t = _tables().rollup_lines
+    query = sa.select(t.c.site, t.c.camera_id, t.c.line, sa.func.sum(t.c.in_count).label("in_"),
+                      sa.func.sum(t.c.out_count).label("out")).group_by(t.c.site, t.c.camera_id, t.c.line)
+    query = _hour_range(query, t.c.hour, since, until)
+    for column, value in ((t.c.site, site), (t.c.camera_id, camera_id), (t.c.line, line)):
+        if value is not None:
+            query = query.where(column == value)
+    with store.engine.connect() as conn:
+        rows = conn.execute(query.order_by(t.c.site, t.c.camera_id, t.c.line)).all()
+    return [{"site": r.site, "camera_id": r.camera_id, "line": r.line, "in": int(r.in_), "out": int(r.out)}
+            for r in rows]
+
+
+def _totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    samples = [r for r in rows if r["occupancy_mean"] is not None]
+    return {
+        "entries": sum(r["entries"] for r in rows), "exits": sum(r["exits"] for r in rows),
+        "unique_tracks": sum(r["unique_tracks"] for r in rows),
+        "occupancy_max": max((r["occupancy_max"] for r in samples), default=None),
+        "loiters": sum(r["loiters"] for r in rows),
+    }
+
+
+def _occupancy_mean(store: Store, since: Any, until: Any, site: str, camera_id: str, zone: str | None) -> float | None:
+    t = _tables().rollup_hourly
+    query = _filter(_hour_range(sa.select(sa.func.sum(t.c.occupancy_sum), sa.func.sum(t.c.occupancy_samples)),
+                                t.c.hour, since, until), t, site, camera_id, zone)
+    with store.engine.connect() as conn:
+        total, n = conn.execute(query).one()
+    return _mean(float(total or 0), int(n or 0))
+
+
+def summary(store: Store, *, since: Any, until: Any = None, site: str | None = None,
+            camera_id: str | None = None) -> dict[str, Any]:
+    """Everything the report prints: per camera totals, health, dwell, peak hour, days, zones and lines."""
+    until_value = until if until is not None else time.time()
+    cams = [c for c in store.cameras() if (site is None or c["site"] == site)
+            and (camera_id is None or c["camera_id"] == camera_id)]
+    out_cams = []
+    for cam in cams:
+        s, c = cam["site"], cam["camera_id"]
+        rows = hourly(store, since=since, until=until_value, site=s, camera_id=c)
+        zone_rows = hourly(store, since=since, until=until_value, site=s, camera_id=c, zone="*")
+        zones = []
+        for name in sorted({r["zone"] for r in zone_rows}):
+            these = [r for r in zone_rows if r["zone"] == name]
+            zones.append({"zone": name, **_totals(these),
+                          "occupancy_mean": _occupancy_mean(store, since, until_value, s, c, name),
+                          "dwell": dwell(store, since=since, until=until_value, site=s, camera_id=c, zone=name)})
+        out_cams.append({
+            **cam, **_totals(rows),
+            "occupancy_mean": _occupancy_mean(store, since, until_value, s, c, None),
+            "dwell": dwell(store, since=since, until=until_value, site=s, camera_id=c),
+            "peak_hour": peak_hour(store, since=since, until=until_value, site=s, camera_id=c),
+            "daily": daily(store, since=since, until=until_value, site=s, camera_id=c),
+            "zones": zones,
+            "lines": lines(store, since=since, until=until_value, site=s, camera_id=c),
+        })
+    since_s, until_s = _epoch_s(since), _epoch_s(until_value)
+    return {
+        "since": format_ts(since_s) if since_s is not None else None,
+        "until": format_ts(until_s) if until_s is not None else None,
+        "cameras": out_cams, "events_total": store.event_count(), "dead_letters": store.dead_letter_count(),
+    }

@@ -1,0 +1,483 @@
+"""The sink's storage: SQLAlchemy Core tables on SQLite (WAL, default) or PostgreSQL (psycopg 3), one code path.
+
+Exactly-once: ``events.event_id`` is the primary key and every insert is ``INSERT ... ON CONFLICT DO NOTHING
+RETURNING event_id``, so QoS 1 redeliveries and outbox replays are dropped by the database itself, and the
+hourly rollups are updated in the same transaction from the *returned* (newly inserted) rows only — a duplicate
+can never count twice. Schema changes are a versioned list of migrations applied at :meth:`Store.open`.
+
+Time columns are epoch **milliseconds** (BIGINT, UTC): ``events.ts`` is the camera's capture time,
+``received_at`` the sink's clock. Rollup ``hour`` columns are epoch **seconds** of the UTC hour start. Query
+methods accept ``since``/``until`` as epoch seconds, ``datetime`` or an RFC 3339 string, and return plain
+dicts with timestamps formatted by ``camera.contract.format_ts``.
+
+>>> store = Store.open("sqlite:///:memory:")
+>>> store.event_count()
+0
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from camera.contract import format_ts, parse_ts
+from cloud_sink import rollups
+
+log = logging.getLogger(__name__)
+
+DEAD_LETTER_PAYLOAD_BYTES = 4096
+NAME = sa.String(64)
+
+metadata = sa.MetaData()
+
+schema_migrations = sa.Table(
+    "schema_migrations", metadata,
+    sa.Column("version", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("description", sa.String(200), nullable=False),
+    sa.Column("applied_at", sa.BigInteger, nullable=False),
+)
+
+events = sa.Table(
+    "events", metadata,
+    sa.Column("event_id", sa.String(32), primary_key=True),
+    sa.Column("site", NAME, nullable=False),
+    sa.Column("camera_id", NAME, nullable=False),
+    sa.Column("type", sa.String(16), nullable=False),
+    sa.Column("ts", sa.BigInteger, nullable=False),  # epoch ms, capture time
+    sa.Column("track_id", sa.BigInteger),
+    sa.Column("zone", NAME),
+    sa.Column("line", NAME),
+    sa.Column("direction", sa.String(3)),
+    sa.Column("count", sa.Integer),
+    sa.Column("dwell_s", sa.Float),
+    sa.Column("payload", sa.Text, nullable=False),  # the event exactly as validated, JSON
+    sa.Column("received_at", sa.BigInteger, nullable=False),  # epoch ms, sink clock
+    sa.Index("ix_events_camera_ts", "site", "camera_id", "ts"),
+    sa.Index("ix_events_type_ts", "type", "ts"),
+)
+
+dead_letters = sa.Table(
+    "dead_letters", metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("received_at", sa.BigInteger, nullable=False),
+    sa.Column("topic", sa.String(512), nullable=False),
+    sa.Column("reason", sa.String(500), nullable=False),
+    sa.Column("payload", sa.Text, nullable=False),  # first 4 KiB, undecodable bytes as \\x.. escapes
+    sa.Column("payload_bytes", sa.Integer, nullable=False),  # original size
+    sa.Index("ix_dead_letters_received", "received_at"),
+)
+
+cameras = sa.Table(
+    "cameras", metadata,
+    sa.Column("site", NAME, primary_key=True),
+    sa.Column("camera_id", NAME, primary_key=True),
+    sa.Column("state", sa.String(8), nullable=False, server_default="unknown"),  # online/offline/unknown
+    sa.Column("status_at", sa.BigInteger),  # when the sink received the last status (ms)
+    sa.Column("last_seen", sa.BigInteger),  # newest event/stats capture time (ms)
+    sa.Column("fps", sa.Float),
+    sa.Column("inference_ms_p50", sa.Float),
+    sa.Column("inference_ms_p95", sa.Float),
+    sa.Column("stats", sa.Text),  # last stats message, JSON
+    sa.Column("stats_at", sa.BigInteger),
+    sa.Column("events_total", sa.BigInteger, nullable=False, server_default="0"),
+)
+
+
+
+def _camera_key() -> list[sa.Column]:
+    """(site, camera_id) primary-key columns; a fresh pair per table."""
+    return [sa.Column("site", NAME, primary_key=True), sa.Column("camera_id", NAME, primary_key=True)]
+
+
+rollup_hourly = sa.Table(
+    "rollup_hourly", metadata,
+    *_camera_key(),
+    sa.Column("zone", NAME, primary_key=True),  # '' = the whole camera
+    sa.Column("hour", sa.BigInteger, primary_key=True),  # epoch s of the UTC hour start
+    sa.Column("entries", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("exits", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("unique_tracks", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("occupancy_max", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("occupancy_sum", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("occupancy_samples", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("dwell_sum", sa.Float, nullable=False, server_default="0"),
+    sa.Column("dwell_count", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("loiters", sa.Integer, nullable=False, server_default="0"),
+    sa.Index("ix_rollup_hourly_hour", "hour"),
+)
+
+rollup_tracks = sa.Table(  # distinct track ids per hour, so unique_tracks stays exact under redelivery
+    "rollup_tracks", metadata,
+    *_camera_key(),
+    sa.Column("zone", NAME, primary_key=True),
+    sa.Column("hour", sa.BigInteger, primary_key=True),
+    sa.Column("track_id", sa.BigInteger, primary_key=True),
+)
+
+rollup_dwell = sa.Table(  # dwell histogram per hour in fixed bins (rollups.dwell_bin), for median/p90
+    "rollup_dwell", metadata,
+    *_camera_key(),
+    sa.Column("zone", NAME, primary_key=True),
+    sa.Column("hour", sa.BigInteger, primary_key=True),
+    sa.Column("bin", sa.Integer, primary_key=True),
+    sa.Column("n", sa.Integer, nullable=False),
+)
+
+rollup_lines = sa.Table(
+    "rollup_lines", metadata,
+    *_camera_key(),
+    sa.Column("line", NAME, primary_key=True),
+    sa.Column("hour", sa.BigInteger, primary_key=True),
+    sa.Column("in_count", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("out_count", sa.Integer, nullable=False, server_default="0"),
+)
+
+
+def _migration_1(conn: Connection) -> None:
+    metadata.create_all(conn, tables=[events, dead_letters, cameras, rollup_hourly, rollup_tracks, rollup_dwell,
+                                      rollup_lines])
+
+
+#: (version, description, apply). Append only; never edit an applied migration.
+MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
+    (1, "events, dead letters, cameras, hourly rollups", _migration_1),
+]
+
+
+def database_url(url: str) -> str:
+    """Accept ``postgresql://`` / ``postgres://`` and use the psycopg 3 driver; pass SQLite URLs through."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix):]
+    if not url.startswith(("sqlite:", "postgresql+")):
+        raise ValueError(f"database URL {url!r}: use sqlite:///path.db or postgresql://user@host/db")
+    return url
+
+
+def to_ms(value: float | int | datetime | str | None) -> int | None:
+    """epoch seconds / aware datetime / RFC 3339 string → epoch ms (None stays None)."""
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        dt = value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+        return int(round(dt.timestamp() * 1000))
+    if isinstance(value, str):
+        try:
+            return int(round(parse_ts(value) * 1000))
+        except ValueError:
+            return to_ms(datetime.fromisoformat(value.replace("Z", "+00:00")))
+    return int(round(float(value) * 1000))
+
+
+def ms_iso(ms: int | None) -> str | None:
+    return None if ms is None else format_ts(ms / 1000.0)
+
+
+def _safe_text(raw: bytes | str, limit: int) -> str:
+    """Bytes → text PostgreSQL accepts (no NUL, valid UTF-8), truncated to ``limit`` bytes of input."""
+    if isinstance(raw, str):
+        raw = raw.encode("utf-8", errors="backslashreplace")
+    return raw[:limit].decode("utf-8", errors="backslashreplace").replace("\x00", "\\x00")
+
+
+def event_row(event: dict[str, Any], received_ms: int) -> dict[str, Any]:
+    """The columns of one validated contract event."""
+    return {
+        "event_id": event["event_id"], "site": event["site"], "camera_id": event["camera_id"],
+        "type": event["type"], "ts": to_ms(event["ts"]), "track_id": event.get("track_id"),
+        "zone": event.get("zone"), "line": event.get("line"), "direction": event.get("direction"),
+        "count": event.get("count"), "dwell_s": event.get("dwell_s"),
+        "payload": json.dumps(event, separators=(",", ":")), "received_at": received_ms,
+    }
+
+
+@dataclass
+class Batch:
+    """Everything one commit writes: validated events, dead letters, status and stats updates."""
+
+    events: list[dict[str, Any]] = field(default_factory=list)
+    dead_letters: list[dict[str, Any]] = field(default_factory=list)  # topic, reason, payload (bytes), received_at?
+    statuses: list[tuple[str, str, str]] = field(default_factory=list)  # (site, camera_id, online|offline)
+    stats: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)  # (site, camera_id, stats doc)
+
+
+class Store:
+    """One database. Thread-safe: each method takes its own connection from the engine's pool."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.dialect = engine.dialect.name
+        if self.dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert
+        self._insert = insert
+
+    # ------------------------------------------------------------------------------------------ lifecycle
+    @classmethod
+    def open(cls, url: str) -> Store:
+        """Connect, create or migrate the schema, and return the store."""
+        url = database_url(url)
+        if url.startswith("sqlite"):
+            kwargs: dict[str, Any] = {"connect_args": {"check_same_thread": False, "timeout": 30}}
+            if url in ("sqlite://", "sqlite:///:memory:"):
+                kwargs["poolclass"] = sa.StaticPool
+            engine = sa.create_engine(url, **kwargs)
+            sa.event.listen(engine, "connect", _sqlite_pragmas)
+        else:
+            engine = sa.create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+        store = cls(engine)
+        store.migrate()
+        return store
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def migrate(self) -> list[int]:
+        """Apply pending migrations (serialised between processes); return the versions applied now."""
+        applied_now: list[int] = []
+        for attempt in range(10):
+            try:
+                with self.engine.begin() as conn:
+                    if self.dialect == "postgresql":
+                        conn.execute(sa.text("SELECT pg_advisory_xact_lock(7242001)"))
+                    schema_migrations.create(conn, checkfirst=True)
+                    done = set(conn.execute(sa.select(schema_migrations.c.version)).scalars())
+                    for version, description, apply in MIGRATIONS:
+                        if version in done:
+                            continue
+                        apply(conn)
+                        conn.execute(schema_migrations.insert().values(
+                            version=version, description=description, applied_at=int(time.time() * 1000)))
+                        applied_now.append(version)
+                return applied_now
+            except sa.exc.OperationalError:  # another process migrating the same SQLite file
+                if attempt == 9:
+                    raise
+                applied_now.clear()
+                time.sleep(0.2 * (attempt + 1))
+        return applied_now
+
+    def schema_version(self) -> int:
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(sa.func.max(schema_migrations.c.version))).scalar() or 0
+
+    # ------------------------------------------------------------------------------------------ writes
+    def insert_events(self, new_events: list[dict[str, Any]], *, received_at: float | None = None) -> int:
+        """Store validated events idempotently; return how many were new."""
+        return len(self.write_batch(Batch(events=new_events), received_at=received_at))
+
+    def insert_dead_letters(self, rows: list[dict[str, Any]], *, received_at: float | None = None) -> None:
+        """Rows: ``topic``, ``reason``, ``payload`` (bytes or str; truncated to 4 KiB)."""
+        self.write_batch(Batch(dead_letters=rows), received_at=received_at)
+
+    def update_camera_status(self, site: str, camera_id: str, state: str, *, received_at: float | None = None) -> None:
+        self.write_batch(Batch(statuses=[(site, camera_id, state)]), received_at=received_at)
+
+    def update_camera_stats(self, site: str, camera_id: str, stats: dict[str, Any], *,
+                            received_at: float | None = None) -> None:
+        self.write_batch(Batch(stats=[(site, camera_id, stats)]), received_at=received_at)
+
+    def write_batch(self, batch: Batch, *, received_at: float | None = None) -> list[dict[str, Any]]:
+        """One transaction for a whole batch; returns the events that were new (in arrival order).
+
+        Retried on a PostgreSQL deadlock/serialisation failure (several share-group workers); rows are written in
+        sorted key order so that is rare.
+        """
+        now_ms = to_ms(time.time() if received_at is None else received_at)
+        for attempt in range(5):
+            try:
+                with self.engine.begin() as conn:
+                    return self._write(conn, batch, now_ms)
+            except sa.exc.OperationalError as exc:
+                if attempt == 4 or not _retryable(exc):
+                    raise
+                log.warning("retrying batch after %s", type(exc.orig).__name__)
+                time.sleep(0.05 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    def _write(self, conn: Connection, batch: Batch, now_ms: int) -> list[dict[str, Any]]:
+        new_events: list[dict[str, Any]] = []
+        if batch.events:
+            unique: dict[str, dict[str, Any]] = {}
+            for ev in batch.events:
+                unique.setdefault(ev["event_id"], ev)
+            rows = [event_row(ev, now_ms) for ev in unique.values()]
+            rows.sort(key=lambda r: r["event_id"])
+            stmt = self._insert(events).on_conflict_do_nothing(index_elements=["event_id"])
+            inserted = set(conn.execute(stmt.returning(events.c.event_id), rows).scalars())
+            new_events = [ev for ev in unique.values() if ev["event_id"] in inserted]
+            if new_events:
+                self._update_rollups(conn, new_events)
+                self._touch_cameras(conn, new_events)
+        if batch.dead_letters:
+            conn.execute(dead_letters.insert(), [{
+                "received_at": to_ms(d["received_at"]) if d.get("received_at") is not None else now_ms,
+                "topic": _safe_text(d.get("topic") or "", 512)[:512],
+                "reason": _safe_text(d.get("reason") or "unknown", 500)[:500],
+                "payload": _safe_text(d.get("payload") or b"", DEAD_LETTER_PAYLOAD_BYTES),
+                "payload_bytes": len(d.get("payload") or b""),
+            } for d in batch.dead_letters])
+        for site, camera_id, state in _last_per_camera(batch.statuses):
+            self._upsert_camera(conn, site, camera_id, {"state": state, "status_at": now_ms})
+        for site, camera_id, doc in _last_per_camera_doc(batch.stats):
+            self._upsert_camera(conn, site, camera_id, {
+                "fps": doc.get("processed_fps"), "inference_ms_p50": doc.get("inference_ms_p50"),
+                "inference_ms_p95": doc.get("inference_ms_p95"), "stats": json.dumps(doc, separators=(",", ":")),
+                "stats_at": now_ms}, seen_ms=to_ms(doc.get("ts")))
+        return new_events
+
+    def _upsert_camera(self, conn: Connection, site: str, camera_id: str, values: dict[str, Any],
+                       seen_ms: int | None = None, add_events: int = 0) -> None:
+        ins = self._insert(cameras).values(site=site, camera_id=camera_id, last_seen=seen_ms,
+                                           events_total=add_events, **values)
+        updates: dict[str, Any] = dict(values)
+        if add_events:
+            updates["events_total"] = cameras.c.events_total + ins.excluded.events_total
+        if seen_ms is not None:
+            updates["last_seen"] = sa.case(
+                (cameras.c.last_seen.is_(None), ins.excluded.last_seen),
+                (ins.excluded.last_seen > cameras.c.last_seen, ins.excluded.last_seen),
+                else_=cameras.c.last_seen)
+        if not updates:
+            conn.execute(ins.on_conflict_do_nothing(index_elements=["site", "camera_id"]))
+            return
+        conn.execute(ins.on_conflict_do_update(index_elements=["site", "camera_id"], set_=updates))
+
+    def _touch_cameras(self, conn: Connection, new_events: list[dict[str, Any]]) -> None:
+        per_cam: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
+        for ev in new_events:
+            acc = per_cam[(ev["site"], ev["camera_id"])]
+            acc[0] += 1
+            acc[1] = max(acc[1], to_ms(ev["ts"]) or 0)
+        for (site, camera_id), (n, newest) in sorted(per_cam.items()):
+            self._upsert_camera(conn, site, camera_id, {}, seen_ms=newest, add_events=n)
+
+    def _update_rollups(self, conn: Connection, new_events: list[dict[str, Any]]) -> None:
+        delta = rollups.deltas(new_events)
+        if delta.tracks:
+            keys = sorted(delta.tracks)
+            stmt = self._insert(rollup_tracks).on_conflict_do_nothing()
+            cols = rollup_tracks.c
+            returned = conn.execute(
+                stmt.returning(cols.site, cols.camera_id, cols.zone, cols.hour),
+                [dict(zip(("site", "camera_id", "zone", "hour", "track_id"), k, strict=True)) for k in keys])
+            for site, camera_id, zone, hour in returned:
+                delta.hourly[(site, camera_id, zone, hour)]["unique_tracks"] += 1
+        if delta.hourly:
+            ins = self._insert(rollup_hourly)
+            t, x = rollup_hourly.c, ins.excluded
+            summed = ("entries", "exits", "unique_tracks", "occupancy_sum", "occupancy_samples", "dwell_sum",
+                      "dwell_count", "loiters")
+            set_: dict[str, Any] = {name: t[name] + x[name] for name in summed}
+            set_["occupancy_max"] = sa.case((x.occupancy_max > t.occupancy_max, x.occupancy_max),
+                                            else_=t.occupancy_max)
+            conn.execute(ins.on_conflict_do_update(index_elements=["site", "camera_id", "zone", "hour"], set_=set_),
+                         [dict(zip(("site", "camera_id", "zone", "hour"), k, strict=True), **v)
+                          for k, v in sorted(delta.hourly.items())])
+        if delta.dwell_bins:
+            ins = self._insert(rollup_dwell)
+            conn.execute(
+                ins.on_conflict_do_update(index_elements=["site", "camera_id", "zone", "hour", "bin"],
+                                          set_={"n": rollup_dwell.c.n + ins.excluded.n}),
+                [dict(zip(("site", "camera_id", "zone", "hour", "bin"), k, strict=True), n=n)
+                 for k, n in sorted(delta.dwell_bins.items())])
+        if delta.lines:
+            ins = self._insert(rollup_lines)
+            t, x = rollup_lines.c, ins.excluded
+            conn.execute(
+                ins.on_conflict_do_update(index_elements=["site", "camera_id", "line", "hour"],
+                                          set_={"in_count": t.in_count + x.in_count,
+                                                "out_count": t.out_count + x.out_count}),
+                [dict(zip(("site", "camera_id", "line", "hour"), k, strict=True), in_count=v[0], out_count=v[1])
+                 for k, v in sorted(delta.lines.items())])
+
+    # ------------------------------------------------------------------------------------------ reads
+    def event_count(self) -> int:
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(sa.func.count()).select_from(events)).scalar_one()
+
+    def dead_letter_count(self) -> int:
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(sa.func.count()).select_from(dead_letters)).scalar_one()
+
+    def cameras(self) -> list[dict[str, Any]]:
+        """Every camera seen (by event, status or stats) with its health."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(cameras).order_by(cameras.c.site, cameras.c.camera_id)).mappings().all()
+        return [{
+            "site": r["site"], "camera_id": r["camera_id"], "state": r["state"],
+            "last_seen": ms_iso(r["last_seen"]), "status_at": ms_iso(r["status_at"]),
+            "fps": r["fps"], "inference_ms_p50": r["inference_ms_p50"], "inference_ms_p95": r["inference_ms_p95"],
+            "events_total": r["events_total"], "stats_at": ms_iso(r["stats_at"]),
+            "stats": json.loads(r["stats"]) if r["stats"] else None,
+        } for r in rows]
+
+    def events(self, *, site: str | None = None, camera_id: str | None = None, type: str | None = None,
+               since: Any = None, until: Any = None, zone: str | None = None, limit: int = 100,
+               offset: int = 0) -> list[dict[str, Any]]:
+        """Stored events, newest first; ``since`` inclusive, ``until`` exclusive (capture time)."""
+        query = sa.select(events)
+        for column, value in ((events.c.site, site), (events.c.camera_id, camera_id), (events.c.type, type),
+                              (events.c.zone, zone)):
+            if value is not None:
+                query = query.where(column == value)
+        if since is not None:
+            query = query.where(events.c.ts >= to_ms(since))
+        if until is not None:
+            query = query.where(events.c.ts < to_ms(until))
+        query = query.order_by(events.c.ts.desc(), events.c.event_id).limit(max(0, int(limit))).offset(
+            max(0, int(offset)))
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).mappings().all()
+        return [{
+            "event_id": r["event_id"], "site": r["site"], "camera_id": r["camera_id"], "type": r["type"],
+            "ts": ms_iso(r["ts"]), "track_id": r["track_id"], "zone": r["zone"], "line": r["line"],
+            "direction": r["direction"], "count": r["count"], "dwell_s": r["dwell_s"],
+            "received_at": ms_iso(r["received_at"]), "payload": json.loads(r["payload"]),
+        } for r in rows]
+
+    def dead_letters(self, *, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
+        """Newest dead letters first."""
+        query = sa.select(dead_letters).order_by(dead_letters.c.id.desc()).limit(limit).offset(offset)
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).mappings().all()
+        return [{"id": r["id"], "received_at": ms_iso(r["received_at"]), "topic": r["topic"], "reason": r["reason"],
+                 "payload": r["payload"], "payload_bytes": r["payload_bytes"]} for r in rows]
+
+
+def _last_per_camera(statuses: Iterable[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
+    latest: dict[tuple[str, str], str] = {}
+    for site, camera_id, state in statuses:
+        latest[(site, camera_id)] = state
+    return [(s, c, v) for (s, c), v in sorted(latest.items())]
+
+
+def _last_per_camera_doc(stats: Iterable[tuple[str, str, dict[str, Any]]]) -> list[tuple[str, str, dict[str, Any]]]:
+    latest: dict[tuple[str, str], dict[str, Any]] = {}
+    for site, camera_id, doc in stats:
+        latest[(site, camera_id)] = doc
+    return [(s, c, v) for (s, c), v in sorted(latest.items())]
+
+
+def _retryable(exc: sa.exc.OperationalError) -> bool:
+    text = str(exc.orig).lower()
+    return any(word in text for word in ("deadlock", "could not serialize", "database is locked"))
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    """WAL so the API reads while ingest writes; FULL sync because a commit precedes the broker ack."""
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=FULL")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.close()

@@ -1,0 +1,179 @@
+"""Store: idempotent inserts, migrations, camera health, queries — the same tests on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from camera.contract import format_ts, new_event_id, validate_event
+from cloud_sink.store import MIGRATIONS, Batch, Store, database_url, to_ms
+
+T0 = 1_780_000_000.0  # a fixed instant (2026-05-28T20:26:40Z) so hour buckets are known
+
+
+def make_event(type_: str = "person.enter", *, ts: float = T0, site: str = "lobby", camera_id: str = "cam-1",
+               **fields: Any) -> dict[str, Any]:
+    """A valid contract event (checked against the schema) with sensible defaults per type."""
+    ev: dict[str, Any] = {
+        "schema_version": 1, "event_id": new_event_id(), "type": type_, "ts": format_ts(ts), "site": site,
+        "camera_id": camera_id, "model": {"name": "yolov8n-int8", "sha256": "0123456789ab"},
+        "frame": {"width": 640, "height": 480},
+    }
+    defaults: dict[str, dict[str, Any]] = {
+        "person.enter": {"track_id": 1, "box": [0.1, 0.1, 0.3, 0.9], "score": 0.8},
+        "person.exit": {"track_id": 1, "box": [0.1, 0.1, 0.3, 0.9], "first_seen": format_ts(ts - 5), "dwell_s": 5.0,
+                        "score_max": 0.9, "score_mean": 0.8},
+        "count": {"count": 1, "previous": 0},
+        "zone.enter": {"zone": "door", "track_id": 1},
+        "zone.exit": {"zone": "door", "track_id": 1, "dwell_s": 5.0},
+        "line.cross": {"line": "gate", "track_id": 1, "direction": "in", "totals": {"in": 1, "out": 0}},
+        "loiter": {"zone": "door", "track_id": 1, "dwell_s": 60.0},
+    }
+    ev.update(defaults[type_])
+    ev.update(fields)
+    if type_ == "person.exit" and "dwell_s" in fields and "first_seen" not in fields:
+        ev["first_seen"] = format_ts(ts - float(fields["dwell_s"]))
+    validate_event(ev)
+    return ev
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.slow)])
+def db_url(request, tmp_path) -> str:
+    """A fresh empty database: SQLite file, or a new database on the session's real PostgreSQL server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'sink.db'}"
+    return request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture
+def store(db_url):
+    s = Store.open(db_url)
+    yield s
+    s.close()
+
+
+def test_database_url_maps_postgres_to_psycopg():
+    assert database_url("postgresql://u@h/db") == "postgresql+psycopg://u@h/db"
+    assert database_url("postgres://u@h/db") == "postgresql+psycopg://u@h/db"
+    assert database_url("sqlite:///x.db") == "sqlite:///x.db"
+    with pytest.raises(ValueError, match="database URL"):
+        database_url("mysql://x")
+
+
+def test_to_ms_accepts_epoch_datetime_and_rfc3339():
+    from datetime import datetime, timezone
+
+    assert to_ms(T0) == int(T0 * 1000)
+    assert to_ms(datetime.fromtimestamp(T0, tz=timezone.utc)) == int(T0 * 1000)
+    assert to_ms(format_ts(T0)) == int(T0 * 1000)
+    assert to_ms("2026-05-28T20:26:40+00:00") == int(T0 * 1000)
+
+
+def test_migrations_are_recorded_and_reopen_is_a_noop(db_url):
+    first = Store.open(db_url)
+    assert first.schema_version() == MIGRATIONS[-1][0]
+    first.insert_events([make_event()])
+    first.close()
+    again = Store.open(db_url)
+    assert again.migrate() == []  # nothing pending
+    assert again.event_count() == 1
+    with again.engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM schema_migrations")).scalar() == len(MIGRATIONS)
+    again.close()
+
+
+def test_duplicates_are_stored_once_across_and_within_batches(store):
+    a, b = make_event(), make_event("person.exit")
+    assert store.insert_events([a, b, a]) == 2
+    assert store.insert_events([a, dict(b)]) == 0
+    assert store.event_count() == 2
+    # rollups counted once: one entry, one exit
+    from cloud_sink import rollups
+
+    (row,) = rollups.hourly(store, since=T0 - 3600)
+    assert (row["entries"], row["exits"]) == (1, 1)
+
+
+def test_write_batch_returns_only_new_events_in_arrival_order(store):
+    evs = [make_event(track_id=i) for i in range(5)]
+    store.insert_events(evs[1:3])
+    new = store.write_batch(Batch(events=evs))
+    assert [e["event_id"] for e in new] == [evs[0]["event_id"], evs[3]["event_id"], evs[4]["event_id"]]
+
+
+def test_events_query_filters_and_paginates(store):
+    evs = [make_event(ts=T0 + i, track_id=i) for i in range(10)]
+    evs.append(make_event("count", ts=T0 + 3, camera_id="cam-2", count=2, previous=1))
+    store.insert_events(evs)
+    newest = store.events(camera_id="cam-1", limit=3)
+    assert [e["track_id"] for e in newest] == [9, 8, 7]
+    assert [e["track_id"] for e in store.events(camera_id="cam-1", limit=3, offset=3)] == [6, 5, 4]
+    window = store.events(since=T0 + 2, until=format_ts(T0 + 5), type="person.enter")
+    assert sorted(e["track_id"] for e in window) == [2, 3, 4]
+    (cnt,) = store.events(type="count")
+    assert cnt["payload"] == evs[-1] and cnt["ts"] == format_ts(T0 + 3) and cnt["count"] == 2
+
+
+def test_camera_health_from_events_status_and_stats(store):
+    store.insert_events([make_event(ts=T0), make_event(ts=T0 + 10, track_id=2)])
+    store.update_camera_status("lobby", "cam-1", "online")
+    stats = {"schema_version": 1, "ts": format_ts(T0 + 20), "site": "lobby", "camera_id": "cam-1",
+             "input_fps": 25.0, "processed_fps": 12.5, "inference_ms_p50": 31.0, "inference_ms_p95": 40.0,
+             "frames_in": 100, "frames_processed": 50, "motion_skipped": 50, "dropped_frames": 0, "outbox_depth": 0,
+             "outbox_dropped": 0, "cpu_percent": 80.0, "source_state": "connected"}
+    store.update_camera_stats("lobby", "cam-1", stats)
+    store.update_camera_status("lobby", "cam-9", "offline")
+    cams = {c["camera_id"]: c for c in store.cameras()}
+    cam = cams["cam-1"]
+    assert cam["state"] == "online" and cam["events_total"] == 2
+    assert cam["fps"] == 12.5 and cam["inference_ms_p50"] == 31.0 and cam["stats"]["cpu_percent"] == 80.0
+    assert cam["last_seen"] == format_ts(T0 + 20)
+    # an older event arriving late does not move last_seen back
+    store.insert_events([make_event(ts=T0 - 100, track_id=3)])
+    assert {c["camera_id"]: c for c in store.cameras()}["cam-1"]["last_seen"] == format_ts(T0 + 20)
+    assert cams["cam-9"]["state"] == "offline" and cams["cam-9"]["events_total"] == 0
+
+
+def test_dead_letters_keep_truncated_payload_and_survive_nul_and_binary(store):
+    raw = b"\x00\xff{" + b"x" * 10000
+    store.insert_dead_letters([{"topic": "smartcam/a/b/events", "reason": "bad", "payload": raw},
+                               {"topic": "t\x00", "reason": "r", "payload": "text"}])
+    assert store.dead_letter_count() == 2
+    rows = store.dead_letters()
+    big = next(r for r in rows if r["reason"] == "bad")
+    assert big["payload_bytes"] == len(raw) and big["payload"].startswith("\\x00\\xff{")
+    assert len(big["payload"]) < 4200
+
+
+def test_payload_is_stored_verbatim_as_json(store):
+    ev = make_event("line.cross", direction="out", totals={"in": 3, "out": 4})
+    store.insert_events([ev])
+    with store.engine.connect() as conn:
+        payload = conn.execute(sa.text("SELECT payload FROM events")).scalar_one()
+    assert json.loads(payload) == ev
+
+
+def test_concurrent_readers_while_writing(store):
+    """WAL / MVCC: a reader thread sees consistent counts while batches commit."""
+    import threading
+
+    seen: list[int] = []
+    stop = threading.Event()
+
+    def read() -> None:
+        while not stop.is_set():
+            seen.append(store.event_count())
+            time.sleep(0.005)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    for i in range(20):
+        store.insert_events([make_event(track_id=i * 10 + j) for j in range(10)])
+    stop.set()
+    reader.join()
+    assert store.event_count() == 200
+    assert seen == sorted(seen) and all(n % 10 == 0 for n in seen)
