@@ -1,0 +1,160 @@
+"""Rollups: figures equal a scenario computed by hand, on SQLite and PostgreSQL; duplicates never count."""
+
+from __future__ import annotations
+
+import random
+import statistics
+
+import pytest
+
+from cloud_sink import rollups
+from tests.test_sink_store import T0, db_url, make_event, store  # noqa: F401  (fixtures)
+
+H0 = int(T0) // 3600 * 3600  # 2026-05-28T20:00:00Z
+H1 = H0 + 3600
+
+
+def scenario() -> list[dict]:
+    """Two hours of one camera (see the comments for the hand-computed figures) plus one event on cam-2."""
+    e = make_event
+    return [
+        # hour H0: tracks 1,2,3 enter; 1 and 2 leave (dwell 300, 800); counts 1,2,3,2,1 → max 3, mean 1.8
+        e("person.enter", ts=H0 + 100, track_id=1), e("person.enter", ts=H0 + 200, track_id=2),
+        e("person.enter", ts=H0 + 300, track_id=3),
+        e("person.exit", ts=H0 + 400, track_id=1, dwell_s=300.0),
+        e("person.exit", ts=H0 + 1000, track_id=2, dwell_s=800.0),
+        e("count", ts=H0 + 100, count=1, previous=0), e("count", ts=H0 + 200, count=2, previous=1),
+        e("count", ts=H0 + 300, count=3, previous=2), e("count", ts=H0 + 400, count=2, previous=3),
+        e("count", ts=H0 + 1000, count=1, previous=2),
+        # hour H1: track 3 leaves (dwell 3400), track 4 enters and leaves (dwell 60); counts 0,1,0
+        e("person.exit", ts=H1 + 100, track_id=3, dwell_s=3400.0),
+        e("person.enter", ts=H1 + 200, track_id=4), e("person.exit", ts=H1 + 260, track_id=4, dwell_s=60.0),
+        e("count", ts=H1 + 100, count=0, previous=1), e("count", ts=H1 + 200, count=1, previous=0),
+        e("count", ts=H1 + 260, count=0, previous=1),
+        # zone "door" in H1: track 4 in for 40 s, loiters; zone counts 1, 0
+        e("zone.enter", ts=H1 + 210, zone="door", track_id=4),
+        e("loiter", ts=H1 + 240, zone="door", track_id=4, dwell_s=30.0),
+        e("zone.exit", ts=H1 + 250, zone="door", track_id=4, dwell_s=40.0),
+        e("count", ts=H1 + 210, zone="door", count=1, previous=0),
+        e("count", ts=H1 + 250, zone="door", count=0, previous=1),
+        # line "gate": track 3 out, track 4 in
+        e("line.cross", ts=H1 + 90, line="gate", track_id=3, direction="out", totals={"in": 0, "out": 1}),
+        e("line.cross", ts=H1 + 205, line="gate", track_id=4, direction="in", totals={"in": 1, "out": 1}),
+        # another camera
+        e("person.enter", ts=H0 + 50, camera_id="cam-2", track_id=7),
+    ]
+
+
+@pytest.fixture
+def loaded(store):  # noqa: F811
+    events = scenario()
+    assert store.insert_events(events) == len(events)
+    shuffled = events[:]
+    random.Random(1).shuffle(shuffled)
+    assert store.insert_events(shuffled) == 0  # redelivered, in another order: nothing changes
+    return store
+
+
+def test_hourly_equals_hand_computed(loaded):
+    rows = rollups.hourly(loaded, since=H0, camera_id="cam-1")
+    assert [r["hour_ts"] for r in rows] == [H0, H1]
+    h0, h1 = rows
+    assert (h0["entries"], h0["exits"], h0["unique_tracks"]) == (3, 2, 3)
+    assert (h0["occupancy_max"], h0["occupancy_mean"], h0["dwell_mean"]) == (3, pytest.approx(1.8), 550.0)
+    assert (h1["entries"], h1["exits"], h1["unique_tracks"]) == (1, 2, 2)
+    assert (h1["occupancy_max"], h1["occupancy_mean"], h1["dwell_mean"]) == (1, pytest.approx(1 / 3), 1730.0)
+    assert h0["hour"] == "2026-05-28T20:00:00.000Z" and h0["zone"] is None
+
+
+def test_hourly_window_and_camera_filters(loaded):
+    assert [r["hour_ts"] for r in rollups.hourly(loaded, since=H1 + 5, camera_id="cam-1")] == [H1]
+    assert rollups.hourly(loaded, since=H0, until=H1, camera_id="cam-1")[-1]["hour_ts"] == H0
+    (cam2,) = rollups.hourly(loaded, since=H0, camera_id="cam-2")
+    assert cam2["entries"] == 1 and cam2["occupancy_max"] is None and cam2["dwell_mean"] is None
+    assert len(rollups.hourly(loaded, since=H0)) == 3  # per camera rows
+    assert rollups.hourly(loaded, since=H0, site="elsewhere") == []
+
+
+def test_zone_breakdown(loaded):
+    (door,) = rollups.hourly(loaded, since=H0, camera_id="cam-1", zone="door")
+    assert door["hour_ts"] == H1 and door["zone"] == "door"
+    assert (door["entries"], door["exits"], door["unique_tracks"], door["loiters"]) == (1, 1, 1, 1)
+    assert (door["occupancy_max"], door["occupancy_mean"], door["dwell_mean"]) == (1, 0.5, 40.0)
+    assert rollups.hourly(loaded, since=H0, zone="*") == [door]
+
+
+def test_daily_counts_distinct_tracks_over_the_day(loaded):
+    (day,) = rollups.daily(loaded, since=H0, camera_id="cam-1")
+    assert day["day"] == "2026-05-28"
+    assert (day["entries"], day["exits"], day["unique_tracks"]) == (4, 4, 4)  # track 3 spans two hours: once
+    assert day["occupancy_max"] == 3 and day["occupancy_mean"] == pytest.approx((9 + 1) / 8)
+    assert day["dwell_mean"] == pytest.approx((300 + 800 + 3400 + 60) / 4)
+
+
+def test_occupancy_buckets_from_count_events(loaded):
+    rows = rollups.occupancy(loaded, since=H0, until=H1 + 3600, camera_id="cam-1", bucket_s=600)
+    got = [(r["t_ts"], r["max"], round(r["mean"], 3), r["samples"]) for r in rows]
+    assert got == [(H0, 3, 2.0, 4), (H0 + 600, 1, 1.0, 1), (H1, 1, 0.333, 3)]
+    door = rollups.occupancy(loaded, since=H0, camera_id="cam-1", zone="door", bucket_s=3600)
+    assert [(r["max"], r["mean"]) for r in door] == [(1, 0.5)]
+    with pytest.raises(ValueError):
+        rollups.occupancy(loaded, since=H0, bucket_s=0)
+
+
+def test_dwell_and_peak_hour(loaded):
+    d = rollups.dwell(loaded, since=H0, camera_id="cam-1")
+    assert d["n"] == 4 and d["mean"] == pytest.approx(1140.0)
+    assert 300 <= d["median"] <= 800 * 1.05  # any value between the 2nd and 3rd of 60,300,800,3400 is a median
+    assert 800 <= d["p90"] <= 3400 * 1.05
+    assert sum(b["n"] for b in d["histogram"]) == 4
+    assert all(b["lo"] < b["hi"] for b in d["histogram"])
+    assert rollups.peak_hour(loaded, since=H0, camera_id="cam-1") == {
+        "hour": "2026-05-28T20:00:00.000Z", "hour_ts": H0, "entries": 3}
+    assert rollups.peak_hour(loaded, since=H1 + 3600) is None
+
+
+def test_lines_totals(loaded):
+    assert rollups.lines(loaded, since=H0) == [
+        {"site": "lobby", "camera_id": "cam-1", "line": "gate", "in": 1, "out": 1}]
+
+
+def test_summary_has_everything_the_report_prints(loaded):
+    s = rollups.summary(loaded, since=H0, until=H1 + 3600)
+    cams = {c["camera_id"]: c for c in s["cameras"]}
+    cam = cams["cam-1"]
+    assert (cam["entries"], cam["exits"], cam["unique_tracks"], cam["occupancy_max"]) == (4, 4, 5, 3)
+    assert cam["occupancy_mean"] == pytest.approx(10 / 8)
+    assert cam["dwell"]["n"] == 4 and cam["peak_hour"]["hour_ts"] == H0
+    assert cam["zones"][0]["zone"] == "door" and cam["zones"][0]["dwell"]["mean"] == 40.0
+    assert cam["lines"][0]["in"] == 1 and cam["events_total"] == 23
+    assert s["events_total"] == 24 and s["dead_letters"] == 0
+    only = rollups.summary(loaded, since=H0, until=H1 + 3600, camera_id="cam-2")
+    assert [c["camera_id"] for c in only["cameras"]] == ["cam-2"]
+
+
+def test_median_and_p90_are_within_one_bin_of_exact(store):  # noqa: F811
+    rng = random.Random(7)
+    values = [round(rng.lognormvariate(3.5, 1.0), 3) for _ in range(301)]
+    store.insert_events([make_event("person.exit", ts=H0 + i, track_id=i, dwell_s=v) for i, v in enumerate(values)])
+    d = rollups.dwell(store, since=H0)
+    assert d["n"] == 301 and d["mean"] == pytest.approx(statistics.fmean(values))
+    exact_median = statistics.median(values)
+    exact_p90 = statistics.quantiles(values, n=10)[-1]
+    assert d["median"] == pytest.approx(exact_median, rel=0.06, abs=0.5)
+    assert d["p90"] == pytest.approx(exact_p90, rel=0.06, abs=0.5)
+
+
+def test_deltas_are_pure_and_ignore_nothing():
+    evs = scenario()
+    delta = rollups.deltas(evs)
+    assert delta.hourly[("lobby", "cam-1", "", H0)]["entries"] == 3
+    assert delta.lines[("lobby", "cam-1", "gate", H1)] == [1, 1]
+    assert sum(delta.dwell_bins.values()) == 5  # 4 person.exit + 1 zone.exit
+    assert ("lobby", "cam-1", "door", H1, 4) in delta.tracks
+
+
+@pytest.mark.parametrize("seconds", [0.0, 0.49, 0.5, 9.99, 10.0, 10.5, 59.0, 3600.0, 86400.0, 31536000.0])
+def test_dwell_bins_contain_their_value(seconds):
+    lo, hi = rollups.bin_edges(rollups.dwell_bin(seconds))
+    assert lo <= seconds * (1 + 1e-12) and seconds < hi * (1 + 1e-12)
+    assert hi - lo <= max(0.5, 0.051 * hi)
