@@ -64,6 +64,13 @@ class MqttConfig(_Strict):
             BrokerSettings.from_url(value)  # raises ValueError with the reason
         return value
 
+    @field_validator("tls_ca")
+    @classmethod
+    def _check_ca(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"CA file not found: {value}")
+        return value
+
     def settings(self) -> BrokerSettings:
         assert self.broker is not None
         return BrokerSettings.from_url(self.broker, ca_file=str(self.tls_ca) if self.tls_ca else None,

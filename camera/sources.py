@@ -77,14 +77,15 @@ class Source:
 class RateLimiter:
     """Keeps frames so that at most ``fps`` of them per (media or wall) second get through."""
 
-    def __init__(self, fps: float | None) -> None:
+    def __init__(self, fps: float | None, tolerance: float = 1e-6) -> None:
         self.period = 1.0 / fps if fps else 0.0
+        self.tolerance = tolerance  # files: half a source frame, so the frame nearest each slot is kept
         self.next_t: float | None = None
 
     def keep(self, t: float) -> bool:
         if not self.period:
             return True
-        if self.next_t is None or t >= self.next_t - 1e-6:
+        if self.next_t is None or t >= self.next_t - self.tolerance:
             # advance from the scheduled slot, not from t, so the mean rate is exact; resync after a gap
             self.next_t = t + self.period if self.next_t is None or t - self.next_t > self.period else (
                 self.next_t + self.period)
@@ -113,7 +114,7 @@ class VideoFileSource(Source):
         self.width = int(self.cap.get(cv2.CAP_PROP_FRAME_WIDTH))
         self.height = int(self.cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
         self.realtime = realtime
-        self.limiter = RateLimiter(fps)
+        self.limiter = RateLimiter(fps, tolerance=0.5 / self.fps)
         self.start_time = time.time() if start_time is None else start_time
 
     def frames(self) -> Iterator[Frame]:
