@@ -1,0 +1,556 @@
+"""Fault injection on real parts: the edge, the sink, Mosquitto and the databases are real processes.
+
+Each scenario runs ``smartcam-edge run`` over a real clip (paced to real time so faults land mid-stream) with
+``smartcam-sink run`` storing events, injects one fault, then counts end to end: the ``event_id`` of every line
+in the edge's ``--events-file`` against the rows in the sink's ``events`` table.
+
+* lost      = ids in the events file that never reached the table (must be 0)
+* stored 2x = rows beyond one per id (must be 0; the table is keyed on event_id, so this also checks it is)
+
+The broker is the shipped deployment (``deploy/make-credentials.sh`` output: auth, ACL, persistence,
+``max_queued_messages`` raised), so edge and sink log in as ``cam1`` and ``sink``. Every scenario prints its
+counts and appends them to ``test-artifacts/fault_counts.jsonl`` (quoted in docs/reliability.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.server
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from camera.contract import topic_for
+from tests.conftest import ARTIFACTS, ONNX_FP32, STREET_CLIP
+from tests.services import free_port
+from tests.test_security_broker import SITE, Client, SecureBroker, start_secure_broker
+
+pytestmark = pytest.mark.slow
+
+CAMERA = "cam1"
+BIN = Path(sys.executable).parent
+FPS = "4"  # processed frames per second of clip time: light on 2 shared cores, ~5 events/s on the street clip
+EDGE_TIMEOUT = 120.0
+STORE_TIMEOUT = 60.0
+
+
+# ------------------------------------------------------------------------------------------ processes
+
+
+def _bin(name: str) -> str:
+    path = BIN / name
+    return str(path) if path.exists() else (shutil.which(name) or name)
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str, proc: subprocess.Popen | None = None,
+               log: Path | None = None) -> None:
+    """Poll ``predicate``; fail with the process log if it does not come true (or the process dies)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if proc is not None and proc.poll() is not None and not predicate():
+            break
+        time.sleep(0.1)
+    tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
+    rc = proc.poll() if proc is not None else None
+    pytest.fail(f"timed out waiting for {what} (process exit code {rc})\n{tail}")
+
+
+@dataclass
+class Proc:
+    """A child process with its output in a log file; killed by PID at teardown."""
+
+    args: list[str]
+    log: Path
+    env: dict[str, str]
+    proc: subprocess.Popen | None = None
+
+    def start(self) -> Proc:
+        with open(self.log, "ab") as fh:
+            fh.write(f"\n$ {' '.join(self.args)}\n".encode())
+            fh.flush()
+            self.proc = subprocess.Popen(self.args, stdout=fh, stderr=subprocess.STDOUT, env=self.env,
+                                         start_new_session=True)
+        return self
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.alive():
+            self.proc.send_signal(sig)
+            self.proc.wait(30)
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            pytest.fail(f"{self.args[0]} did not finish in {timeout}s\n{self.log.read_text()[-3000:]}")
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@dataclass
+class Rig:
+    """One scenario's world: broker, working dir, the edge and sink command lines, and the counts."""
+
+    broker: SecureBroker
+    work: Path
+    db_url: str
+    procs: list[Proc] = field(default_factory=list)
+
+    @property
+    def events_file(self) -> Path:
+        return self.work / "events.jsonl"
+
+    @property
+    def outbox(self) -> Path:
+        return self.work / "outbox.db"
+
+    def _env(self, user: str) -> dict[str, str]:
+        return {**os.environ, "SMARTCAM_MQTT_PASSWORD": self.broker.passwords[user], "PYTHONUNBUFFERED": "1"}
+
+    def edge(self, *extra: str, source: str | Path = STREET_CLIP, realtime: bool = True,
+             outbox: Path | None = None, events_file: Path | None = None) -> Proc:
+        args = [_bin("smartcam-edge"), "run", "--source", str(source), "--model", str(ONNX_FP32),
+                "--camera-id", CAMERA, "--site", SITE, "--broker", f"mqtt://{CAMERA}@127.0.0.1:{self.broker.plain_port}",
+                "--events-file", str(events_file or self.events_file), "--outbox", str(outbox or self.outbox),
+                "--fps", FPS, "--threads", "1", *(["--realtime"] if realtime else []), *extra]
+        p = Proc(args, self.work / "edge.log", self._env(CAMERA)).start()
+        self.procs.append(p)
+        return p
+
+    def sink(self, *extra: str, db_url: str | None = None) -> Proc:
+        args = [_bin("smartcam-sink"), "run", "--broker", f"mqtt://sink@127.0.0.1:{self.broker.plain_port}",
+                "--db", db_url or self.db_url, *extra]
+        p = Proc(args, self.work / "sink.log", self._env("sink")).start()
+        self.procs.append(p)
+        return p
+
+    # -------------------------------------------------------------------------------------- counting
+    def file_ids(self) -> list[str]:
+        """event_id of every complete line in the events file (a line cut by SIGKILL is not an event)."""
+        if not self.events_file.exists():
+            return []
+        ids = []
+        for line in self.events_file.read_text().splitlines():
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                ids.append(json.loads(line)["event_id"])
+        return ids
+
+    def stored_ids(self, db_url: str | None = None) -> list[str]:
+        engine = sa.create_engine(db_url or self.db_url)
+        try:
+            with engine.connect() as conn:
+                return list(conn.execute(sa.text("SELECT event_id FROM events")).scalars())
+        except sa.exc.SQLAlchemyError:  # the sink has not created its tables yet
+            return []
+        finally:
+            engine.dispose()
+
+    def wait_stored(self, timeout: float = STORE_TIMEOUT, db_url: str | None = None) -> None:
+        """Until every id in the events file is in the table (the assertion on counts comes after)."""
+        def done() -> bool:
+            return set(self.file_ids()) <= set(self.stored_ids(db_url))
+        with contextlib.suppress(BaseException):
+            wait_until(done, timeout, "the sink to store every event")
+
+    def counts(self, scenario: str, db_url: str | None = None, **extra) -> Counts:
+        file_ids, stored = self.file_ids(), self.stored_ids(db_url)
+        c = Counts(scenario=scenario, emitted=len(file_ids), stored_rows=len(stored),
+                   lost=len(set(file_ids) - set(stored)), stored_twice=len(stored) - len(set(stored)),
+                   not_in_file=len(set(stored) - set(file_ids)), **extra)
+        c.report()
+        return c
+
+    def stop_all(self) -> None:
+        for p in self.procs:
+            p.kill()
+
+
+@dataclass
+class Counts:
+    scenario: str
+    emitted: int  # events in the edge's --events-file
+    stored_rows: int  # rows in the sink's events table
+    lost: int
+    stored_twice: int
+    not_in_file: int  # stored but not in the file (an edge killed between outbox and file write): harmless
+    during_fault: int = 0  # events the edge produced while the fault lasted
+    detail: dict = field(default_factory=dict)
+
+    def report(self) -> None:
+        line = json.dumps({**asdict(self), "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        print(f"\nFAULT COUNTS {line}")
+        ARTIFACTS.mkdir(exist_ok=True)
+        with open(ARTIFACTS / "fault_counts.jsonl", "a") as fh:
+            fh.write(line + "\n")
+
+
+@pytest.fixture
+def broker() -> Iterator[SecureBroker]:
+    """A fresh broker from the shipped deployment per scenario (scenarios restart it)."""
+    base = Path(tempfile.mkdtemp(prefix="smartcam-faults-mq-"))
+    base.chmod(0o755)
+    sb = start_secure_broker(base)
+    yield sb
+    sb.broker.stop()
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'sink.db'}"
+    return request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture
+def rig(broker, tmp_path, db_url, record_property) -> Iterator[Rig]:
+    r = Rig(broker, tmp_path, db_url)
+    yield r
+    r.stop_all()
+
+
+def assert_nothing_lost(c: Counts, record_property) -> None:
+    for key, value in asdict(c).items():
+        record_property(key, value)
+    assert c.emitted > 0, "the edge produced no events: the scenario proves nothing"
+    assert c.lost == 0, f"{c.lost} event(s) lost"
+    assert c.stored_twice == 0, f"{c.stored_twice} event(s) stored twice"
+
+
+# ------------------------------------------------------------------------------------------ 1-3: outages
+
+
+def test_broker_outage_mid_stream_loses_nothing(rig, record_property):
+    sink = rig.sink()
+    edge = rig.edge()
+    wait_until(lambda: len(rig.file_ids()) >= 15, EDGE_TIMEOUT, "15 events before the outage", edge.proc, edge.log)
+    before = len(rig.file_ids())
+    rig.broker.broker.stop()  # SIGTERM: a clean broker shutdown (persistence saved)
+    wait_until(lambda: len(rig.file_ids()) >= before + 15, EDGE_TIMEOUT, "15 events during the outage",
+               edge.proc, edge.log)
+    during = len(rig.file_ids()) - before
+    rig.broker.broker.start()
+    assert edge.wait(EDGE_TIMEOUT) == 0, edge.output()[-3000:]
+    rig.wait_stored()
+    assert sink.alive(), sink.output()[-3000:]
+    c = rig.counts(f"broker outage ({rig.db_url.split(':')[0]})", during_fault=during)
+    assert_nothing_lost(c, record_property)
+    assert c.stored_rows == c.emitted and c.not_in_file == 0
+
+
+def test_sink_sigkill_mid_stream_loses_nothing(rig, record_property):
+    sink = rig.sink()
+    edge = rig.edge()
+    wait_until(lambda: len(rig.stored_ids()) >= 10, EDGE_TIMEOUT, "10 events stored before the kill", edge.proc,
+               sink.log)
+    sink.kill(signal.SIGKILL)
+    before = len(rig.file_ids())
+    wait_until(lambda: len(rig.file_ids()) >= before + 15, EDGE_TIMEOUT, "15 events while the sink is dead",
+               edge.proc, edge.log)
+    during = len(rig.file_ids()) - before
+    sink = rig.sink()
+    assert edge.wait(EDGE_TIMEOUT) == 0, edge.output()[-3000:]
+    rig.wait_stored()
+    c = rig.counts(f"sink SIGKILL ({rig.db_url.split(':')[0]})", during_fault=during)
+    assert_nothing_lost(c, record_property)
+    assert c.stored_rows == c.emitted and c.not_in_file == 0
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_edge_sigkill_with_unacked_events_replays_outbox(rig, record_property):
+    """Broker down so events pile up unacknowledged, then kill -9 the edge: the restart must replay them."""
+    rig.sink()
+    edge = rig.edge()
+    wait_until(lambda: len(rig.file_ids()) >= 10, EDGE_TIMEOUT, "10 events", edge.proc, edge.log)
+    rig.broker.broker.stop()
+    before = len(rig.file_ids())
+    wait_until(lambda: len(rig.file_ids()) >= before + 10, EDGE_TIMEOUT, "10 unacknowledged events",
+               edge.proc, edge.log)
+    edge.kill(signal.SIGKILL)
+    with sqlite3.connect(rig.outbox) as db:
+        pending = db.execute("SELECT COUNT(*) FROM outbox WHERE topic LIKE '%/events'").fetchone()[0]
+    assert pending > 0, "nothing was waiting in the outbox: the kill did not test replay"
+    rig.broker.broker.start()
+    first_run = len(rig.file_ids())
+    restarted = rig.edge("--max-frames", "8", realtime=False)
+    assert restarted.wait(EDGE_TIMEOUT) == 0, restarted.output()[-3000:]
+    rig.wait_stored()
+    c = rig.counts("edge SIGKILL + outbox replay (sqlite)", during_fault=len(rig.file_ids()) - before,
+                   detail={"outbox_pending_at_kill": pending, "events_first_run": first_run})
+    assert_nothing_lost(c, record_property)
+    assert "replaying" in restarted.output(), "the restarted edge did not report an outbox replay"
+
+
+# ------------------------------------------------------------------------------------------ 4: network source
+
+
+class MjpegServer:
+    """An HTTP MJPEG camera on 127.0.0.1 (multipart/x-mixed-replace), paced at ``fps``; stop() drops clients."""
+
+    def __init__(self, frames: list[bytes], fps: float = 10.0, port: int | None = None):
+        self.frames, self.fps, self.port = frames, fps, port or free_port()
+        self.server: http.server.ThreadingHTTPServer | None = None
+        self.stopped = threading.Event()
+        self.connections = 0
+
+    def _handler(self):
+        srv = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - http.server's name
+                srv.connections += 1
+                self.send_response(200)
+                self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
+                self.end_headers()
+                i = 0
+                while not srv.stopped.is_set():
+                    jpg = srv.frames[i % len(srv.frames)]
+                    i += 1
+                    try:
+                        self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n%s\r\n"
+                                         % (len(jpg), jpg))
+                    except OSError:
+                        return
+                    srv.stopped.wait(1.0 / srv.fps)
+                self.close_connection = True
+
+            def log_message(self, *args):
+                pass
+
+        return Handler
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/stream.mjpg"
+
+    def start(self) -> None:
+        self.stopped.clear()
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), self._handler())
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.stopped.set()
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
+
+
+def clip_jpegs(path: Path, n: int = 40, step: int = 3) -> list[bytes]:
+    import cv2
+
+    cap = cv2.VideoCapture(str(path))
+    out: list[bytes] = []
+    index = 0
+    while len(out) < n:
+        ok, image = cap.read()
+        if not ok:
+            break
+        if index % step == 0:
+            out.append(cv2.imencode(".jpg", cv2.resize(image, (640, 360)))[1].tobytes())
+        index += 1
+    cap.release()
+    return out
+
+
+@dataclass
+class StreamDrop:
+    """What one stream outage looked like from the broker (stats/status topics) and from the camera."""
+
+    stats: list[dict]
+    during: list[dict]  # stats published between the drop and the reconnect
+    statuses: list[str]
+    connections: int
+    exit_code: int
+
+
+@pytest.fixture(scope="module")
+def stream_drop(tmp_path_factory) -> StreamDrop:
+    """Run the edge on a local HTTP MJPEG camera, stop the camera for a few seconds, bring it back, SIGTERM."""
+    base = Path(tempfile.mkdtemp(prefix="smartcam-faults-mq-"))
+    base.chmod(0o755)
+    broker = start_secure_broker(base)
+    rig = Rig(broker, tmp_path_factory.mktemp("stream"), "sqlite://")
+    cam = MjpegServer(clip_jpegs(STREET_CLIP))
+    cam.start()
+    watcher = Client(broker.settings("sink"), "fault-watcher")
+    try:
+        assert not watcher.connect().is_failure
+        watcher.subscribe(topic_for(SITE, CAMERA, "stats"))
+        watcher.subscribe(topic_for(SITE, CAMERA, "status"))
+
+        def stats() -> list[dict]:
+            with watcher.got:
+                return [json.loads(p) for t, p in watcher.messages if t.endswith("/stats")]
+
+        edge = rig.edge("--stats-interval", "0.5", "--fps", "5", source=cam.url, realtime=False)
+        wait_until(lambda: any(s["source_state"] == "connected" and s["frames_processed"] > 0 for s in stats()),
+                   60, "stats from a connected stream", edge.proc, edge.log)
+        cam.stop()
+        outage_start = len(stats())
+        wait_until(lambda: "lost the source" in edge.output() or "reconnecting" in edge.output(), 30,
+                   "the edge to notice the drop", edge.proc, edge.log)
+        time.sleep(3.0)  # the camera stays away a while: several reconnect attempts with backoff
+        assert edge.alive(), f"the edge died while the stream was down\n{edge.output()[-3000:]}"
+        outage_end = len(stats())
+        cam.start()
+        wait_until(lambda: any(s.get("reconnects", 0) >= 1 and s["source_state"] == "connected" for s in stats()),
+                   60, "stats showing the reconnect", edge.proc, edge.log)
+        edge.kill(signal.SIGTERM)
+        with watcher.got:
+            watcher.got.wait_for(lambda: any(p == b"offline" for _, p in watcher.messages), 10)
+            statuses = [p.decode() for t, p in watcher.messages if t.endswith("/status")]
+        all_stats = stats()
+        drop = StreamDrop(all_stats, all_stats[outage_start:outage_end + 1], statuses, cam.connections,
+                          edge.proc.returncode)
+    finally:
+        watcher.close()
+        cam.stop()
+        rig.stop_all()
+        broker.broker.stop()
+        shutil.rmtree(base, ignore_errors=True)
+    states = [s["source_state"] for s in drop.stats]
+    print(f"\nFAULT COUNTS stream drop: stats messages {len(states)} ({len(drop.during)} during the outage), "
+          f"states seen {sorted(set(states))}, reconnects {max(s.get('reconnects', 0) for s in drop.stats)}, "
+          f"stream connections {drop.connections}, statuses {drop.statuses}, edge exit {drop.exit_code}")
+    return drop
+
+
+def test_network_source_drop_reconnects_without_crash(stream_drop, record_property):
+    reconnects = max(s.get("reconnects", 0) for s in stream_drop.stats)
+    record_property("reconnects", reconnects)
+    assert stream_drop.connections >= 2, "the edge never came back to the camera"
+    assert reconnects >= 1
+    after = [s for s in stream_drop.stats if s.get("reconnects", 0) >= 1]
+    assert after and after[0]["source_state"] == "connected" and after[-1]["frames_processed"] > after[0][
+        "frames_processed"] - 1
+    assert stream_drop.exit_code == 0, "SIGTERM must stop a live edge cleanly"
+    assert stream_drop.statuses[0] == "online" and stream_drop.statuses[-1] == "offline"
+
+
+def test_network_source_drop_is_visible_in_stats_while_it_lasts(stream_drop):
+    """Operators watch the stats topic: a camera whose stream is down must say so, not go quiet."""
+    states = [s["source_state"] for s in stream_drop.during]
+    assert "reconnecting" in states, (
+        f"no stats message said source_state=reconnecting while the stream was down "
+        f"({len(stream_drop.during)} stats published during the outage, states {states})")
+
+
+# ------------------------------------------------------------------------------------------ 5: disks
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_edge_outbox_path_unwritable_is_a_clear_error(rig, tmp_path):
+    """The outbox's parent is a regular file (tests run as root, so permissions cannot make a dir unwritable)."""
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("x")
+    edge = rig.edge("--max-frames", "3", realtime=False, outbox=blocker / "outbox.db")
+    rc = edge.wait(EDGE_TIMEOUT)
+    out = edge.output()
+    assert rc == 3, out[-2000:]
+    assert "outbox" in out and str(blocker) in out
+    assert "Traceback" not in out
+    assert rig.file_ids() == [], "events were produced although they could not be stored durably"
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_sink_database_path_unwritable_is_a_clear_error(rig, tmp_path):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("x")
+    sink = rig.sink(db_url=f"sqlite:///{blocker / 'sink.db'}")
+    rc = sink.wait(60)
+    out = sink.output()
+    assert rc != 0, out[-2000:]
+    assert "Traceback" not in out, out[-3000:]
+    assert "sink.db" in out or "database" in out.lower(), out[-2000:]
+
+
+@contextlib.contextmanager
+def tiny_tmpfs(size: str) -> Iterator[Path]:
+    """A real, tiny filesystem (tmpfs) that fills up; skips when mounting is not allowed here."""
+    mnt = Path(tempfile.mkdtemp(prefix="smartcam-full-"))
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(mnt)],
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        mnt.rmdir()
+        pytest.skip(f"cannot mount a tmpfs here ({res.stderr.strip()}): disk-full case not run")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+        with contextlib.suppress(OSError):
+            mnt.rmdir()
+
+
+def grow(mnt: Path, size: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,size={size}", str(mnt)], check=True, capture_output=True)
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_edge_outbox_disk_full_stops_loudly_and_loses_nothing(rig, record_property):
+    """The outbox fills a 64 KiB filesystem while the broker is down: the edge must stop with an error
+    (exit 3), and every event it reported must still reach the database once there is room again."""
+    with tiny_tmpfs("64k") as mnt:
+        rig.sink()
+        rig.broker.broker.stop()  # nothing drains: the outbox only grows
+        outbox = mnt / "outbox.db"
+        edge = rig.edge(realtime=False, outbox=outbox)
+        rc = edge.wait(EDGE_TIMEOUT)
+        out = edge.output()
+        assert rc == 3, f"expected exit 3 (outbox failure), got {rc}\n{out[-3000:]}"
+        assert "Traceback" not in out and ("full" in out.lower() or "outbox" in out.lower()), out[-3000:]
+        emitted = len(rig.file_ids())
+        assert emitted > 0
+        grow(mnt, "16m")
+        rig.broker.broker.start()
+        replay = rig.edge("--max-frames", "2", realtime=False, outbox=outbox)
+        assert replay.wait(EDGE_TIMEOUT) == 0, replay.output()[-3000:]
+        rig.wait_stored()
+        c = rig.counts("edge outbox disk full (64 KiB tmpfs)", detail={"exit_code": rc, "events_before_full": emitted})
+    assert_nothing_lost(c, record_property)
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_sink_database_disk_full_loses_nothing(rig, record_property):
+    """The sink's SQLite file fills its filesystem: it must not acknowledge what it could not commit, so
+    after room is made and the sink restarted, every event is stored."""
+    with tiny_tmpfs("160k") as mnt:
+        db = f"sqlite:///{mnt / 'sink.db'}"
+        sink = rig.sink(db_url=db)
+        edge = rig.edge(realtime=False)
+        assert edge.wait(EDGE_TIMEOUT) == 0, edge.output()[-3000:]
+        emitted = len(rig.file_ids())
+        wait_until(lambda: "full" in sink.output().lower() or not sink.alive(), 60, "the sink to hit the full disk",
+                   None, sink.log)
+        stored_before = len(set(rig.stored_ids(db)))
+        sink_state = "exited" if not sink.alive() else "running"
+        sink_rc = sink.proc.poll()
+        sink.kill(signal.SIGTERM)
+        grow(mnt, "32m")
+        rig.sink(db_url=db)
+        rig.wait_stored(db_url=db)
+        c = rig.counts("sink database disk full (160 KiB tmpfs)", db_url=db,
+                       detail={"stored_before_room": stored_before, "emitted": emitted, "sink_after_full": sink_state,
+                               "sink_rc": sink_rc})
+    assert stored_before < emitted, "the disk never filled up: the scenario proves nothing"
+    assert_nothing_lost(c, record_property)
