@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import warnings
+from datetime import datetime
 from typing import Any
 
-from camera.contract import format_ts, new_event_id, validate_event
+import pytest
+
+from camera.contract import format_ts, new_event_id, parse_ts, validate_event
+
+with warnings.catch_warnings():  # starlette's notice about httpx vs httpx2 is not ours to fix
+    warnings.simplefilter("ignore")
+    from fastapi.testclient import TestClient
 
 MODEL = {"name": "yolov8n-int8", "sha256": "0123456789ab"}
 
@@ -27,3 +35,251 @@ def make_event(type_: str, ts: float, *, site: str = "lobby", camera: str = "cam
              **defaults[type_], **fields}
     validate_event(event)
     return event
+
+
+# ------------------------------------------------------------------------------------------ the scenario
+T0 = 1_767_236_400.0  # 2026-01-01T03:00:00Z, an hour boundary
+HOUR = 3600
+
+
+def scenario() -> list[dict]:
+    """Two sites, three cameras, three hours: entries 3/1/2 per hour on lobby/cam-1, known dwell and counts."""
+    ev = make_event
+    return [
+        # lobby/cam-1, hour 03: three people in, two out (12 s and 40 s), count reports 1, 2, 3, 1
+        ev("person.enter", T0 + 60, track_id=1), ev("count", T0 + 61, count=1, previous=0),
+        ev("person.enter", T0 + 120, track_id=2), ev("count", T0 + 121, count=2, previous=1),
+        ev("person.enter", T0 + 180, track_id=3), ev("count", T0 + 181, count=3, previous=2),
+        ev("person.exit", T0 + 72, track_id=1, dwell_s=12.0), ev("person.exit", T0 + 160, track_id=2, dwell_s=40.0),
+        ev("count", T0 + 700, count=1, previous=3),
+        ev("zone.enter", T0 + 200, track_id=3, zone="door"),
+        # hour 04: one in, two out (track 3 after 3700 s, track 4 after 5 s)
+        ev("person.enter", T0 + HOUR + 100, track_id=4),
+        ev("person.exit", T0 + HOUR + 105, track_id=4, dwell_s=5.0),
+        ev("person.exit", T0 + HOUR + 3000, track_id=3, dwell_s=2820.0),
+        ev("count", T0 + HOUR + 3001, count=0, previous=1),
+        # hour 05: two in
+        ev("person.enter", T0 + 2 * HOUR + 10, track_id=5), ev("person.enter", T0 + 2 * HOUR + 20, track_id=6),
+        ev("line.cross", T0 + 2 * HOUR + 30, track_id=6, line="gate", direction="in", totals={"in": 1, "out": 0}),
+        # lobby/cam-2 and garage/cam-1 (same camera id on another site)
+        ev("person.enter", T0 + 300, camera="cam-2", track_id=1),
+        ev("count", T0 + 301, camera="cam-2", count=1, previous=0),
+        ev("person.enter", T0 + 400, site="garage", track_id=9),
+    ]
+
+
+def stats_doc(site: str, camera: str, ts: float, fps: float) -> dict:
+    return {"schema_version": 1, "ts": format_ts(ts), "site": site, "camera_id": camera, "input_fps": 25.0,
+            "processed_fps": fps, "inference_ms_p50": 21.5, "inference_ms_p95": 30.0, "frames_in": 1000,
+            "frames_processed": 900, "motion_skipped": 100, "dropped_frames": 0, "outbox_depth": 0,
+            "outbox_dropped": 0, "cpu_percent": 55.0, "source_state": "connected"}
+
+
+def fill(store, events: list[dict]) -> None:
+    """Store the scenario the way ingest does: events (with a duplicate batch), status and stats."""
+    assert store.insert_events(events) == len(events)
+    assert store.insert_events(events[:5]) == 0, "redelivered events are not stored again"
+    store.update_camera_status("lobby", "cam-1", "online")
+    store.update_camera_stats("lobby", "cam-1", stats_doc("lobby", "cam-1", T0 + 3 * HOUR - 5, 12.5))
+    store.update_camera_status("lobby", "cam-2", "offline")
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.slow)])
+def store(request, tmp_path):
+    """A real store on SQLite (file, WAL) or on the session's real PostgreSQL server (fresh database)."""
+    from cloud_sink.store import Store
+
+    url = f"sqlite:///{tmp_path / 'sink.db'}" if request.param == "sqlite" else request.getfixturevalue("postgres_url")
+    store = Store.open(url)
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def filled(store):
+    events = scenario()
+    fill(store, events)
+    return store, events
+
+
+@pytest.fixture
+def client(filled):
+    from cloud_sink.api import create_app
+
+    store, events = filled
+    with TestClient(create_app(store)) as c:
+        yield c, events
+
+
+# ------------------------------------------------------------------------------------------ reads
+def test_cameras_report_health(client):
+    c, _ = client
+    cams = {(x["site"], x["camera_id"]): x for x in c.get("/api/cameras").json()["cameras"]}
+    assert set(cams) == {("lobby", "cam-1"), ("lobby", "cam-2"), ("garage", "cam-1")}
+    cam1 = cams[("lobby", "cam-1")]
+    assert (cam1["state"], cam1["fps"], cam1["inference_ms_p50"], cam1["events_total"]) == ("online", 12.5, 21.5, 17)
+    assert cam1["last_seen"] == format_ts(T0 + 3 * HOUR - 5)
+    assert cams[("lobby", "cam-2")]["state"] == "offline"
+    assert [x["site"] for x in c.get("/api/cameras", params={"site": "garage"}).json()["cameras"]] == ["garage"]
+
+
+@pytest.mark.parametrize("params", [
+    {},
+    {"site": "lobby"},
+    {"site": "lobby", "camera": "cam-1"},
+    {"camera": "cam-1"},
+    {"type": "person.exit"},
+    {"site": "lobby", "type": "count", "since": "2026-01-01T03:05:00Z"},
+    {"since": str(int(T0 + HOUR)), "until": format_ts(T0 + 2 * HOUR)},
+    {"zone": "door"},
+])
+def test_events_filters_match_the_stored_events(client, params):
+    c, events = client
+    resp = c.get("/api/events", params={**params, "limit": 1000})
+    assert resp.status_code == 200
+    got = resp.json()["events"]
+
+    def keep(e: dict) -> bool:
+        t = parse_ts(e["ts"])
+        since = params.get("since")
+        until = params.get("until")
+        return ((params.get("site") in (None, e["site"])) and (params.get("camera") in (None, e["camera_id"]))
+                and (params.get("type") in (None, e["type"])) and (params.get("zone") in (None, e.get("zone")))
+                and (since is None or t >= (float(since) if since.isdigit() else parse_ts_any(since)))
+                and (until is None or t < parse_ts_any(until)))
+
+    expected = [e for e in events if keep(e)]
+    assert expected, "every case must select something"
+    assert sorted(e["event_id"] for e in got) == sorted(e["event_id"] for e in expected)
+    assert [e["ts"] for e in got] == sorted((e["ts"] for e in got), reverse=True), "newest first"
+    by_id = {e["event_id"]: e for e in events}
+    assert all(e["payload"] == by_id[e["event_id"]] for e in got), "the payload is the stored event, unchanged"
+
+
+def parse_ts_any(value: str) -> float:
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
+def test_events_pagination_walks_every_event_once(client):
+    c, events = client
+    seen: list[str] = []
+    offset = 0
+    pages = 0
+    while offset is not None:
+        body = c.get("/api/events", params={"limit": 4, "offset": offset}).json()
+        assert len(body["events"]) <= 4
+        seen += [e["event_id"] for e in body["events"]]
+        offset = body["next_offset"]
+        pages += 1
+    assert pages == 5  # 20 events, 4 a page: the 5th page knows it is the last (next_offset None)
+    assert sorted(seen) == sorted(e["event_id"] for e in events) and len(seen) == len(set(seen))
+    assert c.get("/api/events", params={"limit": 1000, "offset": 20}).json() == {
+        "events": [], "limit": 1000, "offset": 20, "next_offset": None}
+
+
+def test_hourly_occupancy_and_dwell_match_the_hand_counts(client):
+    c, _ = client
+    hours = c.get("/api/stats/hourly", params={"site": "lobby", "camera": "cam-1"}).json()["hours"]
+    assert [(h["hour"], h["entries"], h["exits"]) for h in hours] == [
+        (format_ts(T0), 3, 2), (format_ts(T0 + HOUR), 1, 2), (format_ts(T0 + 2 * HOUR), 2, 0)]
+    assert hours[0]["occupancy_max"] == 3 and hours[0]["occupancy_mean"] == pytest.approx(7 / 4)
+    zone = c.get("/api/stats/hourly", params={"camera": "cam-1", "zone": "door"}).json()["hours"]
+    assert [(h["zone"], h["entries"]) for h in zone] == [("door", 1)]
+    window = {"site": "lobby", "camera": "cam-1", "since": format_ts(T0), "until": format_ts(T0 + HOUR)}
+    assert [h["entries"] for h in c.get("/api/stats/hourly", params=window).json()["hours"]] == [3]
+
+    occ = c.get("/api/occupancy", params={"site": "lobby", "camera": "cam-1", "bucket": 600}).json()
+    assert occ["bucket_s"] == 600
+    assert [(o["t"], o["max"], o["samples"]) for o in occ["intervals"]] == [
+        (format_ts(T0), 3, 3), (format_ts(T0 + 600), 1, 1), (format_ts(T0 + HOUR + 3000), 0, 1)]
+
+    dwell = c.get("/api/dwell", params={"site": "lobby", "camera": "cam-1"}).json()
+    assert dwell["n"] == 4 and dwell["mean"] == pytest.approx((12 + 40 + 5 + 2820) / 4)
+    assert sum(b["n"] for b in dwell["histogram"]) == 4
+    assert 11 <= dwell["median"] <= 41 and dwell["p90"] > 1000
+
+    summary = c.get("/api/summary", params={"since": format_ts(T0), "until": format_ts(T0 + 3 * HOUR)}).json()
+    cam1 = next(x for x in summary["cameras"] if (x["site"], x["camera_id"]) == ("lobby", "cam-1"))
+    assert (cam1["entries"], cam1["exits"], cam1["peak_hour"]["hour"]) == (6, 4, format_ts(T0))
+
+
+def test_health_and_dashboard_are_served(client):
+    c, _ = client
+    assert c.get("/health").json()["status"] == "ok"
+    page = c.get("/")
+    assert page.status_code == 200 and "app.js" in page.text
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    assert c.get("/app.js").headers["content-type"].startswith(("text/javascript", "application/javascript"))
+    assert c.get("/api/dead-letters").json() == {"total": 0, "dead_letters": []}
+
+
+# ------------------------------------------------------------------------------------------ refusals
+@pytest.mark.parametrize("path, params", [
+    ("/api/events", {"limit": 0}),
+    ("/api/events", {"limit": 1001}),
+    ("/api/events", {"limit": "ten"}),
+    ("/api/events", {"offset": -1}),
+    ("/api/events", {"type": "person.teleport"}),
+    ("/api/events", {"site": "../etc"}),
+    ("/api/events", {"camera": "a/b"}),
+    ("/api/events", {"camera": "x" * 65}),
+    ("/api/events", {"since": "yesterday"}),
+    ("/api/events", {"since": "1e400"}),
+    ("/api/events", {"until": "2026-13-45T99:00:00Z"}),
+    ("/api/events", {"since": format_ts(T0 + 10), "until": format_ts(T0)}),
+    ("/api/stats/hourly", {"zone": "**"}),
+    ("/api/stats/hourly", {"since": "nan"}),
+    ("/api/occupancy", {"bucket": 0}),
+    ("/api/occupancy", {"bucket": 10**12}),
+    ("/api/dwell", {"until": "-"}),
+    ("/api/summary", {"since": "2026-01-01T00:00:00Z", "until": "2025-01-01T00:00:00Z"}),
+    ("/api/dead-letters", {"limit": -5}),
+])
+def test_bad_query_parameters_get_422(client, path, params):
+    c, _ = client
+    resp = c.get(path, params=params)
+    assert resp.status_code == 422, resp.text
+    assert resp.json()["detail"]
+
+
+@pytest.mark.parametrize("path", ["/api/cameras", "/api/events", "/api/stats/hourly", "/api/occupancy",
+                                  "/api/dwell", "/api/summary", "/api/dead-letters", "/health", "/", "/app.js"])
+def test_no_endpoint_writes(client, path):
+    c, events = client
+    for method in ("POST", "PUT", "DELETE", "PATCH"):
+        resp = c.request(method, path, json=events[0])
+        assert resp.status_code == 405, (method, path, resp.status_code)
+    assert len(c.get("/api/events", params={"limit": 1000}).json()["events"]) == len(events)
+
+
+# ------------------------------------------------------------------------------------------ token
+def test_token_required_accepted_and_refused(filled):
+    from cloud_sink.api import create_app
+
+    store, _ = filled
+    with TestClient(create_app(store, token="correct-horse-battery")) as c:
+        for path in ("/api/cameras", "/api/events", "/api/stats/hourly", "/api/dwell", "/api/dead-letters"):
+            missing = c.get(path)
+            assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer"
+            assert c.get(path, headers={"Authorization": "Bearer wrong-token"}).status_code == 401
+            assert c.get(path, headers={"Authorization": "Basic Y29ycmVjdC1ob3JzZS1iYXR0ZXJ5"}).status_code == 401
+            assert c.get(path, headers={"Authorization": "Bearer correct-horse-battery"}).status_code == 200
+        assert c.get("/api/events", params={"limit": 0}).status_code == 401, "no data or hints before auth"
+        assert c.get("/health").status_code == 200, "health stays open for load balancers"
+        assert c.get("/").status_code == 200, "the page itself holds no data"
+
+
+@pytest.mark.parametrize("host, token, ok", [
+    ("127.0.0.1", None, True), ("localhost", None, True), ("::1", None, True), ("127.0.0.2", None, True),
+    ("0.0.0.0", None, False), ("::", None, False), ("192.168.1.20", None, False), ("camera-sink.lan", None, False),
+    ("", None, False), ("0.0.0.0", "", False), ("0.0.0.0", "s3cret-token", True),
+])
+def test_check_bind_requires_a_token_off_loopback(host, token, ok):
+    from cloud_sink.api import InsecureBindError, check_bind
+
+    if ok:
+        check_bind(host, token)
+    else:
+        with pytest.raises(InsecureBindError, match="without a token"):
+            check_bind(host, token)

@@ -1,0 +1,203 @@
+"""The sink's review API: read-only FastAPI over the store and its rollups, plus the dashboard at ``/``.
+
+Nothing here writes: every route is GET, so POST/PUT/DELETE get 405. ``/api/*`` needs ``Authorization: Bearer
+<token>`` when a token is set, and :func:`check_bind` refuses to serve a non-loopback address without one (the
+data shows when people came and went). ``/health`` and the static dashboard files stay open: they hold no data.
+Query parameters are validated by FastAPI/pydantic (bad values → 422, never 500); a database that cannot be
+reached answers 503.
+
+    app = create_app(Store.open("sqlite:///smartcam.db"), token=os.environ.get(TOKEN_ENV))
+    check_bind("0.0.0.0", token)  # raises InsecureBindError without a token
+    uvicorn.run(app, host="0.0.0.0", port=8080)
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import logging
+from datetime import datetime, timezone
+from importlib import resources
+from typing import Annotated, Any, Literal
+
+import sqlalchemy as sa
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.staticfiles import StaticFiles
+
+from camera.contract import EVENT_TYPES
+from cloud_sink import rollups
+from cloud_sink.store import Store
+
+log = logging.getLogger(__name__)
+
+TOKEN_ENV = "SMARTCAM_API_TOKEN"
+MAX_LIMIT = 1000
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+ZONE_PATTERN = r"^(\*|[A-Za-z0-9][A-Za-z0-9_.-]{0,63})$"
+
+#: The dashboard loads nothing from elsewhere; this keeps it that way (and blocks injected inline script).
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+                               "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+}
+
+
+class InsecureBindError(ValueError):
+    """Serving the API beyond this machine without a token."""
+
+
+def is_loopback(host: str) -> bool:
+    """True for localhost / 127.0.0.0/8 / ::1; any other name or address counts as reachable from outside."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(host: str, token: str | None) -> None:
+    """Refuse to expose the API on a non-loopback address without a bearer token (call before serving)."""
+    if not token and not is_loopback(host):
+        raise InsecureBindError(
+            f"refusing to serve the API on {host} without a token: set {TOKEN_ENV} (or --token), "
+            "or bind 127.0.0.1")
+
+
+# ------------------------------------------------------------------------------------------ query parameters
+Site = Annotated[str | None, Query(pattern=NAME_PATTERN, description="site name")]
+Camera = Annotated[str | None, Query(pattern=NAME_PATTERN, description="camera id")]
+Zone = Annotated[str | None, Query(pattern=ZONE_PATTERN, description="zone name, '*' = every zone, "
+                                                                     "absent = the whole camera")]
+Since = Annotated[datetime | None, Query(description="RFC 3339 time or epoch seconds (inclusive)")]
+Until = Annotated[datetime | None, Query(description="RFC 3339 time or epoch seconds (exclusive)")]
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    """Naive times are UTC, like every time in the contract."""
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=timezone.utc)
+
+
+def _range(since: datetime | None, until: datetime | None) -> tuple[datetime | None, datetime | None]:
+    since, until = _utc(since), _utc(until)
+    if since is not None and until is not None and since >= until:
+        raise HTTPException(422, detail=[{"loc": ["query", "until"], "msg": "until must be after since",
+                                          "type": "value_error"}])
+    return since, until
+
+
+class BearerToken(HTTPBearer):
+    """``Authorization: Bearer <token>`` on every /api route when a token is set (constant-time compare)."""
+
+    def __init__(self, token: str | None) -> None:
+        super().__init__(auto_error=False, description="the sink's API token")
+        self.token = token
+
+    async def __call__(self, request: Request) -> None:  # type: ignore[override]
+        if self.token is None:
+            return
+        credentials: HTTPAuthorizationCredentials | None = await super().__call__(request)
+        given = credentials.credentials if credentials else ""
+        if not hmac.compare_digest(given.encode(), self.token.encode()):
+            raise HTTPException(401, detail="missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+
+def _static_dir() -> str:
+    return str(resources.files("cloud_sink").joinpath("static"))
+
+
+# ------------------------------------------------------------------------------------------ the app
+def create_app(store: Store, *, token: str | None = None) -> FastAPI:
+    """The read-only API and dashboard over ``store``; ``token`` (if set) is required on ``/api/*``."""
+    app = FastAPI(title="smartcam sink", version="1", docs_url=None, redoc_url=None,  # /docs would need a CDN
+                  description="Read-only review API: cameras, events, hourly rollups, occupancy, dwell.")
+    api = APIRouter(prefix="/api", dependencies=[Depends(BearerToken(token or None))])
+
+    @app.middleware("http")
+    async def headers(request: Request, call_next):
+        response = await call_next(request)
+        for name, value in SECURITY_HEADERS.items():
+            response.headers.setdefault(name, value)
+        if request.url.path.startswith("/api/"):
+            response.headers["Cache-Control"] = "no-store"
+        return response
+
+    @app.exception_handler(sa.exc.SQLAlchemyError)
+    async def database_down(_request: Request, exc: sa.exc.SQLAlchemyError) -> JSONResponse:
+        log.error("database error: %s", str(exc).splitlines()[0][:300])
+        return JSONResponse({"detail": "database unavailable"}, status_code=503)
+
+    @app.get("/health", tags=["health"])
+    def health() -> dict[str, Any]:
+        """Liveness for load balancers: the database answers. No data, no token."""
+        return {"status": "ok", "schema_version": store.schema_version()}
+
+    @api.get("/cameras")
+    def cameras(site: Site = None) -> dict[str, Any]:
+        """Every camera seen, with its health (state, last seen, fps, inference ms, events total)."""
+        rows = store.cameras()
+        return {"cameras": [c for c in rows if site is None or c["site"] == site]}
+
+    @api.get("/events")
+    def events(site: Site = None, camera: Camera = None,
+               type: Annotated[Literal[EVENT_TYPES] | None, Query(description="event type")] = None,  # type: ignore[valid-type]
+               zone: Annotated[str | None, Query(pattern=NAME_PATTERN)] = None,
+               since: Since = None, until: Until = None,
+               limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 100,
+               offset: Annotated[int, Query(ge=0, le=10**9)] = 0) -> dict[str, Any]:
+        """Stored events, newest first, with filters and limit/offset pagination (``next_offset`` when more)."""
+        since, until = _range(since, until)
+        rows = store.events(site=site, camera_id=camera, type=type, zone=zone, since=since, until=until,
+                            limit=limit + 1, offset=offset)
+        more = len(rows) > limit
+        return {"events": rows[:limit], "limit": limit, "offset": offset,
+                "next_offset": offset + limit if more else None}
+
+    @api.get("/stats/hourly")
+    def stats_hourly(site: Site = None, camera: Camera = None, zone: Zone = None, since: Since = None,
+                     until: Until = None) -> dict[str, Any]:
+        """Hourly rollups (entries, exits, unique tracks, occupancy, dwell mean), oldest first."""
+        since, until = _range(since, until)
+        return {"hours": rollups.hourly(store, since=since, until=until, site=site, camera_id=camera, zone=zone)}
+
+    @api.get("/occupancy")
+    def occupancy(site: Site = None, camera: Camera = None, zone: Zone = None, since: Since = None,
+                  until: Until = None,
+                  bucket: Annotated[int, Query(ge=1, le=86400, description="interval, seconds")] = 60,
+                  ) -> dict[str, Any]:
+        """People in view per interval: max and mean of the camera's ``count`` reports."""
+        since, until = _range(since, until)
+        rows = rollups.occupancy(store, since=since, until=until, site=site, camera_id=camera, zone=zone,
+                                 bucket_s=bucket)
+        return {"bucket_s": bucket, "intervals": rows}
+
+    @api.get("/dwell")
+    def dwell(site: Site = None, camera: Camera = None, zone: Zone = None, since: Since = None,
+              until: Until = None) -> dict[str, Any]:
+        """Dwell time distribution (n, mean, median, p90, histogram) from ``person.exit`` events."""
+        since, until = _range(since, until)
+        return rollups.dwell(store, since=since, until=until, site=site, camera_id=camera, zone=zone)
+
+    @api.get("/summary")
+    def summary(site: Site = None, camera: Camera = None, since: Since = None,
+                until: Until = None) -> dict[str, Any]:
+        """What ``smartcam-sink report --json`` prints: per camera totals, health, dwell, peak hour, zones, lines."""
+        since, until = _range(since, until)
+        return rollups.summary(store, since=since, until=until, site=site, camera_id=camera)
+
+    @api.get("/dead-letters")
+    def dead_letters(limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 50,
+                     offset: Annotated[int, Query(ge=0, le=10**9)] = 0) -> dict[str, Any]:
+        """Refused payloads, newest first, with the reason (payloads truncated to 4 KiB)."""
+        return {"total": store.dead_letter_count(), "dead_letters": store.dead_letters(limit=limit, offset=offset)}
+
+    app.include_router(api)
+    app.mount("/", StaticFiles(directory=_static_dir(), html=True), name="dashboard")
+    return app
