@@ -146,7 +146,7 @@ def _check_document(doc: Any, schema: str, site: str, camera_id: str, now: float
         raise _Reject("payload is not a JSON object")
     version = doc.get("schema_version")
     if version != SCHEMA_VERSION or isinstance(version, bool):
-        raise _Reject(f"unknown schema_version {str(version)[:20]!r} (this sink reads {SCHEMA_VERSION})")
+        raise _Reject(f"unknown schema_version {json.dumps(version)[:20]} (this sink reads {SCHEMA_VERSION})")
     errors = schema_errors(doc, schema)
     if errors:
         raise _Reject("schema: " + "; ".join(errors[:3]))

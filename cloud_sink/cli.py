@@ -1,0 +1,160 @@
+"""``smartcam-sink run | report``: the cloud sink's command line.
+
+``run`` subscribes to the edge's topics and stores events exactly once (optionally serving the read-only API and
+dashboard, and archiving new events); ``report`` prints the analytics. Bad options or an unreachable/unwritable
+database give a one-line error and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from typing import Any
+
+log = logging.getLogger("smartcam.sink")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="smartcam-sink", description="smartcam cloud sink: ingest events, report.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="subscribe to the cameras' MQTT topics and store their events",
+                         description="Ingest: MQTT 5 persistent session, validate, store exactly once, ack after "
+                                     "commit. Options override --config.")
+    run.add_argument("--config", help="YAML file with these options (see samples/sink.yaml)")
+    run.add_argument("--broker", help="mqtt://[user@]host[:port] or mqtts://... (default mqtt://127.0.0.1:1883)")
+    run.add_argument("--db", help="sqlite:///path.db (default sqlite:///smartcam.db) or postgresql://user@host/db")
+    run.add_argument("--http", metavar="HOST:PORT", help="serve the read-only API and dashboard, e.g. 127.0.0.1:8080")
+    run.add_argument("--http-token", help="API bearer token (required off-loopback; or $SMARTCAM_API_TOKEN)")
+    run.add_argument("--archive", help="archive new events as JSON Lines to a directory or s3://bucket/prefix")
+    run.add_argument("--share-group", help="MQTT 5 shared subscription group: workers in a group split the load")
+    run.add_argument("--client-id", help="fixed MQTT client id (default smartcam-sink); one per worker")
+    run.add_argument("--tls-ca", help="CA file that signed the broker's certificate (mqtts://)")
+    run.add_argument("--username", help="MQTT user (password in the URL or $SMARTCAM_MQTT_PASSWORD)")
+    run.add_argument("--session-expiry", type=int, dest="session_expiry_s",
+                     help="seconds the broker keeps our queued messages while we are down (default 7 days)")
+    run.add_argument("--batch-size", type=int, help="messages per commit (default 500)")
+    run.add_argument("--batch-wait-ms", type=float, help="longest wait to fill a batch (default 50)")
+    run.add_argument("--max-past-days", type=float, help="reject events older than this (default 400)")
+    run.add_argument("--log-every", type=float, dest="log_every_s", help="seconds between count logs (default 10)")
+
+    report = sub.add_parser("report", help="print entries, exits, occupancy, dwell, peak hour per camera",
+                            description="Analytics from the hourly rollups, as tables or JSON.")
+    report.add_argument("--db", required=True, help="sqlite:///path.db or postgresql://user@host/db")
+    report.add_argument("--since", default="24h", help="window start: 24h, 7d, 30m ago or a timestamp (default 24h)")
+    report.add_argument("--until", help="window end (default now)")
+    report.add_argument("--camera", help="only this camera id")
+    report.add_argument("--site", help="only this site")
+    report.add_argument("--json", action="store_true", help="machine-readable JSON instead of tables")
+    return parser
+
+
+def _open_store(url: str):
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from cloud_sink.store import Store
+
+    try:
+        return Store.open(url)
+    except ValueError:
+        raise
+    except SQLAlchemyError as exc:
+        orig = getattr(exc, "orig", None) or exc
+        raise ValueError(f"cannot open database {url.split('@')[-1]}: {str(orig).splitlines()[0]}") from None
+
+
+def _start_http(store: Any, host: str, port: int, token: str | None) -> tuple[Any, threading.Thread]:
+    import uvicorn
+
+    from cloud_sink import api
+
+    check = getattr(api, "check_bind", None)
+    if check is not None:
+        check(host, token)
+    app = api.create_app(store, token=token)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, name="http", daemon=True)
+    thread.start()
+    log.info("API and dashboard on http://%s:%d/", host, port)
+    return server, thread
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from camera.broker import BrokerSettings
+    from cloud_sink.config import load_config
+    from cloud_sink.ingest import Ingestor, Subscriber
+
+    overrides = {k: getattr(args, k, None) for k in (
+        "broker", "db", "http", "http_token", "archive", "share_group", "client_id", "tls_ca", "username",
+        "session_expiry_s", "batch_size", "batch_wait_ms", "max_past_days", "log_every_s")}
+    cfg = load_config(args.config, overrides)
+    settings = BrokerSettings.from_url(cfg.broker, ca_file=cfg.tls_ca, username=cfg.username)
+    http = cfg.http_address()
+    token = cfg.http_token or os.environ.get("SMARTCAM_API_TOKEN")
+    store = _open_store(cfg.db)
+    archive = None
+    if cfg.archive:
+        from cloud_sink.archive import open_archive
+
+        try:
+            archive = open_archive(cfg.archive)
+        except Exception as exc:  # bucket missing, bad credentials, unwritable directory
+            raise ValueError(f"archive {cfg.archive}: {exc}") from None
+    server = None
+    if http:
+        server, _ = _start_http(store, http[0], http[1], token)
+    subscriber = Subscriber(Ingestor(store, limits=cfg.limits(), archive=archive), settings,
+                            client_id=cfg.client_id, share_group=cfg.share_group,
+                            session_expiry_s=cfg.session_expiry_s, batch_size=cfg.batch_size,
+                            batch_wait_s=cfg.batch_wait_ms / 1000.0, log_every_s=cfg.log_every_s)
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        log.info("%s: finishing the current batch and stopping", signal.Signals(signum).name)
+        subscriber.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    log.info("sink %s: broker %s, db %s%s", cfg.client_id, settings.redacted(), cfg.db.split("@")[-1],
+             f", share group {cfg.share_group}" if cfg.share_group else "")
+    subscriber.start()
+    subscriber.run()
+    if server is not None:
+        server.should_exit = True
+    store.close()
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from cloud_sink import report
+
+    since = report.parse_since(args.since)
+    until = report.parse_since(args.until) if args.until else None
+    store = _open_store(args.db)
+    try:
+        data = report.build(store, since=since, until=until, site=args.site, camera_id=args.camera)
+    finally:
+        store.close()
+    print(report.to_json(data) if args.json else report.render(data))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        logging.getLogger("paho").setLevel(logging.WARNING)
+    try:
+        return cmd_run(args) if args.command == "run" else cmd_report(args)
+    except (ValueError, OSError) as exc:  # ConfigError, bad URL, unreadable file, database unavailable
+        print(f"smartcam-sink: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,279 @@
+"""MQTT → validate → store, with nothing acknowledged to the broker before its batch is committed.
+
+Two layers so each can be tested alone:
+
+- :class:`Ingestor` takes a batch of ``(topic, payload)`` pairs, classifies each (``validation.check_message``),
+  writes events, dead letters, status and stats in ONE transaction and returns what happened. No MQTT here.
+- :class:`Subscriber` owns the paho-mqtt 2 client: MQTT 5, fixed client id, ``clean_start=False`` and a session
+  expiry so the broker queues QoS 1 messages while the sink is down; ``manual_ack=True`` so a PUBACK is only sent
+  after the commit (a SIGKILL before it means the broker redelivers; the idempotent insert drops the copy).
+  Batches close at ``batch_size`` messages, ``batch_wait`` seconds, or a short idle gap.
+
+>>> from cloud_sink.store import Store
+>>> ing = Ingestor(Store.open("sqlite:///:memory:"))
+>>> ing.handle([("smartcam/lobby/cam-1/events", b"not json")]).dead
+1
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from cloud_sink.store import Batch, Store
+from cloud_sink.validation import Limits, check_message
+
+log = logging.getLogger(__name__)
+
+SUBSCRIPTIONS = (
+    "smartcam/+/+/events",
+    "smartcam/+/+/count",
+    "smartcam/+/+/status",
+    "smartcam/+/+/stats",
+    "smartcam/+/+/zones/+/count",
+    "smartcam/+/+/lines/+/totals",
+)
+
+
+@dataclass
+class BatchResult:
+    """What one batch did. ``new_events`` are the events stored for the first time."""
+
+    received: int = 0
+    stored: int = 0
+    duplicates: int = 0
+    dead: int = 0
+    status: int = 0
+    stats: int = 0
+    new_events: list[dict[str, Any]] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Totals:
+    """Running counters since start (logged periodically)."""
+
+    received: int = 0
+    stored: int = 0
+    duplicates: int = 0
+    dead: int = 0
+    batches: int = 0
+    archive_errors: int = 0
+
+    def add(self, result: BatchResult) -> None:
+        self.received += result.received
+        self.stored += result.stored
+        self.duplicates += result.duplicates
+        self.dead += result.dead
+        self.batches += 1
+
+
+class Ingestor:
+    """Classify and store batches of raw messages; never raises on bad input (only on storage failure)."""
+
+    def __init__(self, store: Store, *, limits: Limits | None = None, archive: Any = None):
+        self.store = store
+        self.limits = limits or Limits()
+        self.archive = archive
+        self.totals = Totals()
+
+    def handle(self, messages: Iterable[tuple[str, bytes]], *, now: float | None = None) -> BatchResult:
+        """Validate and commit one batch; then hand the new events to the archive (if any)."""
+        now = time.time() if now is None else now
+        batch = Batch()
+        result = BatchResult()
+        n_events = 0
+        for topic, payload in messages:
+            result.received += 1
+            checked = check_message(topic, payload, now=now, limits=self.limits)
+            if checked.kind == "event":
+                batch.events.append(checked.value)
+                n_events += 1
+            elif checked.kind == "status":
+                batch.statuses.append((checked.site, checked.camera_id, checked.value))
+                result.status += 1
+            elif checked.kind == "stats":
+                batch.stats.append((checked.site, checked.camera_id, checked.value))
+                result.stats += 1
+            else:
+                batch.dead_letters.append({"topic": checked.topic, "reason": checked.reason, "payload": payload,
+                                           "received_at": now})
+                result.reasons.append(checked.reason or "")
+                result.dead += 1
+        result.new_events = self.store.write_batch(batch, received_at=now)
+        result.stored = len(result.new_events)
+        result.duplicates = n_events - result.stored
+        self.totals.add(result)
+        if self.archive is not None and result.new_events:
+            try:
+                self.archive.write(result.new_events)
+            except Exception as exc:  # the database is the record; the archive is a copy (logged, counted)
+                self.totals.archive_errors += 1
+                log.error("archive write failed for %d events: %s", len(result.new_events), exc)
+        return result
+
+
+@dataclass
+class _Message:
+    topic: str
+    payload: bytes
+    mid: int
+    qos: int
+    generation: int
+
+
+class Subscriber:
+    """The sink's MQTT client: persistent session, shared subscription option, batch → commit → ack."""
+
+    def __init__(self, ingestor: Ingestor, settings: Any, *, client_id: str = "smartcam-sink",
+                 share_group: str | None = None, session_expiry_s: int = 7 * 86400, batch_size: int = 500,
+                 batch_wait_s: float = 0.05, idle_gap_s: float = 0.01, log_every_s: float = 10.0):
+        self.ingestor = ingestor
+        self.settings = settings
+        self.client_id = client_id
+        self.share_group = share_group
+        self.session_expiry_s = session_expiry_s
+        self.batch_size = batch_size
+        self.batch_wait_s = batch_wait_s
+        self.idle_gap_s = idle_gap_s
+        self.log_every_s = log_every_s
+        self.connected = threading.Event()
+        self.stop_event = threading.Event()
+        self._queue: queue.Queue[_Message] = queue.Queue()
+        self._lock = threading.Lock()  # guards _generation vs. acks
+        self._generation = 0
+        self._client: Any = None
+
+    # ----------------------------------------------------------------------------------------- MQTT callbacks
+    def topics(self) -> list[str]:
+        prefix = f"$share/{self.share_group}/" if self.share_group else ""
+        return [prefix + t for t in SUBSCRIPTIONS]
+
+    def _on_connect(self, client: Any, _userdata: Any, flags: Any, reason_code: Any, _props: Any) -> None:
+        from paho.mqtt.subscribeoptions import SubscribeOptions
+
+        if reason_code.is_failure:
+            log.error("broker refused connection: %s", reason_code)
+            return
+        with self._lock:
+            self._generation += 1
+        log.info("connected to %s as %s (session present: %s)", self.settings.redacted(), self.client_id,
+                 flags.session_present)
+        client.subscribe([(t, SubscribeOptions(qos=1)) for t in self.topics()])
+        self.connected.set()
+
+    def _on_disconnect(self, _client: Any, _userdata: Any, _flags: Any, reason_code: Any, _props: Any) -> None:
+        with self._lock:
+            self._generation += 1  # message ids of the old connection must never be acked on the new one
+        self.connected.clear()
+        if not self.stop_event.is_set():
+            log.warning("disconnected from broker (%s); reconnecting", reason_code)
+
+    def _on_message(self, _client: Any, _userdata: Any, msg: Any) -> None:
+        self._queue.put(_Message(msg.topic, bytes(msg.payload), msg.mid, msg.qos, self._generation))
+
+    # ----------------------------------------------------------------------------------------- loop
+    def start(self) -> None:
+        """Connect (non-blocking; paho retries in its network thread)."""
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        from camera.broker import make_client
+
+        client = make_client(self.settings, self.client_id, mqtt5=True, manual_ack=True)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.reconnect_delay_set(min_delay=1, max_delay=10)
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = self.session_expiry_s
+        props.ReceiveMaximum = min(65535, max(self.batch_size * 2, 20))
+        client.connect_async(self.settings.host, self.settings.port, keepalive=self.settings.keepalive,
+                             clean_start=False, properties=props)
+        client.loop_start()
+        self._client = client
+
+    def _collect(self) -> list[_Message]:
+        try:
+            first = self._queue.get(timeout=0.2)
+        except queue.Empty:
+            return []
+        batch = [first]
+        deadline = time.monotonic() + self.batch_wait_s
+        while len(batch) < self.batch_size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                batch.append(self._queue.get(timeout=min(remaining, self.idle_gap_s)))
+            except queue.Empty:
+                break
+        return batch
+
+    def _commit(self, batch: list[_Message]) -> bool:
+        """Store the batch, retrying while the database is unavailable; True once committed."""
+        delay = 0.5
+        while True:
+            try:
+                self.ingestor.handle([(m.topic, m.payload) for m in batch])
+                return True
+            except Exception as exc:  # storage down / disk full: keep the batch unacked and retry
+                log.error("storing a batch of %d failed (nothing acknowledged): %s", len(batch), str(exc)[:300])
+                if self.stop_event.wait(delay):
+                    return False
+                delay = min(delay * 2, 10.0)
+
+    def _ack(self, batch: list[_Message]) -> None:
+        with self._lock:
+            for m in batch:
+                if m.qos and m.generation == self._generation:
+                    self._client.ack(m.mid, m.qos)
+
+    def run(self) -> None:
+        """Block until :meth:`stop`; then drain what was received, ack it and disconnect cleanly."""
+        if self._client is None:
+            self.start()
+        last_log = time.monotonic()
+        logged = 0
+        while True:
+            stopping = self.stop_event.is_set()
+            batch = self._collect() if not stopping else self._drain()
+            if batch:
+                if not self._commit(batch):
+                    break
+                self._ack(batch)
+            elif stopping:
+                break
+            if time.monotonic() - last_log >= self.log_every_s:
+                t = self.ingestor.totals
+                rate = (t.received - logged) / (time.monotonic() - last_log)
+                log.info("received %d (%.0f/s), stored %d, duplicates %d, dead letters %d, batches %d",
+                         t.received, rate, t.stored, t.duplicates, t.dead, t.batches)
+                last_log, logged = time.monotonic(), t.received
+        self._close()
+
+    def _drain(self) -> list[_Message]:
+        batch: list[_Message] = []
+        while len(batch) < self.batch_size:
+            try:
+                batch.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        return batch
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def _close(self) -> None:
+        if self._client is not None:
+            self._client.disconnect()  # reason 0: the session (and its queued messages) persists
+            self._client.loop_stop()
+            self._client = None
+        t = self.ingestor.totals
+        log.info("stopped: received %d, stored %d, duplicates %d, dead letters %d", t.received, t.stored,
+                 t.duplicates, t.dead)

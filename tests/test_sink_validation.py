@@ -1,0 +1,147 @@
+"""Validation: every rejection rule of the sink, and the fast schema path agreeing with jsonschema."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from camera.contract import format_ts, validation_errors
+from cloud_sink.validation import Limits, check_message, schema_errors
+from tests.test_sink_store import T0, make_event
+
+NOW = T0 + 60
+TOPIC = "smartcam/lobby/cam-1/events"
+
+
+def check(topic: str, payload: bytes | dict, **kw):
+    raw = json.dumps(payload).encode() if isinstance(payload, dict) else payload
+    return check_message(topic, raw, now=NOW, **kw)
+
+
+def stats_doc(**fields) -> dict:
+    doc = {"schema_version": 1, "ts": format_ts(T0), "site": "lobby", "camera_id": "cam-1", "input_fps": 25.0,
+           "processed_fps": 12.0, "inference_ms_p50": 30.0, "inference_ms_p95": 41.0, "frames_in": 10,
+           "frames_processed": 5, "motion_skipped": 5, "dropped_frames": 0, "outbox_depth": 0, "outbox_dropped": 0,
+           "cpu_percent": 50.0, "source_state": "connected"}
+    doc.update(fields)
+    return doc
+
+
+@pytest.mark.parametrize("type_", ["person.enter", "person.exit", "count", "zone.enter", "zone.exit", "line.cross",
+                                   "loiter"])
+def test_every_valid_event_type_is_accepted(type_):
+    ev = make_event(type_)
+    result = check(TOPIC, ev)
+    assert (result.kind, result.reason, result.value) == ("event", None, ev)
+    assert (result.site, result.camera_id) == ("lobby", "cam-1")
+
+
+def test_retained_leaves_are_events_when_they_match():
+    assert check("smartcam/lobby/cam-1/count", make_event("count")).kind == "event"
+    assert check("smartcam/lobby/cam-1/zones/door/count", make_event("count", zone="door")).kind == "event"
+    assert check("smartcam/lobby/cam-1/lines/gate/totals", make_event("line.cross", line="gate")).kind == "event"
+
+
+def test_status_and_stats():
+    assert (check("smartcam/lobby/cam-1/status", b"offline").kind, check("smartcam/lobby/cam-1/status",
+                                                                         b"online").value) == ("status", "online")
+    assert check("smartcam/lobby/cam-1/status", b"rebooting").kind == "dead"
+    assert check("smartcam/lobby/cam-1/stats", stats_doc()).kind == "stats"
+    assert "schema" in check("smartcam/lobby/cam-1/stats", stats_doc(cpu_percent=-1)).reason
+
+
+@pytest.mark.parametrize(("topic", "payload", "reason"), [
+    ("other/lobby/cam-1/events", None, "topic is not"),
+    ("smartcam/lobby/cam-1/video", None, "unknown topic leaf"),
+    (TOPIC, b"\xff\xfe{}", "not UTF-8"),
+    (TOPIC, b"{nope", "invalid JSON"),
+    (TOPIC, b'{"schema_version": 1, "count": NaN}', "NaN/Infinity"),
+    (TOPIC, b'{"schema_version": 1, "count": Infinity}', "NaN/Infinity"),
+    (TOPIC, b'{"schema_version": 1, "schema_version": 1}', "duplicate key"),
+    (TOPIC, b"[" * 40 + b"]" * 40, "nested deeper"),
+    (TOPIC, b"[" * 100000 + b"]" * 100000, "exceeds"),
+    (TOPIC, b'"just a string"', "not a JSON object"),
+    (TOPIC, b"{}", "unknown schema_version"),
+])
+def test_malformed_payloads_are_rejected_with_a_reason(topic, payload, reason):
+    result = check(topic, payload if payload is not None else json.dumps(make_event()).encode())
+    assert result.kind == "dead" and reason in result.reason and result.value is None
+
+
+def test_deep_nesting_within_the_size_limit_does_not_blow_the_stack():
+    deep = b"[" * 30000 + b"]" * 30000
+    assert "nested deeper" in check(TOPIC, deep).reason
+
+
+def test_unknown_schema_version_is_rejected_before_schema_checks():
+    assert "unknown schema_version 2" in check(TOPIC, make_event() | {"schema_version": 2}).reason
+    assert "unknown schema_version" in check(TOPIC, make_event() | {"schema_version": True}).reason
+
+
+def test_topic_must_match_payload_site_and_camera():
+    assert "differ from topic" in check("smartcam/lobby/cam-2/events", make_event()).reason
+    assert "differ from topic" in check("smartcam/other/cam-1/events", make_event()).reason
+
+
+def test_retained_leaf_must_match_its_content():
+    assert "count topic" in check("smartcam/lobby/cam-1/count", make_event()).reason
+    assert "zone count topic" in check("smartcam/lobby/cam-1/zones/exit/count",
+                                       make_event("count", zone="door")).reason
+    assert "line totals topic" in check("smartcam/lobby/cam-1/lines/x/totals", make_event("line.cross")).reason
+
+
+def test_timestamps_far_in_the_future_or_past_are_rejected():
+    assert "future" in check(TOPIC, make_event(ts=NOW + 3700)).reason
+    assert check(TOPIC, make_event(ts=NOW + 3500)).kind == "event"
+    assert "past" in check(TOPIC, make_event(ts=NOW - 401 * 86400)).reason
+    assert "past" in check(TOPIC, make_event(ts=NOW - 3 * 86400), limits=Limits(max_past_s=86400)).reason
+    assert "first_seen" in check(TOPIC, make_event("person.exit", first_seen=format_ts(NOW - 500 * 86400))).reason
+    assert "not a valid timestamp" in check(TOPIC, make_event() | {"ts": "2026-13-45T99:00:00.000Z"}).reason
+
+
+def test_schema_violations_name_the_field():
+    reason = check(TOPIC, make_event("person.exit") | {"dwell_s": -3}).reason
+    assert reason.startswith("schema:") and "dwell_s" in reason
+    assert "track_id" in check(TOPIC, {k: v for k, v in make_event().items() if k != "track_id"}).reason
+
+
+def test_size_limit_is_configurable():
+    payload = json.dumps(make_event()).encode()
+    assert "exceeds 100" in check_message(TOPIC, payload, now=NOW, limits=Limits(max_bytes=100)).reason
+
+
+def test_never_raises_on_non_bytes_or_odd_topics():
+    assert check_message(TOPIC, None, now=NOW).kind == "dead"  # type: ignore[arg-type]
+    assert check_message(None, b"x", now=NOW).kind == "dead"  # type: ignore[arg-type]
+    assert check_message("smartcam/a/b/zones/z/count/extra", b"{}", now=NOW).kind == "dead"
+
+
+# -------------------------------------------------------------------------------- fast path == jsonschema
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**60, 2**60) | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4),
+    max_leaves=10)
+
+
+@st.composite
+def mutated_events(draw):
+    """A valid event with one field replaced, removed or added — the hard cases for a validator."""
+    ev = make_event(draw(st.sampled_from(["person.enter", "person.exit", "count", "zone.exit", "line.cross"])))
+    key = draw(st.sampled_from(sorted(ev) + ["extra", "zone", "line", "totals", "box"]))
+    action = draw(st.sampled_from(["replace", "delete", "replace"]))
+    if action == "delete":
+        ev.pop(key, None)
+    else:
+        ev[key] = draw(_json | st.sampled_from([True, 1.0, -1, 0, 1, "a" * 65, [0, 0, 1, 1], {"in": 1, "out": 2}]))
+    return ev
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(mutated_events())
+def test_fast_schema_path_agrees_with_jsonschema(doc):
+    assert (schema_errors(doc) == []) == (validation_errors(doc) == [])
