@@ -1,0 +1,157 @@
+"""``smartcam-model build``: weights → fp32 ONNX at imgsz → (optional person-only head) → calibrated INT8 QDQ
+ONNX + manifest, with the measured accuracy/latency of both recorded in the manifest.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import cv2
+import onnx
+from tqdm import tqdm
+
+from models.calibration import sample_frames
+from models.evaluate import evaluate_accuracy, load_labels, measure_latency
+from models.export import fp32_model
+from models.head import model_names, slim_classes
+from models.manifest import build_manifest, write_manifest
+from models.quantize import QuantSettings, quantize_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BuildResult:
+    model_path: Path
+    manifest: dict
+    fp32_path: Path | None
+
+
+def default_out(
+    weights: str | os.PathLike, imgsz: tuple[int, int], keep_classes: Sequence[str] | None
+) -> Path:
+    """``models/<weights stem>[-person]-<imgsz>-int8.onnx`` in the current directory."""
+    size = str(imgsz[0]) if imgsz[0] == imgsz[1] else f"{imgsz[0]}x{imgsz[1]}"
+    tag = "-" + "-".join(keep_classes) if keep_classes else ""
+    return Path("models") / f"{Path(weights).stem}{tag}-{size}-int8.onnx"
+
+
+def _measure(
+    int8_path: Path, fp32_path: Path, labels_path: str | None, frames, latency_runs: int, show: bool
+) -> tuple[dict, dict]:
+    """Accuracy (if labels) and latency of the INT8 model and its fp32 reference, measured in one run."""
+    int8_res: dict = {}
+    fp32_res: dict = {}
+    probe = frames[0]
+    if labels_path:
+        labels = load_labels(labels_path)
+        for path, res in ((int8_path, int8_res), (fp32_path, fp32_res)):
+            with tqdm(total=len(labels), desc=f"eval {path.stem}", disable=not show, leave=False) as bar:
+                s = evaluate_accuracy(path, labels, progress=bar)
+            res["persons_eval"] = {
+                "labels": str(labels_path),
+                "ap50": round(s.ap50, 4),
+                "ap50_95": round(s.ap50_95, 4),
+                f"precision@{s.conf}": round(s.precision, 4),
+                f"recall@{s.conf}": round(s.recall, 4),
+            }
+        probe = cv2.imread(str(labels[0].path))
+    if latency_runs > 0:
+        threads = sorted({1, os.cpu_count() or 1})
+        with tqdm(total=latency_runs * len(threads), desc="latency", disable=not show, leave=False) as bar:
+            lat = measure_latency([int8_path, fp32_path], probe, threads, runs=latency_runs, progress=bar)
+        int8_res["latency_ms"] = {str(n): round(v, 2) for n, v in lat[str(int8_path)].items()}
+        fp32_res["latency_ms"] = {str(n): round(v, 2) for n, v in lat[str(fp32_path)].items()}
+        int8_res["speedup_vs_fp32"] = {
+            str(n): round(lat[str(fp32_path)][n] / lat[str(int8_path)][n], 3) for n in threads
+        }
+        int8_res["latency_note"] = (
+            "median ms of detect() (preprocess+inference+decode), per intra-op thread count"
+        )
+    return int8_res, fp32_res
+
+
+def build_model(
+    weights: str | os.PathLike,
+    imgsz: tuple[int, int],
+    calib: Sequence[str | os.PathLike],
+    out: str | os.PathLike | None = None,
+    *,
+    calib_frames: int = 128,
+    settings: QuantSettings | None = None,
+    keep_classes: Sequence[str] | None = None,
+    fp32_out: str | os.PathLike | None = None,
+    labels: str | None = None,
+    latency_runs: int = 10,
+    progress: bool = True,
+) -> BuildResult:
+    """Build an INT8 model (and optionally keep its fp32 twin); returns paths and the manifest written."""
+    settings = settings or QuantSettings()
+    out_path = Path(out) if out else default_out(weights, imgsz, keep_classes)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with (
+        tempfile.TemporaryDirectory(prefix="smartcam-build-") as tmp,
+        tqdm(total=4, desc="build", disable=not progress, unit="step") as steps,
+    ):
+        steps.set_postfix_str("fp32 export")
+        fp32 = fp32_model(weights, imgsz, Path(tmp) / "export")
+        if keep_classes:
+            fp32 = slim_classes(fp32, keep_classes)
+        names = model_names(fp32)
+        fp32_path = Path(fp32_out) if fp32_out else Path(tmp) / f"{out_path.stem}-fp32.onnx"
+        fp32_path.parent.mkdir(parents=True, exist_ok=True)
+        onnx.save(fp32, fp32_path)
+        steps.update(1)
+
+        steps.set_postfix_str("calibration frames")
+        sampled = sample_frames(calib, calib_frames, imgsz)
+        frames = [image for _, image in sampled]
+        steps.update(1)
+
+        steps.set_postfix_str("calibrate + quantize")
+        with tqdm(
+            total=len(frames), desc="calibrate", disable=not progress, leave=False, unit="frame"
+        ) as bar:
+            quantize_model(fp32, frames, imgsz, out_path, settings, progress=bar)
+        steps.update(1)
+
+        steps.set_postfix_str("measure")
+        int8_res, fp32_res = _measure(out_path, fp32_path, labels, frames, latency_runs, progress)
+        steps.update(1)
+
+        calibration = {
+            "sources": [str(c) for c in calib],
+            "frames": len(sampled),
+            "frame_refs": [ref.as_dict() for ref, _ in sampled],
+            "preprocess": "camera.detector.preprocess (letterbox 114, RGB, 0..1)",
+        }
+        quant = {**settings.as_dict(), "excluded_node_names": settings.excluded_nodes}
+        manifest = build_manifest(
+            model_path=out_path,
+            weights=str(weights),
+            imgsz=imgsz,
+            names=names,
+            precision="int8",
+            quantization=quant,
+            calibration=calibration,
+            results={**int8_res, "fp32_reference": fp32_res} if fp32_res else int8_res,
+        )
+        manifest["head"] = "slim: " + ",".join(keep_classes) if keep_classes else "all classes"
+        write_manifest(out_path, manifest)
+        if fp32_out:
+            fp32_manifest = build_manifest(
+                model_path=fp32_path,
+                weights=str(weights),
+                imgsz=imgsz,
+                names=names,
+                precision="fp32",
+                results=fp32_res,
+            )
+            write_manifest(fp32_path, fp32_manifest)
+    log.info("wrote %s (%s)", out_path, asdict(settings)["method"])
+    return BuildResult(out_path, manifest, Path(fp32_out) if fp32_out else None)

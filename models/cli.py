@@ -1,0 +1,209 @@
+"""``smartcam-model build | eval``: build a calibrated INT8 edge model, or score models side by side."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import cv2
+from tqdm import tqdm
+
+from camera.detector import ModelError
+from models.calibration import CalibrationError
+from models.evaluate import evaluate_accuracy, load_labels, measure_latency
+from models.quantize import METHODS, TYPES, QuantSettings
+
+log = logging.getLogger("smartcam.model")
+
+SHARED = Path(os.environ.get("SMARTCAM_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
+DEFAULT_LABELS = SHARED / "data" / "persons-eval" / "labels.json"
+
+
+def parse_imgsz(text: str) -> tuple[int, int]:
+    """``320`` or ``384x640`` (h x w)."""
+    try:
+        parts = [int(p) for p in text.lower().split("x")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad --imgsz {text!r}: use e.g. 320 or 384x640") from None
+    if len(parts) == 1:
+        parts *= 2
+    if len(parts) != 2 or min(parts) < 32 or parts[0] % 32 or parts[1] % 32:
+        raise argparse.ArgumentTypeError(f"bad --imgsz {text!r}: sides must be multiples of 32")
+    return (parts[0], parts[1])
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="smartcam-model", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser(
+        "build",
+        help="weights -> calibrated INT8 ONNX + manifest",
+        description="Export/resize the weights to fp32 ONNX at --imgsz, calibrate on frames sampled evenly across "
+        "--calib, quantize to INT8 QDQ (decode head kept in float) and write NAME.onnx + NAME.json.",
+    )
+    b.add_argument(
+        "--weights", required=True, help="Ultralytics .pt (needs smartcam[ultralytics]) or fp32 .onnx"
+    )
+    b.add_argument("--imgsz", type=parse_imgsz, default=(640, 640), help="input size: 320, 480, 640 or HxW")
+    b.add_argument("--calib", nargs="+", required=True, help="videos, images or folders to calibrate on")
+    b.add_argument("--calib-frames", type=int, default=128, help="frames sampled across all --calib sources")
+    b.add_argument("--out", help="output .onnx (default models/<weights>-<imgsz>-int8.onnx)")
+    b.add_argument("--method", choices=sorted(METHODS), default="minmax", help="calibration method")
+    b.add_argument("--types", choices=sorted(TYPES), default="u8s8", help="activation/weight int types")
+    b.add_argument("--no-per-channel", action="store_true", help="per-tensor weight scales")
+    b.add_argument(
+        "--float-head-convs", action="store_true", help="keep the head's last convolutions in float"
+    )
+    b.add_argument(
+        "--keep-classes", nargs="+", metavar="NAME", help="slim the head to these classes (e.g. person)"
+    )
+    b.add_argument("--fp32-out", help="also write the fp32 ONNX at this size (+ manifest) here")
+    b.add_argument("--labels", help=f"labels.json to measure AP on (default {DEFAULT_LABELS} if present)")
+    b.add_argument("--no-eval", action="store_true", help="skip accuracy measurement")
+    b.add_argument(
+        "--latency-runs", type=int, default=10, help="timed runs per model for the manifest (0: skip)"
+    )
+    b.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    e = sub.add_parser(
+        "eval",
+        help="person AP50/AP50-95, precision/recall and latency of one or more models",
+        description="Scores models on labeled images (visibility<0.25 and ignore regions neutral) and times them "
+        "(median of repeated runs, interleaved across models) at 1 thread and all threads.",
+    )
+    e.add_argument("--model", action="append", required=True, help="ONNX model (repeat to compare)")
+    e.add_argument("--labels", default=str(DEFAULT_LABELS), help="labels.json (persons-eval format)")
+    e.add_argument("--conf", type=float, default=0.25, help="edge operating threshold for precision/recall")
+    e.add_argument("--iou", type=float, default=0.45, help="NMS IoU (the edge's)")
+    e.add_argument("--runs", type=int, default=20, help="timed runs per model and thread count (0: skip)")
+    e.add_argument("--threads", type=int, nargs="+", help="thread counts to time (default: 1 and all cores)")
+    e.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    e.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    from models.build import build_model  # onnx/quantization imports only for this command
+
+    labels = None
+    if not args.no_eval:
+        labels = args.labels or (str(DEFAULT_LABELS) if DEFAULT_LABELS.is_file() else None)
+    settings = QuantSettings(
+        method=args.method,
+        types=args.types,
+        per_channel=not args.no_per_channel,
+        float_head_convs=args.float_head_convs,
+    )
+    result = build_model(
+        args.weights,
+        args.imgsz,
+        args.calib,
+        args.out,
+        calib_frames=args.calib_frames,
+        settings=settings,
+        keep_classes=args.keep_classes,
+        fp32_out=args.fp32_out,
+        labels=labels,
+        latency_runs=args.latency_runs,
+        progress=not args.quiet,
+    )
+    res = result.manifest["results"]
+    print(f"wrote {result.model_path} and {result.model_path.with_suffix('.json')}")
+    if "persons_eval" in res:
+        ref = res.get("fp32_reference", {}).get("persons_eval", {})
+        print(
+            f"person AP50 int8 {res['persons_eval']['ap50']:.4f} vs fp32 {ref.get('ap50', float('nan')):.4f}"
+        )
+    if "speedup_vs_fp32" in res:
+        print(
+            "speed-up vs fp32 (threads: x): "
+            + ", ".join(f"{k}: {v}" for k, v in res["speedup_vs_fp32"].items())
+        )
+    return 0
+
+
+def _table(rows: list[dict], threads: list[int]) -> str:
+    head = ["model", "imgsz", "AP50", "AP50-95", "P@conf", "R@conf"] + [f"ms {n}T" for n in threads] + ["MB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [
+            r["model"],
+            "x".join(str(v) for v in r["imgsz"]),
+            f"{r['ap50']:.4f}",
+            f"{r['ap50_95']:.4f}",
+            f"{r['precision']:.3f}",
+            f"{r['recall']:.3f}",
+        ]
+        cells += [
+            f"{r['latency_ms'][str(n)]:.1f}" if str(n) in r.get("latency_ms", {}) else "-" for n in threads
+        ]
+        cells.append(f"{r['size_mb']:.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from camera.detector import Detector
+
+    labels = load_labels(args.labels)
+    if not labels:
+        raise ValueError(f"no labeled images in {args.labels}")
+    rows = []
+    for model in args.model:
+        det = Detector(model, classes=("person",))  # fail fast with a clear error before the long runs
+        with tqdm(total=len(labels), desc=f"eval {Path(model).name}", disable=args.quiet, leave=False) as bar:
+            s = evaluate_accuracy(model, labels, conf=args.conf, iou=args.iou, progress=bar)
+        rows.append(
+            {
+                "model": Path(model).name,
+                "path": str(model),
+                "imgsz": list(det.imgsz),
+                "ap50": s.ap50,
+                "ap50_95": s.ap50_95,
+                "precision": s.precision,
+                "recall": s.recall,
+                "tp": s.tp,
+                "fp": s.fp,
+                "gt": s.gt,
+                "conf": s.conf,
+                "size_mb": Path(model).stat().st_size / 1e6,
+            }
+        )
+    threads = args.threads or sorted({1, os.cpu_count() or 1})
+    if args.runs > 0:
+        probe = cv2.imread(str(labels[0].path))
+        with tqdm(total=args.runs * len(threads), desc="latency", disable=args.quiet, leave=False) as bar:
+            lat = measure_latency(args.model, probe, threads, runs=args.runs, progress=bar)
+        for row in rows:
+            row["latency_ms"] = {str(n): v for n, v in lat[row["path"]].items()}
+    if args.json:
+        print(
+            json.dumps(
+                {"labels": args.labels, "runs": args.runs, "threads": threads, "models": rows}, indent=2
+            )
+        )
+    else:
+        print(_table(rows, threads if args.runs > 0 else []))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
+    )
+    try:
+        return _cmd_build(args) if args.command == "build" else _cmd_eval(args)
+    except (ModelError, CalibrationError, FileNotFoundError, ValueError) as exc:
+        print(f"smartcam-model {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,212 @@
+"""Graph surgery on the Ultralytics detection head of an fp32 ONNX: input size, class slimming, decode nodes.
+
+Why: an Ultralytics export is fully convolutional except for three things baked in for one input size (the
+anchor grid, the stride row and the anchor count in the DFL reshapes). Rewriting those lets us build any
+``--imgsz`` from an fp32 ONNX without torch. Slimming keeps only the classes the edge needs (person), and
+``decode_nodes`` names the float-only tail (DFL, box decode, concat of boxes and scores) that must stay
+out of quantization: one INT8 scale cannot cover box pixels (0..imgsz) and scores (0..1) at once.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Sequence
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from camera.detector import ModelError
+
+STRIDES = (8, 16, 32)
+
+
+def make_anchors(imgsz: tuple[int, int], strides: Sequence[int] = STRIDES) -> tuple[np.ndarray, np.ndarray]:
+    """Anchor centres ``(2, A)`` and strides ``(A,)`` exactly as Ultralytics' ``make_anchors`` (x fastest)."""
+    points, stride_rows = [], []
+    for s in strides:
+        h, w = imgsz[0] // s, imgsz[1] // s
+        sy, sx = np.meshgrid(
+            np.arange(h, dtype=np.float32) + 0.5, np.arange(w, dtype=np.float32) + 0.5, indexing="ij"
+        )
+        points.append(np.stack([sx.ravel(), sy.ravel()]))
+        stride_rows.append(np.full(h * w, s, np.float32))
+    return np.concatenate(points, axis=1), np.concatenate(stride_rows)
+
+
+def read_metadata(model: onnx.ModelProto) -> dict[str, str]:
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def set_metadata(model: onnx.ModelProto, values: dict[str, str]) -> None:
+    """Update or add metadata props (the edge reads ``imgsz`` and ``names`` from them)."""
+    existing = {p.key: p for p in model.metadata_props}
+    for key, value in values.items():
+        if key in existing:
+            existing[key].value = value
+        else:
+            model.metadata_props.add(key=key, value=value)
+
+
+def model_imgsz(model: onnx.ModelProto) -> tuple[int, int]:
+    """(h, w) of a model: from ``imgsz`` metadata, else from a static input shape."""
+    value = read_metadata(model).get("imgsz")
+    if value:
+        parsed = ast.literal_eval(value)
+        if isinstance(parsed, int):
+            return (parsed, parsed)
+        return (int(parsed[0]), int(parsed[1]))
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    if len(dims) == 4 and dims[2].dim_value and dims[3].dim_value:
+        return (dims[2].dim_value, dims[3].dim_value)
+    raise ModelError("cannot tell the model's input size (no imgsz metadata, dynamic input)")
+
+
+def model_names(model: onnx.ModelProto) -> dict[int, str]:
+    value = read_metadata(model).get("names")
+    if not value:
+        raise ModelError("model has no 'names' metadata: not an Ultralytics detection export")
+    return {int(k): str(v) for k, v in ast.literal_eval(value).items()}
+
+
+def check_layout(model: onnx.ModelProto) -> int:
+    """Raise ModelError unless the model is a ``1x3xHxW -> 1x(4+nc)xN`` detection graph; return N."""
+    graph = model.graph
+    meta = read_metadata(model)
+    if meta.get("task", "detect") != "detect" or meta.get("end2end", "False") == "True":
+        raise ModelError(f"unsupported model layout: task={meta.get('task')} end2end={meta.get('end2end')}")
+    if len(graph.input) != 1 or len(graph.output) != 1:
+        raise ModelError(
+            f"unsupported model layout: {len(graph.input)} inputs / {len(graph.output)} outputs (want 1 / 1)"
+        )
+    in_dims = [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim]
+    out_dims = [d.dim_value for d in graph.output[0].type.tensor_type.shape.dim]
+    nc = len(model_names(model))
+    if len(in_dims) != 4 or in_dims[1] != 3 or len(out_dims) != 3 or out_dims[1] != 4 + nc:
+        raise ModelError(
+            f"unsupported model layout: input {in_dims}, output {out_dims}; want 1x3xHxW -> 1x{4 + nc}xN"
+        )
+    return out_dims[2]
+
+
+def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+    return {out: node for node in graph.node for out in node.output}
+
+
+def retarget(model: onnx.ModelProto, imgsz: tuple[int, int]) -> onnx.ModelProto:
+    """Return a copy of ``model`` rebuilt for input size ``imgsz`` (h, w), multiples of 32."""
+    if imgsz[0] % 32 or imgsz[1] % 32:
+        raise ModelError(f"--imgsz must be a multiple of 32, got {imgsz}")
+    old = model_imgsz(model)
+    n_old = check_layout(model)
+    if tuple(imgsz) == tuple(old):
+        return model
+    old_points, old_strides = make_anchors(old)
+    if old_points.shape[1] != n_old:
+        raise ModelError(f"cannot resize this ONNX: {n_old} anchors, not the Ultralytics grid for {old}")
+    new_points, new_strides = make_anchors(imgsz)
+    n_new = new_points.shape[1]
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    replaced = {"anchors": 0, "strides": 0, "shapes": 0}
+    for init in graph.initializer:
+        dims = tuple(init.dims)
+        if n_old not in dims:
+            if init.data_type == onnx.TensorProto.INT64 and len(dims) == 1 and dims[0] <= 8:
+                arr = numpy_helper.to_array(init)
+                if n_old in arr:
+                    init.CopyFrom(numpy_helper.from_array(np.where(arr == n_old, n_new, arr), init.name))
+                    replaced["shapes"] += 1
+            continue
+        arr = numpy_helper.to_array(init)
+        flat = arr.reshape(-1, n_old)
+        if flat.shape[0] == 2 and np.array_equal(flat, old_points):
+            new = new_points.reshape(*arr.shape[:-1], n_new).astype(arr.dtype)
+            replaced["anchors"] += 1
+        elif flat.shape[0] == 1 and np.array_equal(flat[0], old_strides):
+            new = new_strides.reshape(*arr.shape[:-1], n_new).astype(arr.dtype)
+            replaced["strides"] += 1
+        else:
+            raise ModelError(f"cannot resize this ONNX: unknown size-bound constant {init.name} {dims}")
+        init.CopyFrom(numpy_helper.from_array(new, init.name))
+    if not replaced["anchors"] or not replaced["strides"]:
+        raise ModelError(
+            "cannot resize this ONNX (no Ultralytics anchor grid found): export it from the .pt instead"
+        )
+    in_dims = graph.input[0].type.tensor_type.shape.dim
+    in_dims[2].dim_value, in_dims[3].dim_value = imgsz
+    graph.output[0].type.tensor_type.shape.dim[2].dim_value = n_new
+    del graph.value_info[:]
+    set_metadata(out, {"imgsz": str(list(imgsz))})
+    return onnx.shape_inference.infer_shapes(out)
+
+
+def slim_classes(model: onnx.ModelProto, keep: Sequence[str]) -> onnx.ModelProto:
+    """Return a copy whose head scores only the ``keep`` classes (renumbered from 0 in that order)."""
+    names = model_names(model)
+    by_name = {v: k for k, v in names.items()}
+    missing = [c for c in keep if c not in by_name]
+    if missing:
+        raise ModelError(f"model has no class {missing[0]!r}")
+    ids = [by_name[c] for c in keep]
+    nc = len(names)
+    check_layout(model)
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    prod = _producers(graph)
+    inits = {i.name: i for i in graph.initializer}
+    final = prod[graph.output[0].name]
+    if final.op_type != "Concat":
+        raise ModelError("cannot slim this head: output is not a Concat of boxes and scores")
+    # scores input: Sigmoid <- Concat <- Reshape(conv, [1, nc, -1]) per level
+    score_node = prod[final.input[1]]
+    while score_node.op_type == "Sigmoid" or (score_node.op_type == "Concat" and len(score_node.input) == 1):
+        score_node = prod[score_node.input[0]]
+    if score_node.op_type != "Concat":
+        raise ModelError("cannot slim this head: unexpected score branch")
+    shape_name = f"slim_shape_{len(ids)}"
+    graph.initializer.append(numpy_helper.from_array(np.array([1, len(ids), -1], np.int64), shape_name))
+    for level_out in score_node.input:
+        reshape = prod[level_out]
+        conv = prod[reshape.input[0]]
+        if reshape.op_type != "Reshape" or conv.op_type != "Conv":
+            raise ModelError("cannot slim this head: score levels are not Conv -> Reshape")
+        for name in conv.input[1:]:
+            arr = numpy_helper.to_array(inits[name])
+            if arr.shape[0] != nc:
+                raise ModelError(f"cannot slim this head: {name} has {arr.shape[0]} rows, not {nc}")
+            inits[name].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(arr[ids]), name))
+        reshape.input[1] = shape_name
+    graph.output[0].type.tensor_type.shape.dim[1].dim_value = 4 + len(ids)
+    del graph.value_info[:]
+    set_metadata(out, {"names": repr(dict(enumerate(keep)))})
+    return onnx.shape_inference.infer_shapes(out)
+
+
+def decode_nodes(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
+    """Names of the float-only decode tail, and of the head's last Conv layers that feed it.
+
+    Walks back from the output through every node; stops at Conv layers (the box and class branches) except
+    the DFL's fixed Conv, which follows a Softmax and belongs to the decode.
+    """
+    graph = model.graph
+    prod = _producers(graph)
+    decode, branch_convs, seen = [], [], set()
+    stack = [graph.output[0].name]
+    while stack:
+        node = prod.get(stack.pop())
+        if node is None or node.name in seen:
+            continue
+        seen.add(node.name)
+        if node.op_type == "Conv":
+            src = prod.get(node.input[0])
+            if src is None or src.op_type != "Softmax":
+                branch_convs.append(node.name)
+                continue
+        decode.append(node.name)
+        stack.extend(node.input)
+    if not decode:
+        raise ModelError("cannot find the detection head's decode nodes")
+    return decode, branch_convs
