@@ -73,46 +73,52 @@ function fmtSeconds(s) {
 }
 const camKey = (c) => `${c.site}/${c.camera_id}`;
 
-function niceMax(value) {
-  if (value <= 0) return 1;
-  const exp = Math.pow(10, Math.floor(Math.log10(value)));
-  for (const m of [1, 2, 2.5, 5, 10]) if (m * exp >= value) return m * exp;
-  return 10 * exp;
+// A y scale with 4-5 round ticks; counts of people get whole-number steps.
+function niceScale(value, integer = true) {
+  const raw = Math.max(value, integer ? 1 : 1e-9) / 4;
+  const exp = Math.pow(10, Math.floor(Math.log10(raw)));
+  let step = [1, 2, 2.5, 5, 10].map((m) => m * exp).find((m) => m >= raw);
+  if (integer) step = Math.max(1, Math.ceil(step));
+  return { max: step * Math.max(1, Math.ceil(value / step)), step };
 }
 
 // ------------------------------------------------------------------------------------------ charts
-const BOX = { w: 640, h: 240, left: 44, right: 12, top: 12, bottom: 34 };
+// Plot area inside each SVG's own viewBox (the wide hourly chart and the two half-width ones differ).
+function box(svg) {
+  const vb = svg.viewBox.baseVal;
+  return { w: vb.width, h: vb.height, left: 48, right: 22, top: 14, bottom: 36 };
+}
 
-function frame(svg, yMax, yLabel) {
+function frame(svg, scale, yLabel) {
   svg.replaceChildren();
-  const plotH = BOX.h - BOX.top - BOX.bottom;
-  const y = (v) => BOX.top + plotH * (1 - v / yMax);
-  const ticks = 4;
-  for (let i = 0; i <= ticks; i++) {
-    const v = (yMax * i) / ticks;
-    svg.append(svgEl("line", { class: "grid", x1: BOX.left, x2: BOX.w - BOX.right, y1: y(v), y2: y(v) }));
-    svg.append(svgEl("text", { class: "tick y", x: BOX.left - 6, y: y(v) + 4 }, fmt(v)));
+  const b = box(svg);
+  const plotH = b.h - b.top - b.bottom;
+  const y = (v) => b.top + plotH * (1 - v / scale.max);
+  for (let v = 0; v <= scale.max + 1e-9; v += scale.step) {
+    svg.append(svgEl("line", { class: v ? "grid" : "grid base", x1: b.left, x2: b.w - b.right, y1: y(v), y2: y(v) }));
+    svg.append(svgEl("text", { class: "tick y", x: b.left - 8, y: y(v) + 4 }, fmt(v, 2)));
   }
-  svg.append(svgEl("text", { class: "axis-label", x: 12, y: BOX.top + plotH / 2,
-    transform: `rotate(-90 12 ${BOX.top + plotH / 2})` }, yLabel));
-  return y;
+  svg.append(svgEl("text", { class: "axis-label", x: 14, y: b.top + plotH / 2,
+    transform: `rotate(-90 14 ${b.top + plotH / 2})` }, yLabel));
+  return { y, b };
 }
 
 function emptyNote(svg, text) {
-  svg.append(svgEl("text", { class: "empty", x: BOX.w / 2, y: BOX.h / 2 }, text));
+  const b = box(svg);
+  svg.append(svgEl("text", { class: "empty", x: b.w / 2, y: b.h / 2 }, text));
 }
 
 // Entries (and exits) per hour over the window: one group of bars per hour, zero hours included.
 function drawHourly(svg, rows, since) {
   const byHour = new Map(rows.map((r) => [r.hour_ts, r]));
   const hours = Array.from({ length: WINDOW_HOURS }, (_, i) => since + i * HOUR);
-  const yMax = niceMax(Math.max(1, ...rows.map((r) => Math.max(r.entries, r.exits))));
-  const y = frame(svg, yMax, "people / hour");
-  const slot = (BOX.w - BOX.left - BOX.right) / hours.length;
+  const { y, b } = frame(svg, niceScale(Math.max(0, ...rows.map((r) => Math.max(r.entries, r.exits)))),
+    "people per hour");
+  const slot = (b.w - b.left - b.right) / hours.length;
   const barW = Math.max(2, slot * 0.36);
   hours.forEach((hour, i) => {
     const row = byHour.get(hour) || { entries: 0, exits: 0 };
-    const x0 = BOX.left + i * slot + slot * 0.12;
+    const x0 = b.left + i * slot + slot * 0.12;
     for (const [k, series] of [[0, "entries"], [1, "exits"]]) {
       const v = row[series];
       const rect = svgEl("rect", { class: `bar ${series}`, x: x0 + k * barW, y: y(v), width: barW,
@@ -120,8 +126,8 @@ function drawHourly(svg, rows, since) {
       rect.append(svgEl("title", {}, `${utcTime(hour, true)} UTC: ${v} ${series}`));
       svg.append(rect);
     }
-    if (i % 3 === 0) {
-      svg.append(svgEl("text", { class: "tick x", x: BOX.left + i * slot + slot / 2, y: BOX.h - BOX.bottom + 16 },
+    if (i % 2 === 0) {
+      svg.append(svgEl("text", { class: "tick x", x: b.left + i * slot + slot / 2, y: b.h - b.bottom + 18 },
         utcTime(hour)));
     }
   });
@@ -130,12 +136,11 @@ function drawHourly(svg, rows, since) {
 
 // Occupancy (max and mean people in view) per interval, as two lines with markers on the max.
 function drawOccupancy(svg, intervals, since, until) {
-  const yMax = niceMax(Math.max(1, ...intervals.map((r) => r.max)));
-  const y = frame(svg, yMax, "people in view");
-  const plotW = BOX.w - BOX.left - BOX.right;
-  const x = (t) => BOX.left + (plotW * (t - since)) / (until - since);
-  for (let h = 0; h <= WINDOW_HOURS; h += 3) {
-    svg.append(svgEl("text", { class: "tick x", x: x(since + h * HOUR), y: BOX.h - BOX.bottom + 16 },
+  const { y, b } = frame(svg, niceScale(Math.max(0, ...intervals.map((r) => r.max))), "people in view");
+  const plotW = b.w - b.left - b.right;
+  const x = (t) => b.left + (plotW * (t - since)) / (until - since);
+  for (let h = 0; h < WINDOW_HOURS; h += 4) {
+    svg.append(svgEl("text", { class: "tick x", x: x(since + h * HOUR), y: b.h - b.bottom + 18 },
       utcTime(since + h * HOUR)));
   }
   if (!intervals.length) {
@@ -161,18 +166,17 @@ function drawDwell(svg, dwell) {
     const i = DWELL_EDGES.findIndex((edge, j) => bin.lo >= edge && bin.lo < DWELL_EDGES[j + 1]);
     counts[i] += bin.n;
   }
-  const yMax = niceMax(Math.max(1, ...counts));
-  const y = frame(svg, yMax, "people");
-  const slot = (BOX.w - BOX.left - BOX.right) / counts.length;
+  const { y, b } = frame(svg, niceScale(Math.max(0, ...counts)), "people");
+  const slot = (b.w - b.left - b.right) / counts.length;
   counts.forEach((n, i) => {
     const lo = DWELL_EDGES[i];
     const hi = DWELL_EDGES[i + 1];
     const label = hi === Infinity ? `${lo / 60}m+` : hi <= 60 ? `${lo}-${hi}s` : `${lo / 60}-${hi / 60}m`;
-    const rect = svgEl("rect", { class: "bar dwell", x: BOX.left + i * slot + slot * 0.15, y: y(n),
+    const rect = svgEl("rect", { class: "bar dwell", x: b.left + i * slot + slot * 0.15, y: y(n),
       width: slot * 0.7, height: Math.max(0, y(0) - y(n)), "data-lo": lo, "data-value": n });
     rect.append(svgEl("title", {}, `${label}: ${n} people`));
     svg.append(rect);
-    svg.append(svgEl("text", { class: "tick x", x: BOX.left + i * slot + slot / 2, y: BOX.h - BOX.bottom + 16 },
+    svg.append(svgEl("text", { class: "tick x", x: b.left + i * slot + slot / 2, y: b.h - b.bottom + 18 },
       label));
   });
   if (!dwell.n) emptyNote(svg, "no exits in this window");
