@@ -47,6 +47,8 @@ class Publisher:
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_publish = self._on_publish
+        self.client.on_connect_fail = self._on_connect_fail
+        self.connect_failures = 0
         self.connected = threading.Event()
         self.connects = 0
         self.published = 0  # messages acknowledged by the broker
@@ -69,6 +71,12 @@ class Publisher:
         client.publish(self.status_topic, ONLINE, qos=1, retain=True)
         self.connected.set()
         self._wake.set()
+
+    def _on_connect_fail(self, client, userdata) -> None:
+        self.connect_failures += 1
+        if self.connect_failures == 1 or self.connect_failures % 10 == 0:
+            log.warning("cannot reach broker %s (attempt %d); events are queued in the outbox, retrying with "
+                        "backoff", self.settings.redacted(), self.connect_failures)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         was = self.connected.is_set()

@@ -1,0 +1,226 @@
+"""The edge end to end on real footage, a real model and a real Mosquitto: what a subscriber receives.
+
+Helpers here (``Subscriber``, ``edge_cmd``, ``read_events``) are reused by test_edge_outbox_faults.py.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import cv2
+import pytest
+
+from camera.contract import topic_for, validate_event, validate_stats
+from tests.conftest import INDOOR_CLIP, NEGATIVE_CLIP, ONNX_FP32, PERSONS_EVAL
+
+ROOT = Path(__file__).resolve().parents[1]
+SITE, CAM = "lab", "cam-1"
+
+
+def model_path() -> Path:
+    """The INT8 320 model when the model helper's fixture module provides one, else the shared fp32 ONNX."""
+    return ONNX_FP32
+
+
+def edge_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "camera", "run", *args]
+
+
+def run_edge(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(edge_cmd(*args), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def read_events(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class Subscriber:
+    """A real MQTT 5 subscriber on ``smartcam/#`` collecting (topic, payload, retain); optionally persistent."""
+
+    def __init__(self, port: int, client_id: str = "test-sub", *, persistent: bool = False,
+                 topic: str = "smartcam/#") -> None:
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        self.messages: list[tuple[str, bytes, bool]] = []
+        self._lock = threading.Lock()
+        self.subscribed = threading.Event()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+        self.client.on_message = self._on_message
+        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
+        self.client.on_subscribe = lambda *a: self.subscribed.set()
+        props = None
+        if persistent:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = 3600
+        self.client.reconnect_delay_set(0.1, 0.5)
+        self.client.connect("127.0.0.1", port, clean_start=not persistent, properties=props)
+        self.client.loop_start()
+        assert self.subscribed.wait(10), "subscription not acknowledged"
+
+    def _on_message(self, client, userdata, msg) -> None:
+        with self._lock:
+            self.messages.append((msg.topic, bytes(msg.payload), bool(msg.retain)))
+
+    def payloads(self, leaf: str) -> list[bytes]:
+        topic = topic_for(SITE, CAM, leaf)
+        with self._lock:
+            return [p for t, p, _ in self.messages if t == topic]
+
+    def events(self) -> list[dict]:
+        return [json.loads(p) for p in self.payloads("events")]
+
+    def wait_for(self, predicate, timeout: float = 30.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return True
+            time.sleep(0.05)
+        return predicate()
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def retained(port: int, leaf: str, timeout: float = 5.0) -> bytes | None:
+    """The retained message on one topic, as a fresh subscriber sees it (None if nothing is retained)."""
+    sub = Subscriber(port, client_id=f"retained-{leaf.replace('/', '-')}", topic=topic_for(SITE, CAM, leaf))
+    try:
+        sub.wait_for(lambda: sub.messages, timeout)
+        return next((p for _, p, r in sub.messages if r), None)
+    finally:
+        sub.close()
+
+
+@pytest.mark.slow
+def test_indoor_clip_events_reach_a_subscriber(mosquitto, tmp_path):
+    events_file = tmp_path / "events.jsonl"
+    cfg = tmp_path / "edge.yaml"
+    cfg.write_text("zones:\n  - name: room\n    points: [[0, 0], [1, 0], [1, 1], [0, 1]]\n")
+    sub = Subscriber(mosquitto.port)
+    try:
+        proc = run_edge("--config", str(cfg), "--source", str(INDOOR_CLIP), "--model", str(model_path()),
+                        "--camera-id", CAM, "--site", SITE, "--broker", mosquitto.url, "--fps", "3",
+                        "--max-frames", "90", "--events-file", str(events_file), "--outbox", str(tmp_path / "o.db"),
+                        "--stats-interval", "1")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "outbox drained" in proc.stderr
+        written = read_events(events_file)
+        assert sub.wait_for(lambda: len(sub.events()) >= len(written))
+        received = sub.events()
+    finally:
+        sub.close()
+
+    # every event is schema-valid and what the edge wrote is what arrived, in order
+    for ev in received:
+        validate_event(ev)
+    assert [e["event_id"] for e in received] == [e["event_id"] for e in written]
+    types = Counter(e["type"] for e in received)
+    assert types["person.enter"] >= 2, types  # two people in the clip
+    # enter/exit paired per track (the end of the run closes every open track)
+    enters = Counter(e["track_id"] for e in received if e["type"] == "person.enter")
+    exits = Counter(e["track_id"] for e in received if e["type"] == "person.exit")
+    assert enters == exits and set(enters.values()) == {1}
+    assert all(e["site"] == SITE and e["camera_id"] == CAM for e in received)
+
+    # retained summaries: the latest count (0 after the final flush), the zone occupancy, status offline
+    counts = [e for e in received if e["type"] == "count" and "zone" not in e]
+    assert counts and counts[-1]["count"] == 0
+    assert json.loads(retained(mosquitto.port, "count"))["event_id"] == counts[-1]["event_id"]
+    zone_counts = [e for e in received if e["type"] == "count" and e.get("zone") == "room"]
+    assert zone_counts and max(e["count"] for e in zone_counts) >= 1
+    assert json.loads(retained(mosquitto.port, "zones/room/count"))["event_id"] == zone_counts[-1]["event_id"]
+    assert retained(mosquitto.port, "status") == b"offline"
+    assert sub.payloads("status")[0] == b"online"
+
+    # runtime stats: valid stats.v1, frames counted
+    stats = [json.loads(p) for p in sub.payloads("stats")]
+    assert stats
+    for s in stats:
+        validate_stats(s)
+    assert stats[-1]["frames_processed"] == 90 and stats[-1]["source_state"] == "ended"
+    assert stats[-1]["dropped_frames"] > 0  # --fps 3 on a 30 fps clip skips frames, counted
+
+
+@pytest.mark.slow
+def test_negative_clip_produces_no_person_event(mosquitto, tmp_path):
+    events_file = tmp_path / "events.jsonl"
+    sub = Subscriber(mosquitto.port)
+    try:
+        proc = run_edge("--source", str(NEGATIVE_CLIP), "--model", str(model_path()), "--camera-id", CAM,
+                        "--site", SITE, "--broker", mosquitto.url, "--fps", "5",
+                        "--events-file", str(events_file), "--outbox", str(tmp_path / "o.db"))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert sub.wait_for(lambda: b"offline" in sub.payloads("status"))
+        assert read_events(events_file) == []
+        assert sub.events() == []
+        processed = int(re.search(r"(\d+) frames processed", proc.stderr).group(1))
+        assert processed == 142  # the whole clip (1699 frames at 60 fps, 28.3 s) looked at 5 times a second
+    finally:
+        sub.close()
+
+
+@pytest.mark.slow
+def test_offline_mode_prints_valid_events_to_stdout():
+    proc = run_edge("--source", str(INDOOR_CLIP), "--model", str(model_path()), "--camera-id", CAM,
+                    "--fps", "3", "--max-frames", "20")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    events = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert any(e["type"] == "person.enter" for e in events)
+    for ev in events:
+        validate_event(ev)
+
+
+@pytest.mark.slow
+def test_save_video_writes_annotated_frames(tmp_path):
+    out = tmp_path / "out.mp4"
+    proc = run_edge("--source", str(INDOOR_CLIP), "--model", str(model_path()), "--camera-id", CAM,
+                    "--fps", "5", "--max-frames", "12", "--events-file", str(tmp_path / "e.jsonl"),
+                    "--save-video", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cap = cv2.VideoCapture(str(out))
+    assert cap.isOpened()
+    assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 12
+    assert (int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))) == (500, 280)
+    cap.release()
+
+
+@pytest.mark.slow
+def test_detect_command_prints_boxes_as_json():
+    labels = json.loads((PERSONS_EVAL / "labels.json").read_text())
+    image = PERSONS_EVAL / labels[0]["image"]
+    proc = subprocess.run([sys.executable, "-m", "camera", "detect", "--model", str(model_path()), "--json",
+                           str(image)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result[0]["image"] == str(image)
+    dets = result[0]["detections"]
+    assert dets and all(d["class"] == "person" and 0 < d["score"] <= 1 for d in dets)
+    for d in dets:
+        x1, y1, x2, y2 = d["box"]
+        assert 0 <= x1 < x2 <= labels[0]["width"] and 0 <= y1 < y2 <= labels[0]["height"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--source", "/nonexistent.mp4", "--model", str(ONNX_FP32), "--camera-id", CAM], "source not found"),
+    (["--source", str(NEGATIVE_CLIP), "--model", "/nonexistent.onnx", "--camera-id", CAM], "model file not found"),
+    (["--source", str(NEGATIVE_CLIP), "--model", str(ONNX_FP32), "--camera-id", CAM, "--broker", "tcp://x"],
+     "scheme must be mqtt:// or mqtts://"),
+    (["--source", str(NEGATIVE_CLIP), "--model", str(INDOOR_CLIP), "--camera-id", CAM], "cannot load model"),
+])
+def test_bad_input_is_a_clear_error_and_exit_2(args, message):
+    proc = run_edge(*args, timeout=120)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
