@@ -1,0 +1,265 @@
+"""Ingest: batches stored exactly once, bad input dead-lettered with the sink still running, and — with a real
+Mosquitto and the real ``smartcam-sink run`` process — persistent sessions and SIGKILL losing nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from camera.broker import BrokerSettings, make_client
+from camera.contract import format_ts, topic_for
+from cloud_sink.ingest import Ingestor, Subscriber
+from cloud_sink.store import Store
+from cloud_sink.validation import check_message
+from tests.test_sink_store import db_url, make_event, store  # noqa: F401  (fixtures)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def now_event(type_: str = "person.enter", **fields) -> dict:
+    """A valid event stamped now (the live sink checks timestamps against its clock)."""
+    return make_event(type_, ts=fields.pop("ts", time.time()), **fields)
+
+
+def raw(ev: dict) -> tuple[str, bytes]:
+    return topic_for(ev["site"], ev["camera_id"], "events"), json.dumps(ev).encode()
+
+
+# ------------------------------------------------------------------------------------------ Ingestor
+
+
+def test_batch_stores_events_once_and_dead_letters_the_rest(store):  # noqa: F811
+    ing = Ingestor(store)
+    a, b = now_event(), now_event("count", count=2, previous=1)
+    messages = [raw(a), raw(b), raw(a), ("smartcam/lobby/cam-1/events", b"garbage"),
+                ("smartcam/lobby/cam-1/status", b"online"), ("smartcam/lobby/cam-1/count", raw(b)[1])]
+    result = ing.handle(messages)
+    assert (result.received, result.stored, result.duplicates, result.dead, result.status) == (6, 2, 2, 1, 1)
+    assert [e["event_id"] for e in result.new_events] == [a["event_id"], b["event_id"]]
+    again = ing.handle([raw(a)])
+    assert (again.stored, again.duplicates) == (0, 1)
+    assert store.event_count() == 2 and store.dead_letter_count() == 1
+    (dead,) = store.dead_letters()
+    assert dead["payload"] == "garbage" and "invalid JSON" in dead["reason"]
+    assert store.cameras()[0]["state"] == "online"
+    assert ing.totals.received == 7 and ing.totals.stored == 2
+
+
+def test_archive_receives_only_new_events_and_its_failure_is_not_fatal(store):  # noqa: F811
+    written: list[list[str]] = []
+
+    class Recorder:
+        def write(self, events):
+            written.append([e["event_id"] for e in events])
+            if len(written) == 2:
+                raise OSError("disk full")
+
+    ing = Ingestor(store, archive=Recorder())
+    a, b = now_event(), now_event()
+    ing.handle([raw(a)])
+    ing.handle([raw(a), raw(b)])
+    ing.handle([raw(a), raw(b)])  # nothing new: archive not called
+    assert written == [[a["event_id"]], [b["event_id"]]]
+    assert ing.totals.archive_errors == 1 and store.event_count() == 2
+
+
+_hostile = st.one_of(
+    st.binary(max_size=300),
+    st.text(max_size=200).map(str.encode),
+    st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=10),
+                 lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=3),
+                 max_leaves=8).map(lambda v: json.dumps(v).encode()),
+    st.builds(lambda k, v: json.dumps(make_event() | {k: v}).encode(),
+              st.sampled_from(["ts", "site", "schema_version", "event_id", "type", "box", "camera_id", "x"]),
+              st.none() | st.integers() | st.text(max_size=30) | st.just(float("nan"))),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.function_scoped_fixture])
+@given(st.lists(_hostile, min_size=1, max_size=6), st.sampled_from(["events", "count", "stats", "status",
+                                                                    "zones/z/count", "lines/l/totals", "x"]))
+def test_hostile_payloads_are_dead_lettered_and_valid_ones_still_stored(tmp_path_factory, payloads, leaf):
+    s = Store.open(f"sqlite:///{tmp_path_factory.mktemp('fuzz') / 'f.db'}")
+    try:
+        ing = Ingestor(s)
+        good = [now_event(track_id=i) for i in range(2)]
+        topic = f"smartcam/lobby/cam-1/{leaf}"
+        messages = [raw(good[0])] + [(topic, p) for p in payloads] + [raw(good[1])]
+        result = ing.handle(messages)
+        # a generated payload is occasionally a valid status/stats/event by chance: everything else is dead
+        assert result.dead + result.status + result.stats + result.stored + result.duplicates == len(messages)
+        assert {e["event_id"] for e in s.events(limit=10)} >= {g["event_id"] for g in good}
+        expected_dead = sum(check_message(topic, p).kind == "dead" for p in payloads)
+        assert result.dead == expected_dead == s.dead_letter_count()
+        assert all(r for r in result.reasons)
+    finally:
+        s.close()
+
+
+# ------------------------------------------------------------------------------------------ real broker
+
+
+def publish(url: str, messages: list[tuple[str, bytes]], *, retain: bool = False, qos: int = 1) -> None:
+    """Publish with QoS 1 and wait for every PUBACK."""
+    client = make_client(BrokerSettings.from_url(url), f"pub-{os.getpid()}-{time.monotonic_ns()}")
+    client.connect(BrokerSettings.from_url(url).host, BrokerSettings.from_url(url).port)
+    client.loop_start()
+    try:
+        infos = [client.publish(t, p, qos=qos, retain=retain) for t, p in messages]
+        for info in infos:
+            info.wait_for_publish(timeout=30)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def wait_for(predicate, timeout: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.slow
+def test_subscriber_stores_live_messages_with_real_mosquitto(mosquitto, db_url):  # noqa: F811
+    s = Store.open(db_url)
+    sub = Subscriber(Ingestor(s), BrokerSettings.from_url(mosquitto.url), client_id="sink-live", log_every_s=0.5)
+    thread = threading.Thread(target=sub.run)
+    sub.start()
+    thread.start()
+    try:
+        assert sub.connected.wait(10)
+        time.sleep(0.3)  # SUBACK
+        evs = [now_event(track_id=i) for i in range(50)]
+        zone = now_event("count", zone="door", count=1, previous=0)
+        publish(mosquitto.url, [raw(e) for e in evs] + [raw(e) for e in evs[:10]]
+                + [("smartcam/lobby/cam-1/events", b"{broken"), ("smartcam/lobby/cam-1/status", b"online"),
+                   ("smartcam/lobby/cam-1/zones/door/count", raw(zone)[1])])
+        wait_for(lambda: s.event_count() == 51 and s.dead_letter_count() == 1, what="51 events, 1 dead letter")
+        wait_for(lambda: s.cameras() and s.cameras()[0]["state"] == "online", what="status")
+        assert sub.ingestor.totals.duplicates == 10
+    finally:
+        sub.stop()
+        thread.join(10)
+        s.close()
+    assert not thread.is_alive()
+
+
+def sink_process(broker_url: str, db: str, client_id: str, log_path: Path) -> subprocess.Popen:
+    log = open(log_path, "ab")  # noqa: SIM115  (the child keeps its own descriptor)
+    try:
+        return subprocess.Popen([sys.executable, "-m", "cloud_sink", "run", "--broker", broker_url, "--db", db,
+                                 "--client-id", client_id, "--log-every", "1"], stdout=log, stderr=log, cwd=ROOT)
+    finally:
+        log.close()
+
+
+def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> int:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            return proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return proc.wait(5)
+
+
+def wait_connected(log_path: Path, times: int = 1) -> None:
+    wait_for(lambda: log_path.exists() and log_path.read_text().count("connected to") >= times, 30, "sink connect")
+    time.sleep(0.5)  # subscriptions acknowledged
+
+
+@pytest.mark.slow
+def test_persistent_session_delivers_what_was_published_while_the_sink_was_down(mosquitto, db_url, tmp_path):  # noqa: F811
+    log_path = tmp_path / "sink.log"
+    proc = sink_process(mosquitto.url, db_url, "sink-persist", log_path)
+    try:
+        wait_connected(log_path)
+        first = [now_event(track_id=i) for i in range(20)]
+        publish(mosquitto.url, [raw(e) for e in first])
+        s = Store.open(db_url)
+        wait_for(lambda: s.event_count() == 20, what="first 20 events")
+        assert stop_process(proc) == 0  # graceful SIGTERM
+        assert "stopped: received" in log_path.read_text()
+        while_down = [now_event("person.exit", track_id=i, dwell_s=3.0) for i in range(300)]
+        publish(mosquitto.url, [raw(e) for e in while_down])
+        assert s.event_count() == 20  # nobody is storing
+        proc = sink_process(mosquitto.url, db_url, "sink-persist", log_path)
+        wait_for(lambda: s.event_count() == 320, what="events queued while down")
+        stored = {e["event_id"] for e in s.events(limit=1000)}
+        assert stored == {e["event_id"] for e in first + while_down}
+        s.close()
+    finally:
+        stop_process(proc)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_stream_loses_nothing_and_stores_nothing_twice(mosquitto, db_url, tmp_path):  # noqa: F811
+    log_path = tmp_path / "sink.log"
+    proc = sink_process(mosquitto.url, db_url, "sink-kill", log_path)
+    events = [now_event(track_id=i) for i in range(3000)]
+    s = Store.open(db_url)
+    try:
+        wait_connected(log_path)
+        publisher = threading.Thread(target=publish, args=(mosquitto.url, [raw(e) for e in events]))
+        publisher.start()
+        wait_for(lambda: s.event_count() >= 300, what="some events stored")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        killed_at = s.event_count()
+        publisher.join(60)
+        proc = sink_process(mosquitto.url, db_url, "sink-kill", log_path)
+        wait_for(lambda: s.event_count() >= len(events), timeout=60, what="all events after restart")
+        time.sleep(0.5)
+        stored = [e["event_id"] for e in s.events(limit=10000)]
+        print(f"SIGKILL test: {killed_at} stored before the kill, {len(stored)} after restart, "
+              f"{len(events)} published")
+        assert len(stored) == len(set(stored)) == len(events)
+        assert set(stored) == {e["event_id"] for e in events}
+        (row,) = [c for c in s.cameras() if c["camera_id"] == "cam-1"]
+        assert row["events_total"] == len(events)  # rollup-side counters did not double count either
+    finally:
+        stop_process(proc)
+        s.close()
+
+
+@pytest.mark.slow
+def test_cli_report_prints_the_stored_analytics(tmp_path):
+    db = f"sqlite:///{tmp_path / 'r.db'}"
+    s = Store.open(db)
+    t = time.time() - 600
+    s.insert_events([make_event(ts=t, track_id=1), make_event("person.exit", ts=t + 30, track_id=1, dwell_s=30.0),
+                     make_event("count", ts=t, count=1, previous=0),
+                     make_event("line.cross", ts=t + 10, line="gate", track_id=1, direction="in")])
+    s.close()
+    cmd = [sys.executable, "-m", "cloud_sink", "report", "--db", db, "--since", "2h"]
+    text = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    assert "lobby/cam-1" in text and "gate" in text and "per hour (UTC)" in text
+    data = json.loads(subprocess.run(cmd + ["--json"], capture_output=True, text=True, check=True,
+                                     cwd=ROOT).stdout)
+    (cam,) = data["cameras"]
+    assert (cam["entries"], cam["exits"], cam["dwell"]["mean"], cam["lines"][0]["in"]) == (1, 1, 30.0, 1)
+    assert data["since"] <= format_ts(t)
+    bad = subprocess.run([sys.executable, "-m", "cloud_sink", "report", "--db", db, "--since", "yesterday"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "expected a duration" in bad.stderr
+
+
+def test_cli_refuses_an_unwritable_database_path_with_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "cloud_sink", "report", "--db",
+                           f"sqlite:///{tmp_path / 'missing' / 'x.db'}"], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2 and proc.stderr.startswith("smartcam-sink: error: cannot open database")
+    assert proc.stderr.count("\n") == 1
