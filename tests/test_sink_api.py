@@ -283,3 +283,55 @@ def test_check_bind_requires_a_token_off_loopback(host, token, ok):
     else:
         with pytest.raises(InsecureBindError, match="without a token"):
             check_bind(host, token)
+
+
+# ------------------------------------------------------------------------------------------ robustness
+PARAMS = ("site", "camera", "type", "zone", "since", "until", "limit", "offset", "bucket")
+PATHS = ("/api/events", "/api/stats/hourly", "/api/occupancy", "/api/dwell", "/api/summary", "/api/cameras",
+         "/api/dead-letters")
+
+
+def test_hostile_query_strings_never_cause_a_server_error(filled):
+    """Random text (NUL bytes too), numbers and times in every parameter: 200 or 422, never a 500."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from cloud_sink.api import create_app
+
+    store, _ = filled
+    values = st.one_of(st.text(max_size=40), st.integers(min_value=-10**22, max_value=10**22).map(str),
+                       st.floats(allow_nan=True, allow_infinity=True).map(str),
+                       st.datetimes().map(lambda d: d.isoformat()), st.sampled_from(["*", "cam-1", "lobby", "count"]))
+
+    with TestClient(create_app(store), raise_server_exceptions=False) as c:
+        @settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+        @given(path=st.sampled_from(PATHS), params=st.dictionaries(st.sampled_from(PARAMS), values, max_size=4))
+        def check(path: str, params: dict[str, str]) -> None:
+            resp = c.get(path, params=params)
+            assert resp.status_code in (200, 422), (path, params, resp.status_code, resp.text[:200])
+
+        check()
+
+
+@pytest.mark.slow
+def test_database_gone_answers_503_not_500(postgres_server, postgres_url):
+    """PostgreSQL drops the database under a running API: clear 503s, and /health reports it too."""
+    import sqlalchemy as sa
+
+    from cloud_sink.api import create_app
+    from cloud_sink.store import Store
+
+    store = Store.open(postgres_url)
+    fill(store, scenario())
+    with TestClient(create_app(store), raise_server_exceptions=False) as c:
+        assert c.get("/api/events").status_code == 200
+        name = postgres_url.rsplit("/", 1)[1]
+        admin = sa.create_engine(postgres_url.rsplit("/", 1)[0] + "/postgres", isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+        admin.dispose()
+        for path in ("/api/events", "/api/cameras", "/api/stats/hourly", "/health"):
+            resp = c.get(path)
+            assert resp.status_code == 503, (path, resp.status_code, resp.text)
+            assert resp.json() == {"detail": "database unavailable"}
+    store.close()
