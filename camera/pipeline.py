@@ -50,6 +50,7 @@ class EdgeRunner:
     def __init__(self, cfg: EdgeConfig, *, source: Source | None = None) -> None:
         self.cfg = cfg
         self._stop = threading.Event()
+        self._stats_stop = threading.Event()
         self.stopped_by_signal = False
         self.stats = RuntimeStats()
         self.events_emitted = 0
@@ -128,7 +129,9 @@ class EdgeRunner:
             m = cfg.motion
             gate = MotionGate(m.threshold, m.keepalive_s, pixel_threshold=m.pixel_threshold)
             log.info("motion gate on (threshold %.4f, keepalive %.1fs)", m.threshold, m.keepalive_s)
-        next_stats = time.monotonic() + cfg.mqtt.stats_interval_s
+        # stats come from their own thread: a live source that is down (no frames) must still report it
+        stats_thread = threading.Thread(target=self._stats_loop, name="stats", daemon=True)
+        stats_thread.start()
         last_ts, size = time.time(), (0, 0)
         try:
             for frame in src:
@@ -148,9 +151,6 @@ class EdgeRunner:
                 stats.people = int(builder.counts["people"])
                 if cfg.save_video:
                     self._write_video(frame.image, update.active, builder.counts)
-                if time.monotonic() >= next_stats:
-                    next_stats = time.monotonic() + cfg.mqtt.stats_interval_s
-                    self._report_stats()
                 if self._stop.is_set() or (cfg.max_frames and stats.frames_processed >= cfg.max_frames):
                     break
                 if self.publisher is not None and self.publisher.error is not None:
@@ -162,8 +162,18 @@ class EdgeRunner:
         except OutboxError as exc:
             log.error("%s: stopping (events already queued stay in the outbox)", exc)
             return EXIT_OUTBOX
+        finally:
+            self._stats_stop.set()
+            stats_thread.join()
         self._sync_source_counters()
         return self._finish()
+
+    def _stats_loop(self) -> None:
+        while not self._stats_stop.wait(self.cfg.mqtt.stats_interval_s):
+            try:
+                self._report_stats()
+            except Exception:  # noqa: BLE001 - health reporting must never take the camera down
+                log.exception("stats report failed")
 
     def _emit(self, events: list[dict]) -> None:
         if not events:

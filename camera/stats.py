@@ -12,6 +12,7 @@ over wall time, so 100 % = one core busy.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections import deque
 from typing import Any
@@ -51,19 +52,23 @@ class RuntimeStats:
         self.events = 0
         self.people = 0
         self._inference_ms: deque[float] = deque(maxlen=window)
+        self._lock = threading.Lock()  # snapshots are taken from the stats thread while the loop records
         self._cpu = CpuMeter()
         self._started = time.monotonic()
         self._last_snapshot = (self._started, 0, 0)
 
     def record_inference(self, ms: float) -> None:
-        self.frames_detected += 1
-        self._inference_ms.append(float(ms))
+        with self._lock:
+            self.frames_detected += 1
+            self._inference_ms.append(float(ms))
 
     def inference_percentiles(self) -> tuple[float, float]:
         """(p50, p95) in ms over the last ``window`` inferences; zeros before the first."""
-        if not self._inference_ms:
+        with self._lock:
+            values = np.fromiter(self._inference_ms, float, count=len(self._inference_ms))
+        if not values.size:
             return 0.0, 0.0
-        p50, p95 = np.percentile(np.fromiter(self._inference_ms, float), [50, 95])
+        p50, p95 = np.percentile(values, [50, 95])
         return round(float(p50), 2), round(float(p95), 2)
 
     def elapsed(self) -> float:
