@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
-from camera.contract import format_ts, parse_ts
+from camera.contract import format_ts
+from cloud_sink.validation import ts_ms
 
 if TYPE_CHECKING:
     from cloud_sink.store import Store
@@ -76,7 +77,7 @@ def histogram_quantile(bins: dict[int, int], q: float) -> float | None:
 
 
 def _hour(ts: str) -> int:
-    return int(parse_ts(ts)) // HOUR * HOUR
+    return ts_ms(ts) // 1000 // HOUR * HOUR
 
 
 def _zero() -> dict[str, Any]:

@@ -29,8 +29,9 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from camera.contract import format_ts, parse_ts
+from camera.contract import format_ts
 from cloud_sink import rollups
+from cloud_sink.validation import ts_ms
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +173,7 @@ def to_ms(value: float | int | datetime | str | None) -> int | None:
         return int(round(dt.timestamp() * 1000))
     if isinstance(value, str):
         try:
-            return int(round(parse_ts(value) * 1000))
+            return ts_ms(value)
         except ValueError:
             return to_ms(datetime.fromisoformat(value.replace("Z", "+00:00")))
     return int(round(float(value) * 1000))

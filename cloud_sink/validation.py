@@ -16,7 +16,8 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from functools import cache
+from datetime import datetime, timezone
+from functools import cache, lru_cache
 from typing import Any, Literal
 
 from camera.contract import (
@@ -70,14 +71,65 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return obj
 
 
+def _split_by_type(schema: dict[str, Any]) -> dict[str, dict[str, Any]] | None:
+    """Per event type, the same schema with its ``allOf``/``if type == X`` rules folded into ``required``.
+
+    fastjsonschema evaluates each ``if`` by raising and catching an exception; folding the rules per type makes
+    the accept path ~2x faster. Derived from the one schema file at start-up; None if its shape is unexpected.
+    """
+    types = schema.get("properties", {}).get("type", {}).get("enum")
+    if not types:
+        return None
+    out: dict[str, dict[str, Any]] = {}
+    for name in types:
+        part = {k: v for k, v in schema.items() if k != "allOf"}
+        part["properties"] = dict(schema["properties"], type={"const": name})
+        required = list(schema.get("required", []))
+        for rule in schema.get("allOf", []):
+            cond = rule.get("if", {})
+            if set(rule) != {"if", "then"} or set(rule["then"]) != {"required"}:
+                return None
+            if cond.get("properties", {}).get("type", {}).get("const") == name:
+                required += [r for r in rule["then"]["required"] if r not in required]
+        part["required"] = required
+        out[name] = part
+    return out
+
+
 @cache
-def _compiled(schema: str) -> Any:
-    """The same schema file compiled to Python by fastjsonschema (~8x faster than jsonschema here), or None."""
+def _compiled(schema: str, type_name: str | None = None) -> Any:
+    """The same schema file compiled to Python by fastjsonschema (several times faster than jsonschema)."""
     try:
         import fastjsonschema
     except ImportError:
         return None
-    return fastjsonschema.compile(load_schema(schema))
+    doc = load_schema(schema)
+    if type_name is not None:
+        parts = _split_by_type(doc)
+        if parts is None or type_name not in parts:
+            return None
+        doc = parts[type_name]
+    return fastjsonschema.compile(doc)
+
+
+def _fast_accepts(doc: Any, schema: str) -> bool:
+    kind = doc.get("type") if isinstance(doc, dict) and schema == EVENT_SCHEMA_FILE else None
+    fast = _compiled(schema, kind) if isinstance(kind, str) and len(kind) < 20 else None
+    fast = fast or _compiled(schema)
+    if fast is None:
+        return False
+    try:
+        fast(doc)
+        return True
+    except Exception:  # JsonSchemaException or anything odd: let jsonschema decide
+        return False
+
+
+def _slow_errors(doc: Any, schema: str, limits: Limits) -> list[str]:
+    """The rejection path: bound the nesting first (a schema-valid document is shallow by construction)."""
+    if _depth(doc, limits.max_depth) > limits.max_depth:
+        raise _Reject(f"JSON nested deeper than {limits.max_depth}")
+    return validation_errors(doc, schema)
 
 
 def schema_errors(doc: Any, schema: str = EVENT_SCHEMA_FILE) -> list[str]:
@@ -86,14 +138,7 @@ def schema_errors(doc: Any, schema: str = EVENT_SCHEMA_FILE) -> list[str]:
     jsonschema stays the authority: the compiled validator may only *accept*; anything it rejects is re-checked
     by jsonschema, which also words the reasons (tests compare the two on generated payloads).
     """
-    fast = _compiled(schema)
-    if fast is not None:
-        try:
-            fast(doc)
-            return []
-        except Exception:  # JsonSchemaException or anything odd: let jsonschema decide
-            pass
-    return validation_errors(doc, schema)
+    return [] if _fast_accepts(doc, schema) else validation_errors(doc, schema)
 
 
 def _depth(value: Any, limit: int) -> int:
@@ -123,16 +168,29 @@ def parse_json(payload: bytes, limits: Limits) -> Any:
         raise _Reject(f"JSON nested deeper than {limits.max_depth}") from None
     except ValueError as exc:  # JSONDecodeError, huge int strings
         raise _Reject(f"invalid JSON: {str(exc)[:120]}") from None
-    if _depth(value, limits.max_depth) > limits.max_depth:
-        raise _Reject(f"JSON nested deeper than {limits.max_depth}")
     return value
 
 
-def _check_time(value: Any, field: str, now: float, limits: Limits) -> None:
-    from datetime import datetime, timezone
+@lru_cache(maxsize=8192)  # the store and the rollups parse each event's ts again
+def ts_ms(value: str) -> int:
+    """Contract timestamp ``YYYY-MM-DDTHH:MM:SS.mmmZ`` → epoch ms; ~10x faster than strptime, same checks.
 
+    >>> ts_ms("1970-01-02T00:00:00.250Z")
+    86400250
+    """
+    if (not isinstance(value, str) or len(value) != 24 or value[4] != "-" or value[7] != "-" or value[10] != "T"
+            or value[13] != ":" or value[16] != ":" or value[19] != "." or value[23] != "Z"
+            or not (value[:4] + value[5:7] + value[8:10] + value[11:13] + value[14:16] + value[17:19]
+                    + value[20:23]).isdigit() or not value.isascii()):
+        raise ValueError(f"not a contract timestamp: {str(value)[:40]!r}")
+    dt = datetime(int(value[:4]), int(value[5:7]), int(value[8:10]), int(value[11:13]), int(value[14:16]),
+                  int(value[17:19]), tzinfo=timezone.utc)  # validates month/day/hour ranges
+    return int(dt.timestamp()) * 1000 + int(value[20:23])
+
+
+def _check_time(value: Any, field: str, now: float, limits: Limits) -> None:
     try:
-        ts = datetime.strptime(value, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc).timestamp()
+        ts = ts_ms(value) / 1000.0
     except (TypeError, ValueError):
         raise _Reject(f"{field}: not a valid timestamp") from None
     if ts > now + limits.max_future_s:
@@ -143,11 +201,13 @@ def _check_time(value: Any, field: str, now: float, limits: Limits) -> None:
 
 def _check_document(doc: Any, schema: str, site: str, camera_id: str, now: float, limits: Limits) -> dict:
     if not isinstance(doc, dict):
+        if _depth(doc, limits.max_depth) > limits.max_depth:
+            raise _Reject(f"JSON nested deeper than {limits.max_depth}")
         raise _Reject("payload is not a JSON object")
     version = doc.get("schema_version")
     if version != SCHEMA_VERSION or isinstance(version, bool):
         raise _Reject(f"unknown schema_version {json.dumps(version)[:20]} (this sink reads {SCHEMA_VERSION})")
-    errors = schema_errors(doc, schema)
+    errors = [] if _fast_accepts(doc, schema) else _slow_errors(doc, schema, limits)
     if errors:
         raise _Reject("schema: " + "; ".join(errors[:3]))
     if doc["site"] != site or doc["camera_id"] != camera_id:
