@@ -32,7 +32,7 @@ from camera.zones import LineSpec, ZoneSpec, box_anchor, line_side, points_in_po
 HANDOVER_DISTANCE = 1.0  # a successor must start within this many box heights of where the lost track was
 
 
-@dataclass
+@dataclass(eq=False)
 class _ZoneState:
     inside: bool = False
     entered_at: float = 0.0  # when the anchor first got inside (start of the run that confirmed entry)
@@ -40,20 +40,20 @@ class _ZoneState:
     loitered: bool = False
 
 
-@dataclass
+@dataclass(eq=False)
 class _LineState:
     side: int = 0  # +1 / -1: the side the anchor last settled on (beyond the hysteresis band); 0 = not yet
     pos: np.ndarray | None = None  # the last settled anchor position on that side
 
 
-@dataclass
+@dataclass(eq=False)
 class _Person:
     track: Track
     zones: dict[str, _ZoneState] = field(default_factory=dict)
     lines: dict[str, _LineState] = field(default_factory=dict)
 
 
-@dataclass
+@dataclass(eq=False)
 class _Orphan:
     """Line state of a person that was lost or ended, waiting for a successor (id switch)."""
 
@@ -149,6 +149,7 @@ class EventBuilder:
     def _begin(self, t: Track, ts: float, frame: dict) -> list[dict]:
         person = _Person(track=t)
         self._people[t.track_id] = person
+        self._seed_lines(person)
         self._adopt_orphan(person)
         return [
             self._event(
@@ -254,6 +255,18 @@ class EventBuilder:
             state.side, state.pos = side, anchor
         return events
 
+    def _seed_lines(self, person: _Person) -> None:
+        """Start each line state from where the track was first seen, so a crossing made while the track was
+        still being confirmed (min_hits, threshold) is counted at confirmation."""
+        first = person.track.first_xyxy
+        if first is None:
+            return
+        for line in self.lines:
+            anchor = box_anchor(first, line.anchor)
+            d = float(line_side(self._line_px[line.name], anchor[None])[0])
+            if abs(d) >= self._travel_px[line.name] and d != 0:
+                person.lines[line.name] = _LineState(1 if d > 0 else -1, anchor)
+
     def _offer_as_orphan(self, person: _Person) -> None:
         """Make a lost/ended person's line state available to a successor track (id switch)."""
         if not self.lines or not any(s.side for s in person.lines.values()):
@@ -277,7 +290,7 @@ class EventBuilder:
                 best, best_dist = o, dist
         if best is None:
             return
-        self._orphans.remove(best)
+        self._orphans = [o for o in self._orphans if o is not best]
         person.lines = {k: _LineState(v.side, v.pos) for k, v in best.lines.items()}
         for v in best.lines.values():  # the predecessor, if it comes back, starts afresh: no double count
             v.side, v.pos = 0, None

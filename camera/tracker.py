@@ -67,6 +67,7 @@ class Track:
     score_max: float = 0.0
     best_xyxy: np.ndarray | None = None  # the box with the highest score: the representative box
     score_sum: float = 0.0  # over the whole life, for the mean
+    first_xyxy: np.ndarray | None = None  # the box of the first detection (where the track came from)
     _state: np.ndarray = field(default_factory=lambda: np.zeros(4), repr=False)  # cx, cy, w, h
     _velocity: np.ndarray = field(default_factory=lambda: np.zeros(4), repr=False)  # per second
     _history: deque = field(default_factory=lambda: deque(maxlen=SCORE_HISTORY), repr=False)
@@ -271,6 +272,7 @@ class Tracker:
             hits=1,
         )
         t._state = _to_cxcywh(box)
+        t.first_xyxy = t.xyxy.copy()
         t._add_score(score, box)
         return t
 

@@ -187,3 +187,17 @@ def test_zone_flicker_on_the_border_is_one_visit_with_inertia():
     frames = walk(150, 240) + [[person(320, 240 + rng.uniform(-10, 10))] for _ in range(30)] + walk(240, 420)[1:]
     events = run(frames, lines=(), zones=(zone,))
     assert [e["type"] for e in events if e["type"].startswith("zone.")] == ["zone.enter", "zone.exit"]
+
+
+def test_two_simultaneous_id_switches_each_count_once():
+    """Two people lose their ids at the line at the same moment (several orphans waiting at once)."""
+    left = walk(150, 232, cx=200) + [[] for _ in range(6)] + walk(262, 400, cx=200)
+    right = walk(150, 232, cx=440) + [[] for _ in range(6)] + walk(262, 400, cx=440)
+    events = run([a + b for a, b in zip(left, right, strict=True)])
+    assert crossings(events) == ["in", "in"]
+
+
+def test_crossing_while_the_track_is_still_being_confirmed_counts():
+    """Fast walker: the feet pass the line between the first detection and confirmation (min_hits 3)."""
+    frames = [[person(320, y)] for y in (200, 235, 262, 290, 320, 350)]  # 27-30 px per frame
+    assert crossings(run(frames)) == ["in"]
