@@ -1,4 +1,4 @@
-"""`--save-video`: draw boxes, track ids, zones, lines, masks and counts on frames so a person can check by eye.
+"""`--save-video`: boxes, track ids, zones, lines, masks and counts drawn on frames, to check counts by eye.
 
 Only used for debugging and demos (images never leave the device by default). Drawing works on a copy, so the
 frame the detector sees is never touched.

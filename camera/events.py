@@ -30,6 +30,7 @@ from camera.tracker import Track, TrackUpdate
 from camera.zones import LineSpec, ZoneSpec, box_anchor, line_side, points_in_polygon, segments_intersect
 
 HANDOVER_DISTANCE = 1.0  # a successor must start within this many box heights of where the lost track was
+ORPHAN_GRACE_S = 5.0  # how long after handover_s a successor may still get confirmed and claim an orphan
 
 
 @dataclass(eq=False)
@@ -126,7 +127,9 @@ class EventBuilder:
         events: list[dict] = []
         for t in update.ended:
             events += self._end(t, frame)
-        self._orphans = [o for o in self._orphans if ts - o.last_seen <= self.handover_s]
+        # A successor is matched on its *first* sighting (<= handover_s after the loss) but only seen here once
+        # confirmed, later: keep orphans a little longer than handover_s.
+        self._orphans = [o for o in self._orphans if ts - o.last_seen <= self.handover_s + ORPHAN_GRACE_S]
         for t in update.active:
             if t.track_id not in self._people and t.median_score >= self.track_threshold:
                 events += self._begin(t, ts, frame)

@@ -190,9 +190,9 @@ def test_zone_flicker_on_the_border_is_one_visit_with_inertia():
 
 
 def test_two_simultaneous_id_switches_each_count_once():
-    """Two people lose their ids at the line at the same moment (several orphans waiting at once)."""
-    left = walk(150, 232, cx=200) + [[] for _ in range(6)] + walk(262, 400, cx=200)
-    right = walk(150, 232, cx=440) + [[] for _ in range(6)] + walk(262, 400, cx=440)
+    """Two people lose their ids at the line at once; the second one comes back first (several orphans waiting)."""
+    left = walk(150, 232, cx=200) + [[] for _ in range(8)] + walk(262, 400, cx=200)
+    right = walk(150, 232, cx=440) + [[] for _ in range(6)] + walk(262, 400, cx=440) + [[], []]
     events = run([a + b for a, b in zip(left, right, strict=True)])
     assert crossings(events) == ["in", "in"]
 

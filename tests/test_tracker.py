@@ -94,7 +94,7 @@ def test_low_score_detection_keeps_track_alive_but_cannot_start_one():
     assert tr2.update(dets((0, 0, 40, 100, 0.3)), 0.0).active == []
     assert tr2.tracks == []
     # Below new_track_score but above high_score: no new track either.
-    assert Tracker(spec).update(dets((0, 0, 40, 100, 0.55)), 0.0).started == []
+    assert Tracker(spec).update(dets((0, 0, 40, 100, 0.45)), 0.0).started == []
 
 
 def test_one_frame_false_positive_never_confirmed():
