@@ -156,17 +156,26 @@ def bench_ingest(args: argparse.Namespace) -> dict:
             p.join(30)
         if args.backlog:
             assert store.event_count() == 0
+            for log in logs:
+                log.write_text("")
             t0 = time.perf_counter()
             for i in range(args.workers):
                 sinks.append(_sink(broker.url, db, f"bench-sink-{i}", share, logs[i]))
+            _wait(lambda: all("connected to" in log.read_text() for log in logs), 60, "sink reconnect")
+            t_connected = time.perf_counter()
         _wait(lambda: store.event_count() >= args.events, 900, "all events stored")
         elapsed = time.perf_counter() - t0
+        extra = {}
+        if args.backlog:
+            drain = time.perf_counter() - t_connected
+            extra = {"drain_s": round(drain, 2), "drain_events_per_s": round(args.events / drain)}
         stored = store.event_count()
         store.close()
         return {"db": args.db, "events": args.events, "stored": stored, "publishers": args.publishers,
                 "workers": args.workers, "mode": "backlog" if args.backlog else "live",
                 "publish_s": round(t_pub, 2), "publish_rate": round(sum(n for n, _ in pub_results) / t_pub),
-                "elapsed_s": round(elapsed, 2), "events_per_s": round(args.events / elapsed)}
+                "elapsed_s": round(elapsed, 2), "events_per_s": round(args.events / elapsed), **extra,
+                "load_avg_1m": round(os.getloadavg()[0], 1)}
     finally:
         for p in sinks:
             _stop(p)

@@ -263,3 +263,62 @@ def test_cli_refuses_an_unwritable_database_path_with_one_line(tmp_path):
                            f"sqlite:///{tmp_path / 'missing' / 'x.db'}"], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2 and proc.stderr.startswith("smartcam-sink: error: cannot open database")
     assert proc.stderr.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_share_group_workers_split_the_load_and_store_everything_once(mosquitto, tmp_path):
+    s = Store.open(f"sqlite:///{tmp_path / 'shared.db'}")
+    workers = [Subscriber(Ingestor(s), BrokerSettings.from_url(mosquitto.url), client_id=f"worker-{i}",
+                          share_group="sinks") for i in range(2)]
+    assert workers[0].topics()[0] == "$share/sinks/smartcam/+/+/events"
+    threads = [threading.Thread(target=w.run) for w in workers]
+    for w, t in zip(workers, threads, strict=True):
+        w.start()
+        t.start()
+    try:
+        assert all(w.connected.wait(10) for w in workers)
+        time.sleep(0.5)
+        evs = [now_event(track_id=i) for i in range(400)]
+        publish(mosquitto.url, [raw(e) for e in evs] + [raw(e) for e in evs[:50]])
+        wait_for(lambda: s.event_count() == 400, what="400 events")
+        time.sleep(0.3)
+        per_worker = [w.ingestor.totals.received for w in workers]
+        assert sum(per_worker) == 450 and min(per_worker) > 0  # both got a share
+        assert s.event_count() == 400
+    finally:
+        for w in workers:
+            w.stop()
+        for t in threads:
+            t.join(10)
+        s.close()
+
+
+@pytest.mark.slow
+def test_run_serves_the_api_and_archives_new_events(mosquitto, tmp_path):
+    import urllib.request
+
+    from tests.services import free_port, wait_for_port
+
+    port = free_port()
+    log_path = tmp_path / "sink.log"
+    db = f"sqlite:///{tmp_path / 'api.db'}"
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "cloud_sink", "run", "--broker", mosquitto.url, "--db", db,
+                                 "--client-id", "sink-api", "--http", f"127.0.0.1:{port}", "--archive",
+                                 str(tmp_path / "archive")], stdout=log, stderr=log, cwd=ROOT)
+    try:
+        wait_connected(log_path)
+        wait_for_port(port)
+        evs = [now_event(track_id=i) for i in range(5)]
+        publish(mosquitto.url, [raw(e) for e in evs] * 2)
+        s = Store.open(db)
+        wait_for(lambda: s.event_count() == 5, what="5 events")
+        s.close()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/events?limit=50", timeout=10) as resp:
+            body = json.loads(resp.read())
+        assert {e["event_id"] for e in body["events"]} == {e["event_id"] for e in evs}
+        archived = "".join(p.read_text() for p in (tmp_path / "archive").rglob("*.jsonl"))
+        assert sorted(json.loads(line)["event_id"] for line in archived.splitlines()) == sorted(
+            e["event_id"] for e in evs)
+    finally:
+        assert stop_process(proc) == 0
