@@ -241,8 +241,6 @@ def start_seaweedfs(workdir: Path, access_key: str = "smartcam-test", secret_key
     ]
     for name in ports:
         args += [f"-{name}.port={ports[name]}", f"-{name}.port.grpc={grpc[name]}"]
-    if buckets:
-        args.append(f"-bucket={','.join(buckets)}")
     env = {**os.environ, "AWS_ACCESS_KEY_ID": access_key, "AWS_SECRET_ACCESS_KEY": secret_key}
     log_path = workdir / "weed.log"
     server = SeaweedFS(workdir=workdir, s3_port=ports["s3"], access_key=access_key, secret_key=secret_key,
@@ -251,22 +249,26 @@ def start_seaweedfs(workdir: Path, access_key: str = "smartcam-test", secret_key
         server.proc = subprocess.Popen(args, stdout=log, stderr=log, cwd=workdir, env=env)
     try:
         wait_for_port(server.s3_port, timeout=60)
-        _wait_s3_ready(server, buckets)
+        _wait_s3_ready(server)
     except Exception:
         server.stop()
         raise RuntimeError(f"seaweedfs did not start:\n{log_path.read_text()[-2000:]}") from None
+    for bucket in buckets:  # after start-up, so a bad name fails at once with S3's own message
+        try:
+            server.client().create_bucket(Bucket=bucket)
+        except Exception:
+            server.stop()
+            raise
     return server
 
 
-def _wait_s3_ready(server: SeaweedFS, buckets: tuple[str, ...], timeout: float = 60.0) -> None:
+def _wait_s3_ready(server: SeaweedFS, timeout: float = 60.0) -> None:
     """The S3 port opens before the filer behind it is ready: wait until a real request succeeds."""
     client = server.client()
     deadline = time.monotonic() + timeout
     while True:
         try:
             client.list_buckets()
-            for bucket in buckets:
-                client.head_bucket(Bucket=bucket)
             return
         except Exception:
             if time.monotonic() > deadline or (server.proc and server.proc.poll() is not None):
