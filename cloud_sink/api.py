@@ -65,7 +65,7 @@ def check_bind(host: str, token: str | None) -> None:
     """Refuse to expose the API on a non-loopback address without a bearer token (call before serving)."""
     if not token and not is_loopback(host):
         raise InsecureBindError(
-            f"refusing to serve the API on {host} without a token: set {TOKEN_ENV} (or --token), "
+            f"refusing to serve the API on {host} without a token: set {TOKEN_ENV} (or --http-token), "
             "or bind 127.0.0.1")
 
 
