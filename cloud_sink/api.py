@@ -4,7 +4,8 @@ Nothing here writes: every route is GET, so POST/PUT/DELETE get 405. ``/api/*`` 
 <token>`` when a token is set, and :func:`check_bind` refuses to serve a non-loopback address without one (the
 data shows when people came and went). ``/health`` and the static dashboard files stay open: they hold no data.
 Query parameters are validated by FastAPI/pydantic (bad values → 422, never 500); a database that cannot be
-reached answers 503.
+reached answers 503. The dashboard asks for the token, or takes it from a link's fragment
+(``http://host:8080/#token=...``, never sent to the server) and keeps it in the tab's sessionStorage.
 
     app = create_app(Store.open("sqlite:///smartcam.db"), token=os.environ.get(TOKEN_ENV))
     check_bind("0.0.0.0", token)  # raises InsecureBindError without a token

@@ -299,6 +299,21 @@ class S3Archive(Archive):
         return sorted(keys)
 
 
+def backfill(store: Any, archive: Archive, *, since: Any = None, until: Any = None, site: str | None = None,
+             camera_id: str | None = None, page: int = 1000) -> int:
+    """Archive stored events again from the database (e.g. after a crash between commit and archive write).
+
+    Safe to repeat: the archive keeps each event once. Returns how many events were missing from the archive.
+    """
+    added = offset = 0
+    while True:
+        rows = store.events(site=site, camera_id=camera_id, since=since, until=until, limit=page, offset=offset)
+        if not rows:
+            return added
+        added += archive.write([row["payload"] for row in rows])
+        offset += len(rows)
+
+
 def open_archive(url: str, *, endpoint_url: str | None = None) -> Archive:
     """A local directory path (or ``file://``) or ``s3://bucket/prefix``; fails early with a clear message."""
     parsed = urlparse(url)

@@ -170,3 +170,20 @@ def test_s3_wrong_credentials_and_missing_bucket_refused(seaweedfs, s3_env, monk
     monkeypatch.setenv("SMARTCAM_S3_ENDPOINT", "http://127.0.0.1:9")
     with pytest.raises(ArchiveError, match="cannot connect"):
         open_archive(f"s3://{s3_env}/p")
+
+
+def test_backfill_restores_what_a_crash_left_out(tmp_path):
+    """Events committed to the database but never archived (sink killed in between) are filled in, once."""
+    from cloud_sink.archive import backfill
+    from cloud_sink.store import Store
+
+    store = Store.open(f"sqlite:///{tmp_path / 'sink.db'}")
+    events = _events()
+    store.insert_events(events)
+    archive = open_archive(str(tmp_path / "arch"))
+    archive.write(events[:2])  # the crash: only the first batch reached the archive
+    assert backfill(store, archive, page=2) == 3
+    assert backfill(store, archive) == 0
+    _check_layout(archive, events)
+    assert backfill(store, open_archive(str(tmp_path / "cam2")), camera_id="cam-2") == 2
+    store.close()
