@@ -133,6 +133,7 @@ class EdgeRunner:
         stats_thread = threading.Thread(target=self._stats_loop, name="stats", daemon=True)
         stats_thread.start()
         last_ts, size = time.time(), (0, 0)
+        stats.start_clock()
         try:
             for frame in src:
                 h, w = frame.image.shape[:2]

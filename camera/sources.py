@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -36,6 +37,7 @@ STREAM_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://", "udp:
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 OPEN_TIMEOUT_MS = 5000  # a dead stream must not hang the reader thread forever
 READ_TIMEOUT_MS = 5000
+PREFETCH_FRAMES = 4  # files: frames decoded ahead of the detector (memory: 4 decoded frames)
 
 
 class SourceError(RuntimeError):
@@ -117,9 +119,10 @@ class VideoFileSource(Source):
         self.limiter = RateLimiter(fps, tolerance=0.5 / self.fps)
         self.start_time = time.time() if start_time is None else start_time
 
-    def frames(self) -> Iterator[Frame]:
-        started = time.monotonic()
+    def _decode(self, out: queue.Queue) -> None:
+        """Decoder thread: decodes ahead (bounded) so decoding overlaps inference; frames stay in order."""
         index = -1
+        item: object = None
         try:
             while not self._closed.is_set():
                 index += 1
@@ -133,17 +136,52 @@ class VideoFileSource(Source):
                     continue
                 ok, image = self.cap.retrieve()
                 if not ok or image is None:
-                    raise SourceError(f"cannot decode frame {index} of {self.path}")
+                    item = SourceError(f"cannot decode frame {index} of {self.path}")
+                    break
+                if not self._put(out, (index, pos, image)):
+                    return
+            if item is None and self.frames_read == 0:
+                item = SourceError(f"video file has no readable frames: {self.path}")
+        except Exception as exc:  # noqa: BLE001 - hand any decoder failure to the consumer
+            item = SourceError(f"cannot read {self.path}: {exc}")
+        finally:
+            self.cap.release()
+        self._put(out, item)  # None = end of file
+
+    def _put(self, out: queue.Queue, item: object) -> bool:
+        while not self._closed.is_set():
+            try:
+                out.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def frames(self) -> Iterator[Frame]:
+        out: queue.Queue = queue.Queue(maxsize=PREFETCH_FRAMES)
+        decoder = threading.Thread(target=self._decode, args=(out,), name="source-decode", daemon=True)
+        decoder.start()
+        started = time.monotonic()
+        try:
+            while not self._closed.is_set():
+                try:
+                    item = out.get(timeout=0.2)
+                except queue.Empty:
+                    continue
+                if item is None:
+                    break
+                if isinstance(item, SourceError):
+                    raise item
+                index, pos, image = item
                 if self.realtime:
                     delay = started + pos - time.monotonic()
                     if delay > 0:
                         time.sleep(delay)
                 yield Frame(image=image, ts=self.start_time + pos, index=index)
-            if index == 0 and self.frames_read == 0:
-                raise SourceError(f"video file has no readable frames: {self.path}")
         finally:
             self.state = "ended"
-            self.cap.release()
+            self._closed.set()
+            decoder.join(timeout=5)
 
 
 class ImageFolderSource(Source):

@@ -57,6 +57,11 @@ class RuntimeStats:
         self._started = time.monotonic()
         self._last_snapshot = (self._started, 0, 0)
 
+    def start_clock(self) -> None:
+        """Start the rate clocks now (the first frame), so model loading does not count against fps."""
+        self._started = time.monotonic()
+        self._last_snapshot = (self._started, self.frames_in, self.frames_processed)
+
     def record_inference(self, ms: float) -> None:
         with self._lock:
             self.frames_detected += 1

@@ -1,0 +1,278 @@
+"""Edge end-to-end fps vs Ultralytics predict on the same clip, weights and input size; edge peak RSS.
+
+One invocation measures, each in its own process so none inherits another's memory or threads:
+  * smartcam-edge run (decode → motion gate off → INT8 detect → filters → track → events → outbox → MQTT to a
+    real Mosquitto when one is installed), frames/s from its own summary line, peak RSS (VmHWM) of the process;
+  * Ultralytics ``YOLO(weights).predict(source, classes=[0], stream=True, imgsz=...)`` on PyTorch CPU;
+  * Ultralytics with the very same INT8 ONNX file the edge runs (same pre/post-processing question, same model);
+  * all of the above again pinned to one core (``sched_setaffinity`` + 1 intra-op thread).
+Prints a table with the ratios, and with ``--write`` replaces the "Edge" section of docs/benchmarks.md and saves
+docs/edge_fps.png.
+
+    .venv/bin/python bench/edge_fps.py --frames 300 --write
+
+The INT8 model is built once with ``smartcam-model build`` (calibrated on the shared clips) if ``--model`` is
+missing. Ultralytics is a benchmark-only dependency (smartcam[ultralytics]); the edge never imports it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("SMARTCAM_SHARED", ROOT.parent / "shared")).resolve()
+VIDEOS = SHARED / "data" / "videos"
+DEFAULT_CLIP = VIDEOS / "outdoor_street_cctv_towncentre_720p.m4v"
+DEFAULT_WEIGHTS = SHARED / "models" / "yolov8n-coco.pt"
+DEFAULT_MODEL = ROOT / "test-artifacts" / "bench" / "yolov8n-int8-320.onnx"
+DOC = ROOT / "docs" / "benchmarks.md"
+PLOT = ROOT / "docs" / "edge_fps.png"
+SECTION = "## Edge end-to-end fps vs Ultralytics (issue 2, 7)"
+
+
+# ----------------------------------------------------------------------------------------------- children
+
+
+def _pin_one_core() -> None:
+    os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+
+
+def _peak_rss_mb(proc: subprocess.Popen) -> float:
+    """Poll VmHWM (the kernel's peak resident set) until the process exits; returns MB."""
+    peak = 0
+    status = Path(f"/proc/{proc.pid}/status")
+    while proc.poll() is None:
+        try:
+            m = re.search(r"VmHWM:\s+(\d+) kB", status.read_text())
+            if m:
+                peak = max(peak, int(m.group(1)))
+        except OSError:
+            pass
+        time.sleep(0.05)
+    return peak / 1024
+
+
+def run_child(cmd: list[str], one_core: bool, env: dict | None = None) -> tuple[str, float, int]:
+    """Run a measurement child; returns (combined output, peak RSS MB, exit code)."""
+    with tempfile.TemporaryFile() as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                preexec_fn=_pin_one_core if one_core else None)
+        rss = _peak_rss_mb(proc)
+        out.seek(0)
+        return out.read().decode(errors="replace"), rss, proc.returncode
+
+
+def measure_edge(model: Path, clip: Path, frames: int, threads: int | None, broker_url: str | None,
+                 workdir: Path) -> dict:
+    cmd = [sys.executable, "-m", "camera", "run", "--source", str(clip), "--model", str(model),
+           "--camera-id", "bench", "--site", "bench", "--no-motion", "--max-frames", str(frames),
+           "--events-file", str(workdir / f"events-{threads}.jsonl"), "--stats-interval", "5"]
+    if broker_url:
+        cmd += ["--broker", broker_url, "--outbox", str(workdir / f"outbox-{threads}.db")]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    out, rss, rc = run_child(cmd, one_core=threads == 1)
+    m = re.search(r"done: (\d+) frames processed .*?, (\d+) events, ([\d.]+) fps", out)
+    if rc != 0 or not m:
+        raise SystemExit(f"edge run failed (exit {rc}):\n{out[-3000:]}")
+    return {"frames": int(m.group(1)), "events": int(m.group(2)), "fps": float(m.group(3)), "rss_mb": rss}
+
+
+def measure_ultralytics(weights: Path, clip: Path, frames: int, imgsz: int, threads: int | None) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--weights", str(weights), "--clip", str(clip),
+           "--frames", str(frames), "--imgsz", str(imgsz)]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    env = dict(os.environ, YOLO_OFFLINE="1", YOLO_VERBOSE="False")
+    out, rss, rc = run_child(cmd, one_core=threads == 1, env=env)
+    line = next((ln for ln in reversed(out.splitlines()) if ln.startswith("{")), None)
+    if rc != 0 or line is None:
+        raise SystemExit(f"ultralytics run failed (exit {rc}):\n{out[-3000:]}")
+    return {**json.loads(line), "rss_mb": rss}
+
+
+def ultralytics_worker(args: argparse.Namespace) -> None:
+    """Child process: Ultralytics streaming predict over the clip; prints one JSON line."""
+    import torch
+    from ultralytics import YOLO
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = YOLO(str(args.weights), task="detect")
+    n, t0 = 0, None
+    for _ in model.predict(source=str(args.clip), classes=[0], stream=True, imgsz=args.imgsz, device="cpu",
+                           verbose=False):
+        n += 1
+        if n == 1:
+            t0 = time.perf_counter()  # clock from the first result: model warm-up is not counted against it
+        if n >= args.frames:
+            break
+    elapsed = time.perf_counter() - t0
+    print(json.dumps({"frames": n, "fps": round((n - 1) / elapsed, 2)}))
+
+
+# ----------------------------------------------------------------------------------------------- report
+
+
+def ensure_model(model: Path, weights: Path, imgsz: int) -> None:
+    if model.exists():
+        return
+    model.parent.mkdir(parents=True, exist_ok=True)
+    calib = [str(VIDEOS / n) for n in ("indoor_webcam_2people_with_overlay.mp4",
+                                       "outdoor_street_cctv_towncentre_720p.m4v",
+                                       "outdoor_overhead_plaza_many_people.mp4")]
+    print(f"building the INT8 model {model} (smartcam-model build, once)", flush=True)
+    subprocess.run([sys.executable, "-m", "models", "build", "--weights", str(weights), "--imgsz", str(imgsz),
+                    "--calib", *calib, "--out", str(model), "--no-eval", "--latency-runs", "0", "--quiet"],
+                   cwd=ROOT, check=True)
+
+
+def start_broker(workdir: Path):
+    try:
+        sys.path.insert(0, str(ROOT))
+        from tests.services import start_mosquitto
+
+        return start_mosquitto(workdir / "mosquitto")
+    except (FileNotFoundError, RuntimeError) as exc:
+        print(f"no Mosquitto ({exc}): the edge runs offline (events to a file)", flush=True)
+        return None
+
+
+def render(rows: list[tuple[str, dict]], info: dict) -> str:
+    by = dict(rows)
+    edge, ul = by["smartcam-edge, INT8 ONNX"], by["Ultralytics predict, PyTorch .pt"]
+    lines = [
+        SECTION, "",
+        f"Measured {info['date']} on {info['machine']} ({info['cores']} cores, shared with other work: absolute "
+        "numbers move with the load, ratios measured back to back in one run are the figure to read).",
+        f"Clip `{info['clip']}` ({info['frames']} frames, decoded from the file by each contender), input size "
+        f"{info['imgsz']}, weights `yolov8n-coco.pt`; the edge runs the INT8 QDQ ONNX built from them by "
+        "`smartcam-model build` (calibrated on the shared clips), end to end: decode → detect → filters → "
+        f"track → events → outbox{' → MQTT (real Mosquitto)' if info['broker'] else ''}, motion gate off.",
+        "",
+        "| configuration | frames/s | vs Ultralytics .pt (same cores) | peak RSS MB |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for name, r in rows:
+        base = by["Ultralytics predict, PyTorch .pt" + (" (1 core)" if "1 core" in name else "")]
+        lines.append(f"| {name} | {r['fps']:.1f} | {r['fps'] / base['fps']:.2f}x | {r['rss_mb']:.0f} |")
+    verdict = "meets" if edge["fps"] / ul["fps"] >= 3 else "does not meet"
+    rss = "meets" if edge["rss_mb"] <= 250 else "does not meet"
+    lines += [
+        "",
+        f"End to end, the edge runs at **{edge['fps'] / ul['fps']:.2f}x** Ultralytics' PyTorch predict "
+        f"({edge['fps']:.1f} vs {ul['fps']:.1f} frames/s): it {verdict} the 3x target. Its peak RSS is "
+        f"**{edge['rss_mb']:.0f} MB** (target ≤ 250 MB: it {rss} it).",
+        "",
+        "![edge fps](edge_fps.png)",
+        "",
+        "Command (the INT8 model is built first if missing):",
+        "",
+        "```",
+        info["command"],
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_section(text: str) -> None:
+    doc = DOC.read_text()
+    start = doc.index(SECTION)
+    nxt = doc.find("\n## ", start + len(SECTION))
+    DOC.write_text(doc[:start] + text + ("\n" + doc[nxt + 1:] if nxt != -1 else ""))
+
+
+def plot(rows: list[tuple[str, dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n.replace(", ", "\n", 1) for n, _ in rows]
+    fps = [r["fps"] for _, r in rows]
+    colors = ["#2b8a3e" if n.startswith("smartcam") else "#868e96" for n, _ in rows]
+    fig, ax = plt.subplots(figsize=(8, 3.6), dpi=100)
+    bars = ax.barh(names[::-1], fps[::-1], color=colors[::-1])
+    ax.bar_label(bars, fmt="%.1f", padding=3, fontsize=8)
+    ax.set_xlabel("frames / s, end to end (higher is better)")
+    ax.set_title("smartcam edge (INT8) vs Ultralytics predict, same clip and input size", fontsize=10)
+    ax.tick_params(axis="y", labelsize=8)
+    ax.margins(x=0.15)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clip", type=Path, default=DEFAULT_CLIP)
+    parser.add_argument("--frames", type=int, default=300)
+    parser.add_argument("--imgsz", type=int, default=320)
+    parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS, help="Ultralytics .pt")
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="edge INT8 ONNX (built if missing)")
+    parser.add_argument("--skip-one-core", action="store_true", help="only the all-cores comparison")
+    parser.add_argument("--write", action="store_true", help="update docs/benchmarks.md and docs/edge_fps.png")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        ultralytics_worker(args)
+        return
+
+    ensure_model(args.model, args.weights, args.imgsz)
+    work = Path(tempfile.mkdtemp(prefix="smartcam-bench-"))
+    broker = start_broker(work)
+    rows: list[tuple[str, dict]] = []
+    try:
+        for threads, suffix in ((None, ""), (1, " (1 core)")):
+            if threads and args.skip_one_core:
+                continue
+            plan = [
+                ("smartcam-edge, INT8 ONNX", lambda t=threads: measure_edge(
+                    args.model, args.clip, args.frames, t, broker.url if broker else None, work)),
+                ("Ultralytics predict, PyTorch .pt", lambda t=threads: measure_ultralytics(
+                    args.weights, args.clip, args.frames, args.imgsz, t)),
+                ("Ultralytics predict, same INT8 ONNX", lambda t=threads: measure_ultralytics(
+                    args.model, args.clip, args.frames, args.imgsz, t)),
+            ]
+            for name, fn in plan:
+                print(f"measuring {name}{suffix} ...", flush=True)
+                result = fn()
+                rows.append((name + suffix, result))
+                print(f"  {result['fps']:.1f} frames/s, peak RSS {result['rss_mb']:.0f} MB", flush=True)
+    finally:
+        if broker:
+            broker.stop()
+
+    by = dict(rows)
+    print()
+    for name, r in rows:
+        base = by["Ultralytics predict, PyTorch .pt" + (" (1 core)" if "1 core" in name else "")]
+        print(f"{name:45s} {r['fps']:7.1f} fps  {r['fps'] / base['fps']:5.2f}x  {r['rss_mb']:6.0f} MB")
+    if args.write:
+        info = {
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+            "cores": os.cpu_count(), "clip": args.clip.name, "frames": args.frames, "imgsz": args.imgsz,
+            "broker": broker is not None,
+            "command": f".venv/bin/python bench/edge_fps.py --frames {args.frames} --imgsz {args.imgsz}"
+                       f"{' --skip-one-core' if args.skip_one_core else ''} --write",
+        }
+        write_section(render(rows, info))
+        plot(rows, PLOT)
+        print(f"\nwrote {DOC.relative_to(ROOT)} (Edge section) and {PLOT.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
