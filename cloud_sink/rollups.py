@@ -187,9 +187,9 @@ def hourly(store: Store, *, since: Any, until: Any = None, site: str | None = No
 
 def daily(store: Store, *, since: Any, until: Any = None, site: str | None = None, camera_id: str | None = None,
           zone: str | None = None) -> list[dict[str, Any]]:
-    """Hourly rollups summed per UTC day; unique_tracks is distinct over the whole day."""
+    """Hourly rollups (of the hours in range) summed per UTC day; unique_tracks is distinct over the whole day."""
     tables = _tables()
-    t, tr = tables.rollup_hourly, tables.rollup_tracks
+    t, tr = tables.rollup_hourly, tables.rollup_daily
     day = (t.c.hour // DAY) * DAY
     query = sa.select(
         t.c.site, t.c.camera_id, t.c.zone, day.label("day"), sa.func.sum(t.c.entries).label("entries"),
@@ -199,14 +199,15 @@ def daily(store: Store, *, since: Any, until: Any = None, site: str | None = Non
         sa.func.sum(t.c.dwell_count).label("dwell_count"), sa.func.sum(t.c.loiters).label("loiters"),
     ).group_by(t.c.site, t.c.camera_id, t.c.zone, day)
     query = _filter(_hour_range(query, t.c.hour, since, until), t, site, camera_id, zone)
-    tday = (tr.c.hour // DAY) * DAY
-    tracks = sa.select(tr.c.site, tr.c.camera_id, tr.c.zone, tday.label("day"),
-                       sa.func.count(sa.distinct(tr.c.track_id)).label("n")).group_by(
-        tr.c.site, tr.c.camera_id, tr.c.zone, tday)
-    tracks = _filter(_hour_range(tracks, tr.c.hour, since, until), tr, site, camera_id, zone)
+    daily_q = _filter(sa.select(tr), tr, site, camera_id, zone)
+    start, end = _epoch_s(since), _epoch_s(until)
+    if start is not None:
+        daily_q = daily_q.where(tr.c.day >= start // DAY * DAY)
+    if end is not None:
+        daily_q = daily_q.where(tr.c.day < end)
     with store.engine.connect() as conn:
         rows = conn.execute(query).mappings().all()
-        uniques = {(r.site, r.camera_id, r.zone, r.day): r.n for r in conn.execute(tracks)}
+        uniques = {(r.site, r.camera_id, r.zone, r.day): r.unique_tracks for r in conn.execute(daily_q)}
     out = [{
         "site": r["site"], "camera_id": r["camera_id"], "zone": r["zone"] or None, "day": format_ts(r["day"])[:10],
         "day_ts": int(r["day"]), "entries": int(r["entries"]), "exits": int(r["exits"]),

@@ -143,14 +143,46 @@ rollup_lines = sa.Table(
 )
 
 
+rollup_day_tracks = sa.Table(  # distinct track ids per UTC day (migration 2): exact daily unique_tracks
+    "rollup_day_tracks", metadata,
+    *_camera_key(),
+    sa.Column("zone", NAME, primary_key=True),
+    sa.Column("day", sa.BigInteger, primary_key=True),  # epoch s of the UTC day start
+    sa.Column("track_id", sa.BigInteger, primary_key=True),
+)
+
+rollup_daily = sa.Table(
+    "rollup_daily", metadata,
+    *_camera_key(),
+    sa.Column("zone", NAME, primary_key=True),
+    sa.Column("day", sa.BigInteger, primary_key=True),
+    sa.Column("unique_tracks", sa.Integer, nullable=False, server_default="0"),
+)
+
+
 def _migration_1(conn: Connection) -> None:
     metadata.create_all(conn, tables=[events, dead_letters, cameras, rollup_hourly, rollup_tracks, rollup_dwell,
                                       rollup_lines])
 
 
+def _migration_2(conn: Connection) -> None:
+    """Daily distinct tracks kept on ingest (a COUNT DISTINCT over a month of hourly tracks took ~0.5 s)."""
+    metadata.create_all(conn, tables=[rollup_day_tracks, rollup_daily])
+    t = rollup_tracks.c
+    day = (t.hour // 86400) * 86400
+    conn.execute(rollup_day_tracks.insert().from_select(
+        ["site", "camera_id", "zone", "day", "track_id"],
+        sa.select(t.site, t.camera_id, t.zone, day, t.track_id).distinct()))
+    d = rollup_day_tracks.c
+    conn.execute(rollup_daily.insert().from_select(
+        ["site", "camera_id", "zone", "day", "unique_tracks"],
+        sa.select(d.site, d.camera_id, d.zone, d.day, sa.func.count()).group_by(d.site, d.camera_id, d.zone, d.day)))
+
+
 #: (version, description, apply). Append only; never edit an applied migration.
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "events, dead letters, cameras, hourly rollups", _migration_1),
+    (2, "daily distinct tracks", _migration_2),
 ]
 
 
@@ -374,6 +406,23 @@ class Store:
                 [dict(zip(("site", "camera_id", "zone", "hour", "track_id"), k, strict=True)) for k in keys])
             for site, camera_id, zone, hour in returned:
                 delta.hourly[(site, camera_id, zone, hour)]["unique_tracks"] += 1
+            day_keys = sorted({(s, c, z, h // 86400 * 86400, tr) for s, c, z, h, tr in keys})
+            cols = rollup_day_tracks.c
+            returned = conn.execute(
+                self._insert(rollup_day_tracks).on_conflict_do_nothing().returning(
+                    cols.site, cols.camera_id, cols.zone, cols.day),
+                [dict(zip(("site", "camera_id", "zone", "day", "track_id"), k, strict=True)) for k in day_keys])
+            new_per_day: dict[tuple[str, str, str, int], int] = defaultdict(int)
+            for key in returned:
+                new_per_day[tuple(key)] += 1
+            if new_per_day:
+                ins = self._insert(rollup_daily)
+                conn.execute(
+                    ins.on_conflict_do_update(index_elements=["site", "camera_id", "zone", "day"],
+                                              set_={"unique_tracks": rollup_daily.c.unique_tracks
+                                                    + ins.excluded.unique_tracks}),
+                    [dict(zip(("site", "camera_id", "zone", "day"), k, strict=True), unique_tracks=n)
+                     for k, n in sorted(new_per_day.items())])
         if delta.hourly:
             ins = self._insert(rollup_hourly)
             t, x = rollup_hourly.c, ins.excluded

@@ -158,3 +158,24 @@ def test_dwell_bins_contain_their_value(seconds):
     lo, hi = rollups.bin_edges(rollups.dwell_bin(seconds))
     assert lo <= seconds * (1 + 1e-12) and seconds < hi * (1 + 1e-12)
     assert hi - lo <= max(0.5, 0.051 * hi)
+
+
+def test_migration_2_backfills_daily_tracks_of_a_version_1_database(db_url):  # noqa: F811
+    import sqlalchemy as sa
+
+    from cloud_sink.store import Store
+
+    s = Store.open(db_url)
+    s.insert_events(scenario())
+    with s.engine.begin() as conn:  # make it look like a database written before migration 2
+        conn.execute(sa.text("DROP TABLE rollup_daily"))
+        conn.execute(sa.text("DROP TABLE rollup_day_tracks"))
+        conn.execute(sa.text("DELETE FROM schema_migrations WHERE version = 2"))
+    s.close()
+    upgraded = Store.open(db_url)
+    assert upgraded.schema_version() == 2
+    (day,) = rollups.daily(upgraded, since=H0, camera_id="cam-1")
+    assert day["unique_tracks"] == 4
+    upgraded.insert_events([make_event(ts=H1 + 500, track_id=99)])
+    assert rollups.daily(upgraded, since=H0, camera_id="cam-1")[0]["unique_tracks"] == 5
+    upgraded.close()
