@@ -275,15 +275,18 @@ class EventBuilder:
         if not self.lines or not any(s.side for s in person.lines.values()):
             return
         t = person.track
-        if any(o.lines is person.lines for o in self._orphans):
-            return
+        if any(o.lines is person.lines for o in self._orphans) or self._at_border(t.xyxy):
+            return  # lost at the edge of the picture: the person left, this is no id switch
         self._orphans.append(_Orphan(person.lines, box_anchor(t.xyxy), float(t.xyxy[3] - t.xyxy[1]), t.last_seen))
 
     def _adopt_orphan(self, person: _Person) -> None:
         """A new person continues the line state of one lost/ended just before, close to where it starts."""
         t = person.track
-        start = box_anchor(t.xyxy)
-        height = float(t.xyxy[3] - t.xyxy[1])
+        first = t.first_xyxy if t.first_xyxy is not None else t.xyxy
+        if self._at_border(first):
+            return  # came in over the edge of the picture: a newcomer, not a lost track found again
+        start = box_anchor(first)
+        height = float(first[3] - first[1])
         best, best_dist = None, np.inf
         for o in self._orphans:
             if o.last_seen > t.first_seen or t.first_seen - o.last_seen > self.handover_s:
@@ -318,6 +321,15 @@ class EventBuilder:
             "frame": dict(frame),
             **fields,
         }
+
+    def _at_border(self, xyxy: np.ndarray) -> bool:
+        """Whether a box touches the frame edge (within 1 % of its size): people enter and leave there."""
+        if self._geometry_size is None:
+            return False
+        w, h = self._geometry_size
+        mx, my = max(2.0, 0.01 * w), max(2.0, 0.01 * h)
+        x1, y1, x2, y2 = (float(v) for v in xyxy)
+        return x1 <= mx or y1 <= my or x2 >= w - mx or y2 >= h - my
 
     @staticmethod
     def _box(xyxy: np.ndarray, frame: dict) -> list[float]:

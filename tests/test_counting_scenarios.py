@@ -201,3 +201,14 @@ def test_crossing_while_the_track_is_still_being_confirmed_counts():
     """Fast walker: the feet pass the line between the first detection and confirmation (min_hits 3)."""
     frames = [[person(320, y)] for y in (200, 235, 262, 290, 320, 350)]  # 27-30 px per frame
     assert crossings(run(frames)) == ["in"]
+
+
+def test_one_leaves_over_the_edge_as_another_enters_there_is_no_handover():
+    """Above the line someone walks out of the picture on the left; a moment later someone else walks in from
+    the left below the line and goes away. Nobody crossed: the edge is where people come and go."""
+    leaving = [[person(cx, 200)] for cx in np.linspace(150, 20, 14)]  # 40 px above the line, then off the edge
+    arriving = [[person(cx, 300)] for cx in np.linspace(20, 150, 14)]  # 100 px lower: within one box height
+    full_width = LineSpec(name="door", points=[[0, 240], [640, 240]], in_side="right")
+    events = run(leaving + [[]] + arriving, lines=(full_width,))
+    assert len([e for e in events if e["type"] == "person.enter"]) == 2
+    assert crossings(events) == []
