@@ -101,6 +101,7 @@ def test_dashboard_renders_the_stored_data(browser, scenario_store, artifacts_di
         assert page.text_content('[data-camera="lobby/cam-2"] .status') == "offline"
         assert page.text_content('[data-camera="lobby/cam-1"] .status') == "online"
         assert "12.5" in page.inner_text('[data-camera="lobby/cam-1"] .facts')
+        assert page.text_content("#dead-letters") == "1 refused"
 
         page.click('[data-camera="lobby/cam-1"]')
         expect(page.locator("#camera-title")).to_have_text("lobby / cam-1")

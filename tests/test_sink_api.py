@@ -82,6 +82,8 @@ def fill(store, events: list[dict]) -> None:
     store.update_camera_status("lobby", "cam-1", "online")
     store.update_camera_stats("lobby", "cam-1", stats_doc("lobby", "cam-1", T0 + 3 * HOUR - 5, 12.5))
     store.update_camera_status("lobby", "cam-2", "offline")
+    store.insert_dead_letters([{"topic": "smartcam/lobby/cam-9/events", "reason": "schema: <root>: not an object",
+                                "payload": b"[1, 2, 3]"}])
 
 
 # ------------------------------------------------------------------------------------------ fixtures
@@ -211,7 +213,10 @@ def test_health_and_dashboard_are_served(client):
     assert page.status_code == 200 and "app.js" in page.text
     assert "default-src 'self'" in page.headers["content-security-policy"]
     assert c.get("/app.js").headers["content-type"].startswith(("text/javascript", "application/javascript"))
-    assert c.get("/api/dead-letters").json() == {"total": 0, "dead_letters": []}
+    dead = c.get("/api/dead-letters").json()
+    assert dead["total"] == 1
+    assert [(d["topic"], d["reason"], d["payload"]) for d in dead["dead_letters"]] == [
+        ("smartcam/lobby/cam-9/events", "schema: <root>: not an object", "[1, 2, 3]")]
 
 
 # ------------------------------------------------------------------------------------------ refusals

@@ -183,14 +183,17 @@ function drawDwell(svg, dwell) {
 }
 
 // ------------------------------------------------------------------------------------------ panels
-function renderTotals(cameras) {
+function renderTotals(cameras, deadLetters) {
   const online = cameras.filter((c) => c.state === "online").length;
   const events = cameras.reduce((sum, c) => sum + (c.events_total || 0), 0);
-  const box = document.getElementById("totals");
-  box.replaceChildren(
+  const refused = el("span", { class: `pill${deadLetters ? " warn" : ""}`, id: "dead-letters" },
+    `${deadLetters.toLocaleString("en")} refused`);
+  refused.title = "payloads the sink refused (dead letters): see /api/dead-letters";
+  document.getElementById("totals").replaceChildren(
     el("span", { class: "pill" }, `${cameras.length} camera${cameras.length === 1 ? "" : "s"}`),
     el("span", { class: "pill ok" }, `${online} online`),
     el("span", { class: "pill" }, `${events.toLocaleString("en")} events`),
+    refused,
   );
 }
 
@@ -303,11 +306,11 @@ async function refresh() {
   if (state.busy) return;
   state.busy = true;
   try {
-    const { cameras } = await api("cameras");
+    const [{ cameras }, dead] = await Promise.all([api("cameras"), api("dead-letters", { limit: 1 })]);
     state.cameras = cameras;
     if (!cameras.some((c) => camKey(c) === state.selected)) state.selected = cameras.length ? camKey(cameras[0]) : null;
     document.getElementById("auth").hidden = true;
-    renderTotals(cameras);
+    renderTotals(cameras, dead.total);
     renderCameras(cameras);
     const cam = cameras.find((c) => camKey(c) === state.selected);
     if (cam) {
