@@ -53,7 +53,8 @@ class Publisher:
         self.connects = 0
         self.published = 0  # messages acknowledged by the broker
         self.error: OutboxError | None = None  # set if the outbox failed under the drain thread
-        self._acks: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self._acks: queue.SimpleQueue[tuple[int, str | None]] = queue.SimpleQueue()  # (mid, rejection)
+        self.rejected = 0  # PUBACKs with an MQTT 5 failure reason (e.g. not authorized): kept in the outbox
         self._inflight: dict[int, int] = {}  # paho mid -> outbox row id
         self._last_sent = 0
         self._stop = threading.Event()
@@ -87,10 +88,8 @@ class Publisher:
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
         # Never touch SQLite or our locks here (paho may hold its own): hand the ack to the drain thread.
-        if reason_code is not None and getattr(reason_code, "is_failure", False):
-            log.error("broker rejected message %d: %s (kept in the outbox)", mid, reason_code)
-            return
-        self._acks.put(mid)
+        rejected = reason_code is not None and getattr(reason_code, "is_failure", False)
+        self._acks.put((mid, str(reason_code) if rejected else None))
         self._wake.set()
 
     # ------------------------------------------------------------------ drain thread
@@ -112,12 +111,19 @@ class Publisher:
         done: list[int] = []
         while True:
             try:
-                mid = self._acks.get_nowait()
+                mid, rejection = self._acks.get_nowait()
             except queue.Empty:
                 break
             row_id = self._inflight.pop(mid, None)
-            if row_id is not None:
+            if row_id is None:
+                continue
+            if rejection is None:
                 done.append(row_id)
+            else:  # not deleted: it stays in the outbox and is retried on the next start
+                self.rejected += 1
+                if self.rejected == 1 or self.rejected % 100 == 0:
+                    log.error("broker rejected outbox row %d (%s; %d rejected so far): kept in the outbox, "
+                              "check the broker's ACL for this camera", row_id, rejection, self.rejected)
         if done:
             self.outbox.delete(done)
             self.published += len(done)

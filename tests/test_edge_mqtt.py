@@ -172,14 +172,48 @@ def test_negative_clip_produces_no_person_event(mosquitto, tmp_path):
 
 
 @pytest.mark.slow
-def test_offline_mode_prints_valid_events_to_stdout():
+def test_offline_mode_prints_valid_events_to_stdout_as_of_start_time():
     proc = run_edge("--source", str(INDOOR_CLIP), "--model", str(model_path()), "--camera-id", CAM,
-                    "--fps", "3", "--max-frames", "20")
+                    "--fps", "3", "--max-frames", "20", "--start-time", "2024-05-01T08:00:00Z")
     assert proc.returncode == 0, proc.stderr[-3000:]
     events = [json.loads(line) for line in proc.stdout.splitlines()]
     assert any(e["type"] == "person.enter" for e in events)
     for ev in events:
         validate_event(ev)
+    # replayed footage is stamped as of --start-time + position in the file (20 frames at 3 fps < 7 s)
+    assert all("2024-05-01T08:00:00.000Z" <= e["ts"] < "2024-05-01T08:00:07.000Z" for e in events)
+
+
+@pytest.mark.slow
+def test_live_http_stream_with_motion_gate(tmp_path):
+    """A live source (HTTP URL): the motion gate is on by default, frames are timestamped with wall time."""
+    from tests.test_sources import _Server
+
+    (tmp_path / "www").mkdir()
+    clip = tmp_path / "www" / "cam.avi"
+    cap, writer = cv2.VideoCapture(str(INDOOR_CLIP)), None
+    for _ in range(60):
+        ok, img = cap.read()
+        assert ok
+        if writer is None:
+            writer = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"MJPG"), 30, img.shape[1::-1])
+        writer.write(img)
+    cap.release()
+    writer.release()
+    server = _Server(tmp_path / "www")
+    try:
+        before = time.time()
+        proc = run_edge("--source", f"http://127.0.0.1:{server.port}/cam.avi", "--model", str(model_path()),
+                        "--camera-id", CAM, "--max-frames", "25", "--events-file", str(tmp_path / "e.jsonl"))
+    finally:
+        server.stop()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "motion gate on" in proc.stderr and "(stream)" in proc.stderr
+    events = read_events(tmp_path / "e.jsonl")
+    assert any(e["type"] == "person.enter" for e in events)
+    from camera.contract import parse_ts
+
+    assert all(parse_ts(e["ts"]) >= before - 1 for e in events)
 
 
 @pytest.mark.slow

@@ -160,3 +160,25 @@ def test_unwritable_outbox_is_a_clear_error(tmp_path):
                     timeout=120)
     assert proc.returncode == 3
     assert "cannot open outbox" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_broker_refusing_the_topic_keeps_events_in_the_outbox(tmp_path):
+    """An ACL that forbids this camera's topic: MQTT 5 PUBACKs say "not authorized" and nothing is deleted."""
+    acl = tmp_path / "broker" / "acl"
+    acl.parent.mkdir(parents=True)
+    acl.write_text("topic read smartcam/#\n")  # anonymous clients may read, not write
+    acl.chmod(0o644)
+    broker = start_mosquitto(tmp_path / "broker", extra_conf=f"acl_file {acl}\nuser root\n")  # root: 0700 dirs
+    try:
+        proc = run_edge("--source", str(INDOOR_CLIP), "--model", str(model_path()), "--camera-id", CAM,
+                        "--site", SITE, "--broker", broker.url, "--fps", "3", "--max-frames", "15",
+                        "--events-file", str(tmp_path / "e.jsonl"), "--outbox", str(tmp_path / "o.db"),
+                        "--drain-timeout", "3")
+    finally:
+        broker.stop()
+    written = read_events(tmp_path / "e.jsonl")
+    assert written
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "broker rejected" in proc.stderr and "not acknowledged" in proc.stderr
+    assert Outbox(tmp_path / "o.db").depth() >= len(written)
