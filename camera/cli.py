@@ -4,7 +4,7 @@
     smartcam-edge detect --model person-int8.onnx --json image.jpg ...
 
 Exit codes: 0 ok, 1 events left in the outbox after the drain wait, 2 bad configuration / source / model,
-3 outbox failure (disk full, unwritable).
+3 storage failure (outbox or events file: disk full, unwritable).
 """
 
 from __future__ import annotations
@@ -132,6 +132,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     except OutboxError as exc:
         print(f"smartcam-edge: {exc}", file=sys.stderr)
+        return EXIT_OUTBOX
+    except OSError as exc:  # the events file or the annotated video: unwritable path, disk full
+        print(f"smartcam-edge: cannot write {exc.filename or 'output'}: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_OUTBOX
 
 

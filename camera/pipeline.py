@@ -98,8 +98,13 @@ class EdgeRunner:
     def request_stop(self, signum: int | None = None, _frame: Any = None) -> None:
         """Signal handler: finish the current frame, then wind down."""
         if signum is not None:
+            if self._stop.is_set() and self.publisher is not None:  # a second signal: stop waiting for the broker
+                log.warning("received %s again: leaving now, unacknowledged events stay in the outbox",
+                            signal.Signals(signum).name)
+                self.publisher.abort_wait()
+            else:
+                log.info("received %s: finishing the current frame and stopping", signal.Signals(signum).name)
             self.stopped_by_signal = True
-            log.info("received %s: finishing the current frame and stopping", signal.Signals(signum).name)
         self._stop.set()
         if self.source is not None:
             self.source._closed.set()  # wakes a live source's iterator; the reader thread exits by itself

@@ -58,6 +58,7 @@ class Publisher:
         self._inflight: dict[int, int] = {}  # paho mid -> outbox row id
         self._last_sent = 0
         self._stop = threading.Event()
+        self._abort_wait = threading.Event()
         self._wake = threading.Event()
         self._drainer = threading.Thread(target=self._drain_loop, name="outbox-drain", daemon=True)
 
@@ -165,12 +166,16 @@ class Publisher:
     def wait_drained(self, timeout: float) -> int:
         """Wait up to ``timeout`` s for the outbox to empty; returns the rows still queued."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and self.error is None:
+        while time.monotonic() < deadline and self.error is None and not self._abort_wait.is_set():
             if self.outbox.depth() == 0:
                 return 0
             self._wake.set()
             time.sleep(0.05)
         return self.outbox.depth()
+
+    def abort_wait(self) -> None:
+        """Make a running :meth:`wait_drained` return now (second Ctrl-C)."""
+        self._abort_wait.set()
 
     def stop(self, timeout: float = 5.0) -> None:
         """Publish ``offline`` (retained), disconnect cleanly, stop the threads."""

@@ -182,3 +182,12 @@ def test_broker_refusing_the_topic_keeps_events_in_the_outbox(tmp_path):
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "broker rejected" in proc.stderr and "not acknowledged" in proc.stderr
     assert Outbox(tmp_path / "o.db").depth() >= len(written)
+
+
+def test_unwritable_events_file_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    proc = run_edge("--source", str(NEGATIVE_CLIP), "--model", str(model_path()), "--camera-id", CAM,
+                    "--events-file", str(blocker / "events.jsonl"), "--max-frames", "1", timeout=120)
+    assert proc.returncode == 3
+    assert "cannot write" in proc.stderr and "Traceback" not in proc.stderr
