@@ -9,6 +9,7 @@ and fail on anything worse.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import cv2
@@ -29,6 +30,7 @@ pytestmark = pytest.mark.slow
 # Hand counts (tests/data/README.md): (in, out) for each line.
 STREET_HAND = {"in": 1, "out": 10}
 PLAZA_HAND = {"in": 6, "out": 7}
+COUNT_FPS = float(os.environ.get("SMARTCAM_COUNT_FPS", "5"))  # processed frames per second of video
 PLAZA_LINE = LineSpec(name="plaza", points=[[230, 240], [620, 240]], in_side="right")
 
 
@@ -53,7 +55,7 @@ def street_config() -> EdgeConfig:
                        overrides={"source": str(STREET_CLIP), "model": str(ONNX_FP32)})
 
 
-def count_clip(path, cfg: EdgeConfig, detector: Detector, fps: float = 5.0, video=None) -> ClipRun:
+def count_clip(path, cfg: EdgeConfig, detector: Detector, fps: float = COUNT_FPS, video=None) -> ClipRun:
     """Decode every frame, detect on ``fps`` of them per second of video, and count like the pipeline."""
     cap = cv2.VideoCapture(str(path))
     assert cap.isOpened(), path
@@ -103,11 +105,11 @@ def check_consistency(run: ClipRun) -> None:
 
 def test_street_line_counts_match_the_hand_count(detector, street_config, artifacts_dir):
     video_path = artifacts_dir / "counting_street.mp4"
-    with AnnotatedVideo(video_path, fps=5.0, size=(1280, 720)) as video:
+    with AnnotatedVideo(video_path, fps=COUNT_FPS, size=(1280, 720)) as video:
         run = count_clip(STREET_CLIP, street_config, detector, video=video)
     check_consistency(run)
     got = run.counts["lines"]["street"]
-    print(f"street: hand {STREET_HAND}, smartcam {got}, {run.frames} frames")
+    print(f"street @ {COUNT_FPS} fps: hand {STREET_HAND}, smartcam {got}, {run.frames} frames")
     assert got["in"] == STREET_HAND["in"]
     assert STREET_HAND["out"] - 2 <= got["out"] <= STREET_HAND["out"]  # measured: 8 (two hidden by the pillar)
     # Zone events come in pairs per track, with dwell.
@@ -125,8 +127,8 @@ def test_plaza_line_counts_match_the_hand_count(detector, street_config):
     run = count_clip(PLAZA_CLIP, cfg, detector)
     check_consistency(run)
     got = run.counts["lines"]["plaza"]
-    print(f"plaza: hand {PLAZA_HAND}, smartcam {got}, {run.frames} frames")
-    assert abs(got["in"] - PLAZA_HAND["in"]) <= 1  # measured: 6
+    print(f"plaza @ {COUNT_FPS} fps: hand {PLAZA_HAND}, smartcam {got}, {run.frames} frames")
+    assert abs(got["in"] - PLAZA_HAND["in"]) <= 1  # measured: 6 at 5 fps, 5 at 12.5 fps
     assert abs(got["out"] - PLAZA_HAND["out"]) <= 1  # measured: 6 (one walker first seen on the line)
 
 
