@@ -9,9 +9,12 @@ Each line is one event exactly as stored (compact JSON, sorted keys), lines orde
 
 Idempotent: a write reads the partition's file, merges the new events keyed by ``event_id`` and replaces the
 whole object (S3 has no append; a local write goes to a temp file and is renamed over). Writing the same event
-twice therefore leaves it in the file once, and a batch with nothing new writes nothing. One writer per
-partition is assumed: two sink workers sharing one prefix could overwrite each other's merge, so give each worker
-its own prefix (``s3://bucket/archive/worker-1``) when using shared subscriptions.
+twice therefore leaves it in the file once, and a batch with nothing new writes nothing.
+
+Several writers (sink workers in one ``--share-group``) may share an archive: on S3 the replace is a
+conditional PUT (``If-Match`` the ETag that was read, ``If-None-Match: *`` for a new object), and a writer that
+loses the race re-reads and merges again; a local directory serialises writers with ``flock`` on
+``<root>/.archive.lock``. So no writer ever overwrites another's events.
 
 >>> import tempfile
 >>> archive = open_archive(tempfile.mkdtemp())
@@ -24,6 +27,7 @@ its own prefix (``s3://bucket/archive/worker-1``) when using shared subscription
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -31,6 +35,7 @@ import tempfile
 import threading
 from abc import ABC, abstractmethod
 from collections import OrderedDict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -42,10 +47,15 @@ log = logging.getLogger(__name__)
 FILE_NAME = "events.jsonl"
 ENDPOINT_ENV = ("SMARTCAM_S3_ENDPOINT", "AWS_ENDPOINT_URL")
 _CACHE_PARTITIONS = 64  # recently written partitions kept in memory so a batch does not re-read the file
+_MAX_CONFLICTS = 50  # concurrent writers on one partition: re-read and merge again this many times at most
 
 
 class ArchiveError(RuntimeError):
     """The archive cannot be opened or written (missing bucket, refused credentials, unwritable dir)."""
+
+
+class _Conflict(Exception):
+    """Another writer replaced the object since we read it."""
 
 
 def partition_of(event: dict[str, Any]) -> str:
@@ -105,6 +115,7 @@ class Archive(ABC):
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._cache: OrderedDict[str, tuple[Any, _Partition]] = OrderedDict()
+        self.conflicts = 0  # times another writer got there first (re-read and merged again)
 
     def write(self, events: list[dict[str, Any]]) -> int:
         """Archive newly stored events; returns how many were not already there. Checks every event first."""
@@ -112,7 +123,7 @@ class Archive(ABC):
         for ev in events:
             groups.setdefault(partition_of(ev), []).append(ev)
         added = 0
-        with self._lock:
+        with self._lock, self._writers_lock():
             for partition, batch in sorted(groups.items()):
                 added += self._merge_into(partition, batch)
         return added
@@ -132,24 +143,38 @@ class Archive(ABC):
 
     def _merge_into(self, partition: str, batch: list[dict[str, Any]]) -> int:
         key = self._key(partition)
-        cached = self._cache.pop(key, None)
-        version, text = self._get(key, cached[0] if cached else None)
-        part = cached[1] if cached and text is None and version == cached[0] else _Partition(text or "")
-        added = part.merge(batch)
-        if added:
-            version = self._put(key, part.text())
-        self._cache[key] = (version, part)
-        while len(self._cache) > _CACHE_PARTITIONS:
-            self._cache.popitem(last=False)
-        return added
+        for _ in range(_MAX_CONFLICTS):
+            cached = self._cache.pop(key, None)
+            version, text = self._get(key, cached[0] if cached else None)
+            part = cached[1] if cached and text is None and version == cached[0] else _Partition(text or "")
+            added = part.merge(batch)
+            if added:
+                try:
+                    version = self._put(key, part.text(), expect=version)
+                except _Conflict:
+                    self.conflicts += 1
+                    continue  # the cached copy is dropped: read the winner's version and merge into it
+            self._cache[key] = (version, part)
+            while len(self._cache) > _CACHE_PARTITIONS:
+                self._cache.popitem(last=False)
+            return added
+        raise ArchiveError(f"archive {partition}: still conflicting after {_MAX_CONFLICTS} attempts")
+
+    @contextlib.contextmanager
+    def _writers_lock(self) -> Iterator[None]:
+        """Exclusion between processes, where the storage needs it (a local directory)."""
+        yield
 
     @abstractmethod
     def _get(self, key: str, known_version: Any) -> tuple[Any, str | None]:
         """(version, text); text None when missing, or when unchanged since ``known_version``."""
 
     @abstractmethod
-    def _put(self, key: str, text: str) -> Any:
-        """Replace the object atomically; return its new version."""
+    def _put(self, key: str, text: str, expect: Any) -> Any:
+        """Replace the object atomically if it is still at version ``expect`` (None: absent); new version.
+
+        Raises ``_Conflict`` when another writer changed it in between (where the storage can tell).
+        """
 
     @abstractmethod
     def _list(self) -> list[str]:
@@ -183,7 +208,26 @@ class LocalArchive(Archive):
             return version, None
         return version, path.read_text(encoding="utf-8")
 
-    def _put(self, key: str, text: str) -> Any:
+    @contextlib.contextmanager
+    def _writers_lock(self) -> Iterator[None]:
+        try:
+            import fcntl
+        except ImportError:  # not a POSIX system: writers in one process are still serialised
+            yield
+            return
+        try:
+            fh = open(self.root / ".archive.lock", "a+b")  # noqa: SIM115 (held for the whole block)
+        except OSError as exc:
+            raise ArchiveError(f"archive lock in {self.root}: {exc.strerror or exc}") from None
+        with fh:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+    def _put(self, key: str, text: str, expect: Any) -> Any:
+        # Under the writers' flock nobody else can have changed the file since _get: expect always holds.
         path = self.root / key
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -283,10 +327,21 @@ class S3Archive(Archive):
             raise self._error("read", exc) from None
         return resp.get("ETag"), resp["Body"].read().decode("utf-8")
 
-    def _put(self, key: str, text: str) -> Any:
-        resp = self._call("write", lambda: self.client.put_object(
-            Bucket=self.bucket, Key=self._full(key), Body=text.encode("utf-8"),
-            ContentType="application/x-ndjson"))
+    def _put(self, key: str, text: str, expect: Any) -> Any:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        condition = {"IfMatch": expect} if expect else {"IfNoneMatch": "*"}
+        try:
+            resp = self.client.put_object(Bucket=self.bucket, Key=self._full(key), Body=text.encode("utf-8"),
+                                          ContentType="application/x-ndjson", **condition)
+        except ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if status in (409, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict"):
+                raise _Conflict(key) from None
+            raise self._error("write", exc) from None
+        except BotoCoreError as exc:
+            raise self._error("write", exc) from None
         return resp.get("ETag")
 
     def _list(self) -> list[str]:
