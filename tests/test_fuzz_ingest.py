@@ -266,6 +266,7 @@ EXPECTED_REASON = {
 }
 
 
+@pytest.mark.slow
 def test_hostile_payloads_are_dead_lettered_and_valid_events_still_stored(tmp_path):
     store = Store.open(f"sqlite:///{tmp_path / 'fuzz.db'}")
     ingestor = Ingestor(store)
