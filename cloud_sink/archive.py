@@ -259,6 +259,7 @@ class S3Archive(Archive):
         self.prefix = prefix.strip("/")
         self.endpoint_url = endpoint_url or next((os.environ[v] for v in ENDPOINT_ENV if os.environ.get(v)), None)
         self.client = client or self._make_client()
+        self.conditional_writes = True  # If-Match / If-None-Match on PUT (AWS, MinIO, SeaweedFS support them)
         self._call("open", lambda: self.client.head_bucket(Bucket=self.bucket))
 
     def __repr__(self) -> str:
@@ -331,6 +332,8 @@ class S3Archive(Archive):
         from botocore.exceptions import BotoCoreError, ClientError
 
         condition = {"IfMatch": expect} if expect else {"IfNoneMatch": "*"}
+        if not self.conditional_writes:
+            condition = {}
         try:
             resp = self.client.put_object(Bucket=self.bucket, Key=self._full(key), Body=text.encode("utf-8"),
                                           ContentType="application/x-ndjson", **condition)
@@ -339,6 +342,11 @@ class S3Archive(Archive):
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             if status in (409, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict"):
                 raise _Conflict(key) from None
+            if condition and (status == 501 or code == "NotImplemented"):
+                log.warning("archive s3://%s: conditional PUT not supported by this server; one writer per "
+                            "prefix from now on", self.bucket)
+                self.conditional_writes = False
+                return self._put(key, text, expect)
             raise self._error("write", exc) from None
         except BotoCoreError as exc:
             raise self._error("write", exc) from None
