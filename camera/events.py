@@ -133,6 +133,7 @@ class EventBuilder:
         for t in update.active:
             if t.track_id not in self._people and t.median_score >= self.track_threshold:
                 events += self._begin(t, ts, frame)
+        visible: list[_Person] = []
         for t in update.active:
             person = self._people.get(t.track_id)
             if person is None:
@@ -142,8 +143,17 @@ class EventBuilder:
                 self._offer_as_orphan(person)
                 continue
             self._orphans = [o for o in self._orphans if o.lines is not person.lines]  # it is back
-            events += self._zones_step(person, ts, frame)
-            events += self._lines_step(person, ts, frame)
+            visible.append(person)
+        if visible:
+            # Geometry for everyone at once (one numpy call per zone and line), then each person's state machine.
+            boxes = np.stack([p.track.xyxy for p in visible]).astype(np.float64)
+            anchors = {rule: _anchors(boxes, rule) for rule in ("bottom_center", "center")}
+            inside = {z.name: points_in_polygon(anchors[z.anchor], self._zone_px[z.name]) for z in self.zones}
+            dist = {ln.name: line_side(self._line_px[ln.name], anchors[ln.anchor]) for ln in self.lines}
+            for k, person in enumerate(visible):
+                events += self._zones_step(person, ts, frame, {n: bool(v[k]) for n, v in inside.items()})
+                events += self._lines_step(person, ts, frame, {n: float(v[k]) for n, v in dist.items()},
+                                           {rule: a[k] for rule, a in anchors.items()})
         events += self._count_events(update, ts, frame)
         return events
 
@@ -199,12 +209,13 @@ class EventBuilder:
 
     # -- zones ----------------------------------------------------------------------------------------------
 
-    def _zones_step(self, person: _Person, ts: float, frame: dict) -> list[dict]:
+    def _zones_step(self, person: _Person, ts: float, frame: dict, inside: dict[str, bool]) -> list[dict]:
+        """Advance one person's zone states; ``inside`` says where the anchor is now (zone name -> bool)."""
         events = []
         t = person.track
         for zone in self.zones:
             state = person.zones.setdefault(zone.name, _ZoneState())
-            raw = bool(points_in_polygon(box_anchor(t.xyxy, zone.anchor)[None], self._zone_px[zone.name])[0])
+            raw = inside[zone.name]
             if raw == state.inside:
                 state.pending_since = None
             else:
@@ -232,14 +243,17 @@ class EventBuilder:
 
     # -- lines ----------------------------------------------------------------------------------------------
 
-    def _lines_step(self, person: _Person, ts: float, frame: dict) -> list[dict]:
+    def _lines_step(
+        self, person: _Person, ts: float, frame: dict, dist: dict[str, float], anchors: dict[str, np.ndarray]
+    ) -> list[dict]:
+        """Advance one person's line states; ``dist`` is the signed distance of the anchor from each line."""
         events = []
         t = person.track
         for line in self.lines:
             state = person.lines.setdefault(line.name, _LineState())
-            anchor = box_anchor(t.xyxy, line.anchor)
+            anchor = anchors[line.anchor]
             seg = self._line_px[line.name]
-            d = float(line_side(seg, anchor[None])[0])
+            d = dist[line.name]
             if abs(d) < self._travel_px[line.name] or d == 0:
                 continue  # inside the hysteresis band: nothing settles here
             side = 1 if d > 0 else -1
@@ -336,6 +350,13 @@ class EventBuilder:
         w, h = frame["width"], frame["height"]
         scale = np.array([w, h, w, h], dtype=np.float64)
         return [round(float(v), 5) for v in np.clip(np.asarray(xyxy, dtype=np.float64) / scale, 0.0, 1.0)]
+
+
+def _anchors(boxes: np.ndarray, rule: str) -> np.ndarray:
+    """(N, 2) anchor points of (N, 4) boxes, as :func:`camera.zones.box_anchor`."""
+    x = (boxes[:, 0] + boxes[:, 2]) / 2
+    y = boxes[:, 3] if rule == "bottom_center" else (boxes[:, 1] + boxes[:, 3]) / 2
+    return np.stack([x, y], axis=1)
 
 
 def _unit(value: float) -> float:

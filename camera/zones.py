@@ -125,7 +125,7 @@ def points_in_polygon(points: np.ndarray, polygon: np.ndarray) -> np.ndarray:
         return np.zeros(len(pts), dtype=bool)
     x, y = pts[:, 0:1], pts[:, 1:2]  # (N, 1)
     x1, y1 = poly[:, 0], poly[:, 1]  # (K,)
-    x2, y2 = np.roll(x1, -1), np.roll(y1, -1)
+    x2, y2 = np.concatenate((x1[1:], x1[:1])), np.concatenate((y1[1:], y1[:1]))  # next vertex
     straddles = (y1 > y) != (y2 > y)  # (N, K)
     with np.errstate(divide="ignore", invalid="ignore"):
         x_cross = x1 + (y - y1) * (x2 - x1) / (y2 - y1)
