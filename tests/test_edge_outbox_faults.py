@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 
 from camera.outbox import Outbox
-from tests.conftest import INDOOR_CLIP, NEGATIVE_CLIP
+from tests.conftest import INDOOR_CLIP, NEGATIVE_CLIP, ONNX_FP32
+from tests.model_fixtures import int8_model_320  # noqa: F401  (session fixture: the INT8 320 edge model)
 from tests.services import free_port, start_mosquitto
-from tests.test_edge_mqtt import CAM, ROOT, SITE, Subscriber, edge_cmd, model_path, read_events, run_edge
+from tests.test_edge_mqtt import CAM, ROOT, SITE, Subscriber, edge_cmd, read_events, run_edge
 
 
 def _wait(predicate, timeout: float = 60.0) -> bool:
@@ -35,11 +36,11 @@ def _persistent_broker(workdir: Path, port: int | None = None):
     return start_mosquitto(workdir, extra_conf=conf, port=port)
 
 
-def _start_edge(tmp_path: Path, broker_url: str, *extra: str) -> tuple[subprocess.Popen, Path, Path]:
+def _start_edge(tmp_path: Path, model: Path, broker_url: str, *extra: str) -> tuple[subprocess.Popen, Path, Path]:
     log = tmp_path / "edge.log"
     events = tmp_path / "events.jsonl"
     with open(log, "ab") as fh:
-        proc = subprocess.Popen(edge_cmd("--source", str(INDOOR_CLIP), "--model", str(model_path()),
+        proc = subprocess.Popen(edge_cmd("--source", str(INDOOR_CLIP), "--model", str(model),
                                          "--camera-id", CAM, "--site", SITE, "--broker", broker_url,
                                          "--events-file", str(events), "--outbox", str(tmp_path / "outbox.db"),
                                          *extra), cwd=ROOT, stdout=fh, stderr=fh)
@@ -51,12 +52,12 @@ def _ids(events: list[dict]) -> set[str]:
 
 
 @pytest.mark.slow
-def test_broker_outage_mid_run_loses_nothing(tmp_path):
+def test_broker_outage_mid_run_loses_nothing(tmp_path, int8_model_320):  # noqa: F811
     broker = _persistent_broker(tmp_path / "broker")
     sub = Subscriber(broker.port, client_id="sink-like", persistent=True)
     proc = None
     try:
-        proc, events_file, log = _start_edge(tmp_path, broker.url, "--fps", "5", "--max-frames", "60")
+        proc, events_file, log = _start_edge(tmp_path, int8_model_320, broker.url, "--fps", "5", "--max-frames", "60")
         assert _wait(lambda: len(read_events(events_file)) >= 2), log.read_text()[-2000:]
         broker.stop()  # outage: the edge keeps detecting and queueing
         # stay down until the clip is finished, so the final exits are queued while the broker is away
@@ -81,9 +82,9 @@ def test_broker_outage_mid_run_loses_nothing(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigkill_then_restart_replays_unacknowledged(tmp_path):
+def test_sigkill_then_restart_replays_unacknowledged(tmp_path, int8_model_320):  # noqa: F811
     port = free_port()  # no broker yet: the edge starts anyway, queues, and is killed with everything unsent
-    proc, events_file, log = _start_edge(tmp_path, f"mqtt://127.0.0.1:{port}", "--fps", "5")
+    proc, events_file, log = _start_edge(tmp_path, int8_model_320, f"mqtt://127.0.0.1:{port}", "--fps", "5")
     try:
         assert _wait(lambda: len(read_events(events_file)) >= 3), log.read_text()[-2000:]
         proc.send_signal(signal.SIGKILL)
@@ -101,7 +102,7 @@ def test_sigkill_then_restart_replays_unacknowledged(tmp_path):
     sub = Subscriber(broker.port)
     try:
         # restart on a clip with no people: all it has to send is the previous run's backlog
-        again = run_edge("--source", str(NEGATIVE_CLIP), "--model", str(model_path()), "--camera-id", CAM,
+        again = run_edge("--source", str(NEGATIVE_CLIP), "--model", str(int8_model_320), "--camera-id", CAM,
                          "--site", SITE, "--broker", broker.url, "--max-frames", "2",
                          "--events-file", str(events_file), "--outbox", str(tmp_path / "outbox.db"))
         assert again.returncode == 0, again.stderr[-3000:]
@@ -117,9 +118,9 @@ def test_sigkill_then_restart_replays_unacknowledged(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_finishes_cleanly_and_publishes_offline(mosquitto, tmp_path):
+def test_sigterm_finishes_cleanly_and_publishes_offline(mosquitto, tmp_path, int8_model_320):  # noqa: F811
     sub = Subscriber(mosquitto.port)
-    proc, events_file, log = _start_edge(tmp_path, mosquitto.url, "--realtime", "--fps", "5")
+    proc, events_file, log = _start_edge(tmp_path, int8_model_320, mosquitto.url, "--realtime", "--fps", "5")
     try:
         assert _wait(lambda: len(read_events(events_file)) >= 2), log.read_text()[-2000:]
         proc.send_signal(signal.SIGTERM)
@@ -139,9 +140,9 @@ def test_sigterm_finishes_cleanly_and_publishes_offline(mosquitto, tmp_path):
 
 
 @pytest.mark.slow
-def test_bounded_outbox_drops_oldest_and_undrained_exit_code(tmp_path):
+def test_bounded_outbox_drops_oldest_and_undrained_exit_code(tmp_path, int8_model_320):  # noqa: F811
     port = free_port()  # nobody listening: nothing can be acknowledged
-    proc = run_edge("--source", str(INDOOR_CLIP), "--model", str(model_path()), "--camera-id", CAM,
+    proc = run_edge("--source", str(INDOOR_CLIP), "--model", str(int8_model_320), "--camera-id", CAM,
                     "--broker", f"mqtt://127.0.0.1:{port}", "--fps", "5", "--max-frames", "15",
                     "--outbox", str(tmp_path / "o.db"), "--outbox-max", "2", "--drain-timeout", "1",
                     "--events-file", str(tmp_path / "e.jsonl"))
@@ -155,7 +156,7 @@ def test_bounded_outbox_drops_oldest_and_undrained_exit_code(tmp_path):
 def test_unwritable_outbox_is_a_clear_error(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    proc = run_edge("--source", str(NEGATIVE_CLIP), "--model", str(model_path()), "--camera-id", CAM,
+    proc = run_edge("--source", str(NEGATIVE_CLIP), "--model", str(ONNX_FP32), "--camera-id", CAM,
                     "--broker", "mqtt://127.0.0.1:1", "--outbox", str(blocker / "o.db"), "--max-frames", "1",
                     timeout=120)
     assert proc.returncode == 3
@@ -163,7 +164,7 @@ def test_unwritable_outbox_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.slow
-def test_broker_refusing_the_topic_keeps_events_in_the_outbox(tmp_path):
+def test_broker_refusing_the_topic_keeps_events_in_the_outbox(tmp_path, int8_model_320):  # noqa: F811
     """An ACL that forbids this camera's topic: MQTT 5 PUBACKs say "not authorized" and nothing is deleted."""
     acl = tmp_path / "broker" / "acl"
     acl.parent.mkdir(parents=True)
@@ -171,7 +172,7 @@ def test_broker_refusing_the_topic_keeps_events_in_the_outbox(tmp_path):
     acl.chmod(0o644)
     broker = start_mosquitto(tmp_path / "broker", extra_conf=f"acl_file {acl}\nuser root\n")  # root: 0700 dirs
     try:
-        proc = run_edge("--source", str(INDOOR_CLIP), "--model", str(model_path()), "--camera-id", CAM,
+        proc = run_edge("--source", str(INDOOR_CLIP), "--model", str(int8_model_320), "--camera-id", CAM,
                         "--site", SITE, "--broker", broker.url, "--fps", "3", "--max-frames", "15",
                         "--events-file", str(tmp_path / "e.jsonl"), "--outbox", str(tmp_path / "o.db"),
                         "--drain-timeout", "3")
@@ -187,7 +188,7 @@ def test_broker_refusing_the_topic_keeps_events_in_the_outbox(tmp_path):
 def test_unwritable_events_file_is_a_clear_error(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    proc = run_edge("--source", str(NEGATIVE_CLIP), "--model", str(model_path()), "--camera-id", CAM,
+    proc = run_edge("--source", str(NEGATIVE_CLIP), "--model", str(ONNX_FP32), "--camera-id", CAM,
                     "--events-file", str(blocker / "events.jsonl"), "--max-frames", "1", timeout=120)
     assert proc.returncode == 3
     assert "cannot write" in proc.stderr and "Traceback" not in proc.stderr
