@@ -26,6 +26,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -344,6 +345,38 @@ def test_edge_refuses_a_broker_signed_by_another_ca(rig, tmp_path):
     # The reason (certificate verify failed) would be better in the log; the edge says it cannot reach the broker.
     assert "certificate" in out.lower() or "cannot reach broker" in out, out[-3000:]
     assert queued > 0
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_no_image_leaves_the_device_by_default(rig):
+    """Privacy: with default settings the edge publishes only contract events, stats and status text."""
+    from camera.contract import validate_event, validate_stats
+
+    watcher = Client(rig.broker.settings("sink"), "privacy-watcher")
+    try:
+        assert not watcher.connect().is_failure
+        watcher.subscribe("smartcam/#")
+        edge = rig.edge("--max-frames", "20", "--stats-interval", "0.5", realtime=False)
+        assert edge.wait(EDGE_TIMEOUT) == 0, edge.output()[-3000:]
+        with watcher.got:
+            watcher.got.wait_for(lambda: any(p == b"offline" for _, p in watcher.messages), 10)
+            messages = list(watcher.messages)
+    finally:
+        watcher.close()
+    kinds: Counter[str] = Counter()
+    for topic, payload in messages:
+        leaf = topic.split("/", 3)[3]
+        if leaf == "status":
+            assert payload in (b"online", b"offline")
+        elif leaf == "stats":
+            validate_stats(json.loads(payload))
+        else:
+            assert leaf in ("events", "count"), f"unexpected topic {topic}"
+            validate_event(json.loads(payload))
+        kinds[leaf] += 1
+    biggest = max(len(p) for _, p in messages)
+    print(f"\nFAULT COUNTS privacy: messages {dict(kinds)}, largest payload {biggest} bytes")
+    assert kinds["events"] > 0 and biggest < 4096, "something image-sized left the device"
 
 
 # ------------------------------------------------------------------------------------------ 4: network source
