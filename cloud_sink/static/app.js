@@ -280,10 +280,10 @@ async function renderCamera(cam) {
   document.getElementById("kpis").replaceChildren(
     kpi("entries", String(sum("entries"))),
     kpi("exits", String(sum("exits"))),
-    kpi("people (tracks)", String(sum("unique_tracks")), "distinct tracks, summed per hour"),
     kpi("peak hour", peak ? `${utcTime(peak.hour_ts)} UTC` : "–", peak ? `${peak.entries} entries` : ""),
     kpi("most in view", occupancy.intervals.length ? String(occMax) : "–"),
-    kpi("median stay", fmtSeconds(dwell.median), `mean ${fmtSeconds(dwell.mean)}, p90 ${fmtSeconds(dwell.p90)}`),
+    kpi("median stay", fmtSeconds(dwell.median), `mean ${fmtSeconds(dwell.mean)}`),
+    kpi("90% left within", fmtSeconds(dwell.p90), "p90 of the time people stayed"),
   );
   document.getElementById("dwell-stats").textContent = dwell.n
     ? `n ${dwell.n} · mean ${fmtSeconds(dwell.mean)} · median ${fmtSeconds(dwell.median)} · p90 ${fmtSeconds(dwell.p90)}`
