@@ -61,8 +61,10 @@ class Outbox:
         self.path = Path(path)
         self.max_rows = max_rows
         self._lock = threading.Lock()
+        self._file_lock = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file_lock = _exclusive_lock(self.path)
             self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=10)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
@@ -135,5 +137,26 @@ class Outbox:
             self._db.execute("ROLLBACK")
 
     def close(self) -> None:
-        with self._lock, contextlib.suppress(sqlite3.Error):
-            self._db.close()
+        with self._lock:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.close()
+            if self._file_lock is not None:
+                self._file_lock.close()  # releases the flock
+                self._file_lock = None
+
+
+def _exclusive_lock(path: Path):
+    """One process per outbox: two edges draining one file would double-send and miscount. The OS drops the
+    lock when the process dies (kill -9 included), so a restart is never blocked by a stale lock."""
+    handle = open(path.with_name(path.name + ".lock"), "a+")  # noqa: SIM115 - held open for the lock's life
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: no lock
+        return handle
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise OutboxError(f"outbox {path} is in use by another process (two edges with the same site and "
+                          "camera id, or the same --outbox?)") from None
+    return handle

@@ -104,3 +104,14 @@ def test_disk_full_raises_and_keeps_what_was_stored(tmp_path):
         box.put("t", "x" * 100_000)
     assert [r.payload for r in box.fetch()] == [b"before"]
     assert box.depth() == 1
+
+
+def test_one_process_per_outbox(tmp_path):
+    path = tmp_path / "o.db"
+    code = f"from camera.outbox import Outbox; Outbox({str(path)!r}); print('opened')"
+    first = Outbox(path)
+    other = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert other.returncode != 0 and "in use by another process" in other.stderr
+    first.close()
+    again = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert again.returncode == 0 and "opened" in again.stdout
