@@ -17,6 +17,7 @@ import json
 import multiprocessing as mp
 import os
 import random
+import re
 import signal
 import statistics
 import subprocess
@@ -125,7 +126,7 @@ def bench_ingest(args: argparse.Namespace) -> dict:
     broker = start_mosquitto(workdir / "mosquitto")
     db, stop_db = _database(args.db, workdir)
     sinks: list[subprocess.Popen] = []
-    share = "bench" if args.workers > 1 else None
+    share = "bench" if args.workers > 1 or args.share_group else None
     try:
         Store.open(db).close()  # migrate once, before several workers race to
         events = make_events(args.events, start=time.time() - 600, span_s=600)
@@ -171,8 +172,12 @@ def bench_ingest(args: argparse.Namespace) -> dict:
             extra = {"drain_s": round(drain, 2), "drain_events_per_s": round(args.events / drain)}
         stored = store.event_count()
         store.close()
+        for p in sinks:
+            _stop(p)
+        received = [int(m) for log in logs for m in re.findall(r"stopped: received (\d+)", log.read_text())[-1:]]
+        extra["received_per_worker"] = received
         return {"db": args.db, "events": args.events, "stored": stored, "publishers": args.publishers,
-                "workers": args.workers, "mode": "backlog" if args.backlog else "live",
+                "workers": args.workers, "share_group": share, "mode": "backlog" if args.backlog else "live",
                 "publish_s": round(t_pub, 2), "publish_rate": round(sum(n for n, _ in pub_results) / t_pub),
                 "elapsed_s": round(elapsed, 2), "events_per_s": round(args.events / elapsed), **extra,
                 "load_avg_1m": round(os.getloadavg()[0], 1)}
@@ -239,6 +244,7 @@ def main() -> None:
     ing.add_argument("--events", type=int, default=30000)
     ing.add_argument("--publishers", type=int, default=2)
     ing.add_argument("--workers", type=int, default=1, help=">1 uses an MQTT 5 shared subscription group")
+    ing.add_argument("--share-group", action="store_true", help="use a shared subscription even for one worker")
     ing.add_argument("--backlog", action="store_true", help="publish while the sink is down, then time the drain")
     q = sub.add_parser("query", help="rollup query time over N stored events")
     q.add_argument("--db", choices=["sqlite", "postgresql"], default="sqlite")
