@@ -25,10 +25,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import sqlalchemy as sa
+
 from cloud_sink.store import Batch, Store
-from cloud_sink.validation import Limits, check_message
+from cloud_sink.validation import Checked, Limits, check_message
 
 log = logging.getLogger(__name__)
+
+#: The database cannot be used right now (down, locked, disk full): keep the batch unacked and retry.
+_UNAVAILABLE = (sa.exc.OperationalError, sa.exc.InterfaceError)
 
 SUBSCRIPTIONS = (
     "smartcam/+/+/events",
@@ -83,31 +88,34 @@ class Ingestor:
         self.totals = Totals()
 
     def handle(self, messages: Iterable[tuple[str, bytes]], *, now: float | None = None) -> BatchResult:
-        """Validate and commit one batch; then hand the new events to the archive (if any)."""
+        """Validate and commit one batch; then hand the new events to the archive (if any).
+
+        Raises only when the database is unavailable (``OperationalError``/``InterfaceError``: locked, down, disk
+        full) so the caller keeps the batch unacknowledged and retries. If the database *rejects* the batch for
+        its content, the messages are stored one by one and the rejected ones dead-lettered, so one poison
+        message can never stall the stream.
+        """
         now = time.time() if now is None else now
-        batch = Batch()
-        result = BatchResult()
-        n_events = 0
-        for topic, payload in messages:
-            result.received += 1
-            checked = check_message(topic, payload, now=now, limits=self.limits)
-            if checked.kind == "event":
-                batch.events.append(checked.value)
-                n_events += 1
-            elif checked.kind == "status":
-                batch.statuses.append((checked.site, checked.camera_id, checked.value))
-                result.status += 1
-            elif checked.kind == "stats":
-                batch.stats.append((checked.site, checked.camera_id, checked.value))
-                result.stats += 1
-            else:
-                batch.dead_letters.append({"topic": checked.topic, "reason": checked.reason, "payload": payload,
-                                           "received_at": now})
-                result.reasons.append(checked.reason or "")
+        checked = [(check_message(topic, payload, now=now, limits=self.limits), payload)
+                   for topic, payload in messages]
+        try:
+            new_events = self.store.write_batch(_batch(checked, now), received_at=now)
+        except _UNAVAILABLE:
+            raise
+        except Exception as exc:
+            log.warning("database rejected a batch of %d (%s); storing one by one", len(checked),
+                        str(exc).splitlines()[0][:200])
+            checked, new_events = self._one_by_one(checked, now)
+        result = BatchResult(received=len(checked), new_events=new_events, stored=len(new_events))
+        for c, _ in checked:
+            if c.kind == "event":
+                result.duplicates += 1
+            elif c.kind == "dead":
                 result.dead += 1
-        result.new_events = self.store.write_batch(batch, received_at=now)
-        result.stored = len(result.new_events)
-        result.duplicates = n_events - result.stored
+                result.reasons.append(c.reason or "")
+            else:
+                setattr(result, c.kind, getattr(result, c.kind) + 1)
+        result.duplicates -= result.stored
         self.totals.add(result)
         if self.archive is not None and result.new_events:
             try:
@@ -116,6 +124,36 @@ class Ingestor:
                 self.totals.archive_errors += 1
                 log.error("archive write failed for %d events: %s", len(result.new_events), exc)
         return result
+
+    def _one_by_one(self, checked: list[tuple[Checked, bytes]], now: float
+                    ) -> tuple[list[tuple[Checked, bytes]], list[dict[str, Any]]]:
+        out: list[tuple[Checked, bytes]] = []
+        new_events: list[dict[str, Any]] = []
+        for c, payload in checked:
+            try:
+                new_events += self.store.write_batch(_batch([(c, payload)], now), received_at=now)
+            except _UNAVAILABLE:
+                raise
+            except Exception as exc:
+                c = Checked("dead", c.topic, c.site, c.camera_id,
+                            reason=f"database rejected it: {str(exc).splitlines()[0][:200]}")
+                self.store.write_batch(_batch([(c, payload)], now), received_at=now)
+            out.append((c, payload))
+        return out, new_events
+
+
+def _batch(checked: list[tuple[Checked, bytes]], now: float) -> Batch:
+    batch = Batch()
+    for c, payload in checked:
+        if c.kind == "event":
+            batch.events.append(c.value)
+        elif c.kind == "status":
+            batch.statuses.append((c.site, c.camera_id, c.value))
+        elif c.kind == "stats":
+            batch.stats.append((c.site, c.camera_id, c.value))
+        else:
+            batch.dead_letters.append({"topic": c.topic, "reason": c.reason, "payload": payload, "received_at": now})
+    return batch
 
 
 @dataclass

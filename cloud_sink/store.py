@@ -364,8 +364,8 @@ class Store:
             self._upsert_camera(conn, site, camera_id, {"state": state, "status_at": now_ms})
         for site, camera_id, doc in _last_per_camera_doc(batch.stats):
             self._upsert_camera(conn, site, camera_id, {
-                "fps": doc.get("processed_fps"), "inference_ms_p50": doc.get("inference_ms_p50"),
-                "inference_ms_p95": doc.get("inference_ms_p95"), "stats": json.dumps(doc, separators=(",", ":")),
+                "fps": _number(doc.get("processed_fps")), "inference_ms_p50": _number(doc.get("inference_ms_p50")),
+                "inference_ms_p95": _number(doc.get("inference_ms_p95")), "stats": json.dumps(doc, separators=(",", ":")),
                 "stats_at": now_ms}, seen_ms=to_ms(doc.get("ts")))
         return new_events
 
@@ -517,6 +517,15 @@ def _last_per_camera_doc(stats: Iterable[tuple[str, str, dict[str, Any]]]) -> li
     for site, camera_id, doc in stats:
         latest[(site, camera_id)] = doc
     return [(s, c, v) for (s, c), v in sorted(latest.items())]
+
+
+def _number(value: Any) -> float | None:
+    """A finite float for a REAL column, or None (JSON allows integers no float can hold)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return number if abs(number) < 1e300 else None
 
 
 def _retryable(exc: sa.exc.OperationalError) -> bool:

@@ -326,3 +326,41 @@ def test_run_serves_the_api_and_archives_new_events(mosquitto, tmp_path):
             e["event_id"] for e in evs)
     finally:
         assert stop_process(proc) == 0
+
+
+def test_a_message_the_database_rejects_is_dead_lettered_without_stalling_the_batch(store):  # noqa: F811
+    """Defence in depth: if a row passes validation but the database refuses it, only that row is lost to the
+    dead-letter table; the rest of the batch is stored (here a real trigger plays the picky database)."""
+    import sqlalchemy as sa
+
+    with store.engine.begin() as conn:
+        if store.dialect == "sqlite":
+            conn.execute(sa.text("CREATE TRIGGER no_poison BEFORE INSERT ON events WHEN NEW.camera_id = 'poison' "
+                                 "BEGIN SELECT RAISE(ABORT, 'poison camera'); END"))
+        else:
+            conn.execute(sa.text("CREATE FUNCTION no_poison() RETURNS trigger AS $$ BEGIN IF NEW.camera_id = "
+                                 "'poison' THEN RAISE EXCEPTION 'poison camera' USING ERRCODE = 'check_violation';"
+                                 " END IF; RETURN NEW; END $$ LANGUAGE plpgsql"))
+            conn.execute(sa.text("CREATE TRIGGER no_poison BEFORE INSERT ON events FOR EACH ROW "
+                                 "EXECUTE FUNCTION no_poison()"))
+    ing = Ingestor(store)
+    good = [now_event(track_id=i) for i in range(3)]
+    poison = now_event(camera_id="poison")
+    result = ing.handle([raw(good[0]), raw(poison), raw(good[1]), ("smartcam/lobby/cam-1/status", b"online"),
+                         raw(good[2])])
+    assert (result.stored, result.dead, result.status, result.duplicates) == (3, 1, 1, 0)
+    assert "database rejected it" in result.reasons[0] and "poison camera" in result.reasons[0]
+    assert store.event_count() == 3 and store.dead_letter_count() == 1
+    assert store.cameras()[0]["state"] == "online"
+
+
+def test_stats_with_numbers_no_float_can_hold_are_stored_without_them(store):  # noqa: F811
+    stats = {"schema_version": 1, "ts": format_ts(time.time()), "site": "lobby", "camera_id": "cam-1",
+             "input_fps": 25, "processed_fps": 10**400, "inference_ms_p50": 12.0,
+             "inference_ms_p95": 20.0, "frames_in": 10**30, "frames_processed": 1, "motion_skipped": 0,
+             "dropped_frames": 0, "outbox_depth": 0, "outbox_dropped": 0, "cpu_percent": 1.0,
+             "source_state": "connected"}
+    result = Ingestor(store).handle([("smartcam/lobby/cam-1/stats", json.dumps(stats).encode())])
+    assert result.stats == 1 and result.dead == 0
+    (cam,) = store.cameras()
+    assert cam["fps"] is None and cam["inference_ms_p50"] == 12.0 and cam["stats"]["frames_in"] == 10**30

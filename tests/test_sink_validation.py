@@ -145,3 +145,11 @@ def mutated_events(draw):
 @given(mutated_events())
 def test_fast_schema_path_agrees_with_jsonschema(doc):
     assert (schema_errors(doc) == []) == (validation_errors(doc) == [])
+
+
+@pytest.mark.parametrize("key", ["event_id", "site", "camera_id", "zone"])
+def test_a_trailing_newline_slipping_through_the_schema_pattern_is_rejected(key):
+    ev = make_event("zone.enter")
+    ev[key] += "\n"
+    topic = f"smartcam/{ev['site']}/{ev['camera_id']}/events"
+    assert check(topic, ev).reason == f"{key}: trailing newline"
