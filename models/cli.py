@@ -75,7 +75,8 @@ def _parser() -> argparse.ArgumentParser:
         "eval",
         help="person AP50/AP50-95, precision/recall and latency of one or more models",
         description="Scores models on labeled images (visibility<0.25 and ignore regions neutral) and times them "
-        "(median of repeated runs, interleaved across models) at 1 thread and all threads.",
+        "(median of repeated runs, interleaved across models) at 1 thread and all threads: the network alone "
+        "(infer) and a full detect() on the first labeled image (letterbox + network + decode).",
     )
     e.add_argument("--model", action="append", required=True, help="ONNX model (repeat to compare)")
     e.add_argument("--labels", default=str(DEFAULT_LABELS), help="labels.json (persons-eval format)")
@@ -129,7 +130,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 
 def _table(rows: list[dict], threads: list[int]) -> str:
-    head = ["model", "imgsz", "AP50", "AP50-95", "P@conf", "R@conf"] + [f"ms {n}T" for n in threads] + ["MB"]
+    head = ["model", "imgsz", "AP50", "AP50-95", "P@conf", "R@conf"]
+    head += [f"infer ms {n}T" for n in threads] + [f"detect ms {n}T" for n in threads] + ["MB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [
@@ -178,10 +180,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     threads = args.threads or sorted({1, os.cpu_count() or 1})
     if args.runs > 0:
         probe = cv2.imread(str(labels[0].path))
-        with tqdm(total=args.runs * len(threads), desc="latency", disable=args.quiet, leave=False) as bar:
-            lat = measure_latency(args.model, probe, threads, runs=args.runs, progress=bar)
-        for row in rows:
-            row["latency_ms"] = {str(n): v for n, v in lat[row["path"]].items()}
+        for stage, key in (("infer", "infer_ms"), ("detect", "latency_ms")):
+            with tqdm(
+                total=args.runs * len(threads), desc=f"{stage} ms", disable=args.quiet, leave=False
+            ) as bar:
+                lat = measure_latency(args.model, probe, threads, runs=args.runs, progress=bar, stage=stage)
+            for row in rows:
+                row[key] = {str(n): v for n, v in lat[row["path"]].items()}
     if args.json:
         print(
             json.dumps(

@@ -14,12 +14,13 @@ import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from camera.detector import Detector
+from camera.detector import Detector, preprocess
 
 IOU_THRESHOLDS = np.round(np.arange(0.5, 0.96, 0.05), 2)
 MIN_VISIBILITY = 0.25
@@ -203,23 +204,33 @@ def measure_latency(
     runs: int = 20,
     warmup: int = 3,
     progress=None,
+    stage: str = "detect",
 ) -> dict[str, dict[int, float]]:
-    """Median ms of a full ``detect()`` (preprocess, inference, decode) per model and thread count.
+    """Median ms per model and thread count of ``stage``: ``detect`` = a full ``detect()`` on ``image``
+    (letterbox, inference, decode: what the edge pays per frame) or ``infer`` = the network alone.
 
     Models are interleaved run by run so that load from other processes hits all of them alike and the
     ratios stay meaningful on a shared machine.
     """
+    if stage not in ("detect", "infer"):
+        raise ValueError(f"unknown latency stage {stage!r} (use detect or infer)")
     result: dict[str, dict[int, float]] = {str(p): {} for p in model_paths}
     for n in threads:
-        detectors = {str(p): Detector(p, threads=n) for p in model_paths}
-        times: dict[str, list[float]] = {k: [] for k in detectors}
+        calls = {}
+        for p in model_paths:
+            det = Detector(p, threads=n)
+            if stage == "detect":
+                calls[str(p)] = partial(det.detect, image)
+            else:
+                calls[str(p)] = partial(det.infer, preprocess(image, det.imgsz)[0])
+        times: dict[str, list[float]] = {k: [] for k in calls}
         for _ in range(warmup):
-            for det in detectors.values():
-                det.detect(image)
+            for call in calls.values():
+                call()
         for _ in range(runs):
-            for key, det in detectors.items():
+            for key, call in calls.items():
                 t0 = time.perf_counter()
-                det.detect(image)
+                call()
                 times[key].append((time.perf_counter() - t0) * 1000)
             if progress is not None:
                 progress.update(1)

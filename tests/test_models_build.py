@@ -175,7 +175,8 @@ def test_build_person_model_from_onnx_with_measurements(tmp_path):
     assert manifest["quantization"]["method"] == "minmax" and manifest["quantization"]["types"] == "u8s8"
     res = manifest["results"]
     assert 0.3 < res["persons_eval"]["ap50"] <= 1 and 0.3 < res["fp32_reference"]["persons_eval"]["ap50"] <= 1
-    assert set(res["latency_ms"]) >= {"1"} and res["speedup_vs_fp32"]["1"] > 0
+    assert set(res["latency_ms"]) >= {"1"} and set(res["infer_ms"]) >= {"1"}
+    assert res["speedup_vs_fp32"]["infer"]["1"] > 0 and res["speedup_vs_fp32"]["detect"]["1"] > 0
     assert json.loads((tmp_path / "person-320-fp32.json").read_text())["precision"] == "fp32"
     assert_finds_the_people(out)
 
@@ -286,7 +287,7 @@ def test_cli_eval_side_by_side_json(int8_model_320, capsys, tmp_path):  # noqa: 
     assert fp32["imgsz"] == [640, 640] and int8["imgsz"] == [320, 320]
     assert fp32["ap50"] > int8["ap50"] > 0.3  # 640 sees the small pedestrians that 320 misses
     assert fp32["gt"] == int8["gt"] > 20
-    assert set(fp32["latency_ms"]) == {str(n) for n in report["threads"]}
+    assert set(fp32["latency_ms"]) == set(int8["infer_ms"]) == {str(n) for n in report["threads"]}
     code = main(["eval", "--model", str(int8_model_320), "--labels", labels, "--runs", "0", "--quiet"])
     table = capsys.readouterr().out
     assert code == 0 and table.startswith("| model |") and int8_model_320.name in table
