@@ -202,7 +202,10 @@ class Subscriber:
             self._generation += 1
         log.info("connected to %s as %s (session present: %s)", self.settings.redacted(), self.client_id,
                  flags.session_present)
-        client.subscribe([(t, SubscribeOptions(qos=1)) for t in self.topics()])
+        if self.settings.mqtt5:
+            client.subscribe([(t, SubscribeOptions(qos=1)) for t in self.topics()])
+        else:
+            client.subscribe([(t, 1) for t in self.topics()])
         self.connected.set()
 
     def _on_disconnect(self, _client: Any, _userdata: Any, _flags: Any, reason_code: Any, _props: Any) -> None:
@@ -223,16 +226,23 @@ class Subscriber:
 
         from camera.broker import make_client
 
-        client = make_client(self.settings, self.client_id, mqtt5=True, manual_ack=True)
+        # MQTT 5 unless the broker URL says ?protocol=3.1.1 (e.g. the demo's embedded broker); both keep a
+        # persistent session (3.1.1: clean_session=False, set by make_client).
+        client = make_client(self.settings, self.client_id, manual_ack=True, persistent=True)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.reconnect_delay_set(min_delay=1, max_delay=10)
-        props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = self.session_expiry_s
-        props.ReceiveMaximum = min(65535, max(self.batch_size * 2, 20))
+        connect_kwargs: dict[str, Any] = {}
+        if self.settings.mqtt5:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = self.session_expiry_s
+            props.ReceiveMaximum = min(65535, max(self.batch_size * 2, 20))
+            connect_kwargs = {"clean_start": False, "properties": props}
+        elif self.share_group:
+            raise ValueError("--share-group needs MQTT 5 (shared subscriptions); drop ?protocol=3.1.1")
         client.connect_async(self.settings.host, self.settings.port, keepalive=self.settings.keepalive,
-                             clean_start=False, properties=props)
+                             **connect_kwargs)
         client.loop_start()
         self._client = client
 
