@@ -146,7 +146,7 @@ def deep(draw):
     if kind == "list":
         payload = b"[" * depth + b"]" * depth
     elif kind == "dict":
-        payload = b'{"a":' * depth + b"1" + b"}" * depth
+        payload = b'{"schema_version":1,"a":' + b'{"a":' * (depth - 1) + b"1" + b"}" * depth
     else:  # a valid event whose model carries a deep tail
         depth = min(depth, 5000)
         ev = dumps(valid_event(draw(template_name), time.time()))
