@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import cv2
 import pytest
@@ -31,6 +32,7 @@ pytestmark = pytest.mark.slow
 STREET_HAND = {"in": 1, "out": 10}
 PLAZA_HAND = {"in": 6, "out": 7}
 COUNT_FPS = float(os.environ.get("SMARTCAM_COUNT_FPS", "5"))  # processed frames per second of video
+COUNT_MODEL = Path(os.environ.get("SMARTCAM_COUNT_MODEL", str(ONNX_FP32)))  # e.g. an INT8 build to compare
 PLAZA_LINE = LineSpec(name="plaza", points=[[230, 240], [620, 240]], in_side="right")
 
 
@@ -43,16 +45,16 @@ class ClipRun:
 
 @pytest.fixture(scope="module")
 def detector() -> Detector:
-    if not ONNX_FP32.is_file():
-        pytest.fail(f"shared model missing: {ONNX_FP32}")
-    return Detector(ONNX_FP32, conf=0.25, threads=2)
+    if not COUNT_MODEL.is_file():
+        pytest.fail(f"model missing: {COUNT_MODEL}")
+    return Detector(COUNT_MODEL, conf=0.25, threads=2)
 
 
 @pytest.fixture(scope="module")
 def street_config() -> EdgeConfig:
     """The sample config, with paths made independent of the working directory."""
     return load_config(ROOT / "samples" / "zones_lines.yaml",
-                       overrides={"source": str(STREET_CLIP), "model": str(ONNX_FP32)})
+                       overrides={"source": str(STREET_CLIP), "model": str(COUNT_MODEL)})
 
 
 def count_clip(path, cfg: EdgeConfig, detector: Detector, fps: float = COUNT_FPS, video=None) -> ClipRun:
@@ -109,7 +111,7 @@ def test_street_line_counts_match_the_hand_count(detector, street_config, artifa
         run = count_clip(STREET_CLIP, street_config, detector, video=video)
     check_consistency(run)
     got = run.counts["lines"]["street"]
-    print(f"street @ {COUNT_FPS} fps: hand {STREET_HAND}, smartcam {got}, {run.frames} frames")
+    print(f"street @ {COUNT_FPS} fps, {COUNT_MODEL.name}: hand {STREET_HAND}, smartcam {got}, {run.frames} frames")
     assert got["in"] == STREET_HAND["in"]
     assert STREET_HAND["out"] - 2 <= got["out"] <= STREET_HAND["out"]  # measured: 8 (two hidden by the pillar)
     # Zone events come in pairs per track, with dwell.
@@ -127,7 +129,7 @@ def test_plaza_line_counts_match_the_hand_count(detector, street_config):
     run = count_clip(PLAZA_CLIP, cfg, detector)
     check_consistency(run)
     got = run.counts["lines"]["plaza"]
-    print(f"plaza @ {COUNT_FPS} fps: hand {PLAZA_HAND}, smartcam {got}, {run.frames} frames")
+    print(f"plaza @ {COUNT_FPS} fps, {COUNT_MODEL.name}: hand {PLAZA_HAND}, smartcam {got}, {run.frames} frames")
     assert abs(got["in"] - PLAZA_HAND["in"]) <= 1  # measured: 6 at 5 fps, 5 at 12.5 fps
     assert abs(got["out"] - PLAZA_HAND["out"]) <= 1  # measured: 6 (one walker first seen on the line)
 
