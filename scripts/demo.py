@@ -3,14 +3,16 @@
 
 Run through ``scripts/demo.sh`` (which installs what it needs first). Steps, each announced as it runs:
 
-1. an INT8 person model: one already in ``models/``, else built from ``../shared/models/yolov8n-coco.onnx``,
+1. an INT8 person model: one already in ``--models-dir``, else built from ``../shared/models/yolov8n-coco.onnx``,
    else (online, with ``pip install 'smartcam[ultralytics]'``) from official weights that ultralytics downloads;
-2. a broker: the system's Mosquitto when installed, otherwise the embedded pure-Python ``amqtt``;
-3. the sink on SQLite with its dashboard;
-4. the edge on a sample clip;
-5. the analytics report and the dashboard URL; then everything stops (``--serve`` keeps the sink running).
+2. a broker: the system's Mosquitto when installed, otherwise the embedded pure-Python ``amqtt`` (MQTT 3.1.1);
+3. the sink on SQLite with its dashboard and a local archive;
+4. the edge on a sample clip (the street clip with a counting line, ``samples/demo_street.yaml``);
+5. a check that every event the edge produced was stored once and archived, the analytics report and the
+   dashboard URL; then everything stops (``--serve`` keeps the sink and dashboard running until Ctrl-C).
 
-Everything it writes goes to ``demo-output/`` (git-ignored).
+Everything it writes goes to ``--out`` (default ``demo-output/``, git-ignored); ``summary.json`` there holds
+the figures. Exit code 0 only when every produced event was stored.
 """
 
 from __future__ import annotations
@@ -33,7 +35,13 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SMARTCAM_SHARED", ROOT.parent / "shared"))
 DEFAULT_CLIP = SHARED / "data" / "videos" / "outdoor_street_cctv_towncentre_720p.m4v"
 FP32_ONNX = SHARED / "models" / "yolov8n-coco.onnx"
+VIDEO_SUFFIXES = (".mp4", ".m4v", ".avi", ".mkv", ".mov")
 BIN = Path(sys.executable).parent
+MARKER = ".smartcam-demo-output"  # only a directory holding this is ever wiped by a re-run
+
+
+class DemoError(RuntimeError):
+    """A step failed; the message says which and where its log is."""
 
 
 def say(msg: str) -> None:
@@ -46,15 +54,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for_port(port: int, timeout: float = 20.0) -> bool:
+def port_busy(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.2) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return True
-        except OSError:
-            time.sleep(0.1)
-    return False
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())
 
 
 def tool(name: str) -> str:
@@ -63,64 +74,96 @@ def tool(name: str) -> str:
     return str(path) if path.exists() else name
 
 
+def show(path: Path) -> str:
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 # ------------------------------------------------------------------------------------------------ 1. model
 
 
-def get_model(imgsz: int, out_dir: Path, calib: list[Path]) -> Path:
-    models_dir = ROOT / "models"
+def get_model(imgsz: int, models_dir: Path, calib: list[Path], calib_frames: int) -> Path:
+    """The INT8 person model at ``imgsz``: reused when already built, else built (calibration included)."""
     wanted = models_dir / f"yolov8n-person-int8-{imgsz}.onnx"
     if wanted.exists():
-        say(f"model: using {wanted.relative_to(ROOT)} (already built)")
+        say(f"model: using {show(wanted)} (already built; delete it to rebuild)")
         return wanted
     if FP32_ONNX.exists():
-        weights = FP32_ONNX
-        say(f"model: building an INT8 person model at {imgsz}px from {weights} (calibrated on the sample clips)")
+        weights = str(FP32_ONNX)
+        say(f"model: building an INT8 person model at {imgsz}px from {FP32_ONNX.name}, calibrated on "
+            f"{calib_frames} frames of {len(calib)} clip(s) (once; later runs reuse {show(wanted)})")
     else:
-        weights = Path("yolo11n.pt")
+        weights = "yolo11n.pt"
         say("model: ../shared not found; building from official weights downloaded by ultralytics "
             "(needs internet and `pip install 'smartcam[ultralytics]'`)")
-    cmd = [tool("smartcam-model"), "build", "--weights", str(weights), "--imgsz", str(imgsz),
-           "--out", str(wanted), "--calib", *map(str, calib)]
-    subprocess.run(cmd, check=True)
+    if not calib:
+        raise DemoError("no video file to calibrate the model on: pass --source with a video file")
+    cmd = [tool("smartcam-model"), "build", "--weights", weights, "--imgsz", str(imgsz), "--out", str(wanted),
+           "--keep-classes", "person", "--calib-frames", str(calib_frames), "--no-eval", "--latency-runs", "0",
+           "--calib", *map(str, calib)]
+    t0 = time.monotonic()
+    if subprocess.run(cmd).returncode != 0 or not wanted.exists():
+        raise DemoError("the model build failed (see its output above)")
+    say(f"model: built {show(wanted)} in {time.monotonic() - t0:.0f} s")
     return wanted
 
 
 # ------------------------------------------------------------------------------------------------ 2. broker
 
 
-def start_broker(workdir: Path) -> tuple[subprocess.Popen, str]:
+def start_broker(workdir: Path, kind: str) -> tuple[subprocess.Popen, str, str]:
+    """Start Mosquitto (or amqtt) on a free loopback port; returns (process, URL, which broker)."""
     port = free_port()
-    mosquitto = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
-    log = open(workdir / "broker.log", "wb")  # noqa: SIM115 - handed to the child for its lifetime
-    if mosquitto:
-        conf = workdir / "mosquitto.conf"
-        # max_queued_messages: the default (1000) silently drops QoS 1 messages for an offline subscriber.
-        conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-                        "max_queued_messages 1000000\nmax_inflight_messages 0\n")
-        proc = subprocess.Popen([mosquitto, "-c", str(conf)], stdout=log, stderr=log)
-        url = f"mqtt://127.0.0.1:{port}"
-        say(f"broker: system Mosquitto on {url}")
-    else:
-        conf = workdir / "amqtt.yaml"
-        conf.write_text(f"listeners:\n  default:\n    type: tcp\n    bind: 127.0.0.1:{port}\nplugins:\n"
-                        "  amqtt.plugins.authentication.AnonymousAuthPlugin:\n    allow_anonymous: true\n")
-        proc = subprocess.Popen([tool("amqtt"), "-c", str(conf)], stdout=log, stderr=log)
-        url = f"mqtt://127.0.0.1:{port}?protocol=3.1.1"  # amqtt speaks MQTT 3.1.1 only
-        say(f"broker: Mosquitto not installed, using the embedded amqtt broker on {url}")
-    if not wait_for_port(port):
-        raise SystemExit(f"the broker did not start; see {workdir / 'broker.log'}")
-    return proc, url
+    mosquitto = shutil.which("mosquitto") or next(
+        (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if Path(p).exists()), None)
+    if kind == "mosquitto" and not mosquitto:
+        raise DemoError("--broker mosquitto: mosquitto is not installed (apt-get install mosquitto)")
+    with open(workdir / "broker.log", "wb") as broker_log:  # the child keeps its own descriptor
+        if mosquitto and kind != "amqtt":
+            conf = workdir / "mosquitto.conf"
+            # max_queued_messages: the default (1000) silently drops QoS 1 messages for an offline subscriber.
+            conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+                            "max_queued_messages 1000000\nmax_inflight_messages 0\n")
+            proc = subprocess.Popen([mosquitto, "-c", str(conf)], stdout=broker_log, stderr=broker_log)
+            url, name = f"mqtt://127.0.0.1:{port}", "mosquitto"
+            say(f"broker: system Mosquitto on {url}")
+        else:
+            conf = workdir / "amqtt.yaml"
+            conf.write_text(f"listeners:\n  default:\n    type: tcp\n    bind: 127.0.0.1:{port}\nplugins:\n"
+                            "  amqtt.plugins.authentication.AnonymousAuthPlugin:\n    allow_anonymous: true\n")
+            proc = subprocess.Popen([tool("amqtt"), "-c", str(conf)], stdout=broker_log, stderr=broker_log)
+            url, name = f"mqtt://127.0.0.1:{port}?protocol=3.1.1", "amqtt"  # amqtt speaks MQTT 3.1.1 only
+            why = "as asked" if kind == "amqtt" else "Mosquitto is not installed"
+            say(f"broker: embedded amqtt ({why}) on {url}")
+    if not wait_until(lambda: proc.poll() is not None or port_busy(port), 20) or proc.poll() is not None:
+        stop(proc, "broker")
+        raise DemoError(f"the broker did not start; see {workdir / 'broker.log'}")
+    return proc, url, name
 
 
 # ------------------------------------------------------------------------------------------------ 3-5
 
 
-def stored_events(db_path: Path) -> int:
+def stored_ids(db_path: Path) -> set[str]:
+    """Event ids in the sink's database (read-only; empty until the sink has created it)."""
     try:
-        with sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=1) as con:
-            return int(con.execute("SELECT count(*) FROM events").fetchone()[0])
+        with contextlib.closing(sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=1)) as con:
+            return {row[0] for row in con.execute("SELECT event_id FROM events")}
     except sqlite3.Error:
-        return 0
+        return set()
+
+
+def archived_ids(archive: Path) -> list[str]:
+    """Every event id in the archive's JSON Lines files, duplicates kept (so they can be spotted)."""
+    ids = []
+    for path in sorted(archive.rglob("*.jsonl")):
+        ids += [json.loads(line)["event_id"] for line in path.read_text().splitlines() if line.strip()]
+    return ids
+
+
+def produced_ids(events_file: Path) -> list[str]:
+    if not events_file.exists():
+        return []
+    return [json.loads(line)["event_id"] for line in events_file.read_text().splitlines() if line.strip()]
 
 
 def stop(proc: subprocess.Popen | None, name: str) -> None:
@@ -135,87 +178,157 @@ def stop(proc: subprocess.Popen | None, name: str) -> None:
         proc.wait()
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--source", default=str(DEFAULT_CLIP), help="video file, webcam index, RTSP URL (default: %(default)s)")
-    ap.add_argument("--imgsz", type=int, default=640, help="model input size (default: %(default)s)")
-    ap.add_argument("--config", default=str(ROOT / "samples" / "demo_street.yaml"),
-                    help="edge config with zones/lines (default: %(default)s, skipped if missing)")
-    ap.add_argument("--max-frames", type=int, default=None, help="stop the edge after N frames")
-    ap.add_argument("--out", default=str(ROOT / "demo-output"), help="where the demo writes (default: %(default)s)")
-    ap.add_argument("--http-port", type=int, default=8080, help="dashboard port (default: %(default)s; 0 = any free)")
-    ap.add_argument("--serve", action="store_true", help="keep the sink and dashboard running until Ctrl-C")
-    args = ap.parse_args(argv)
-
-    out = Path(args.out).resolve()
+def prepare_out(out: Path) -> None:
+    """Create ``out``; wipe it only when a previous demo made it (never a directory the user cares about)."""
     if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    work = Path(tempfile.mkdtemp(prefix="smartcam-demo-"))
-    source = args.source
-    if not source.isdigit() and "://" not in source and not Path(source).exists():
-        raise SystemExit(f"source not found: {source} (pass --source FILE|INDEX|URL)")
+        if (out / MARKER).exists():
+            shutil.rmtree(out)
+        elif any(out.iterdir()):
+            raise DemoError(f"--out {out} exists and is not empty (and not a previous demo's output): "
+                            "pass a new or empty directory")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("written by scripts/demo.py; the next demo run deletes this directory\n")
 
-    calib = sorted(p for p in (SHARED / "data" / "videos").glob("*") if p.suffix in (".mp4", ".m4v", ".avi"))
-    model = get_model(args.imgsz, out, calib or [Path(source)])
 
-    broker = sink = edge = None
-    t0 = time.monotonic()
+def start_sink(url: str, out: Path, http_port: int) -> subprocess.Popen:
+    """The sink on SQLite with the dashboard and a local archive; returns once it is subscribed."""
+    db_path = out / "smartcam.db"
+    sink_log_path = out / "sink.log"
+    cmd = [tool("smartcam-sink"), "run", "--broker", url, "--db", f"sqlite:///{db_path}",
+           "--http", f"127.0.0.1:{http_port}", "--archive", str(out / "archive"), "--client-id", "demo-sink",
+           "--log-every", "5"]
+    with open(sink_log_path, "wb") as sink_log:
+        sink = subprocess.Popen(cmd, stdout=sink_log, stderr=subprocess.STDOUT)
+
+    def ready() -> bool:
+        return sink.poll() is not None or (port_busy(http_port) and "connected to" in sink_log_path.read_text())
+
+    if not wait_until(ready, 60) or sink.poll() is not None:
+        stop(sink, "sink")
+        tail = sink_log_path.read_text().strip().splitlines()[-1:] or ["(no output)"]
+        raise DemoError(f"the sink did not start: {tail[0]} (see {sink_log_path})")
+    time.sleep(0.5)  # the subscription is acknowledged right after the connection; the edge must not beat it
+    say(f"sink: SQLite {show(db_path)}, archive {show(out / 'archive')}, dashboard on http://127.0.0.1:{http_port}/")
+    return sink
+
+
+def run_edge(source: str, model: Path, url: str, config: Path | None, events_file: Path, outbox: Path,
+             max_frames: int | None) -> None:
+    cmd = [tool("smartcam-edge"), "run", "--source", source, "--model", str(model), "--camera-id", "street-1",
+           "--site", "demo", "--broker", url, "--events-file", str(events_file), "--outbox", str(outbox)]
+    if config is not None:
+        cmd[2:2] = ["--config", str(config)]
+    if max_frames:
+        cmd += ["--max-frames", str(max_frames)]
+    say("edge: " + " ".join(show(Path(c)) if c.startswith(str(ROOT)) else c for c in cmd[1:]))
+    rc = subprocess.run(cmd).returncode
+    if rc != 0:
+        raise DemoError(f"the edge exited with code {rc} (1: events left unacknowledged in its outbox)")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--source", default=str(DEFAULT_CLIP),
+                    help="video file, webcam index or RTSP URL (default: the street clip in ../shared)")
+    ap.add_argument("--imgsz", type=int, default=640,
+                    help="model input size, 320/480/640 (default: %(default)s; 320 for a Raspberry Pi)")
+    ap.add_argument("--calib-frames", type=int, default=32,
+                    help="frames to calibrate the INT8 model on when building it (default: %(default)s)")
+    ap.add_argument("--models-dir", default=str(ROOT / "models"),
+                    help="where the INT8 model is looked for and built (default: %(default)s)")
+    ap.add_argument("--config", default=str(ROOT / "samples" / "demo_street.yaml"),
+                    help="edge config with zones/lines (default: %(default)s; 'none' for no zones or lines)")
+    ap.add_argument("--max-frames", type=int, default=None, help="stop the edge after N processed frames")
+    ap.add_argument("--broker", choices=("auto", "mosquitto", "amqtt"), default="auto",
+                    help="auto: the system's Mosquitto if installed, else the embedded amqtt (default: auto)")
+    ap.add_argument("--out", default=str(ROOT / "demo-output"), help="where the demo writes (default: %(default)s)")
+    ap.add_argument("--http-port", type=int, default=8080,
+                    help="dashboard port (default: %(default)s, or a free one if busy; 0 = any free port)")
+    ap.add_argument("--wait", type=float, default=120.0,
+                    help="seconds to wait for the sink to store every event after the edge ends (default: %(default)s)")
+    ap.add_argument("--serve", action="store_true", help="keep the sink and dashboard running until Ctrl-C")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     try:
-        broker, url = start_broker(work)
-        http_port = args.http_port if args.http_port and not _port_busy(args.http_port) else free_port()
-        db_path = out / "smartcam.db"
-        sink_cmd = [tool("smartcam-sink"), "run", "--broker", url, "--db", f"sqlite:///{db_path}",
-                    "--http", f"127.0.0.1:{http_port}", "--archive", str(out / "archive"), "--client-id", "demo-sink"]
-        sink_log = open(out / "sink.log", "wb")  # noqa: SIM115 - handed to the child
-        sink = subprocess.Popen(sink_cmd, stdout=sink_log, stderr=subprocess.STDOUT)
-        if not wait_for_port(http_port, 30):
-            raise SystemExit(f"the sink did not start; see {out / 'sink.log'}")
-        say(f"sink: SQLite {db_path.relative_to(ROOT) if db_path.is_relative_to(ROOT) else db_path}, "
-            f"dashboard on http://127.0.0.1:{http_port}/")
+        return run(args)
+    except DemoError as exc:
+        print(f"demo: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("demo: interrupted; everything it started was stopped", file=sys.stderr)
+        return 130
 
+
+def run(args: argparse.Namespace) -> int:
+    t0 = time.monotonic()
+    source = args.source
+    is_file = not source.isdigit() and "://" not in source and not source.startswith("picamera")
+    if is_file and not Path(source).exists():
+        raise DemoError(f"source not found: {source} (pass --source FILE|INDEX|URL)")
+    config = None if args.config.lower() == "none" else Path(args.config)
+    if config is not None and not config.is_file():
+        raise DemoError(f"edge config not found: {config} (pass --config FILE or --config none)")
+    out = Path(args.out).resolve()
+    prepare_out(out)
+
+    calib = sorted(p for p in (SHARED / "data" / "videos").glob("*") if p.suffix in VIDEO_SUFFIXES)
+    calib = calib or ([Path(source)] if is_file else [])
+    model = get_model(args.imgsz, Path(args.models_dir).resolve(), calib, args.calib_frames)
+
+    work = Path(tempfile.mkdtemp(prefix="smartcam-demo-"))
+    broker = sink = None
+    try:
+        broker, url, broker_name = start_broker(work, args.broker)
+        http_port = args.http_port if args.http_port and not port_busy(args.http_port) else free_port()
+        sink = start_sink(url, out, http_port)
         events_file = out / "events.jsonl"
-        edge_cmd = [tool("smartcam-edge"), "run", "--source", source, "--model", str(model), "--camera-id", "street-1",
-                    "--site", "demo", "--broker", url, "--events-file", str(events_file),
-                    "--outbox", str(work / "outbox.db")]
-        if Path(args.config).exists():
-            edge_cmd += ["--config", args.config]
-        if args.max_frames:
-            edge_cmd += ["--max-frames", str(args.max_frames)]
-        say("edge: " + " ".join(edge_cmd[1:]))
-        edge = subprocess.Popen(edge_cmd)
-        rc = edge.wait()
-        if rc != 0:
-            raise SystemExit(f"the edge exited with code {rc}")
+        run_edge(source, model, url, config, events_file, work / "outbox.db", args.max_frames)
 
-        produced = sum(1 for _ in events_file.open()) if events_file.exists() else 0
-        say(f"edge done: {produced} events written to {events_file.name}; waiting for the sink to store them")
-        deadline = time.monotonic() + 60
-        while (stored := stored_events(db_path)) < produced and time.monotonic() < deadline:
-            time.sleep(0.5)
-        say(f"sink stored {stored} of {produced} events ({time.monotonic() - t0:.0f} s since the broker started)")
+        produced = produced_ids(events_file)
+        say(f"edge done: {len(produced)} events written to {show(events_file)}; waiting for the sink to store them")
+        db_path = out / "smartcam.db"
+        wanted = set(produced)
+        wait_until(lambda: sink.poll() is not None or wanted <= stored_ids(db_path), args.wait, 0.5)
+        stored = stored_ids(db_path)
+        missing = wanted - stored
+        archive = out / "archive"
+        wait_until(lambda: wanted <= set(archived_ids(archive)), 10, 0.5)  # written right after each commit
+        archived = archived_ids(archive)
+        all_stored = not missing and len(produced) == len(wanted)
+        say(f"sink stored {len(wanted & stored)} of {len(produced)} events"
+            + (" (every one, once)" if all_stored else f" ({len(missing)} MISSING)")
+            + f"; archive holds {len(set(archived) & wanted)} of them in {len(archived)} lines")
 
-        say("analytics report")
-        subprocess.run([tool("smartcam-sink"), "report", "--db", f"sqlite:///{db_path}", "--since", "48h"], check=False)
-        summary = {"events_produced": produced, "events_stored": stored, "dashboard": f"http://127.0.0.1:{http_port}/",
-                   "db": str(db_path), "archive": str(out / "archive"), "model": str(model)}
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        print(f"\nDashboard: http://127.0.0.1:{http_port}/   (API: /api/cameras, /api/events, /api/stats/hourly)")
+        say("analytics report (smartcam-sink report)")
+        subprocess.run([tool("smartcam-sink"), "report", "--db", f"sqlite:///{db_path}", "--since", "48h"],
+                       check=False)
+        dashboard = f"http://127.0.0.1:{http_port}/"
+        summary = {"events_produced": len(produced), "events_stored": len(wanted & stored),
+                   "events_missing": len(missing), "events_archived": len(set(archived) & wanted),
+                   "archive_lines": len(archived), "all_stored": all_stored, "broker": broker_name,
+                   "broker_url": url, "imgsz": args.imgsz, "model": str(model), "dashboard": dashboard,
+                   "db": str(db_path), "archive": str(archive), "elapsed_s": round(time.monotonic() - t0, 1)}
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if all_stored:
+            print(f"\nAll {len(produced)} events the edge produced were stored exactly once "
+                  f"(and archived under {show(archive)}); demo took {summary['elapsed_s']:.0f} s.")
+        else:
+            print(f"\nNOT all events were stored: {len(missing)} of {len(produced)} missing; see {out / 'sink.log'}")
         if args.serve:
+            print(f"Dashboard: {dashboard}   (API: {dashboard}api/events, {dashboard}api/stats/hourly)")
             say("serving; press Ctrl-C to stop")
             with contextlib.suppress(KeyboardInterrupt):
                 sink.wait()
-        return 0 if stored >= produced else 1
+        else:
+            print(f"Dashboard was at {dashboard} (stopped now; run with --serve to keep it up)")
+        return 0 if all_stored else 1
     finally:
-        stop(edge, "edge")
         stop(sink, "sink")
         stop(broker, "broker")
         shutil.rmtree(work, ignore_errors=True)
-
-
-def _port_busy(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 if __name__ == "__main__":
