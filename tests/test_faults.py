@@ -559,7 +559,7 @@ def test_sink_database_path_unwritable_is_a_clear_error(rig, tmp_path):
     sink = rig.sink(db_url=f"sqlite:///{blocker / 'sink.db'}", ready=False)
     rc = sink.wait(60)
     out = sink.output()
-    assert rc != 0, out[-2000:]
+    assert rc == 2, out[-2000:]
     assert "Traceback" not in out, out[-3000:]
     assert "sink.db" in out or "database" in out.lower(), out[-2000:]
 
