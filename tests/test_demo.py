@@ -1,0 +1,93 @@
+"""The one-command demo (scripts/demo.py) for real: model build, broker, sink, edge on the street clip, report.
+
+Runs it as a user would (a subprocess), but with a short clip budget (--max-frames), a small model (--imgsz 320,
+few calibration frames), a temp --out and --models-dir (nothing written into the repository) and a free port.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, STREET_CLIP
+
+DEMO = ROOT / "scripts" / "demo.py"
+
+
+def run_demo(*args: str, timeout: float = 400) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(DEMO), *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("demo-models")
+
+
+def assert_demo_succeeded(proc: subprocess.CompletedProcess, out: Path) -> dict:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    produced = [json.loads(line)["event_id"] for line in (out / "events.jsonl").read_text().splitlines()]
+    assert summary["events_produced"] == len(produced) > 0
+    assert summary["events_stored"] == summary["events_produced"] and summary["events_missing"] == 0
+    assert summary["all_stored"] is True
+    assert summary["events_archived"] == summary["archive_lines"] == len(produced)  # each archived once
+    assert f"All {len(produced)} events the edge produced were stored exactly once" in proc.stdout
+    # The report was printed, with the camera's entries and the demo's counting line and zone.
+    entries = sum(1 for line in (out / "events.jsonl").read_text().splitlines() if '"person.enter"' in line)
+    assert entries > 0
+    lines = proc.stdout.splitlines()
+    header = next(line for line in lines if line.startswith("camera "))
+    (row,) = [line for line in lines if line.startswith("demo/street-1 ")]
+    table = dict(zip(re.split(r"\s{2,}", header.strip()), re.split(r"\s{2,}", row.strip()), strict=True))
+    assert int(table["entries"]) == entries and int(table["events"]) == len(produced)
+    assert "right_pavement" in proc.stdout and "street" in proc.stdout
+    return summary
+
+
+@pytest.mark.slow
+def test_demo_builds_the_model_and_stores_every_event(tmp_path, models_dir):
+    """Fresh models dir: the demo builds the INT8 model, then runs on the system Mosquitto."""
+    out = tmp_path / "out"
+    proc = run_demo("--max-frames", "40", "--imgsz", "320", "--calib-frames", "8", "--models-dir", str(models_dir),
+                    "--out", str(out), "--http-port", "0", "--broker", "mosquitto")
+    assert "model: building an INT8 person model at 320px" in proc.stdout
+    assert (models_dir / "yolov8n-person-int8-320.onnx").exists()
+    assert (models_dir / "yolov8n-person-int8-320.json").exists()  # the manifest
+    summary = assert_demo_succeeded(proc, out)
+    assert summary["broker"] == "mosquitto"
+
+
+@pytest.mark.slow
+def test_demo_on_the_embedded_broker_reuses_the_model_and_cleans_its_previous_output(tmp_path, models_dir):
+    """amqtt (MQTT 3.1.1) path; a second run into the same --out replaces the first run's output."""
+    out = tmp_path / "out"
+    args = ("--max-frames", "25", "--imgsz", "320", "--calib-frames", "8", "--models-dir", str(models_dir),
+            "--out", str(out), "--http-port", "0", "--broker", "amqtt")
+    first = run_demo(*args)
+    assert_demo_succeeded(first, out)
+    second = run_demo(*args)
+    assert "already built" in second.stdout
+    summary = assert_demo_succeeded(second, out)  # its events.jsonl and database hold only the second run
+    assert summary["broker"] == "amqtt" and summary["broker_url"].endswith("?protocol=3.1.1")
+
+
+def test_bad_source_is_a_one_line_error(tmp_path):
+    proc = run_demo("--source", str(tmp_path / "nope.mp4"), "--out", str(tmp_path / "out"), timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("demo: error: source not found") and proc.stderr.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_refuses_to_wipe_a_directory_it_did_not_make(tmp_path):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("do not delete")
+    proc = run_demo("--source", str(STREET_CLIP), "--out", str(precious), timeout=60)
+    assert proc.returncode == 2 and "is not empty" in proc.stderr and proc.stderr.count("\n") == 1
+    assert (precious / "thesis.tex").read_text() == "do not delete"
