@@ -37,7 +37,7 @@ class DetectorConfig(_Strict):
     conf: float = Field(0.25, gt=0, lt=1, description="minimum detection confidence")
     iou: float = Field(0.45, gt=0, le=1, description="NMS IoU threshold")
     classes: list[str] = Field(default_factory=lambda: ["person"], min_length=1)
-    threads: int | None = Field(None, ge=1, le=64, description="onnxruntime intra-op threads (default: all cores)")
+    threads: int | None = Field(None, ge=1, le=64, description="inference threads (default: cores - 1, min 1)")
 
 
 class MotionConfig(_Strict):

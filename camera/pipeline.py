@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -31,6 +32,17 @@ log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_UNDRAINED, EXIT_OUTBOX = 0, 1, 3
 SIGNAL_DRAIN_S = 5.0  # on SIGTERM/SIGINT: how long to try to flush before leaving the rest in the outbox
+
+
+def default_threads() -> int:
+    """Inference threads when not configured: every core but one, which the decoder/reader thread, tracking
+    and MQTT use. Measured on 2 cores (docs/benchmarks.md): 1 inference thread + the decoder ran 2x faster
+    end to end than onnxruntime's default of one thread per core, which then competes with decoding."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores - 1)
 
 
 def topics_for_event(site: str, camera_id: str, event: dict[str, Any]) -> list[tuple[str, int, bool]]:
@@ -73,9 +85,10 @@ class EdgeRunner:
         log.info("source %s opened (%s%s)", self.source.name, self.source.kind,
                  f", {self.source.fps:.1f} fps" if self.source.fps else "")
         d = cfg.detector
-        self.detector = Detector(cfg.model, conf=d.conf, iou=d.iou, classes=d.classes, threads=d.threads)
-        log.info("model %s loaded (sha256 %s, imgsz %s, classes %s, conf %.2f, threads %s)", self.detector.name,
-                 self.detector.sha256[:12], self.detector.imgsz, d.classes, d.conf, d.threads or "auto")
+        threads = d.threads or default_threads()
+        self.detector = Detector(cfg.model, conf=d.conf, iou=d.iou, classes=d.classes, threads=threads)
+        log.info("model %s loaded (sha256 %s, imgsz %s, classes %s, conf %.2f, %d inference thread(s))",
+                 self.detector.name, self.detector.sha256[:12], self.detector.imgsz, d.classes, d.conf, threads)
         if cfg.mqtt.broker:
             from camera.publisher import Publisher
 
