@@ -11,6 +11,7 @@ Every section is a pydantic model with ``extra="forbid"``, so a typo is an error
 from __future__ import annotations
 
 import os
+import re
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -36,7 +37,8 @@ class _Strict(BaseModel):
 class DetectorConfig(_Strict):
     conf: float = Field(0.25, gt=0, lt=1, description="minimum detection confidence")
     iou: float = Field(0.45, gt=0, le=1, description="NMS IoU threshold")
-    classes: list[str] = Field(default_factory=lambda: ["person"], min_length=1)
+    classes: list[str] = Field(default_factory=lambda: ["person"], min_length=1,
+                               description="class names to detect (the model's names)")
     threads: int | None = Field(None, ge=1, le=64, description="inference threads (default: cores - 1, min 1)")
 
 
@@ -49,12 +51,12 @@ class MotionConfig(_Strict):
 
 class MqttConfig(_Strict):
     broker: str | None = Field(None, description="mqtt://[user[:pw]@]host[:port] or mqtts://...; none = offline")
-    username: str | None = None
+    username: str | None = Field(None, description="MQTT user (or in the broker URL)")
     password: str | None = Field(None, description="better: $SMARTCAM_MQTT_PASSWORD")
-    tls_ca: Path | None = None
-    tls_insecure: bool = False
-    client_id: str | None = None
-    stats_interval_s: float = Field(10.0, gt=0)
+    tls_ca: Path | None = Field(None, description="CA certificate that signed the broker's (mqtts://)")
+    tls_insecure: bool = Field(False, description="skip the broker hostname check (testing only)")
+    client_id: str | None = Field(None, description="default smartcam-edge-<site>-<camera_id>")
+    stats_interval_s: float = Field(10.0, gt=0, description="seconds between stats messages")
     window: int = Field(200, ge=1, le=10000, description="unacknowledged messages in flight at most")
 
     @field_validator("broker")
@@ -78,15 +80,16 @@ class MqttConfig(_Strict):
 
 
 class OutboxConfig(_Strict):
-    path: Path | None = Field(None, description="SQLite file; default $XDG_STATE_HOME/smartcam/<site>-<camera>.db")
+    path: Path | None = Field(None, description="SQLite file; default "
+                              "$XDG_STATE_HOME/smartcam/<site>-<camera_id>.outbox.db")
     max_events: int = Field(100_000, ge=1, description="bounded: beyond it the oldest are dropped and counted")
 
 
 class EdgeConfig(_Strict):
-    camera_id: str
-    site: str = "default"
-    source: str
-    model: Path
+    camera_id: str = Field(description="camera name, one MQTT topic level")
+    site: str = Field("default", description="site name, one MQTT topic level")
+    source: str = Field(description="video file, image folder, webcam index, rtsp:// or http:// URL, picamera[:N]")
+    model: Path = Field(description="detection ONNX (INT8 from smartcam-model build, or fp32)")
     detector: DetectorConfig = Field(default_factory=DetectorConfig)
     motion: MotionConfig = Field(default_factory=MotionConfig)
     fps: float | None = Field(None, gt=0, description="target processing rate; frames beyond it are skipped")
@@ -99,10 +102,10 @@ class EdgeConfig(_Strict):
     lines: list[LineSpec] = Field(default_factory=list)
     mqtt: MqttConfig = Field(default_factory=MqttConfig)
     outbox: OutboxConfig = Field(default_factory=OutboxConfig)
-    events_file: Path | None = None
-    save_video: Path | None = None
-    max_frames: int | None = Field(None, ge=1)
-    drain_timeout_s: float = Field(30.0, ge=0)
+    events_file: Path | None = Field(None, description="append every event as one JSON line (audit, offline)")
+    save_video: Path | None = Field(None, description="annotated video (boxes, ids, zones, lines, counts)")
+    max_frames: int | None = Field(None, ge=1, description="stop after this many processed frames")
+    drain_timeout_s: float = Field(30.0, ge=0, description="end of file: wait this long for the broker's acks")
 
     @field_validator("camera_id", "site")
     @classmethod
@@ -195,3 +198,48 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         return EdgeConfig.model_validate(merged)
     except ValidationError as exc:
         raise ConfigError(_format_errors(exc, origin)) from None
+
+
+def config_reference() -> str:
+    """The edge config keys as a Markdown table (key, type, default, meaning), generated from the models above
+    so the documentation cannot drift from what is validated. ``python -c "from camera.config import *;
+    print(config_reference())"``."""
+    import typing
+
+    from pydantic import BaseModel as _Base
+    from pydantic_core import PydanticUndefined
+
+    rows = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+
+    def type_name(tp: Any) -> str:
+        text = str(tp).replace("typing.", "").replace("pathlib.", "").replace("datetime.", "")
+        text = re.sub(r"<class '([\w.]+)'>", lambda m: m.group(1).rsplit(".", 1)[-1], text)
+        text = text.replace(" | None", ", optional").replace("Union[Literal['auto'], bool]", "auto / true / false")
+        return text.replace("|", "/")
+
+    def summary(doc: str | None) -> str:
+        text = " ".join((doc or "").split())
+        return text.split(". ")[0].rstrip(".").replace("``", "`")
+
+    def walk(model: type[_Base], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            key = f"{prefix}{name}"
+            tp = field.annotation
+            args = typing.get_args(tp)
+            inner = next((a for a in (tp, *args) if isinstance(a, type) and issubclass(a, _Base)), None)
+            if inner is not None and typing.get_origin(tp) is list:
+                rows.append(f"| `{key}` | list | `[]` | {summary(inner.__doc__)} |")
+                walk(inner, f"{key}[].")
+                continue
+            if inner is not None:
+                walk(inner, f"{key}.")
+                continue
+            if field.default is PydanticUndefined and field.default_factory is None:
+                default = "**required**"
+            else:
+                value = field.default_factory() if field.default_factory else field.default
+                default = f"`{value}`" if value is not None else "none"
+            rows.append(f"| `{key}` | {type_name(tp)} | {default} | {(field.description or '').replace('|', '/')} |")
+
+    walk(EdgeConfig, "")
+    return "\n".join(rows)

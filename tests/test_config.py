@@ -100,3 +100,14 @@ def test_shipped_samples_are_valid(sample, model):
 def test_samples_exist_for_every_source_kind():
     assert {p.name for p in SAMPLES} >= {"edge-file.yaml", "edge-webcam.yaml", "edge-rtsp.yaml",
                                           "edge-picamera.yaml"}
+
+
+def test_config_reference_lists_every_key_in_a_well_formed_table():
+    from camera.config import EdgeConfig, config_reference
+
+    table = config_reference().splitlines()
+    assert all(row.count("|") == 5 for row in table)  # no stray pipes from "int | None" types
+    keys = [row.split("`")[1] for row in table[2:]]
+    for name in EdgeConfig.model_fields:
+        assert any(k == name or k.startswith(f"{name}.") or k.startswith(f"{name}[]") for k in keys), name
+    assert {"mqtt.broker", "motion.keepalive_s", "zones[].name", "filters.track_threshold"} <= set(keys)
