@@ -258,3 +258,38 @@ def test_bad_input_is_a_clear_error_and_exit_2(args, message):
     assert proc.returncode == 2
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_topics_for_event_routes_retained_summaries():
+    from camera.pipeline import topics_for_event
+
+    base = topic_for(SITE, CAM, "")
+    assert topics_for_event(SITE, CAM, {"type": "person.enter"}) == [(base + "events", 1, False)]
+    assert topics_for_event(SITE, CAM, {"type": "count"})[1] == (base + "count", 1, True)
+    assert topics_for_event(SITE, CAM, {"type": "count", "zone": "door"})[1] == (base + "zones/door/count", 1, True)
+    assert topics_for_event(SITE, CAM, {"type": "line.cross", "line": "gate"})[1] == (
+        base + "lines/gate/totals", 1, True)
+
+
+@pytest.mark.slow
+def test_publisher_drains_a_backlog_in_order_with_a_small_window(mosquitto, tmp_path):
+    from camera.broker import BrokerSettings
+    from camera.outbox import Outbox
+    from camera.publisher import Publisher
+
+    box = Outbox(tmp_path / "o.db")
+    topic = topic_for(SITE, CAM, "events")
+    box.put_many([(topic, f"m{i:04d}", 1, False) for i in range(500)])
+    sub = Subscriber(mosquitto.port)
+    pub = Publisher(BrokerSettings.from_url(mosquitto.url), box, site=SITE, camera_id=CAM, window=20)
+    try:
+        pub.start()
+        assert pub.wait_drained(60) == 0
+        assert sub.wait_for(lambda: len(sub.payloads("events")) >= 500)
+        assert sub.payloads("events") == [f"m{i:04d}".encode() for i in range(500)]
+        assert pub.published == 500 and box.depth() == 0
+    finally:
+        pub.stop()
+        box.close()
+    assert sub.wait_for(lambda: sub.payloads("status")[-1:] == [b"offline"], 10)
+    sub.close()
