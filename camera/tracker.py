@@ -1,7 +1,8 @@
 """ByteTrack-style multi-object tracker in plain numpy: stable ids across frames, cheap enough for every frame.
 
 Why ByteTrack: low-score detections (a person half hidden behind another) are not thrown away but used, in a
-second association stage, to keep existing tracks alive; only confident detections may start new tracks.
+second association stage, to keep existing tracks alive (here tentative ones too); only confident detections
+may start new tracks.
 Boxes are predicted forward with a constant-velocity alpha-beta filter on (cx, cy, w, h), matched by IoU
 with a greedy assignment (tens of boxes: no scipy/lap needed), confirmed after ``min_hits`` and ended after
 ``max_age_s`` without a match. Track ids are handed out at confirmation, so they count 1, 2, 3, ...
@@ -199,9 +200,13 @@ class Tracker:
         rest_high = self._associate(confirmed, high, boxes, scores, classes, ts, spec.match_iou, matched)
         # Stage 2: weak detections keep visible confirmed tracks alive (occlusion, motion blur).
         visible_left = [t for t in confirmed if id(t) not in matched and t.visible]
-        self._associate(visible_left, low, boxes, scores, classes, ts, spec.low_match_iou, matched)
+        rest_low = self._associate(visible_left, low, boxes, scores, classes, ts, spec.low_match_iou, matched)
         # Stage 3: the remaining confident detections against tentative tracks.
         rest_high = self._associate(tentative, rest_high, boxes, scores, classes, ts, spec.match_iou, matched)
+        # Stage 4: weak detections keep tentative tracks alive too (small people flicker around 0.3-0.5);
+        # they never start one, and the EventBuilder's median-score threshold still judges the track.
+        tentative_left = [t for t in tentative if id(t) not in matched]
+        self._associate(tentative_left, rest_low, boxes, scores, classes, ts, spec.low_match_iou, matched)
 
         started: list[Track] = []
         ended: list[Track] = []

@@ -97,6 +97,22 @@ def test_low_score_detection_keeps_track_alive_but_cannot_start_one():
     assert Tracker(spec).update(dets((0, 0, 40, 100, 0.45)), 0.0).started == []
 
 
+def test_weak_detections_carry_a_tentative_track_to_confirmation():
+    """A small person: one confident detection, then weak ones (0.3-0.4). Without stage 4 the tentative track
+    would die on the first weak frame and restart again and again."""
+    tr = Tracker(TrackerSpec(min_hits=3))
+    scores = [0.55, 0.35, 0.32, 0.38, 0.52]
+    started = []
+    for i, s in enumerate(scores):
+        started += tr.update(dets((100 + 2 * i, 100, 130 + 2 * i, 180, s)), i / 10).started
+    assert [t.track_id for t in started] == [1]
+    assert started[0].first_seen == 0.0  # one track from the first detection, not a restart
+    # Weak detections alone still never start anything.
+    tr2 = Tracker(TrackerSpec(min_hits=1))
+    for i in range(5):
+        assert tr2.update(dets((300, 100, 330, 180, 0.35)), i / 10).started == []
+
+
 def test_one_frame_false_positive_never_confirmed():
     tr = Tracker(TrackerSpec(min_hits=3))
     started = []
