@@ -35,7 +35,8 @@ import pytest
 import sqlalchemy as sa
 
 from camera.contract import topic_for
-from tests.conftest import ARTIFACTS, ONNX_FP32, STREET_CLIP
+from tests.conftest import ARTIFACTS, STREET_CLIP
+from tests.model_fixtures import int8_model_320  # noqa: F401  (session fixture: the INT8 320 edge model)
 from tests.services import free_port
 from tests.test_security_broker import SITE, Client, SecureBroker, start_secure_broker
 
@@ -43,7 +44,7 @@ pytestmark = pytest.mark.slow
 
 CAMERA = "cam1"
 BIN = Path(sys.executable).parent
-FPS = "4"  # processed frames per second of clip time: light on 2 shared cores, ~5 events/s on the street clip
+FPS = "4"  # processed frames per second of clip time: light on 2 shared cores, ~4 events/s on the street clip
 EDGE_TIMEOUT = 120.0
 STORE_TIMEOUT = 60.0
 
@@ -114,6 +115,7 @@ class Rig:
     broker: SecureBroker
     work: Path
     db_url: str
+    model: Path  # the INT8 320 model the edge ships with (tests/model_fixtures.py)
     procs: list[Proc] = field(default_factory=list)
     tls: bool = False  # connect edge and sink over mqtts:// with the deployment's CA
     ca_file: str | None = None  # another CA instead of the deployment's (must be refused)
@@ -137,7 +139,7 @@ class Rig:
 
     def edge(self, *extra: str, source: str | Path = STREET_CLIP, realtime: bool = True,
              outbox: Path | None = None, events_file: Path | None = None) -> Proc:
-        args = [_bin("smartcam-edge"), "run", "--source", str(source), "--model", str(ONNX_FP32),
+        args = [_bin("smartcam-edge"), "run", "--source", str(source), "--model", str(self.model),
                 "--camera-id", CAMERA, "--site", SITE, *self.broker_args(CAMERA),
                 "--events-file", str(events_file or self.events_file), "--outbox", str(outbox or self.outbox),
                 "--fps", FPS, "--threads", "1", *(["--realtime"] if realtime else []), *extra]
@@ -238,8 +240,8 @@ def db_url(request, tmp_path) -> str:
 
 
 @pytest.fixture
-def rig(broker, tmp_path, db_url, record_property) -> Iterator[Rig]:
-    r = Rig(broker, tmp_path, db_url)
+def rig(broker, tmp_path, db_url, request) -> Iterator[Rig]:
+    r = Rig(broker, tmp_path, db_url, request.getfixturevalue("int8_model_320"))
     yield r
     r.stop_all()
 
@@ -464,12 +466,12 @@ class StreamDrop:
 
 
 @pytest.fixture(scope="module")
-def stream_drop(tmp_path_factory) -> StreamDrop:
+def stream_drop(tmp_path_factory, request) -> StreamDrop:
     """Run the edge on a local HTTP MJPEG camera, stop the camera for a few seconds, bring it back, SIGTERM."""
     base = Path(tempfile.mkdtemp(prefix="smartcam-faults-mq-"))
     base.chmod(0o755)
     broker = start_secure_broker(base)
-    rig = Rig(broker, tmp_path_factory.mktemp("stream"), "sqlite://")
+    rig = Rig(broker, tmp_path_factory.mktemp("stream"), "sqlite://", request.getfixturevalue("int8_model_320"))
     cam = MjpegServer(clip_jpegs(STREET_CLIP))
     cam.start()
     watcher = Client(broker.settings("sink"), "fault-watcher")
