@@ -403,3 +403,19 @@ def test_credentials_script_keeps_ca_and_refuses_to_clobber_users(tmp_path):
     acl = (conf / "acl").read_text()
     assert "user cam9\ntopic write smartcam/lobby/cam9/#" in acl and "user cam1\n" not in acl
     assert oct((conf / "private" / "ca.key").stat().st_mode & 0o777) == "0o600"
+
+
+# ------------------------------------------------------------------------------------------ the sink's HTTP API
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.0.2.10", "[::]"])
+def test_sink_refuses_to_expose_its_api_without_a_token(tmp_path, host):
+    """``smartcam-sink run --http`` on a non-loopback address without a token must not start at all."""
+    import sys
+
+    sink = Path(sys.executable).with_name("smartcam-sink")
+    env = {k: v for k, v in os.environ.items() if k != "SMARTCAM_API_TOKEN"}
+    res = subprocess.run([str(sink), "run", "--broker", "mqtt://127.0.0.1:1", "--db", f"sqlite:///{tmp_path / 's.db'}",
+                          "--http", f"{host}:{free_port()}"], capture_output=True, text=True, env=env, timeout=60)
+    assert res.returncode == 2, res.stderr
+    assert "token" in res.stderr and "Traceback" not in res.stderr
