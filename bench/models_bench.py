@@ -85,10 +85,10 @@ def main() -> int:
         print(f"scored {m['path'].name}: AP50 {s.ap50:.4f}", file=sys.stderr)
     probe = cv2.imread(str(labels[0].path))
     paths = [m["path"] for m in models]
-    for stage in ("infer", "detect"):
-        lat = measure_latency(paths, probe, args.threads, runs=args.runs, stage=stage)
-        for m in models:
-            m[f"{stage}_ms"] = {n: lat[str(m["path"])][n] for n in args.threads}
+    lat = measure_latency(paths, probe, args.threads, runs=args.runs, stages=("infer", "detect"))
+    for m in models:
+        for stage in ("infer", "detect"):
+            m[f"{stage}_ms"] = lat[str(m["path"])][stage]
 
     cols = ["model", "imgsz", "precision", "AP50", "AP50-95", "P@0.25", "R@0.25"]
     cols += [f"infer ms {n}T" for n in args.threads] + [f"detect ms {n}T" for n in args.threads]

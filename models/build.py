@@ -15,7 +15,7 @@ import cv2
 import onnx
 from tqdm import tqdm
 
-from models.calibration import sample_frames
+from models.calibration import check_sources, sample_frames
 from models.evaluate import evaluate_accuracy, load_labels, measure_latency
 from models.export import fp32_model
 from models.head import model_names, slim_classes
@@ -63,14 +63,17 @@ def _measure(
         probe = cv2.imread(str(labels[0].path))
     if latency_runs > 0:
         threads = sorted({1, os.cpu_count() or 1})
+        with tqdm(total=latency_runs, desc="latency", disable=not show, leave=False) as bar:
+            lat = measure_latency(
+                [int8_path, fp32_path],
+                probe,
+                threads,
+                runs=latency_runs,
+                progress=bar,
+                stages=("infer", "detect"),
+            )
         for stage, key in (("infer", "infer_ms"), ("detect", "latency_ms")):
-            with tqdm(
-                total=latency_runs * len(threads), desc=f"{stage} ms", disable=not show, leave=False
-            ) as bar:
-                lat = measure_latency(
-                    [int8_path, fp32_path], probe, threads, runs=latency_runs, progress=bar, stage=stage
-                )
-            a, b = lat[str(int8_path)], lat[str(fp32_path)]
+            a, b = lat[str(int8_path)][stage], lat[str(fp32_path)][stage]
             int8_res[key] = {str(n): round(v, 2) for n, v in a.items()}
             fp32_res[key] = {str(n): round(v, 2) for n, v in b.items()}
             int8_res.setdefault("speedup_vs_fp32", {})[stage] = {
@@ -100,6 +103,7 @@ def build_model(
     """Build an INT8 model (and optionally keep its fp32 twin); returns paths and the manifest written."""
     settings = settings or QuantSettings()
     out_path = Path(out) if out else default_out(weights, imgsz, keep_classes)
+    check_sources(calib, calib_frames)  # a bad --calib fails at once, not after a slow export
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with (
         tempfile.TemporaryDirectory(prefix="smartcam-build-") as tmp,

@@ -94,6 +94,14 @@ def _image_frames(paths: list[Path], k: int, source: str) -> Iterator[tuple[Fram
         yield FrameRef(str(paths[i]) if source == "" else source, i), image
 
 
+def check_sources(sources: Sequence[str | os.PathLike], total: int) -> None:
+    """Fail fast (before any export) on missing paths, folders without images/videos, or no frames asked."""
+    if total <= 0 or not _expand(sources):
+        raise CalibrationError(
+            "empty calibration set: give --calib videos, images or folders and --calib-frames > 0"
+        )
+
+
 def sample_frames(
     sources: Sequence[str | os.PathLike], total: int, imgsz: tuple[int, int] | None = None
 ) -> list[tuple[FrameRef, np.ndarray]]:

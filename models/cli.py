@@ -180,13 +180,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     threads = args.threads or sorted({1, os.cpu_count() or 1})
     if args.runs > 0:
         probe = cv2.imread(str(labels[0].path))
-        for stage, key in (("infer", "infer_ms"), ("detect", "latency_ms")):
-            with tqdm(
-                total=args.runs * len(threads), desc=f"{stage} ms", disable=args.quiet, leave=False
-            ) as bar:
-                lat = measure_latency(args.model, probe, threads, runs=args.runs, progress=bar, stage=stage)
-            for row in rows:
-                row[key] = {str(n): v for n, v in lat[row["path"]].items()}
+        with tqdm(total=args.runs, desc="latency", disable=args.quiet, leave=False) as bar:
+            lat = measure_latency(
+                args.model, probe, threads, runs=args.runs, progress=bar, stages=("infer", "detect")
+            )
+        for row in rows:
+            row["infer_ms"] = {str(n): v for n, v in lat[row["path"]]["infer"].items()}
+            row["latency_ms"] = {str(n): v for n, v in lat[row["path"]]["detect"].items()}
     if args.json:
         print(
             json.dumps(

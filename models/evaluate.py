@@ -204,36 +204,38 @@ def measure_latency(
     runs: int = 20,
     warmup: int = 3,
     progress=None,
-    stage: str = "detect",
-) -> dict[str, dict[int, float]]:
-    """Median ms per model and thread count of ``stage``: ``detect`` = a full ``detect()`` on ``image``
-    (letterbox, inference, decode: what the edge pays per frame) or ``infer`` = the network alone.
+    stages: Sequence[str] = ("detect",),
+) -> dict[str, dict[str, dict[int, float]]]:
+    """Median ms as ``{model: {stage: {threads: ms}}}``. Stages: ``detect`` = a full ``detect()`` on ``image``
+    (letterbox, inference, decode: what the edge pays per frame), ``infer`` = the network alone.
 
-    Models are interleaved run by run so that load from other processes hits all of them alike and the
-    ratios stay meaningful on a shared machine.
+    Every (model, thread count, stage) is timed once per round, round after round, so that load from other
+    processes hits all of them alike and the ratios stay meaningful on a shared machine.
     """
-    if stage not in ("detect", "infer"):
-        raise ValueError(f"unknown latency stage {stage!r} (use detect or infer)")
-    result: dict[str, dict[int, float]] = {str(p): {} for p in model_paths}
-    for n in threads:
-        calls = {}
-        for p in model_paths:
+    unknown = set(stages) - {"detect", "infer"}
+    if unknown:
+        raise ValueError(f"unknown latency stage {sorted(unknown)[0]!r} (use detect or infer)")
+    calls: dict[tuple[str, str, int], partial] = {}
+    for p in model_paths:
+        for n in threads:
             det = Detector(p, threads=n)
-            if stage == "detect":
-                calls[str(p)] = partial(det.detect, image)
-            else:
-                calls[str(p)] = partial(det.infer, preprocess(image, det.imgsz)[0])
-        times: dict[str, list[float]] = {k: [] for k in calls}
-        for _ in range(warmup):
-            for call in calls.values():
-                call()
-        for _ in range(runs):
-            for key, call in calls.items():
-                t0 = time.perf_counter()
-                call()
-                times[key].append((time.perf_counter() - t0) * 1000)
-            if progress is not None:
-                progress.update(1)
-        for key, values in times.items():
-            result[key][n] = statistics.median(values)
+            blob = preprocess(image, det.imgsz)[0]
+            for stage in stages:
+                calls[(str(p), stage, n)] = (
+                    partial(det.detect, image) if stage == "detect" else partial(det.infer, blob)
+                )
+    times: dict[tuple[str, str, int], list[float]] = {k: [] for k in calls}
+    for _ in range(warmup):
+        for call in calls.values():
+            call()
+    for _ in range(runs):
+        for key, call in calls.items():
+            t0 = time.perf_counter()
+            call()
+            times[key].append((time.perf_counter() - t0) * 1000)
+        if progress is not None:
+            progress.update(1)
+    result: dict[str, dict[str, dict[int, float]]] = {}
+    for (path, stage, n), values in times.items():
+        result.setdefault(path, {}).setdefault(stage, {})[n] = statistics.median(values)
     return result

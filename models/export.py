@@ -7,8 +7,6 @@ first: shared weights (e.g. ``../shared/models``) are never written to.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 import os
 import shutil
@@ -49,21 +47,19 @@ def export_pt(weights: str, imgsz: tuple[int, int], workdir: Path) -> onnx.Model
     cwd = Path.cwd()
     try:
         os.chdir(workdir)
-        with contextlib.redirect_stdout(io.StringIO()):
-            try:
-                model = YOLO(target, task="detect")
-            except Exception as exc:
-                raise ModelError(
-                    f"cannot load checkpoint {weights}: {str(exc).strip().splitlines()[0]}"
-                ) from None
-            if getattr(model, "task", "detect") != "detect":
-                raise ModelError(f"unsupported model: {weights} is a {model.task} model, not a detector")
-            try:
-                out = model.export(format="onnx", imgsz=list(imgsz), dynamic=False, simplify=True, nms=False)
-            except Exception as exc:
-                raise ModelError(
-                    f"ONNX export of {weights} failed: {str(exc).strip().splitlines()[0]}"
-                ) from None
+        # ultralytics logs its own export progress (to stdout)
+        try:
+            model = YOLO(target)
+        except Exception as exc:
+            raise ModelError(
+                f"cannot load checkpoint {weights}: {str(exc).strip().splitlines()[0]}"
+            ) from None
+        if getattr(model, "task", "detect") != "detect":
+            raise ModelError(f"unsupported model: {weights} is a {model.task} model, not a detector")
+        try:
+            out = model.export(format="onnx", imgsz=list(imgsz), dynamic=False, simplify=True, nms=False)
+        except Exception as exc:
+            raise ModelError(f"ONNX export of {weights} failed: {str(exc).strip().splitlines()[0]}") from None
     finally:
         os.chdir(cwd)
     return onnx.load(str(out))
