@@ -228,7 +228,7 @@ def event_row(event: dict[str, Any], received_ms: int) -> dict[str, Any]:
         "event_id": event["event_id"], "site": event["site"], "camera_id": event["camera_id"],
         "type": event["type"], "ts": to_ms(event["ts"]), "track_id": event.get("track_id"),
         "zone": event.get("zone"), "line": event.get("line"), "direction": event.get("direction"),
-        "count": event.get("count"), "dwell_s": event.get("dwell_s"),
+        "count": event.get("count"), "dwell_s": float(event["dwell_s"]) if "dwell_s" in event else None,
         "payload": json.dumps(event, separators=(",", ":")), "received_at": received_ms,
     }
 
@@ -346,8 +346,8 @@ class Store:
                 unique.setdefault(ev["event_id"], ev)
             rows = [event_row(ev, now_ms) for ev in unique.values()]
             rows.sort(key=lambda r: r["event_id"])
-            stmt = self._insert(events).on_conflict_do_nothing(index_elements=["event_id"])
-            inserted = set(conn.execute(stmt.returning(events.c.event_id), rows).scalars())
+            inserted = set(self._bulk(conn, events, rows, lambda ins: ins.on_conflict_do_nothing(
+                index_elements=["event_id"]).returning(events.c.event_id)).scalars())
             new_events = [ev for ev in unique.values() if ev["event_id"] in inserted]
             if new_events:
                 self._update_rollups(conn, new_events)
@@ -368,6 +368,24 @@ class Store:
                 "inference_ms_p95": _number(doc.get("inference_ms_p95")), "stats": json.dumps(doc, separators=(",", ":")),
                 "stats_at": now_ms}, seen_ms=to_ms(doc.get("ts")))
         return new_events
+
+    def _bulk(self, conn: Connection, table: sa.Table, rows: list[dict[str, Any]],
+              finish: Callable[[Any], Any]) -> Any:
+        """Insert many rows with one statement; ``finish`` adds ON CONFLICT / RETURNING to the dialect insert.
+
+        SQLite: an executemany. PostgreSQL: one array per column, ``unnest``-ed server side, so the statement text
+        is the same whatever the batch size (psycopg re-parsed a 500-row VALUES list on every batch: ~40 % of
+        the ingest CPU) and RETURNING still reports exactly the rows inserted.
+        """
+        if self.dialect != "postgresql":
+            return conn.execute(finish(self._insert(table)), rows)
+        from sqlalchemy.dialects.postgresql import ARRAY
+
+        names = list(rows[0])
+        arrays = [sa.bindparam(f"arr_{n}", [r[n] for r in rows], type_=ARRAY(table.c[n].type)) for n in names]
+        source = sa.func.unnest(*arrays).table_valued(*names).render_derived(with_types=False)
+        select = sa.select(*[source.c[n] for n in names])
+        return conn.execute(finish(self._insert(table).from_select(names, select)))
 
     def _upsert_camera(self, conn: Connection, site: str, camera_id: str, values: dict[str, Any],
                        seen_ms: int | None = None, add_events: int = 0) -> None:
@@ -399,57 +417,58 @@ class Store:
         delta = rollups.deltas(new_events)
         if delta.tracks:
             keys = sorted(delta.tracks)
-            stmt = self._insert(rollup_tracks).on_conflict_do_nothing()
             cols = rollup_tracks.c
-            returned = conn.execute(
-                stmt.returning(cols.site, cols.camera_id, cols.zone, cols.hour),
-                [dict(zip(("site", "camera_id", "zone", "hour", "track_id"), k, strict=True)) for k in keys])
+            returned = self._bulk(
+                conn, rollup_tracks,
+                [dict(zip(("site", "camera_id", "zone", "hour", "track_id"), k, strict=True)) for k in keys],
+                lambda ins: ins.on_conflict_do_nothing().returning(cols.site, cols.camera_id, cols.zone, cols.hour))
             for site, camera_id, zone, hour in returned:
                 delta.hourly[(site, camera_id, zone, hour)]["unique_tracks"] += 1
             day_keys = sorted({(s, c, z, h // 86400 * 86400, tr) for s, c, z, h, tr in keys})
-            cols = rollup_day_tracks.c
-            returned = conn.execute(
-                self._insert(rollup_day_tracks).on_conflict_do_nothing().returning(
-                    cols.site, cols.camera_id, cols.zone, cols.day),
-                [dict(zip(("site", "camera_id", "zone", "day", "track_id"), k, strict=True)) for k in day_keys])
+            dcols = rollup_day_tracks.c
+            returned = self._bulk(
+                conn, rollup_day_tracks,
+                [dict(zip(("site", "camera_id", "zone", "day", "track_id"), k, strict=True)) for k in day_keys],
+                lambda ins: ins.on_conflict_do_nothing().returning(dcols.site, dcols.camera_id, dcols.zone, dcols.day))
             new_per_day: dict[tuple[str, str, str, int], int] = defaultdict(int)
             for key in returned:
                 new_per_day[tuple(key)] += 1
             if new_per_day:
-                ins = self._insert(rollup_daily)
-                conn.execute(
-                    ins.on_conflict_do_update(index_elements=["site", "camera_id", "zone", "day"],
-                                              set_={"unique_tracks": rollup_daily.c.unique_tracks
-                                                    + ins.excluded.unique_tracks}),
+                self._bulk(
+                    conn, rollup_daily,
                     [dict(zip(("site", "camera_id", "zone", "day"), k, strict=True), unique_tracks=n)
-                     for k, n in sorted(new_per_day.items())])
+                     for k, n in sorted(new_per_day.items())],
+                    lambda ins: ins.on_conflict_do_update(
+                        index_elements=["site", "camera_id", "zone", "day"],
+                        set_={"unique_tracks": rollup_daily.c.unique_tracks + ins.excluded.unique_tracks}))
         if delta.hourly:
-            ins = self._insert(rollup_hourly)
-            t, x = rollup_hourly.c, ins.excluded
-            summed = ("entries", "exits", "unique_tracks", "occupancy_sum", "occupancy_samples", "dwell_sum",
-                      "dwell_count", "loiters")
-            set_: dict[str, Any] = {name: t[name] + x[name] for name in summed}
-            set_["occupancy_max"] = sa.case((x.occupancy_max > t.occupancy_max, x.occupancy_max),
-                                            else_=t.occupancy_max)
-            conn.execute(ins.on_conflict_do_update(index_elements=["site", "camera_id", "zone", "hour"], set_=set_),
-                         [dict(zip(("site", "camera_id", "zone", "hour"), k, strict=True), **v)
-                          for k, v in sorted(delta.hourly.items())])
+            def hourly_upsert(ins: Any) -> Any:
+                t, x = rollup_hourly.c, ins.excluded
+                summed = ("entries", "exits", "unique_tracks", "occupancy_sum", "occupancy_samples", "dwell_sum",
+                          "dwell_count", "loiters")
+                set_: dict[str, Any] = {name: t[name] + x[name] for name in summed}
+                set_["occupancy_max"] = sa.case((x.occupancy_max > t.occupancy_max, x.occupancy_max),
+                                                else_=t.occupancy_max)
+                return ins.on_conflict_do_update(index_elements=["site", "camera_id", "zone", "hour"], set_=set_)
+
+            self._bulk(conn, rollup_hourly, [dict(zip(("site", "camera_id", "zone", "hour"), k, strict=True), **v)
+                                             for k, v in sorted(delta.hourly.items())], hourly_upsert)
         if delta.dwell_bins:
-            ins = self._insert(rollup_dwell)
-            conn.execute(
-                ins.on_conflict_do_update(index_elements=["site", "camera_id", "zone", "hour", "bin"],
-                                          set_={"n": rollup_dwell.c.n + ins.excluded.n}),
-                [dict(zip(("site", "camera_id", "zone", "hour", "bin"), k, strict=True), n=n)
-                 for k, n in sorted(delta.dwell_bins.items())])
+            self._bulk(conn, rollup_dwell,
+                       [dict(zip(("site", "camera_id", "zone", "hour", "bin"), k, strict=True), n=n)
+                        for k, n in sorted(delta.dwell_bins.items())],
+                       lambda ins: ins.on_conflict_do_update(
+                           index_elements=["site", "camera_id", "zone", "hour", "bin"],
+                           set_={"n": rollup_dwell.c.n + ins.excluded.n}))
         if delta.lines:
-            ins = self._insert(rollup_lines)
-            t, x = rollup_lines.c, ins.excluded
-            conn.execute(
-                ins.on_conflict_do_update(index_elements=["site", "camera_id", "line", "hour"],
-                                          set_={"in_count": t.in_count + x.in_count,
-                                                "out_count": t.out_count + x.out_count}),
-                [dict(zip(("site", "camera_id", "line", "hour"), k, strict=True), in_count=v[0], out_count=v[1])
-                 for k, v in sorted(delta.lines.items())])
+            lc = rollup_lines.c
+            self._bulk(conn, rollup_lines,
+                       [dict(zip(("site", "camera_id", "line", "hour"), k, strict=True), in_count=v[0],
+                             out_count=v[1]) for k, v in sorted(delta.lines.items())],
+                       lambda ins: ins.on_conflict_do_update(
+                           index_elements=["site", "camera_id", "line", "hour"],
+                           set_={"in_count": lc.in_count + ins.excluded.in_count,
+                                 "out_count": lc.out_count + ins.excluded.out_count}))
 
     # ------------------------------------------------------------------------------------------ reads
     def event_count(self) -> int:
