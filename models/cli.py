@@ -142,9 +142,8 @@ def _table(rows: list[dict], threads: list[int]) -> str:
             f"{r['precision']:.3f}",
             f"{r['recall']:.3f}",
         ]
-        cells += [
-            f"{r['latency_ms'][str(n)]:.1f}" if str(n) in r.get("latency_ms", {}) else "-" for n in threads
-        ]
+        for key in ("infer_ms", "latency_ms"):
+            cells += [f"{r[key][str(n)]:.1f}" if str(n) in r.get(key, {}) else "-" for n in threads]
         cells.append(f"{r['size_mb']:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

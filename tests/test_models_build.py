@@ -291,3 +291,21 @@ def test_cli_eval_side_by_side_json(int8_model_320, capsys, tmp_path):  # noqa: 
     code = main(["eval", "--model", str(int8_model_320), "--labels", labels, "--runs", "0", "--quiet"])
     table = capsys.readouterr().out
     assert code == 0 and table.startswith("| model |") and int8_model_320.name in table
+    code = main(
+        [
+            "eval",
+            "--model",
+            str(int8_model_320),
+            "--labels",
+            labels,
+            "--runs",
+            "1",
+            "--threads",
+            "1",
+            "--quiet",
+        ]
+    )
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert code == 0 and len(lines) == 3
+    assert lines[0].count("|") == lines[2].count("|") == 10  # model, imgsz, 4 scores, infer, detect, MB
+    assert "infer ms 1T" in lines[0] and "detect ms 1T" in lines[0] and " - " not in lines[2]
