@@ -244,14 +244,23 @@ def main() -> None:
     ing.add_argument("--events", type=int, default=30000)
     ing.add_argument("--publishers", type=int, default=2)
     ing.add_argument("--workers", type=int, default=1, help=">1 uses an MQTT 5 shared subscription group")
+    ing.add_argument("--repeat", type=int, default=1, help="runs (fresh broker and database each); prints median")
     ing.add_argument("--share-group", action="store_true", help="use a shared subscription even for one worker")
     ing.add_argument("--backlog", action="store_true", help="publish while the sink is down, then time the drain")
     q = sub.add_parser("query", help="rollup query time over N stored events")
     q.add_argument("--db", choices=["sqlite", "postgresql"], default="sqlite")
     q.add_argument("--events", type=int, default=1_000_000)
     args = parser.parse_args()
-    result = bench_ingest(args) if args.command == "ingest" else bench_query(args)
-    print(json.dumps(result))
+    if args.command == "query":
+        print(json.dumps(bench_query(args)))
+        return
+    runs = [bench_ingest(args) for _ in range(args.repeat)]
+    for run in runs:
+        print(json.dumps(run), file=sys.stderr)
+    key = "drain_events_per_s" if args.backlog else "events_per_s"
+    rates = sorted(r[key] for r in runs)
+    print(json.dumps({**runs[0], "runs": len(runs), key: rates, f"median_{key}": statistics.median(rates),
+                      "load_avg_1m": [r["load_avg_1m"] for r in runs]}))
 
 
 if __name__ == "__main__":
