@@ -125,13 +125,6 @@ def _fast_accepts(doc: Any, schema: str) -> bool:
         return False
 
 
-def _slow_errors(doc: Any, schema: str, limits: Limits) -> list[str]:
-    """The rejection path: bound the nesting first (a schema-valid document is shallow by construction)."""
-    if _depth(doc, limits.max_depth) > limits.max_depth:
-        raise _Reject(f"JSON nested deeper than {limits.max_depth}")
-    return validation_errors(doc, schema)
-
-
 def schema_errors(doc: Any, schema: str = EVENT_SCHEMA_FILE) -> list[str]:
     """``camera.contract.validation_errors`` with a fast path for the common case of a valid document.
 
@@ -200,16 +193,19 @@ def _check_time(value: Any, field: str, now: float, limits: Limits) -> None:
 
 
 def _check_document(doc: Any, schema: str, site: str, camera_id: str, now: float, limits: Limits) -> dict:
-    if not isinstance(doc, dict):
+    version = doc.get("schema_version") if isinstance(doc, dict) else None
+    known = version == SCHEMA_VERSION and not isinstance(version, bool)
+    if not (known and _fast_accepts(doc, schema)):
+        # the rejection path: a schema-valid document is shallow by construction, anything else is bounded first
         if _depth(doc, limits.max_depth) > limits.max_depth:
             raise _Reject(f"JSON nested deeper than {limits.max_depth}")
-        raise _Reject("payload is not a JSON object")
-    version = doc.get("schema_version")
-    if version != SCHEMA_VERSION or isinstance(version, bool):
-        raise _Reject(f"unknown schema_version {json.dumps(version)[:20]} (this sink reads {SCHEMA_VERSION})")
-    errors = [] if _fast_accepts(doc, schema) else _slow_errors(doc, schema, limits)
-    if errors:
-        raise _Reject("schema: " + "; ".join(errors[:3]))
+        if not isinstance(doc, dict):
+            raise _Reject("payload is not a JSON object")
+        if not known:
+            raise _Reject(f"unknown schema_version {json.dumps(version)[:20]} (this sink reads {SCHEMA_VERSION})")
+        errors = validation_errors(doc, schema)
+        if errors:
+            raise _Reject("schema: " + "; ".join(errors[:3]))
     for key in ("event_id", "site", "camera_id", "zone", "line"):
         value = doc.get(key)
         if isinstance(value, str) and value.endswith("\n"):  # the schema's `$` lets one trailing newline through

@@ -153,3 +153,9 @@ def test_a_trailing_newline_slipping_through_the_schema_pattern_is_rejected(key)
     ev[key] += "\n"
     topic = f"smartcam/{ev['site']}/{ev['camera_id']}/events"
     assert check(topic, ev).reason == f"{key}: trailing newline"
+
+
+def test_deep_nesting_is_named_whatever_else_is_wrong():
+    deep = {"a": json.loads("[" * 30 + "]" * 30)}  # no schema_version either
+    assert "nested deeper" in check(TOPIC, json.dumps(deep).encode()).reason
+    assert "nested deeper" in check(TOPIC, json.dumps(make_event() | deep).encode()).reason
