@@ -101,6 +101,41 @@ def measure_ultralytics(weights: Path, clip: Path, frames: int, imgsz: int, thre
     return {**json.loads(line), "rss_mb": rss}
 
 
+def measure_detector(model: Path, clip: Path, frames: int) -> dict:
+    """The edge's Detector alone on frames decoded beforehand: the ceiling the pipeline can reach."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--detector-worker", "--clip", str(clip),
+           "--frames", str(frames), "--model-path", str(model)]
+    out, rss, rc = run_child(cmd, one_core=False)
+    line = next((ln for ln in reversed(out.splitlines()) if ln.startswith("{")), None)
+    if rc != 0 or line is None:
+        raise SystemExit(f"detector run failed (exit {rc}):\n{out[-3000:]}")
+    return {**json.loads(line), "rss_mb": rss}
+
+
+def detector_worker(args: argparse.Namespace) -> None:
+    """Child process: camera.detector.Detector on pre-decoded frames (default threads); prints one JSON line."""
+    import cv2
+
+    sys.path.insert(0, str(ROOT))
+    from camera.detector import Detector
+    from camera.pipeline import default_threads
+
+    cap = cv2.VideoCapture(str(args.clip))
+    images = []
+    while len(images) < args.frames:
+        ok, image = cap.read()
+        if not ok:
+            break
+        images.append(image)
+    cap.release()
+    detector = Detector(args.model_path, threads=default_threads())
+    detector.detect(images[0])  # warm-up, like Ultralytics' first result
+    t0 = time.perf_counter()
+    for image in images:
+        detector.detect(image)
+    print(json.dumps({"frames": len(images), "fps": round(len(images) / (time.perf_counter() - t0), 2)}))
+
+
 def ultralytics_worker(args: argparse.Namespace) -> None:
     """Child process: Ultralytics streaming predict over the clip; prints one JSON line."""
     import torch
@@ -151,6 +186,7 @@ def start_broker(workdir: Path):
 EDGE = "smartcam-edge, INT8 ONNX"
 UL_PT = "Ultralytics predict, PyTorch .pt"
 UL_ONNX = "Ultralytics predict, same INT8 ONNX"
+DETECTOR = "edge Detector alone (frames decoded beforehand)"
 
 
 def baseline(by: dict, imgsz: int, name: str) -> dict:
@@ -175,13 +211,16 @@ def render(rows: list[tuple[tuple[int, str], dict]], info: dict) -> str:
     ]
     for (imgsz, name), r in rows:
         ratio = r["fps"] / baseline(by, imgsz, name)["fps"]
-        lines.append(f"| {imgsz} | {name} | {r['fps']:.1f} | {ratio:.2f}x | {r['rss_mb']:.0f} |")
+        rss = "–" if name == DETECTOR else f"{r['rss_mb']:.0f}"  # it holds every decoded frame in memory
+        lines.append(f"| {imgsz} | {name} | {r['fps']:.1f} | {ratio:.2f}x | {rss} |")
     lines += [
         "",
         "Rows: default settings (the edge: cores - 1 inference threads, the file decoder on the last core; "
         f"Ultralytics: its own defaults); `--threads {info['cores']}` = one inference thread per core, competing "
         "with the decoder; `(1 core)` = the whole process pinned to one core (`sched_setaffinity`) with one "
-        "intra-op thread (PyTorch: `torch.set_num_threads(1)`). Peak RSS is the kernel's VmHWM of each process.",
+        "intra-op thread (PyTorch: `torch.set_num_threads(1)`); the Detector-alone row is the ceiling: "
+        "letterbox + INT8 inference + decode/NMS on frames already in memory, no video decoding, tracking or "
+        "MQTT. Peak RSS is the kernel's VmHWM of each process.",
         "",
     ]
     for imgsz in info["sizes"]:
@@ -249,10 +288,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-one-core", action="store_true", help="only the all-cores comparison")
     parser.add_argument("--write", action="store_true", help="update docs/benchmarks.md and docs/edge_fps.png")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--detector-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--model-path", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         ultralytics_worker(args)
+        return
+    if args.detector_worker:
+        detector_worker(args)
         return
 
     work = Path(tempfile.mkdtemp(prefix="smartcam-bench-"))
@@ -276,6 +320,8 @@ def main(argv: list[str] | None = None) -> None:
             if not threads and cores > 1:
                 plan.append(((imgsz, f"{EDGE}, --threads {cores}"), lambda m=model: measure_edge(
                     m, args.clip, args.frames, cores, broker_url, work)))
+            if not threads:
+                plan.append(((imgsz, DETECTOR), lambda m=model: measure_detector(m, args.clip, args.frames)))
     broker = start_broker(work)
     broker_url = broker.url if broker else None
     best: dict[tuple[int, str], dict] = {}
@@ -291,7 +337,7 @@ def main(argv: list[str] | None = None) -> None:
         if broker:
             broker.stop()
 
-    order = {EDGE: 0, f"{EDGE}, --threads {cores}": 1, UL_PT: 2, UL_ONNX: 3}
+    order = {EDGE: 0, f"{EDGE}, --threads {cores}": 1, DETECTOR: 2, UL_PT: 3, UL_ONNX: 4}
     rows = sorted(best.items(), key=lambda kv: (kv[0][0], "1 core" in kv[0][1],
                                                 order.get(kv[0][1].replace(" (1 core)", ""), 9)))
     print()
