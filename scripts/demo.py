@@ -250,8 +250,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def _interrupt(signum: int, _frame: object) -> None:
+    """SIGTERM/SIGHUP behave like Ctrl-C, so the ``finally`` clauses stop the broker and the sink too."""
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
     try:
         return run(args)
     except DemoError as exc:

@@ -91,3 +91,40 @@ def test_refuses_to_wipe_a_directory_it_did_not_make(tmp_path):
     proc = run_demo("--source", str(STREET_CLIP), "--out", str(precious), timeout=60)
     assert proc.returncode == 2 and "is not empty" in proc.stderr and proc.stderr.count("\n") == 1
     assert (precious / "thesis.tex").read_text() == "do not delete"
+
+
+@pytest.mark.slow
+def test_serve_keeps_the_dashboard_up_until_terminated(tmp_path, models_dir):
+    """--serve: the dashboard and API answer after the run; SIGTERM stops the demo, the sink and the broker."""
+    import signal
+    import time
+    import urllib.request
+
+    from tests.services import free_port
+
+    out, port = tmp_path / "out", free_port()
+    with open(tmp_path / "demo.log", "wb") as log:  # a file, not a pipe nobody reads while it serves
+        proc = subprocess.Popen([sys.executable, str(DEMO), "--max-frames", "15", "--imgsz", "320", "--calib-frames",
+                                 "8", "--models-dir", str(models_dir), "--out", str(out), "--http-port", str(port),
+                                 "--serve"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "summary.json").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "demo.log").read_text()[-3000:]
+            time.sleep(0.5)
+        time.sleep(0.5)
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["dashboard"] == f"http://127.0.0.1:{port}/"
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/events?limit=1000", timeout=10) as resp:
+            assert len(json.loads(resp.read())["events"]) == summary["events_produced"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as resp:
+            assert b"smartcam" in resp.read()
+        assert proc.poll() is None  # still serving
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    with pytest.raises(OSError):  # the sink is gone with it
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
