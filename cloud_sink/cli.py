@@ -126,6 +126,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if server is not None:
         server.should_exit = True
     store.close()
+    if subscriber.unstored:
+        log.error("stopped with %d messages not stored (database unavailable); the broker keeps them for the "
+                  "next run", subscriber.unstored)
+        return 1
     return 0
 
 

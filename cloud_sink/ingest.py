@@ -186,6 +186,7 @@ class Subscriber:
         self._lock = threading.Lock()  # guards _generation vs. acks
         self._generation = 0
         self._client: Any = None
+        self.unstored = 0  # messages received but not stored when stopped (database unavailable at the end)
 
     # ----------------------------------------------------------------------------------------- MQTT callbacks
     def topics(self) -> list[str]:
@@ -293,6 +294,7 @@ class Subscriber:
             batch = self._collect() if not stopping else self._drain()
             if batch:
                 if not self._commit(batch):
+                    self.unstored = len(batch) + self._queue.qsize()  # left unacked: the broker redelivers them
                     break
                 self._ack(batch)
             elif stopping:
