@@ -18,6 +18,7 @@ import multiprocessing as mp
 import os
 import random
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -186,6 +187,7 @@ def bench_ingest(args: argparse.Namespace) -> dict:
             _stop(p)
         broker.stop()
         stop_db()
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def bench_query(args: argparse.Namespace) -> dict:
@@ -234,6 +236,7 @@ def bench_query(args: argparse.Namespace) -> dict:
         return result
     finally:
         stop_db()
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def main() -> None:
