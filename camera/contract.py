@@ -53,7 +53,7 @@ def parse_topic(topic: str) -> tuple[str, str, str] | None:
 
 def is_valid_name(value: str) -> bool:
     """Site, camera, zone and line names must be safe as a single topic level."""
-    return bool(NAME_RE.match(value))
+    return bool(NAME_RE.fullmatch(value))  # fullmatch: ``$`` alone would accept a trailing newline
 
 
 def new_event_id() -> str:

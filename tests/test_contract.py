@@ -86,3 +86,14 @@ def test_broker_urls():
             BrokerSettings.from_url(bad)
     with pytest.raises(ValueError, match="CA file not found"):
         BrokerSettings.from_url("mqtts://h", ca_file="/nonexistent/ca.pem")
+
+
+def test_a_trailing_newline_never_passes_a_pattern():
+    """Python's ``$`` matches before a final newline; the contract must not (a name is one topic level)."""
+    from camera.contract import is_valid_name
+
+    event = copy.deepcopy(samples()["person_enter.json"])
+    for field, value in (("event_id", event["event_id"] + "\n"), ("site", "lobby\n"), ("ts", event["ts"] + "\n")):
+        bad = dict(event, **{field: value})
+        assert any(field in e for e in validation_errors(bad)), field
+    assert not is_valid_name("cam-1\n") and is_valid_name("cam-1")
