@@ -148,11 +148,13 @@ def test_fast_schema_path_agrees_with_jsonschema(doc):
 
 
 @pytest.mark.parametrize("key", ["event_id", "site", "camera_id", "zone"])
-def test_a_trailing_newline_slipping_through_the_schema_pattern_is_rejected(key):
+def test_a_trailing_newline_is_rejected_by_the_schema(key):
+    """Python's ``$`` accepts a final newline; the contract's patterns must not (PostgreSQL would refuse it)."""
     ev = make_event("zone.enter")
     ev[key] += "\n"
     topic = f"smartcam/{ev['site']}/{ev['camera_id']}/events"
-    assert check(topic, ev).reason == f"{key}: trailing newline"
+    reason = check(topic, ev).reason
+    assert reason.startswith("schema: ") and key in reason
 
 
 def test_deep_nesting_is_named_whatever_else_is_wrong():
