@@ -123,14 +123,16 @@ def start_broker(workdir: Path, kind: str) -> tuple[subprocess.Popen, str, str]:
             # max_queued_messages: the default (1000) silently drops QoS 1 messages for an offline subscriber.
             conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
                             "max_queued_messages 1000000\nmax_inflight_messages 0\n")
-            proc = subprocess.Popen([mosquitto, "-c", str(conf)], stdout=broker_log, stderr=broker_log)
+            proc = subprocess.Popen([mosquitto, "-c", str(conf)], stdout=broker_log, stderr=broker_log,
+                                    start_new_session=True)
             url, name = f"mqtt://127.0.0.1:{port}", "mosquitto"
             say(f"broker: system Mosquitto on {url}")
         else:
             conf = workdir / "amqtt.yaml"
             conf.write_text(f"listeners:\n  default:\n    type: tcp\n    bind: 127.0.0.1:{port}\nplugins:\n"
                             "  amqtt.plugins.authentication.AnonymousAuthPlugin:\n    allow_anonymous: true\n")
-            proc = subprocess.Popen([tool("amqtt"), "-c", str(conf)], stdout=broker_log, stderr=broker_log)
+            proc = subprocess.Popen([tool("amqtt"), "-c", str(conf)], stdout=broker_log, stderr=broker_log,
+                                    start_new_session=True)
             url, name = f"mqtt://127.0.0.1:{port}?protocol=3.1.1", "amqtt"  # amqtt speaks MQTT 3.1.1 only
             why = "as asked" if kind == "amqtt" else "Mosquitto is not installed"
             say(f"broker: embedded amqtt ({why}) on {url}")
@@ -198,7 +200,7 @@ def start_sink(url: str, out: Path, http_port: int) -> subprocess.Popen:
            "--http", f"127.0.0.1:{http_port}", "--archive", str(out / "archive"), "--client-id", "demo-sink",
            "--log-every", "5"]
     with open(sink_log_path, "wb") as sink_log:
-        sink = subprocess.Popen(cmd, stdout=sink_log, stderr=subprocess.STDOUT)
+        sink = subprocess.Popen(cmd, stdout=sink_log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def ready() -> bool:
         return sink.poll() is not None or (port_busy(http_port) and "connected to" in sink_log_path.read_text())
@@ -221,7 +223,22 @@ def run_edge(source: str, model: Path, url: str, config: Path | None, events_fil
     if max_frames:
         cmd += ["--max-frames", str(max_frames)]
     say("edge: " + " ".join(show(Path(c)) if c.startswith(str(ROOT)) else c for c in cmd[1:]))
-    rc = subprocess.run(cmd).returncode
+    # Its own session: Ctrl-C reaches only the demo, which forwards one SIGINT so the edge stops reading, sends
+    # what it has queued and exits; the demo then goes on to the report (the way to end a live source).
+    edge = subprocess.Popen(cmd, start_new_session=True)
+    try:
+        try:
+            rc = edge.wait()
+        except KeyboardInterrupt:
+            say("Ctrl-C: stopping the edge; it sends what it has queued (Ctrl-C again: stop waiting for that)")
+            edge.send_signal(signal.SIGINT)
+            try:
+                rc = edge.wait()
+            except KeyboardInterrupt:
+                edge.send_signal(signal.SIGINT)  # the edge's second SIGINT ends its drain wait at once
+                rc = edge.wait(30)
+    finally:
+        stop(edge, "edge")
     if rc != 0:
         raise DemoError(f"the edge exited with code {rc} (1: events left unacknowledged in its outbox)")
 
@@ -250,22 +267,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def _interrupt(signum: int, _frame: object) -> None:
-    """SIGTERM/SIGHUP behave like Ctrl-C, so the ``finally`` clauses stop the broker and the sink too."""
-    raise KeyboardInterrupt
+class Terminated(Exception):
+    """SIGTERM or SIGHUP: stop everything now (the ``finally`` clauses stop the edge, sink and broker)."""
+
+
+def _terminate(signum: int, _frame: object) -> None:
+    raise Terminated(signal.Signals(signum).name)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored (nohup, &)
     for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _interrupt)
+        signal.signal(sig, _terminate)
     try:
         return run(args)
     except DemoError as exc:
         print(f"demo: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("demo: interrupted; everything it started was stopped", file=sys.stderr)
+    except (KeyboardInterrupt, Terminated) as exc:
+        print(f"demo: interrupted ({exc or 'SIGINT'}); everything it started was stopped", file=sys.stderr)
         return 130
 
 
@@ -327,7 +348,7 @@ def run(args: argparse.Namespace) -> int:
         if args.serve:
             print(f"Dashboard: {dashboard}   (API: {dashboard}api/events, {dashboard}api/stats/hourly)")
             say("serving; press Ctrl-C to stop")
-            with contextlib.suppress(KeyboardInterrupt):
+            with contextlib.suppress(KeyboardInterrupt, Terminated):
                 sink.wait()
         else:
             print(f"Dashboard was at {dashboard} (stopped now; run with --serve to keep it up)")

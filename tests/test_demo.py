@@ -128,3 +128,43 @@ def test_serve_keeps_the_dashboard_up_until_terminated(tmp_path, models_dir):
             proc.wait()
     with pytest.raises(OSError):  # the sink is gone with it
         urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_edge_early_and_still_reports_everything_it_produced(tmp_path, models_dir):
+    """The way to end a live source: one SIGINT stops the edge (which sends what it queued), then the report."""
+    import signal
+    import time
+
+    from tests.conftest import INDOOR_CLIP
+
+    out = tmp_path / "out"
+    with open(tmp_path / "demo.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, str(DEMO), "--source", str(INDOOR_CLIP), "--config", "none",
+                                 "--imgsz", "320", "--calib-frames", "8", "--models-dir", str(models_dir), "--out",
+                                 str(out), "--http-port", "0"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        events = out / "events.jsonl"
+        deadline = time.monotonic() + 300
+        while not (events.exists() and events.read_text().count("\n") >= 3):
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "demo.log").read_text()[-3000:]
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = (tmp_path / "demo.log").read_text()
+    assert rc == 0, text[-3000:]
+    assert "Ctrl-C: stopping the edge" in text
+    import cv2
+
+    cap = cv2.VideoCapture(str(INDOOR_CLIP))
+    total = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
+    cap.release()
+    (read,) = [int(m) for m in re.findall(r"done: \d+ frames processed \((\d+) read", text)]
+    assert 0 < read < total  # it really stopped early
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["all_stored"] and summary["events_stored"] == summary["events_produced"] >= 3
+    assert "demo/street-1" in text  # the report ran
