@@ -7,7 +7,8 @@ Run through ``scripts/demo.sh`` (which installs what it needs first). Steps, eac
    else (online, with ``pip install 'smartcam[ultralytics]'``) from official weights that ultralytics downloads;
 2. a broker: the system's Mosquitto when installed, otherwise the embedded pure-Python ``amqtt`` (MQTT 3.1.1);
 3. the sink on SQLite with its dashboard and a local archive;
-4. the edge on a sample clip (the street clip with a counting line, ``samples/demo_street.yaml``);
+4. the edge on a sample clip (the street clip with a counting line, ``samples/demo_street.yaml``); Ctrl-C stops
+   it early (the way to end a webcam or RTSP ``--source``) and the demo goes on with what it produced;
 5. a check that every event the edge produced was stored once and archived, the analytics report and the
    dashboard URL; then everything stops (``--serve`` keeps the sink and dashboard running until Ctrl-C).
 

@@ -88,7 +88,7 @@ def run_edge(model: Path, broker_url: str, workdir: Path) -> list[dict]:
     proc = subprocess.run(
         [sys.executable, "-m", "camera", "run", "--config", str(ROOT / "samples" / "demo_street.yaml"),
          "--source", str(STREET_CLIP), "--model", str(model), "--broker", broker_url, "--events-file",
-         str(events_file), "--outbox", str(workdir / "outbox.db"), "--max-frames", MAX_FRAMES, "--threads", "2"],
+         str(events_file), "--outbox", str(workdir / "outbox.db"), "--max-frames", MAX_FRAMES],
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "outbox drained" in proc.stderr
