@@ -69,3 +69,8 @@ def seaweedfs(tmp_path_factory):
     server = start_seaweedfs(tmp_path_factory.mktemp("seaweedfs"))
     yield server
     server.stop()
+
+
+# The INT8 320 edge model, built once per test session by the real `models.build` path. Registered here (not
+# imported by each test module) so every module shares one build.
+from tests.model_fixtures import int8_model_320  # noqa: E402,F401

@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, STREET_CLIP
-from tests.model_fixtures import int8_model_320  # noqa: F401  (session fixture: the INT8 320 edge model)
 from tests.services import free_port, wait_for_port
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -122,7 +121,7 @@ def check_dashboard(base: str, enters: int, artifacts_dir: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_clip_through_edge_shows_up_in_report_api_dashboard_and_archive(
-        backend, request, mosquitto, tmp_path, int8_model_320, artifacts_dir):  # noqa: F811
+        backend, request, mosquitto, tmp_path, int8_model_320, artifacts_dir):
     db = f"sqlite:///{tmp_path / 'sink.db'}" if backend == "sqlite" else request.getfixturevalue("postgres_url")
     sink = SinkProcess(mosquitto.url, db, tmp_path)
     try:

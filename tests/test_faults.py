@@ -36,7 +36,6 @@ import sqlalchemy as sa
 
 from camera.contract import topic_for
 from tests.conftest import ARTIFACTS, STREET_CLIP
-from tests.model_fixtures import int8_model_320  # noqa: F401  (session fixture: the INT8 320 edge model)
 from tests.services import free_port
 from tests.test_security_broker import SITE, Client, SecureBroker, start_secure_broker
 
