@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import statistics
 import time
 from collections.abc import Sequence
@@ -209,8 +210,8 @@ def measure_latency(
     """Median ms as ``{model: {stage: {threads: ms}}}``. Stages: ``detect`` = a full ``detect()`` on ``image``
     (letterbox, inference, decode: what the edge pays per frame), ``infer`` = the network alone.
 
-    Every (model, thread count, stage) is timed once per round, round after round, so that load from other
-    processes hits all of them alike and the ratios stay meaningful on a shared machine.
+    Every (model, thread count, stage) is timed once per round, in a shuffled order, round after round, so that
+    load from other processes and position effects hit all of them alike and the ratios stay meaningful.
     """
     unknown = set(stages) - {"detect", "infer"}
     if unknown:
@@ -228,10 +229,15 @@ def measure_latency(
     for _ in range(warmup):
         for call in calls.values():
             call()
+    # A fresh order every round: in a fixed order the model right after the fp32 one ran up to 30 % faster
+    # (cache/frequency effects), which biased the INT8/fp32 ratio by the model's position in the list.
+    rng = random.Random(0)
+    keys = list(calls)
     for _ in range(runs):
-        for key, call in calls.items():
+        rng.shuffle(keys)
+        for key in keys:
             t0 = time.perf_counter()
-            call()
+            calls[key]()
             times[key].append((time.perf_counter() - t0) * 1000)
         if progress is not None:
             progress.update(1)
