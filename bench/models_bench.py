@@ -35,7 +35,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", default=str(SHARED / "models" / "yolov8n-coco.onnx"))
     p.add_argument("--sizes", type=int, nargs="+", default=[320, 480, 640])
-    p.add_argument("--methods", nargs="+", default=["minmax"], help="calibration methods to compare")
+    p.add_argument("--methods", nargs="+", default=["auto"], help="calibration methods to compare")
     p.add_argument("--slim", action="store_true", help="also build person-only-head variants")
     p.add_argument("--calib", nargs="+", default=[str(SHARED / "data" / "videos")])
     p.add_argument("--calib-frames", type=int, default=128)

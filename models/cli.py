@@ -54,7 +54,12 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--calib", nargs="+", required=True, help="videos, images or folders to calibrate on")
     b.add_argument("--calib-frames", type=int, default=128, help="frames sampled across all --calib sources")
     b.add_argument("--out", help="output .onnx (default models/<weights>-<imgsz>-int8.onnx)")
-    b.add_argument("--method", choices=sorted(METHODS), default="minmax", help="calibration method")
+    b.add_argument(
+        "--method",
+        choices=["auto", *sorted(METHODS)],
+        default="auto",
+        help="calibration method (default auto: percentile 99.999 from 64 frames, else minmax)",
+    )
     b.add_argument("--types", choices=sorted(TYPES), default="u8s8", help="activation/weight int types")
     b.add_argument("--no-per-channel", action="store_true", help="per-tensor weight scales")
     b.add_argument(

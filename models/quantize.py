@@ -34,6 +34,10 @@ METHODS = {
     "percentile": CalibrationMethod.Percentile,
     "entropy": CalibrationMethod.Entropy,
 }
+# Why "auto": at 320, Percentile 99.999 beat MinMax by 1.6 AP50 points on average over five calibration samples
+# of 96-160 frames (and was steadier: 0.472-0.491 vs 0.454-0.478), with identical speed. Its clipped tail needs
+# enough frames: on 16 frames it clipped a real person away, so small sets keep MinMax.
+AUTO_PERCENTILE_MIN = 64
 TYPES = {"u8s8": (QuantType.QUInt8, QuantType.QInt8), "s8s8": (QuantType.QInt8, QuantType.QInt8)}
 
 
@@ -41,7 +45,7 @@ TYPES = {"u8s8": (QuantType.QUInt8, QuantType.QInt8), "s8s8": (QuantType.QInt8, 
 class QuantSettings:
     """Everything that decides the INT8 model (recorded verbatim in the manifest)."""
 
-    method: str = "minmax"
+    method: str = "auto"  # percentile (99.999th) from AUTO_PERCENTILE_MIN frames up, else minmax
     types: str = "u8s8"  # activations / weights
     per_channel: bool = True
     percentile: float = 99.999
@@ -84,6 +88,8 @@ def quantize_model(
     """Pre-process, calibrate on ``frames`` and write the QDQ INT8 model to ``out_path``; return it."""
     if not frames:
         raise ModelError("empty calibration set")
+    if settings.method == "auto":
+        settings.method = "percentile" if len(frames) >= AUTO_PERCENTILE_MIN else "minmax"
     if settings.method not in METHODS:
         raise ValueError(f"unknown calibration method {settings.method!r} (use {', '.join(METHODS)})")
     if settings.types not in TYPES:
