@@ -36,8 +36,9 @@ SIGNAL_DRAIN_S = 5.0  # on SIGTERM/SIGINT: how long to try to flush before leavi
 
 def default_threads() -> int:
     """Inference threads when not configured: every core but one, which the decoder/reader thread, tracking
-    and MQTT use. Measured on 2 cores (docs/benchmarks.md): 1 inference thread + the decoder ran 2x faster
-    end to end than onnxruntime's default of one thread per core, which then competes with decoding."""
+    and MQTT use. On the 2-core dev machine shared with other work, 1 inference thread ran up to 2x faster end
+    to end than one per core (whose spinning threads compete with decoding); when the machine was quiet, one
+    per core was 10-20 % faster (docs/benchmarks.md). A device has other work too, so we leave it a core."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
