@@ -111,3 +111,30 @@ def persistent_connect_kwargs(client, session_expiry_s: int = 7 * 24 * 3600) -> 
     props = Properties(PacketTypes.CONNECT)
     props.SessionExpiryInterval = session_expiry_s
     return {"clean_start": False, "properties": props}
+
+
+def diagnose(settings: BrokerSettings, timeout: float = 3.0) -> str:
+    """Why a connection fails, in words (paho's connect-fail callback carries no reason).
+
+    Opens a plain TCP connection and, for ``mqtts://``, a TLS handshake with the same verification the client
+    uses, so "certificate verify failed" is reported as such instead of as an unreachable broker.
+    """
+    import socket
+
+    try:
+        sock = socket.create_connection((settings.host, settings.port), timeout=timeout)
+    except OSError as exc:
+        return exc.strerror or str(exc) or type(exc).__name__
+    with sock:
+        if not settings.tls:
+            return "TCP connects; the broker closed or refused the MQTT session"
+        ctx = ssl.create_default_context(cafile=settings.ca_file)
+        if settings.insecure:
+            ctx.check_hostname = False
+        try:
+            with ctx.wrap_socket(sock, server_hostname=settings.host):
+                return "TLS handshake succeeds; the broker closed or refused the MQTT session"
+        except ssl.SSLCertVerificationError as exc:
+            return f"TLS: certificate verify failed: {exc.verify_message or exc}"
+        except (ssl.SSLError, OSError) as exc:
+            return f"TLS: {exc}"

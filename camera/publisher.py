@@ -19,7 +19,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from camera.broker import BrokerSettings, make_client
+from camera.broker import BrokerSettings, diagnose, make_client
 from camera.contract import topic_for
 from camera.outbox import Outbox, OutboxError
 
@@ -77,8 +77,8 @@ class Publisher:
     def _on_connect_fail(self, client, userdata) -> None:
         self.connect_failures += 1
         if self.connect_failures == 1 or self.connect_failures % 10 == 0:
-            log.warning("cannot reach broker %s (attempt %d); events are queued in the outbox, retrying with "
-                        "backoff", self.settings.redacted(), self.connect_failures)
+            log.warning("cannot reach broker %s (attempt %d: %s); events are queued in the outbox, retrying with "
+                        "backoff", self.settings.redacted(), self.connect_failures, diagnose(self.settings))
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         was = self.connected.is_set()

@@ -16,7 +16,6 @@ import pytest
 
 from camera.outbox import Outbox
 from tests.conftest import INDOOR_CLIP, NEGATIVE_CLIP, ONNX_FP32
-from tests.model_fixtures import int8_model_320  # noqa: F401  (session fixture: the INT8 320 edge model)
 from tests.services import free_port, start_mosquitto
 from tests.test_edge_mqtt import CAM, ROOT, SITE, Subscriber, edge_cmd, read_events, run_edge
 
@@ -62,7 +61,7 @@ def _ids(events: list[dict]) -> set[str]:
 
 
 @pytest.mark.slow
-def test_broker_outage_mid_run_loses_nothing(tmp_path, int8_model_320):  # noqa: F811
+def test_broker_outage_mid_run_loses_nothing(tmp_path, int8_model_320):
     broker = _persistent_broker(tmp_path / "broker")
     sub = Subscriber(broker.port, client_id="sink-like", persistent=True)
     proc = None
@@ -92,7 +91,7 @@ def test_broker_outage_mid_run_loses_nothing(tmp_path, int8_model_320):  # noqa:
 
 
 @pytest.mark.slow
-def test_sigkill_then_restart_replays_unacknowledged(tmp_path, int8_model_320):  # noqa: F811
+def test_sigkill_then_restart_replays_unacknowledged(tmp_path, int8_model_320):
     port = free_port()  # no broker yet: the edge starts anyway, queues, and is killed with everything unsent
     proc, events_file, log = _start_edge(tmp_path, int8_model_320, f"mqtt://127.0.0.1:{port}", "--fps", "5")
     try:
@@ -128,7 +127,7 @@ def test_sigkill_then_restart_replays_unacknowledged(tmp_path, int8_model_320): 
 
 
 @pytest.mark.slow
-def test_sigterm_finishes_cleanly_and_publishes_offline(mosquitto, tmp_path, int8_model_320):  # noqa: F811
+def test_sigterm_finishes_cleanly_and_publishes_offline(mosquitto, tmp_path, int8_model_320):
     sub = Subscriber(mosquitto.port)
     proc, events_file, log = _start_edge(tmp_path, int8_model_320, mosquitto.url, "--realtime", "--fps", "5")
     try:
@@ -150,7 +149,7 @@ def test_sigterm_finishes_cleanly_and_publishes_offline(mosquitto, tmp_path, int
 
 
 @pytest.mark.slow
-def test_bounded_outbox_drops_oldest_and_undrained_exit_code(tmp_path, int8_model_320):  # noqa: F811
+def test_bounded_outbox_drops_oldest_and_undrained_exit_code(tmp_path, int8_model_320):
     port = free_port()  # nobody listening: nothing can be acknowledged
     proc = run_edge("--source", str(INDOOR_CLIP), "--model", str(int8_model_320), "--camera-id", CAM,
                     "--broker", f"mqtt://127.0.0.1:{port}", "--fps", "5", "--max-frames", "15",
@@ -174,7 +173,7 @@ def test_unwritable_outbox_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.slow
-def test_broker_refusing_the_topic_keeps_events_in_the_outbox(tmp_path, int8_model_320):  # noqa: F811
+def test_broker_refusing_the_topic_keeps_events_in_the_outbox(tmp_path, int8_model_320):
     """An ACL that forbids this camera's topic: MQTT 5 PUBACKs say "not authorized" and nothing is deleted."""
     acl = tmp_path / "broker" / "acl"
     acl.parent.mkdir(parents=True)
