@@ -70,8 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--conf", type=float, help="detection confidence threshold (default 0.25)")
     run.add_argument("--iou", type=float, help="NMS IoU threshold (default 0.45)")
     run.add_argument("--classes", help="comma-separated class names to detect (default person)")
-    run.add_argument("--threads", type=int, help="inference threads (default: cores - 1, min 1; the decoder "
-                                                 "and the rest use the last core)")
+    run.add_argument("--threads", type=int, help="inference threads (default: one per core; lower it on a "
+                                                 "device busy with other work)")
     motion = run.add_mutually_exclusive_group()
     motion.add_argument("--motion", dest="motion", action="store_const", const=True,
                         help="force the motion gate on (default: on for live sources, off for files)")

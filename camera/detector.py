@@ -136,6 +136,14 @@ class Detector:
         if threads:
             opts.intra_op_num_threads = int(threads)
         opts.log_severity_level = 3
+        # Flush denormal floats to zero. The float ops between Q/DQ pairs of an INT8 model (SiLU tails, the
+        # decode) produce denormals, which x86 handles in slow microcode: measured 1.5x faster INT8 inference
+        # (640: 42.7 -> 28.5 ms at 1 thread), fp32 unchanged, detections unchanged (tests/test_detector.py).
+        opts.add_session_config_entry("session.set_denormal_as_zero", "1")
+        if os.environ.get("SMARTCAM_ORT_SPIN", "1") == "0":
+            # Spinning worker threads burn a core waiting for work; on a busy device that core is better
+            # spent decoding video.
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(
                 str(path), sess_options=opts, providers=["CPUExecutionProvider"]

@@ -35,15 +35,14 @@ SIGNAL_DRAIN_S = 5.0  # on SIGTERM/SIGINT: how long to try to flush before leavi
 
 
 def default_threads() -> int:
-    """Inference threads when not configured: every core but one, which the decoder/reader thread, tracking
-    and MQTT use. On the 2-core dev machine shared with other work, 1 inference thread ran up to 2x faster end
-    to end than one per core (whose spinning threads compete with decoding); when the machine was quiet, one
-    per core was 10-20 % faster (docs/benchmarks.md). A device has other work too, so we leave it a core."""
+    """Inference threads when not configured: one per core. Measured on the quiet 2-core dev machine
+    (docs/benchmarks.md), one thread per core runs 1.1-1.3x faster end to end than leaving a core to the decoder
+    (decoding a 720p frame takes ~2 ms, inference 10-30 ms). On a device busy with other work, set
+    ``detector.threads`` lower and ``SMARTCAM_ORT_SPIN=0`` (idle inference threads then sleep instead of spinning)."""
     try:
-        cores = len(os.sched_getaffinity(0))
+        return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    return max(1, cores - 1)
+        return max(1, os.cpu_count() or 1)
 
 
 def topics_for_event(site: str, camera_id: str, event: dict[str, Any]) -> list[tuple[str, int, bool]]:
