@@ -235,8 +235,8 @@ def render(rows: list[tuple[tuple[int, str], dict]], info: dict) -> str:
     lines += [
         "",
         "Reading: the edge's lead over Ultralytics comes from the INT8 model, not from its frame loop: "
-        "Ultralytics running the very same INT8 ONNX lands in the same range (onnxruntime picks its own thread "
-        "count there, even in the 1-core rows), and the edge loop stays close to its Detector-alone ceiling. On "
+        "Ultralytics running the very same INT8 ONNX lands in the same range or above (it does less: no tracking, "
+        "events, outbox or MQTT), and the edge loop stays close to its Detector-alone ceiling. On "
         "this AVX-512 VNNI CPU PyTorch fp32 is fast and the INT8 QDQ model only 1.2-2x faster, so the 3x target "
         "is not reached here; motion gating (on by default for live cameras, off in this comparison) skips "
         "inference on still scenes. The memory target holds by a wide margin: no torch in the edge process.",
