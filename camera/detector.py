@@ -136,10 +136,9 @@ class Detector:
         if threads:
             opts.intra_op_num_threads = int(threads)
         opts.log_severity_level = 3
-        # Flush denormal floats to zero. The float ops between Q/DQ pairs of an INT8 model (SiLU tails, the
-        # decode) produce denormals, which x86 handles in slow microcode: measured 1.5x faster INT8 inference
-        # (640: 42.7 -> 28.5 ms at 1 thread), fp32 unchanged, detections unchanged (tests/test_detector.py).
-        opts.add_session_config_entry("session.set_denormal_as_zero", "1")
+        # Not set: "session.set_denormal_as_zero". It made INT8 inference 1.5x faster on some frames (a MOT17
+        # image at 640: 42.7 -> 28.5 ms; street-clip frames unchanged), but it flips the calling thread's FTZ/DAZ
+        # flags, i.e. float semantics for the whole rest of the process (numpy, the tracker, everything).
         if os.environ.get("SMARTCAM_ORT_SPIN", "1") == "0":
             # Spinning worker threads burn a core waiting for work; on a busy device that core is better
             # spent decoding video.
