@@ -197,17 +197,17 @@ class EdgeRunner:
     def _emit(self, events: list[dict]) -> None:
         if not events:
             return
+        payloads = [json.dumps(ev, separators=(",", ":")) for ev in events]  # serialized once, used twice
         if self.outbox is not None:
             cfg = self.cfg
             rows = []
-            for ev in events:
-                payload = json.dumps(ev, separators=(",", ":"))
+            for ev, payload in zip(events, payloads, strict=True):
                 rows.extend((topic, payload, qos, retain) for topic, qos, retain in
                             topics_for_event(cfg.site, cfg.camera_id, ev))
             self.outbox.put_many(rows)  # durable before anything else sees the events
             self.publisher.notify()
         if self._events_fh is not None:
-            self._events_fh.write("".join(json.dumps(ev, separators=(",", ":")) + "\n" for ev in events))
+            self._events_fh.write("".join(p + "\n" for p in payloads))
             self._events_fh.flush()
         self.events_emitted += len(events)
         self.stats.events += len(events)
