@@ -98,6 +98,13 @@ class RateLimiter:
 # --------------------------------------------------------------------------------------------- replayed
 
 
+def _sleep_until(deadline: float) -> None:
+    """Pace a recorded source to real time (``--realtime``): wait until ``deadline`` on the monotonic clock."""
+    delay = deadline - time.monotonic()
+    if delay > 0:
+        time.sleep(delay)
+
+
 class VideoFileSource(Source):
     """A video file decoded with OpenCV (FFMPEG backend)."""
 
@@ -174,9 +181,7 @@ class VideoFileSource(Source):
                     raise item
                 index, pos, image = item
                 if self.realtime:
-                    delay = started + pos - time.monotonic()
-                    if delay > 0:
-                        time.sleep(delay)
+                    _sleep_until(started + pos)
                 yield Frame(image=image, ts=self.start_time + pos, index=index)
         finally:
             self.state = "ended"
@@ -213,9 +218,7 @@ class ImageFolderSource(Source):
                     continue
                 pos = index / self.fps
                 if self.realtime:
-                    delay = started + pos - time.monotonic()
-                    if delay > 0:
-                        time.sleep(delay)
+                    _sleep_until(started + pos)
                 yield Frame(image=image, ts=self.start_time + pos, index=index)
         finally:
             self.state = "ended"
