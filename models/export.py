@@ -16,7 +16,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from camera.detector import ModelError
-from models.head import check_layout, retarget
+from models.head import check_layout, fast_dfl, retarget
 
 log = logging.getLogger(__name__)
 
@@ -83,11 +83,11 @@ def fp32_model(weights: str | os.PathLike, imgsz: tuple[int, int], workdir: Path
     if w.endswith(".onnx"):
         model = load_onnx(Path(w))
         check_layout(model)
-        return retarget(model, imgsz)
+        return fast_dfl(retarget(model, imgsz))
     if w.endswith(".pt"):
         if imgsz[0] % 32 or imgsz[1] % 32:
             raise ModelError(f"--imgsz must be a multiple of 32, got {imgsz}")
         model = export_pt(w, imgsz, workdir)
         check_layout(model)
-        return model
+        return fast_dfl(model)
     raise ModelError(f"unsupported weights {w}: give an Ultralytics .pt checkpoint or an fp32 .onnx")

@@ -16,7 +16,7 @@ from models.build import build_model
 from models.calibration import CalibrationError, sample_frames
 from models.cli import main
 from models.evaluate import box_iou, load_labels
-from models.head import decode_nodes, make_anchors, retarget, slim_classes
+from models.head import decode_nodes, fast_dfl, make_anchors, retarget, slim_classes
 from tests.conftest import (
     INDOOR_CLIP,
     NEGATIVE_CLIP,
@@ -106,9 +106,26 @@ def test_retarget_and_slim_preserve_the_network(tmp_path):
 
 @pytest.mark.slow
 def test_decode_nodes_are_the_float_tail():
-    decode, convs = decode_nodes(onnx.load(ONNX_FP32))
-    assert len(convs) == 6  # three box and three class branch convolutions
-    assert any("dfl" in n for n in decode) and all("cv2" not in n and "cv3" not in n for n in decode)
+    for model in (onnx.load(ONNX_FP32), fast_dfl(onnx.load(ONNX_FP32))):
+        decode, convs = decode_nodes(model)
+        assert len(convs) == 6  # three box and three class branch convolutions
+        assert any("dfl" in n for n in decode) and all("cv2" not in n and "cv3" not in n for n in decode)
+
+
+@pytest.mark.slow
+def test_fast_dfl_is_the_same_head_with_a_last_axis_softmax(tmp_path):
+    image = cv2.imread(str(PERSONS_EVAL / "images" / LABELED))
+    wide = retarget(onnx.load(ONNX_FP32), (384, 640))
+    fast = fast_dfl(wide)
+    softmax = [n for n in fast.graph.node if n.op_type == "Softmax"]
+    assert len(softmax) == 1 and softmax[0].attribute[0].i == -1
+    assert not any(n.op_type == "Conv" and "dfl" in n.name for n in fast.graph.node)
+    assert fast_dfl(fast) is fast  # nothing left to rewrite
+    onnx.save(wide, tmp_path / "wide.onnx")
+    onnx.save(fast, tmp_path / "fast.onnx")
+    before, after = _run(tmp_path / "wide.onnx", image, (384, 640)), _run(tmp_path / "fast.onnx", image, (384, 640))
+    assert after.shape == before.shape == (84, 5040)
+    assert np.allclose(after, before, atol=1e-3)  # box pixels and scores: the same expectation, summed in another order
 
 
 # ---- calibration sampling ---------------------------------------------------------------------------------------
