@@ -30,6 +30,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # camera.detector.fitted_imgsz when run as a script
+
+from camera.detector import fitted_imgsz  # noqa: E402
+
 SHARED = Path(os.environ.get("SMARTCAM_SHARED", ROOT.parent / "shared")).resolve()
 VIDEOS = SHARED / "data" / "videos"
 DEFAULT_CLIP = VIDEOS / "outdoor_street_cctv_towncentre_720p.m4v"
@@ -88,9 +92,11 @@ def measure_edge(model: Path, clip: Path, frames: int, threads: int | None, brok
     return {"frames": int(m.group(1)), "events": int(m.group(2)), "fps": float(m.group(3)), "rss_mb": rss}
 
 
-def measure_ultralytics(weights: Path, clip: Path, frames: int, imgsz: int, threads: int | None) -> dict:
+def measure_ultralytics(weights: Path, clip: Path, frames: int, imgsz: int | tuple[int, int],
+                        threads: int | None) -> dict:
+    sizes = [str(v) for v in (imgsz if isinstance(imgsz, tuple) else (imgsz,))]
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--weights", str(weights), "--clip", str(clip),
-           "--frames", str(frames), "--imgsz", str(imgsz)]
+           "--frames", str(frames), "--imgsz", *sizes]
     if threads:
         cmd += ["--threads", str(threads)]
     env = dict(os.environ, YOLO_OFFLINE="1", YOLO_VERBOSE="False")
@@ -145,7 +151,10 @@ def ultralytics_worker(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     model = YOLO(str(args.weights), task="detect")
     n, t0 = 0, None
-    for _ in model.predict(source=str(args.clip), classes=[0], stream=True, imgsz=args.imgsz[0], device="cpu",
+    # One number = the long side, and Ultralytics fits the short side to the video (rect, as for a .pt); two
+    # numbers = the fixed (h, w) of an ONNX model.
+    imgsz = args.imgsz[0] if len(args.imgsz) == 1 else list(args.imgsz)
+    for _ in model.predict(source=str(args.clip), classes=[0], stream=True, imgsz=imgsz, device="cpu",
                            verbose=False):
         n += 1
         if n == 1:
@@ -159,7 +168,7 @@ def ultralytics_worker(args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------------------------- report
 
 
-def ensure_model(model: Path, weights: Path, imgsz: int) -> None:
+def ensure_model(model: Path, weights: Path, imgsz: tuple[int, int]) -> None:
     if model.exists():
         return
     model.parent.mkdir(parents=True, exist_ok=True)
@@ -167,9 +176,21 @@ def ensure_model(model: Path, weights: Path, imgsz: int) -> None:
                                        "outdoor_street_cctv_towncentre_720p.m4v",
                                        "outdoor_overhead_plaza_many_people.mp4")]
     print(f"building the INT8 model {model} (smartcam-model build, once)", flush=True)
-    subprocess.run([sys.executable, "-m", "models", "build", "--weights", str(weights), "--imgsz", str(imgsz),
+    subprocess.run([sys.executable, "-m", "models", "build", "--weights", str(weights), "--imgsz", f"{imgsz[0]}x{imgsz[1]}",
                     "--calib", *calib, "--out", str(model), "--no-eval", "--latency-runs", "0", "--quiet"],
                    cwd=ROOT, check=True)
+
+
+def clip_size(clip: Path) -> tuple[int, int]:
+    """(width, height) of the clip's frames."""
+    import cv2
+
+    cap = cv2.VideoCapture(str(clip))
+    ok, image = cap.read()
+    cap.release()
+    if not ok:
+        raise SystemExit(f"cannot read a frame from {clip}")
+    return image.shape[1], image.shape[0]
 
 
 def start_broker(workdir: Path):
@@ -184,6 +205,7 @@ def start_broker(workdir: Path):
 
 
 EDGE = "smartcam-edge, INT8 ONNX"
+EDGE_SQUARE = "smartcam-edge, INT8 ONNX, square input"
 UL_PT = "Ultralytics predict, PyTorch .pt"
 UL_ONNX = "Ultralytics predict, same INT8 ONNX"
 DETECTOR = "edge Detector alone (frames decoded beforehand)"
@@ -206,13 +228,21 @@ def render(rows: list[tuple[tuple[int, str], dict]], info: dict) -> str:
         f"track → events → outbox{' → MQTT (real Mosquitto)' if info['broker'] else ''}, motion gate off. "
         "The edge's clock includes its first (warm-up) frame; Ultralytics' starts after its first result.",
         "",
+        f"Input size: the number is the long side; the short side is fitted to the clip's {info['frame_wh'][0]}x"
+        f"{info['frame_wh'][1]} frames (rounded up to a multiple of 32), which is what Ultralytics' predict does "
+        "with a .pt (`rect`). The edge's model is built at that fitted shape (`smartcam-model build --imgsz HxW`, "
+        "the shape the edge suggests at start-up), and Ultralytics with the ONNX runs that very file. The "
+        "`square input` row is the edge with a square model of the same long side (its input padded top and "
+        "bottom), as the edge ran before.",
+        "",
         "| input | configuration | frames/s | vs Ultralytics .pt (same cores) | peak RSS MB |",
         "| ---: | --- | ---: | ---: | ---: |",
     ]
     for (imgsz, name), r in rows:
         ratio = r["fps"] / baseline(by, imgsz, name)["fps"]
         rss = "–" if name == DETECTOR else f"{r['rss_mb']:.0f}"  # it holds every decoded frame in memory
-        lines.append(f"| {imgsz} | {name} | {r['fps']:.1f} | {ratio:.2f}x | {rss} |")
+        size = f"{imgsz}x{imgsz}" if name == EDGE_SQUARE else "x".join(map(str, info["inputs"][imgsz]))
+        lines.append(f"| {size} | {name} | {r['fps']:.1f} | {ratio:.2f}x | {rss} |")
     lines += [
         "",
         "Rows: default settings (the edge: one inference thread per core, the file decoded in its own thread; "
@@ -228,7 +258,7 @@ def render(rows: list[tuple[tuple[int, str], dict]], info: dict) -> str:
         edge, ul = by[(imgsz, EDGE)], by[(imgsz, UL_PT)]
         ratio = edge["fps"] / ul["fps"]
         lines.append(
-            f"- **{imgsz}x{imgsz}**: the edge runs at **{ratio:.2f}x** Ultralytics' PyTorch predict "
+            f"- **{imgsz} ({info['inputs'][imgsz][0]}x{info['inputs'][imgsz][1]})**: the edge runs at **{ratio:.2f}x** Ultralytics' PyTorch predict "
             f"({edge['fps']:.1f} vs {ul['fps']:.1f} frames/s; 3x target {'met' if ratio >= 3 else 'not met'}), "
             f"peak RSS **{edge['rss_mb']:.0f} MB** (≤ 250 MB target {'met' if edge['rss_mb'] <= 250 else 'not met'}"
             f"; Ultralytics {ul['rss_mb']:.0f} MB).")
@@ -260,21 +290,22 @@ def write_section(text: str) -> None:
     DOC.write_text(doc[:start] + text + ("\n" + doc[nxt + 1:] if nxt != -1 else ""))
 
 
-def plot(rows: list[tuple[tuple[int, str], dict]], sizes: list[int], path: Path) -> None:
+def plot(rows: list[tuple[tuple[int, str], dict]], inputs: dict[int, tuple[int, int]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(sizes), figsize=(5.2 * len(sizes), 3.8), dpi=100, squeeze=False)
-    for ax, imgsz in zip(axes[0], sizes, strict=True):
+    fig, axes = plt.subplots(1, len(inputs), figsize=(5.2 * len(inputs), 3.8), dpi=100, squeeze=False)
+    for ax, imgsz in zip(axes[0], inputs, strict=True):
         mine = [(n, r) for (s, n), r in rows if s == imgsz]
         names = [n.replace(", ", "\n", 1) for n, _ in mine]
         fps = [r["fps"] for _, r in mine]
         colors = ["#2b8a3e" if n.startswith("smartcam") else "#868e96" for n, _ in mine]
         bars = ax.barh(names[::-1], fps[::-1], color=colors[::-1])
         ax.bar_label(bars, fmt="%.1f", padding=3, fontsize=8)
-        ax.set_title(f"input {imgsz}x{imgsz}", fontsize=10)
+        ax.set_title(f"input {imgsz} ({inputs[imgsz][0]}x{inputs[imgsz][1]}; square row {imgsz}x{imgsz})",
+                     fontsize=10)
         ax.set_xlabel("frames / s end to end (higher is better)", fontsize=8)
         ax.tick_params(axis="both", labelsize=7)
         ax.margins(x=0.18)
@@ -288,12 +319,16 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clip", type=Path, default=DEFAULT_CLIP)
     parser.add_argument("--frames", type=int, default=300)
-    parser.add_argument("--imgsz", type=int, nargs="+", default=[320], help="input size(s), e.g. 320 640")
+    parser.add_argument("--imgsz", type=int, nargs="+", default=[320],
+                        help="input long side(s), e.g. 320 640; the short side is fitted to the clip (stride 32) "
+                             "for every contender, as Ultralytics' predict does for a .pt")
     parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS, help="Ultralytics .pt")
     parser.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS,
                         help="where the edge INT8 models yolov8n-int8-<imgsz>.onnx are (built if missing)")
     parser.add_argument("--repeat", type=int, default=1, help="round-robin passes; the best of each is kept")
     parser.add_argument("--skip-one-core", action="store_true", help="only the all-cores comparison")
+    parser.add_argument("--skip-square", action="store_true",
+                        help="leave out the edge row with a square imgsz x imgsz model (letterbox-padded)")
     parser.add_argument("--write", action="store_true", help="update docs/benchmarks.md and docs/edge_fps.png")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--detector-worker", action="store_true", help=argparse.SUPPRESS)
@@ -311,9 +346,16 @@ def main(argv: list[str] | None = None) -> None:
     cores = len(os.sched_getaffinity(0))
     broker_url = None
     plan: list[tuple[tuple[int, str], object]] = []
-    for imgsz in args.imgsz:
-        model = args.models_dir / f"yolov8n-int8-{imgsz}.onnx"
-        ensure_model(model, args.weights, imgsz)
+    frame_wh = clip_size(args.clip)
+    inputs = {imgsz: fitted_imgsz(frame_wh, imgsz) for imgsz in args.imgsz}
+    for imgsz, fitted in inputs.items():
+        model = args.models_dir / f"yolov8n-int8-{fitted[0]}x{fitted[1]}.onnx"
+        ensure_model(model, args.weights, fitted)
+        if not args.skip_square and fitted != (imgsz, imgsz):
+            square = args.models_dir / f"yolov8n-int8-{imgsz}x{imgsz}.onnx"
+            ensure_model(square, args.weights, (imgsz, imgsz))
+            plan.append(((imgsz, EDGE_SQUARE), lambda m=square: measure_edge(
+                m, args.clip, args.frames, None, broker_url, work)))
         for threads, suffix in ((None, ""), (1, " (1 core)")):
             if threads and args.skip_one_core:
                 continue
@@ -327,7 +369,7 @@ def main(argv: list[str] | None = None) -> None:
                 # Not in the one-core set: Ultralytics gives its onnxruntime session the default thread count,
                 # whose workers are not confined by the process's one-core pin (measured: faster than one
                 # thread can run the model at all), so that row would not be a one-core figure.
-                plan.append(((imgsz, UL_ONNX), lambda m=model, s=imgsz: measure_ultralytics(
+                plan.append(((imgsz, UL_ONNX), lambda m=model, s=fitted: measure_ultralytics(
                     m, args.clip, args.frames, s, None)))
             if not threads:
                 plan.append(((imgsz, DETECTOR), lambda m=model: measure_detector(m, args.clip, args.frames)))
@@ -346,7 +388,7 @@ def main(argv: list[str] | None = None) -> None:
         if broker:
             broker.stop()
 
-    order = {EDGE: 0, f"{EDGE}, --threads {cores}": 1, DETECTOR: 2, UL_PT: 3, UL_ONNX: 4}
+    order = {EDGE: 0, EDGE_SQUARE: 1, DETECTOR: 2, UL_PT: 3, UL_ONNX: 4}
     rows = sorted(best.items(), key=lambda kv: (kv[0][0], "1 core" in kv[0][1],
                                                 order.get(kv[0][1].replace(" (1 core)", ""), 9)))
     print()
@@ -357,14 +399,16 @@ def main(argv: list[str] | None = None) -> None:
         info = {
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-            "cores": cores, "clip": args.clip.name, "frames": args.frames, "sizes": args.imgsz,
+            "cores": cores, "clip": args.clip.name, "frames": args.frames, "sizes": args.imgsz, "inputs": inputs,
+            "frame_wh": frame_wh,
             "broker": broker is not None, "repeat": args.repeat,
             "command": f".venv/bin/python bench/edge_fps.py --frames {args.frames} --imgsz "
                        f"{' '.join(map(str, args.imgsz))} --repeat {args.repeat}"
-                       f"{' --skip-one-core' if args.skip_one_core else ''} --write",
+                       f"{' --skip-one-core' if args.skip_one_core else ''}"
+                       f"{' --skip-square' if args.skip_square else ''} --write",
         }
         write_section(render(rows, info))
-        plot(rows, args.imgsz, PLOT)
+        plot(rows, inputs, PLOT)
         print(f"\nwrote {DOC.relative_to(ROOT)} (Edge section) and {PLOT.relative_to(ROOT)}")
 
 

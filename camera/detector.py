@@ -56,6 +56,25 @@ def letterbox(
     return img, r, (float(left), float(top))
 
 
+def fitted_imgsz(frame_wh: tuple[int, int], long_side: int, stride: int = 32) -> tuple[int, int]:
+    """The smallest (h, w) input with ``long_side`` that holds a ``frame_wh`` frame: Ultralytics' rect inference.
+
+    Why: a 16:9 camera letterboxed into a square 640x640 input spends 44 % of the network on grey padding;
+    Ultralytics' own PyTorch predict runs 1280x720 video at 384x640. Build the edge model at this size.
+    """
+    w0, h0 = frame_wh
+    r = long_side / max(w0, h0)
+    h, w = round(h0 * r), round(w0 * r)
+    return (-(-h // stride) * stride, -(-w // stride) * stride)
+
+
+def padding_share(frame_wh: tuple[int, int], imgsz: tuple[int, int]) -> float:
+    """Share of the model input (0..1) that is letterbox padding for a ``frame_wh`` frame."""
+    w0, h0 = frame_wh
+    r = min(imgsz[0] / h0, imgsz[1] / w0)
+    return 1.0 - (round(w0 * r) * round(h0 * r)) / (imgsz[0] * imgsz[1])
+
+
 def preprocess(
     image_bgr: np.ndarray, imgsz: tuple[int, int]
 ) -> tuple[np.ndarray, float, tuple[float, float]]:

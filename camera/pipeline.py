@@ -155,6 +155,8 @@ class EdgeRunner:
         try:
             for frame in src:
                 h, w = frame.image.shape[:2]
+                if size != (w, h):
+                    self._hint_input_size((w, h))
                 size, last_ts = (w, h), frame.ts
                 if gate is None or gate.check(frame.image, frame.ts):
                     t0 = time.perf_counter()
@@ -186,6 +188,19 @@ class EdgeRunner:
             stats_thread.join()
         self._sync_source_counters()
         return self._finish()
+
+    def _hint_input_size(self, frame_wh: tuple[int, int]) -> None:
+        """Say when the model's input shape wastes much of the network on letterbox padding for this source."""
+        from camera.detector import fitted_imgsz, padding_share
+
+        imgsz = self.detector.imgsz
+        share = padding_share(frame_wh, imgsz)
+        better = fitted_imgsz(frame_wh, max(imgsz))
+        if share > 0.2 and better[0] * better[1] < imgsz[0] * imgsz[1]:
+            log.warning("model input %dx%d is %d %% padding for this %dx%d source: a %dx%d model sees the same "
+                        "pixels %.1fx cheaper (smartcam-model build --imgsz %dx%d ...)", imgsz[0], imgsz[1],
+                        round(share * 100), *frame_wh, *better, imgsz[0] * imgsz[1] / (better[0] * better[1]),
+                        *better)
 
     def _stats_loop(self) -> None:
         while not self._stats_stop.wait(self.cfg.mqtt.stats_interval_s):

@@ -82,15 +82,35 @@ def show(path: Path) -> str:
 # ------------------------------------------------------------------------------------------------ 1. model
 
 
-def get_model(imgsz: int, models_dir: Path, calib: list[Path], calib_frames: int) -> Path:
-    """The INT8 person model at ``imgsz``: reused when already built, else built (calibration included)."""
-    wanted = models_dir / f"yolov8n-person-int8-{imgsz}.onnx"
+def model_shape(imgsz: int, source: str, is_file: bool) -> tuple[int, int]:
+    """(h, w) for the model: long side ``imgsz``, short side fitted to a video file's frames (as Ultralytics).
+
+    A 16:9 clip gets a 384x640 model instead of 640x640: the same pixels, 1.7x less network. Cameras and
+    streams are not opened here to look: they get a square model (build a fitted one with smartcam-model).
+    """
+    if is_file:
+        import cv2
+
+        from camera.detector import fitted_imgsz
+
+        cap = cv2.VideoCapture(source)
+        ok, image = cap.read()
+        cap.release()
+        if ok:
+            return fitted_imgsz((image.shape[1], image.shape[0]), imgsz)
+    return (imgsz, imgsz)
+
+
+def get_model(shape: tuple[int, int], models_dir: Path, calib: list[Path], calib_frames: int) -> Path:
+    """The INT8 person model of input ``shape`` (h, w): reused when already built, else built (with calibration)."""
+    size = str(shape[0]) if shape[0] == shape[1] else f"{shape[0]}x{shape[1]}"
+    wanted = models_dir / f"yolov8n-person-int8-{size}.onnx"
     if wanted.exists():
         say(f"model: using {show(wanted)} (already built; delete it to rebuild)")
         return wanted
     if FP32_ONNX.exists():
         weights = str(FP32_ONNX)
-        say(f"model: building an INT8 person model at {imgsz}px from {FP32_ONNX.name}, calibrated on "
+        say(f"model: building an INT8 person model with a {size} input from {FP32_ONNX.name}, calibrated on "
             f"{calib_frames} frames of {len(calib)} clip(s) (once; later runs reuse {show(wanted)})")
     else:
         weights = "yolo11n.pt"
@@ -98,7 +118,7 @@ def get_model(imgsz: int, models_dir: Path, calib: list[Path], calib_frames: int
             "(needs internet and `pip install 'smartcam[ultralytics]'`)")
     if not calib:
         raise DemoError("no video file to calibrate the model on: pass --source with a video file")
-    cmd = [tool("smartcam-model"), "build", "--weights", weights, "--imgsz", str(imgsz), "--out", str(wanted),
+    cmd = [tool("smartcam-model"), "build", "--weights", weights, "--imgsz", f"{shape[0]}x{shape[1]}", "--out", str(wanted),
            "--keep-classes", "person", "--calib-frames", str(calib_frames), "--no-eval", "--latency-runs", "0",
            "--calib", *map(str, calib)]
     t0 = time.monotonic()
@@ -249,7 +269,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--source", default=str(DEFAULT_CLIP),
                     help="video file, webcam index or RTSP URL (default: the street clip in ../shared)")
     ap.add_argument("--imgsz", type=int, default=640,
-                    help="model input size, 320/480/640 (default: %(default)s; 320 for a Raspberry Pi)")
+                    help="model input long side, 320/480/640 (default: %(default)s; 320 for a Raspberry Pi); the "
+                         "short side is fitted to a video file's frames, e.g. 384x640 for 16:9")
     ap.add_argument("--calib-frames", type=int, default=32,
                     help="frames to calibrate the INT8 model on when building it (default: %(default)s)")
     ap.add_argument("--models-dir", default=str(ROOT / "models"),
@@ -305,7 +326,8 @@ def run(args: argparse.Namespace) -> int:
 
     calib = sorted(p for p in (SHARED / "data" / "videos").glob("*") if p.suffix in VIDEO_SUFFIXES)
     calib = calib or ([Path(source)] if is_file else [])
-    model = get_model(args.imgsz, Path(args.models_dir).resolve(), calib, args.calib_frames)
+    model = get_model(model_shape(args.imgsz, source, is_file), Path(args.models_dir).resolve(), calib,
+                      args.calib_frames)
 
     work = Path(tempfile.mkdtemp(prefix="smartcam-demo-"))
     broker = sink = None

@@ -56,9 +56,10 @@ def test_demo_builds_the_model_and_stores_every_event(tmp_path, models_dir):
     out = tmp_path / "out"
     proc = run_demo("--max-frames", "40", "--imgsz", "320", "--calib-frames", "8", "--models-dir", str(models_dir),
                     "--out", str(out), "--http-port", "0", "--broker", "mosquitto")
-    assert "model: building an INT8 person model at 320px" in proc.stdout
-    assert (models_dir / "yolov8n-person-int8-320.onnx").exists()
-    assert (models_dir / "yolov8n-person-int8-320.json").exists()  # the manifest
+    # The street clip is 1280x720: long side 320, short side fitted to 16:9 and rounded up to 32, as Ultralytics.
+    assert "model: building an INT8 person model with a 192x320 input" in proc.stdout
+    assert (models_dir / "yolov8n-person-int8-192x320.onnx").exists()
+    assert (models_dir / "yolov8n-person-int8-192x320.json").exists()  # the manifest
     summary = assert_demo_succeeded(proc, out)
     assert summary["broker"] == "mosquitto"
 

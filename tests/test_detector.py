@@ -12,7 +12,16 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from camera.detector import Detector, ModelError, detect_images, letterbox, nms, preprocess
+from camera.detector import (
+    Detector,
+    ModelError,
+    detect_images,
+    fitted_imgsz,
+    letterbox,
+    nms,
+    padding_share,
+    preprocess,
+)
 from tests.conftest import INDOOR_CLIP, NEGATIVE_CLIP, ONNX_FP32, PERSONS_EVAL, PT_WEIGHTS
 
 EVAL_IMAGES = [
@@ -77,6 +86,23 @@ def test_letterbox_is_ultralytics_identical(hw):
         assert np.array_equal(ours, theirs)
         assert ratio == pytest.approx(min(shape[0] / hw[0], shape[1] / hw[1]))
         assert padw >= 0 and padh >= 0
+
+
+@pytest.mark.parametrize("hw", [(720, 1280), (1080, 1920), (280, 500), (480, 640), (1280, 720), (240, 320)])
+@pytest.mark.parametrize("long_side", [320, 640])
+def test_fitted_imgsz_is_ultralytics_rect_shape(hw, long_side):
+    """The shape Ultralytics' own predict letterboxes a .pt input to (auto=True, stride 32)."""
+    from ultralytics.data.augment import LetterBox
+
+    image = np.zeros((*hw, 3), np.uint8)
+    theirs = LetterBox(new_shape=(long_side, long_side), auto=True, stride=32)(image=image)
+    assert fitted_imgsz((hw[1], hw[0]), long_side) == theirs.shape[:2]
+
+
+def test_padding_share():
+    assert padding_share((1280, 720), (640, 640)) == pytest.approx(0.4375)
+    assert padding_share((1280, 720), (384, 640)) == pytest.approx(1 - 360 / 384)
+    assert padding_share((640, 640), (640, 640)) == 0
 
 
 def test_letterbox_pads_centred_with_grey():

@@ -116,6 +116,8 @@ def test_indoor_clip_events_reach_a_subscriber(mosquitto, tmp_path):
                         "--stats-interval", "1")
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert "outbox drained" in proc.stderr
+        # the square 640x640 model letterboxes this 500x280 clip: the edge says which input shape fits it
+        assert "model input 640x640 is 44 % padding for this 500x280 source: a 384x640 model" in proc.stderr
         written = read_events(events_file)
         assert sub.wait_for(lambda: len(sub.events()) >= len(written))
         received = sub.events()
