@@ -97,7 +97,8 @@ class EdgeRunner:
                 log.info("outbox %s holds %d unacknowledged message(s) from a previous run: replaying",
                          self.outbox.path, self.outbox.depth())
             self.publisher = Publisher(cfg.mqtt.settings(), self.outbox, site=cfg.site, camera_id=cfg.camera_id,
-                                       client_id=cfg.mqtt.client_id, window=cfg.mqtt.window)
+                                       client_id=cfg.mqtt.client_id, window=cfg.mqtt.window,
+                                       batch=cfg.publish.batch)
             self.publisher.start()
         else:
             log.info("no broker configured: offline mode, events go to %s",
