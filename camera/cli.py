@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--client-id", dest="client_id", help="MQTT client id (default smartcam-edge-<site>-<camera>)")
     run.add_argument("--stats-interval", dest="stats_interval_s", type=float, metavar="S",
                      help="publish runtime stats every S seconds (default 10)")
+    run.add_argument("--batch-linger", dest="batch_linger_s", type=float, metavar="SECONDS",
+                     help="send events in zlib-compressed batches on .../batch once the oldest has waited SECONDS "
+                          "(default 2; 0 = one message per event on .../events, as before batching)")
     run.add_argument("--outbox", metavar="FILE.db", help="durable outbox path "
                                                          "(default $XDG_STATE_HOME/smartcam/<site>-<camera>.outbox.db)")
     run.add_argument("--outbox-max", dest="outbox_max", type=int, metavar="N",
@@ -100,7 +103,8 @@ def _overrides(args: argparse.Namespace) -> dict:
         "source": args.source, "model": args.model, "camera_id": args.camera_id, "site": args.site,
         "mqtt.broker": args.broker, "mqtt.username": args.username, "mqtt.password": args.password,
         "mqtt.tls_ca": args.tls_ca, "mqtt.tls_insecure": args.tls_insecure, "mqtt.client_id": args.client_id,
-        "mqtt.stats_interval_s": args.stats_interval_s, "outbox.path": args.outbox,
+        "mqtt.stats_interval_s": args.stats_interval_s, "publish.batch.linger_s": args.batch_linger_s,
+        "outbox.path": args.outbox,
         "outbox.max_events": args.outbox_max, "events_file": args.events_file, "save_video": args.save_video,
         "max_frames": args.max_frames, "fps": args.fps, "realtime": args.realtime, "start_time": args.start_time,
         "detector.conf": args.conf, "detector.iou": args.iou,

@@ -85,6 +85,22 @@ class OutboxConfig(_Strict):
     max_events: int = Field(100_000, ge=1, description="bounded: beyond it the oldest are dropped and counted")
 
 
+class BatchConfig(_Strict):
+    """Batching of the events topic: several events in one zlib-compressed message (docs/mqtt.md)."""
+
+    linger_s: float = Field(2.0, ge=0, le=3600, description="wait up to this long to fill a batch on "
+                            "smartcam/<site>/<camera>/batch; 0 = one message per event on .../events")
+    max_events: int = Field(500, ge=1, le=10_000, description="events per batch message at most")
+    max_bytes: int = Field(256 * 1024, ge=1024, le=4 * 1024 * 1024,
+                           description="uncompressed JSON Lines bytes per batch message at most")
+
+
+class PublishConfig(_Strict):
+    """How the outbox is published to the broker."""
+
+    batch: BatchConfig = Field(default_factory=BatchConfig)
+
+
 class EdgeConfig(_Strict):
     camera_id: str = Field(description="camera name, one MQTT topic level")
     site: str = Field("default", description="site name, one MQTT topic level")
@@ -101,6 +117,7 @@ class EdgeConfig(_Strict):
     zones: list[ZoneSpec] = Field(default_factory=list)
     lines: list[LineSpec] = Field(default_factory=list)
     mqtt: MqttConfig = Field(default_factory=MqttConfig)
+    publish: PublishConfig = Field(default_factory=PublishConfig)
     outbox: OutboxConfig = Field(default_factory=OutboxConfig)
     events_file: Path | None = Field(None, description="append every event as one JSON line (audit, offline)")
     save_video: Path | None = Field(None, description="annotated video (boxes, ids, zones, lines, counts)")

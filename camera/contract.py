@@ -11,9 +11,12 @@ standard library; validation imports ``jsonschema`` lazily (a sink dependency, n
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
 import re
-import uuid
+import secrets
+import zlib
 from datetime import datetime, timezone
 from functools import cache
 from importlib import resources
@@ -56,9 +59,28 @@ def is_valid_name(value: str) -> bool:
     return bool(NAME_RE.fullmatch(value))  # fullmatch: ``$`` alone would accept a trailing newline
 
 
+_ID_PREFIX = secrets.token_hex(8)  # 64 random bits per process: ids of two processes differ in this half
+_ID_COUNTER = itertools.count()  # next() on itertools.count is atomic under the GIL: thread-safe
+
+
+def _new_id_prefix() -> None:
+    """A forked child must not repeat its parent's ids: it draws its own prefix and restarts the counter."""
+    global _ID_PREFIX, _ID_COUNTER
+    _ID_PREFIX, _ID_COUNTER = secrets.token_hex(8), itertools.count()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_id_prefix)
+
+
 def new_event_id() -> str:
-    """A fresh idempotency key (uuid4 hex)."""
-    return uuid.uuid4().hex
+    """A fresh idempotency key: 16 hex of per-process randomness + 16 hex of a process-wide counter.
+
+    Still 32 lowercase hex chars (the schema's pattern), unique as long as two processes never draw the same
+    64-bit prefix (p ~ n^2 / 2^65 for n process starts). Unlike uuid4, consecutive ids share their first 26-28
+    characters, so a batch of events compresses ~1.4x better (docs/mqtt.md).
+    """
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
 
 
 def format_ts(epoch_s: float) -> str:
@@ -107,3 +129,70 @@ def validate_stats(payload: Any) -> None:
     errors = validation_errors(payload, STATS_SCHEMA_FILE)
     if errors:
         raise ValueError("; ".join(errors))
+
+
+# ---------------------------------------------------------------------------------------------- batch envelope
+#: ``smartcam/<site>/<camera>/batch``: QoS 1, not retained; zlib (level 9, preset dictionary) of JSON Lines,
+#: one ordinary event.v1 document per line, of that camera only, in outbox order.
+BATCH_LEAF = "batch"
+BATCH_CONTENT_TYPE = "application/x-ndjson+zlib"
+ZDICT_FILE = f"event.v{SCHEMA_VERSION}.zdict.json"
+
+
+class BatchError(ValueError):
+    """A batch payload that cannot be decoded (not zlib, unknown dictionary, too large, truncated)."""
+
+
+@cache
+def batch_dictionaries() -> dict[int, bytes]:
+    """Every preset dictionary this side knows, by zlib DICTID (Adler-32). The edge uses :data:`ZDICT_FILE`'s."""
+    doc = json.loads(resources.files("camera").joinpath("schemas", ZDICT_FILE).read_text(encoding="utf-8"))
+    zdict = doc["text"].encode("utf-8")
+    if zlib.adler32(zdict) != doc["dictid"]:
+        raise RuntimeError(f"{ZDICT_FILE} is damaged: its Adler-32 is not the recorded dictid")
+    return {doc["dictid"]: zdict}
+
+
+def _edge_zdict() -> bytes:
+    return next(iter(batch_dictionaries().values()))
+
+
+def encode_batch(events_json_lines: list[str] | list[bytes]) -> bytes:
+    """Compress compact-JSON events (one per item, no newlines inside) into one ``batch`` payload."""
+    data = b"".join((e.encode("utf-8") if isinstance(e, str) else e) + b"\n" for e in events_json_lines)
+    comp = zlib.compressobj(9, zdict=_edge_zdict())
+    return comp.compress(data) + comp.flush()
+
+
+def decode_batch(payload: bytes, max_bytes: int) -> list[bytes]:
+    """The event lines of a ``batch`` payload, decompressing at most ``max_bytes`` (a zip bomb stops there).
+
+    Raises :class:`BatchError` with a one-line reason. The lines are not parsed: each is checked like a message
+    on ``.../events`` by the caller.
+    """
+    data = bytes(payload)
+    if len(data) < 6 or (data[0] & 0x0F) != 8 or ((data[0] << 8) | data[1]) % 31:
+        raise BatchError("batch is not a zlib stream")
+    if not data[1] & 0x20:
+        raise BatchError("batch zlib stream has no preset dictionary (expected the event.v1 dictionary)")
+    dictid = int.from_bytes(data[2:6], "big")
+    zdict = batch_dictionaries().get(dictid)
+    if zdict is None:
+        raise BatchError(f"batch uses an unknown zlib dictionary (DICTID {dictid:#010x})")
+    inflater = zlib.decompressobj(zdict=zdict)
+    try:
+        out = inflater.decompress(data, max_bytes + 1)
+    except zlib.error as exc:
+        raise BatchError(f"batch is not valid zlib data: {exc}") from None
+    if len(out) > max_bytes:
+        raise BatchError(f"batch larger than {max_bytes} bytes after decompression")
+    if not inflater.eof:
+        raise BatchError("batch zlib stream is truncated")
+    if inflater.unused_data:
+        raise BatchError(f"{len(inflater.unused_data)} bytes after the end of the batch's zlib stream")
+    lines = out.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()  # every line ends with a newline
+    if not lines:
+        raise BatchError("batch holds no events")
+    return lines

@@ -7,6 +7,14 @@ reconnect; after a process restart the outbox itself replays them. The broker ma
 thread retries with backoff while the outbox fills.
 
 ``status`` is retained: ``online`` on every (re)connect, ``offline`` on a clean stop and as the Last Will.
+
+Batching (``publish.batch``, like a Kafka producer's linger + batch + compression): with ``linger_s`` > 0 the
+drain waits until the oldest pending row has waited ``linger_s`` (or a batch is full, or :meth:`wait_drained`
+asks), then sends every pending row of this camera's ``events`` topic as zlib-compressed JSON Lines on the
+``batch`` topic (``camera.contract.encode_batch``), and only the newest pending row of each retained topic: the
+older ones are superseded snapshots, deleted with the newest one's PUBACK. The outbox keeps one row per event
+either way; a message's PUBACK deletes all of its rows, a rejection keeps them all. ``linger_s`` = 0 sends one
+message per row, as before.
 """
 
 from __future__ import annotations
@@ -15,30 +23,69 @@ import logging
 import queue
 import threading
 import time
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import paho.mqtt.client as mqtt
 
 from camera.broker import BrokerSettings, diagnose, make_client
-from camera.contract import topic_for
-from camera.outbox import Outbox, OutboxError
+from camera.contract import BATCH_CONTENT_TYPE, BATCH_LEAF, encode_batch, topic_for
+from camera.outbox import Outbox, OutboxError, Row
 
 log = logging.getLogger(__name__)
 
 ONLINE, OFFLINE = "online", "offline"
 
 
+class BatchPolicy(Protocol):
+    """What the publisher needs of ``publish.batch`` (``camera.config.BatchConfig`` or :class:`Batching`)."""
+
+    linger_s: float
+    max_events: int
+    max_bytes: int
+
+
+@dataclass(frozen=True)
+class Batching:
+    """A :class:`BatchPolicy` for code that builds a publisher without a config file."""
+
+    linger_s: float = 2.0
+    max_events: int = 500
+    max_bytes: int = 256 * 1024
+
+
+@dataclass
+class _Message:
+    """One MQTT message planned from outbox rows; ``row_ids`` are deleted together on its PUBACK."""
+
+    key: int  # the row id that orders it among the other messages of one flush
+    topic: str
+    qos: int
+    retain: bool
+    rows: list[Row] = field(default_factory=list)
+    superseded: list[int] = field(default_factory=list)  # older retained snapshots replaced by ``rows[-1]``
+    size: int = 0
+
+    @property
+    def row_ids(self) -> list[int]:
+        return self.superseded + [r.id for r in self.rows]
+
+
 class Publisher:
     """Owns the MQTT connection; call :meth:`start`, then :meth:`wait_drained` / :meth:`stop`."""
 
     def __init__(self, settings: BrokerSettings, outbox: Outbox, *, site: str, camera_id: str,
-                 client_id: str | None = None, window: int = 200, reconnect_max_s: int = 30) -> None:
+                 client_id: str | None = None, window: int = 200, reconnect_max_s: int = 30,
+                 batch: BatchPolicy | None = None) -> None:
         self.settings = settings
         self.outbox = outbox
         self.site = site
         self.camera_id = camera_id
         self.window = window
+        self.batch = batch if batch is not None and batch.linger_s > 0 else None  # None: one message per row
         self.status_topic = topic_for(site, camera_id, "status")
+        self.events_topic = topic_for(site, camera_id, "events")
+        self.batch_topic = topic_for(site, camera_id, BATCH_LEAF)
         self.client = make_client(settings, client_id or f"smartcam-edge-{site}-{camera_id}")
         self.client.max_inflight_messages_set(window)
         self.client.max_queued_messages_set(0)
@@ -51,12 +98,16 @@ class Publisher:
         self.connect_failures = 0
         self.connected = threading.Event()
         self.connects = 0
-        self.published = 0  # messages acknowledged by the broker
+        self.published = 0  # outbox rows acknowledged by the broker (with batching: events, not messages)
         self.error: OutboxError | None = None  # set if the outbox failed under the drain thread
         self._acks: queue.SimpleQueue[tuple[int, str | None]] = queue.SimpleQueue()  # (mid, rejection)
         self.rejected = 0  # PUBACKs with an MQTT 5 failure reason (e.g. not authorized): kept in the outbox
-        self._inflight: dict[int, int] = {}  # paho mid -> outbox row id
+        self._inflight: dict[int, list[int]] = {}  # paho mid -> the outbox row ids it carries
         self._last_sent = 0
+        self.messages = 0  # MQTT messages handed to paho from the outbox (a batch counts once)
+        self.batches = 0  # of which batch messages
+        self.coalesced = 0  # retained snapshots never sent because a newer one superseded them
+        self._flush = threading.Event()  # wait_drained: send what is pending without waiting for linger_s
         self._stop = threading.Event()
         self._abort_wait = threading.Event()
         self._wake = threading.Event()
@@ -115,16 +166,17 @@ class Publisher:
                 mid, rejection = self._acks.get_nowait()
             except queue.Empty:
                 break
-            row_id = self._inflight.pop(mid, None)
-            if row_id is None:
+            row_ids = self._inflight.pop(mid, None)
+            if row_ids is None:
                 continue
             if rejection is None:
-                done.append(row_id)
-            else:  # not deleted: it stays in the outbox and is retried on the next start
+                done.extend(row_ids)
+            else:  # not deleted: they stay in the outbox and are retried on the next start
                 self.rejected += 1
                 if self.rejected == 1 or self.rejected % 100 == 0:
-                    log.error("broker rejected outbox row %d (%s; %d rejected so far): kept in the outbox, "
-                              "check the broker's ACL for this camera", row_id, rejection, self.rejected)
+                    log.error("broker rejected outbox row(s) %d..%d (%s; %d messages rejected so far): kept in the "
+                              "outbox, check the broker's ACL for this camera", min(row_ids), max(row_ids),
+                              rejection, self.rejected)
         if done:
             self.outbox.delete(done)
             self.published += len(done)
@@ -133,16 +185,117 @@ class Publisher:
         room = self.window - len(self._inflight)
         if room <= 0:
             return
+        if self.batch is not None:
+            self._send_batched(room)
+            return
         for row in self.outbox.fetch(self._last_sent, room):
             info = self.client.publish(row.topic, row.payload, qos=row.qos, retain=row.retain)
             if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN, mqtt.MQTT_ERR_QUEUE_SIZE):
                 log.warning("publish of outbox row %d failed (%s); will retry", row.id, mqtt.error_string(info.rc))
                 break
+            self.messages += 1
             if row.qos == 0:  # no PUBACK will come: a QoS 0 row is done once handed to paho
                 self.outbox.delete([row.id])
             else:
-                self._inflight[info.mid] = row.id
+                self._inflight[info.mid] = [row.id]
             self._last_sent = row.id
+
+    # ------------------------------------------------------------------ batching
+    def _batchable(self, row: Row) -> bool:
+        return (row.topic == self.events_topic and row.qos == 1 and not row.retain
+                and b"\n" not in row.payload)  # one event per line: a payload with a newline goes alone
+
+    def _due(self, rows: list[Row], fetched_all: bool) -> bool:
+        """Send now? When asked to, when a batch is full, or when the oldest row has lingered long enough."""
+        assert self.batch is not None
+        if self._flush.is_set() or not fetched_all:
+            return True
+        age = time.time() - rows[0].created
+        if age >= self.batch.linger_s or age < -1.0:  # a clock stepped back must not hold rows forever
+            return True
+        events = [r for r in rows if self._batchable(r)]
+        if any(not self._batchable(r) and not (r.retain and r.qos) for r in rows):
+            return True  # some other kind of row: not ours to hold back
+        return (len(events) >= self.batch.max_events
+                or sum(len(r.payload) + 1 for r in events) >= self.batch.max_bytes)
+
+    def _plan(self, rows: list[Row], room: int) -> tuple[list[_Message], int]:
+        """Group ``rows`` (in id order) into at most ``room`` messages; returns them and the last row id used.
+
+        Events go into batch messages (split at ``max_events`` / ``max_bytes``), each retained topic becomes one
+        message carrying its newest row (older rows ride along to be deleted), anything else goes alone.
+        """
+        assert self.batch is not None
+        messages: list[_Message] = []
+        chunk: _Message | None = None
+        retained: dict[str, _Message] = {}
+        last = self._last_sent
+        for row in rows:
+            if self._batchable(row):
+                size = len(row.payload) + 1
+                if chunk is None or len(chunk.rows) >= self.batch.max_events or (
+                        chunk.size + size > self.batch.max_bytes):
+                    if len(messages) >= room:
+                        break
+                    chunk = _Message(row.id, self.batch_topic, 1, False)
+                    messages.append(chunk)
+                chunk.rows.append(row)
+                chunk.size += size
+            elif row.retain and row.qos:
+                msg = retained.get(row.topic)
+                if msg is None:
+                    if len(messages) >= room:
+                        break
+                    msg = retained[row.topic] = _Message(row.id, row.topic, row.qos, True)
+                    messages.append(msg)
+                msg.superseded += [r.id for r in msg.rows]
+                msg.rows, msg.key = [row], row.id
+            else:
+                if len(messages) >= room:
+                    break
+                messages.append(_Message(row.id, row.topic, row.qos, row.retain, [row]))
+            last = row.id
+        messages.sort(key=lambda m: m.key)  # events keep their order; a snapshot goes after the events before it
+        return messages, last
+
+    def _send_batched(self, room: int) -> None:
+        assert self.batch is not None
+        limit = max(2 * self.batch.max_events, 2 * self.window, 100)
+        rows = self.outbox.fetch(self._last_sent, limit)
+        if not rows or not self._due(rows, fetched_all=len(rows) < limit):
+            return
+        messages, last = self._plan(rows, room)
+        for msg in messages:
+            if msg.topic == self.batch_topic:
+                payload = encode_batch([r.payload for r in msg.rows])
+                properties = self._batch_properties()
+            else:
+                payload, properties = msg.rows[-1].payload, None
+            info = self.client.publish(msg.topic, payload, qos=msg.qos, retain=msg.retain, properties=properties)
+            if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN, mqtt.MQTT_ERR_QUEUE_SIZE):
+                log.warning("publish of outbox row(s) %d..%d failed (%s); will retry", min(msg.row_ids),
+                            max(msg.row_ids), mqtt.error_string(info.rc))
+                unsent = [i for m in messages[messages.index(msg):] for i in m.row_ids]
+                last = min(unsent) - 1  # resend from there (anything after it that went out is a harmless copy)
+                break
+            self.messages += 1
+            self.batches += msg.topic == self.batch_topic
+            self.coalesced += len(msg.superseded)
+            if msg.qos == 0:
+                self.outbox.delete(msg.row_ids)
+            else:
+                self._inflight[info.mid] = msg.row_ids
+        self._last_sent = max(self._last_sent, last)
+
+    def _batch_properties(self) -> Any:
+        if not self.settings.mqtt5:
+            return None
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        props = Properties(PacketTypes.PUBLISH)
+        props.ContentType = BATCH_CONTENT_TYPE
+        return props
 
     # ------------------------------------------------------------------ public API
     def start(self) -> None:
@@ -166,12 +319,16 @@ class Publisher:
     def wait_drained(self, timeout: float) -> int:
         """Wait up to ``timeout`` s for the outbox to empty; returns the rows still queued."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and self.error is None and not self._abort_wait.is_set():
-            if self.outbox.depth() == 0:
-                return 0
-            self._wake.set()
-            time.sleep(0.05)
-        return self.outbox.depth()
+        self._flush.set()  # nothing lingers while someone waits for the outbox to empty
+        try:
+            while time.monotonic() < deadline and self.error is None and not self._abort_wait.is_set():
+                if self.outbox.depth() == 0:
+                    return 0
+                self._wake.set()
+                time.sleep(0.05)
+            return self.outbox.depth()
+        finally:
+            self._flush.clear()
 
     def abort_wait(self) -> None:
         """Make a running :meth:`wait_drained` return now (second Ctrl-C)."""
@@ -194,4 +351,5 @@ class Publisher:
 
     def health(self) -> dict[str, Any]:
         return {"connected": self.connected.is_set(), "connects": self.connects, "published": self.published,
-                "inflight": len(self._inflight)}
+                "inflight": len(self._inflight), "messages": self.messages, "batches": self.batches,
+                "coalesced": self.coalesced}

@@ -2,8 +2,9 @@
 
 Two layers so each can be tested alone:
 
-- :class:`Ingestor` takes a batch of ``(topic, payload)`` pairs, classifies each (``validation.check_message``),
-  writes events, dead letters, status and stats in ONE transaction and returns what happened. No MQTT here.
+- :class:`Ingestor` takes a batch of ``(topic, payload)`` pairs, classifies each (``validation.check_messages``;
+  a compressed ``.../batch`` message becomes one verdict per event it carries), writes events, dead letters,
+  status and stats in ONE transaction and returns what happened. No MQTT here.
 - :class:`Subscriber` owns the paho-mqtt 2 client: MQTT 5, fixed client id, ``clean_start=False`` and a session
   expiry so the broker queues QoS 1 messages while the sink is down; ``manual_ack=True`` so a PUBACK is only sent
   after the commit (a SIGKILL before it means the broker redelivers; the idempotent insert drops the copy).
@@ -28,7 +29,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from cloud_sink.store import Batch, Store
-from cloud_sink.validation import Checked, Limits, check_message
+from cloud_sink.validation import Checked, Limits, check_messages
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ _UNAVAILABLE = (sa.exc.OperationalError, sa.exc.InterfaceError)
 
 SUBSCRIPTIONS = (
     "smartcam/+/+/events",
+    "smartcam/+/+/batch",  # many events in one zlib-compressed message (camera.contract.decode_batch)
     "smartcam/+/+/count",
     "smartcam/+/+/status",
     "smartcam/+/+/stats",
@@ -47,7 +49,8 @@ SUBSCRIPTIONS = (
 
 @dataclass
 class BatchResult:
-    """What one batch did. ``new_events`` are the events stored for the first time."""
+    """What one batch did. ``new_events`` are the events stored for the first time. The counts are per item: a
+    ``.../batch`` message counts once per event line it carries (or once, dead, if it cannot be decoded)."""
 
     received: int = 0
     stored: int = 0
@@ -96,8 +99,8 @@ class Ingestor:
         message can never stall the stream.
         """
         now = time.time() if now is None else now
-        checked = [(check_message(topic, payload, now=now, limits=self.limits), payload)
-                   for topic, payload in messages]
+        checked = [item for topic, payload in messages
+                   for item in check_messages(topic, payload, now=now, limits=self.limits)]
         try:
             new_events = self.store.write_batch(_batch(checked, now), received_at=now)
         except _UNAVAILABLE:

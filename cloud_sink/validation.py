@@ -1,6 +1,7 @@
 """Decide what one MQTT message is: a storable event, a camera status, camera stats, or a dead letter.
 
-Everything the sink receives passes through :func:`check_message` before it touches the database. It never
+Everything the sink receives passes through :func:`check_message` (or :func:`check_messages`, which also expands
+a compressed ``batch`` message into its events) before it touches the database. It never
 raises on input: every way a payload can be wrong (too big, not UTF-8, not JSON, NaN, too deep, wrong schema,
 topic/payload mismatch, timestamp far from now, unknown schema version) becomes a ``Checked`` with
 ``kind="dead"`` and a one-line ``reason``. The schema is the edge's own file, via ``camera.contract``.
@@ -21,12 +22,16 @@ from functools import cache, lru_cache
 from typing import Any, Literal
 
 from camera.contract import (
+    BATCH_LEAF,
     EVENT_SCHEMA_FILE,
     SCHEMA_VERSION,
     STATS_SCHEMA_FILE,
+    BatchError,
+    decode_batch,
     is_valid_name,
     load_schema,
     parse_topic,
+    topic_for,
     validation_errors,
 )
 
@@ -42,6 +47,8 @@ class Limits:
     max_depth: int = 16
     max_future_s: float = 3600.0  # a camera clock more than 1 h ahead is wrong, not early
     max_past_s: float = 400 * 86400.0  # older than ~13 months: outside any report window, likely a bad clock
+    max_batch_bytes: int = 8 * 1024 * 1024  # a batch message, compressed and after decompression
+    max_batch_events: int = 10_000  # lines in one batch (the edge sends at most 500 by default)
 
 
 @dataclass(frozen=True)
@@ -270,3 +277,51 @@ def check_message(topic: str, payload: bytes, *, now: float | None = None, limit
     except Exception as exc:  # the sink must survive anything; keep the message as a dead letter
         return Checked("dead", topic, site, camera_id, reason=f"unexpected {type(exc).__name__}: {str(exc)[:120]}")
 
+
+
+def is_batch_topic(topic: str) -> bool:
+    parsed = parse_topic(topic) if isinstance(topic, str) else None
+    return parsed is not None and parsed[2] == BATCH_LEAF
+
+
+def check_batch(topic: str, payload: bytes, *, now: float | None = None,
+                limits: Limits | None = None) -> list[tuple[Checked, bytes]]:
+    """A ``.../batch`` message as one verdict per event line (each checked exactly like a message on the same
+    camera's ``.../events``), or a single dead letter for the whole payload if it cannot be decoded within the
+    limits. Never raises. The bytes beside each verdict are what a dead letter keeps (the line, or the payload).
+    """
+    limits = limits or Limits()
+    now = time.time() if now is None else now
+    parsed = parse_topic(topic) if isinstance(topic, str) else None
+    if parsed is None or parsed[2] != BATCH_LEAF:
+        return [(Checked("dead", str(topic), reason="not a smartcam/<site>/<camera>/batch topic"), payload)]
+    site, camera_id, _ = parsed
+    try:
+        if not isinstance(payload, (bytes, bytearray)):
+            raise BatchError("payload is not bytes")
+        if len(payload) > limits.max_batch_bytes:
+            raise BatchError(f"batch payload of {len(payload)} bytes exceeds {limits.max_batch_bytes}")
+        lines = decode_batch(bytes(payload), limits.max_batch_bytes)
+        if len(lines) > limits.max_batch_events:
+            raise BatchError(f"batch of {len(lines)} events exceeds {limits.max_batch_events}")
+    except BatchError as exc:
+        return [(Checked("dead", topic, site, camera_id, reason=str(exc)), bytes(payload))]
+    except Exception as exc:  # the sink must survive anything
+        reason = f"unexpected {type(exc).__name__}: {str(exc)[:120]}"
+        return [(Checked("dead", topic, site, camera_id, reason=reason), bytes(payload))]
+    events_topic = topic_for(site, camera_id, "events")
+    out: list[tuple[Checked, bytes]] = []
+    for number, line in enumerate(lines, 1):
+        c = check_message(events_topic, line, now=now, limits=limits)
+        if c.kind == "dead":
+            c = Checked("dead", topic, site, camera_id, reason=f"batch line {number}: {c.reason}")
+        out.append((c, line))
+    return out
+
+
+def check_messages(topic: str, payload: bytes, *, now: float | None = None,
+                   limits: Limits | None = None) -> list[tuple[Checked, bytes]]:
+    """:func:`check_message` for any topic, as a list: a batch gives one verdict per event it carries."""
+    if is_batch_topic(topic):
+        return check_batch(topic, payload, now=now, limits=limits)
+    return [(check_message(topic, payload, now=now, limits=limits), payload)]
