@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from functools import cache, lru_cache
 from typing import Any, Literal
@@ -315,6 +315,8 @@ def check_batch(topic: str, payload: bytes, *, now: float | None = None,
         c = check_message(events_topic, line, now=now, limits=limits)
         if c.kind == "dead":
             c = Checked("dead", topic, site, camera_id, reason=f"batch line {number}: {c.reason}")
+        else:
+            c = replace(c, topic=topic)
         out.append((c, line))
     return out
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import cv2
 import pytest
 
-from camera.contract import topic_for, validate_event, validate_stats
+from camera.contract import decode_batch, topic_for, validate_event, validate_stats
 from tests.conftest import INDOOR_CLIP, NEGATIVE_CLIP, ONNX_FP32, PERSONS_EVAL
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,7 +78,17 @@ class Subscriber:
             return [p for t, p, _ in self.messages if t == topic]
 
     def events(self) -> list[dict]:
-        return [json.loads(p) for p in self.payloads("events")]
+        """Every event received, in arrival order: one per ``events`` message, many per ``batch`` message."""
+        events_topic, batch_topic = topic_for(SITE, CAM, "events"), topic_for(SITE, CAM, "batch")
+        with self._lock:
+            messages = list(self.messages)
+        out: list[dict] = []
+        for t, p, _ in messages:
+            if t == events_topic:
+                out.append(json.loads(p))
+            elif t == batch_topic:
+                out += [json.loads(line) for line in decode_batch(p, 8 << 20)]
+        return out
 
     def wait_for(self, predicate, timeout: float = 30.0) -> bool:
         deadline = time.monotonic() + timeout

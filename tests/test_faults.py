@@ -351,7 +351,7 @@ def test_edge_refuses_a_broker_signed_by_another_ca(rig, tmp_path):
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_no_image_leaves_the_device_by_default(rig):
     """Privacy: with default settings the edge publishes only contract events, stats and status text."""
-    from camera.contract import validate_event, validate_stats
+    from camera.contract import decode_batch, validate_event, validate_stats
 
     watcher = Client(rig.broker.settings("sink"), "privacy-watcher")
     try:
@@ -371,6 +371,11 @@ def test_no_image_leaves_the_device_by_default(rig):
             assert payload in (b"online", b"offline")
         elif leaf == "stats":
             validate_stats(json.loads(payload))
+        elif leaf == "batch":  # the default: events in zlib-compressed JSON Lines
+            lines = decode_batch(payload, 1 << 20)
+            for line in lines:
+                validate_event(json.loads(line))
+            kinds["events"] += len(lines)
         else:
             assert leaf in ("events", "count"), f"unexpected topic {topic}"
             validate_event(json.loads(payload))
