@@ -30,7 +30,8 @@ EVENT_TYPES = ("person.enter", "person.exit", "count", "zone.enter", "zone.exit"
 
 TOPIC_ROOT = "smartcam"
 #: Topic leaves under smartcam/<site>/<camera_id>/ and how they are published.
-#:   events  QoS 1, every event (via the durable outbox)
+#:   events  QoS 1, every event (via the durable outbox) when batching is off (publish.batch.linger_s = 0)
+#:   batch   QoS 1, the default: many events of this camera, zlib-compressed JSON Lines (encode_batch)
 #:   count   QoS 1, retained, the latest `count` event
 #:   status  QoS 1, retained, plain text "online" / "offline" (also the Last Will)
 #:   stats   QoS 0, runtime health (stats.v1.schema.json)
@@ -135,7 +136,6 @@ def validate_stats(payload: Any) -> None:
 #: ``smartcam/<site>/<camera>/batch``: QoS 1, not retained; zlib (level 9, preset dictionary) of JSON Lines,
 #: one ordinary event.v1 document per line, of that camera only, in outbox order.
 BATCH_LEAF = "batch"
-BATCH_CONTENT_TYPE = "application/x-ndjson+zlib"
 ZDICT_FILE = f"event.v{SCHEMA_VERSION}.zdict.json"
 
 
