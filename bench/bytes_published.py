@@ -9,7 +9,11 @@ properties length 1, plus its 4-byte PUBACK); ``--tcp-overhead`` adds a TCP/IPv4
 Per hour = bytes / clip duration x 3600; the video's own rate = file size / duration x 3600 (the file as
 stored: H.264/MPEG-4 at the bitrate of the clip).
 
-    .venv/bin/python bench/bytes_published.py            # the four clips in ../shared/data/videos
+Each clip runs once per ``--batch-linger`` value, in the same invocation: the edge default (2 s: events in
+zlib-compressed batches on ``.../batch``, retained snapshots coalesced) and 0 (one message per event, as before
+batching), so the table compares the two on the same detections.
+
+    .venv/bin/python bench/bytes_published.py            # the four clips, batched (2 s) and --batch-linger 0
     .venv/bin/python bench/bytes_published.py --clips ../shared/data/videos/outdoor_street_cctv_towncentre_720p.m4v
 
 Needs Mosquitto (scripts/setup.sh) and a model: ``--model`` (default: models/yolov8n-person-int8-640.onnx if
@@ -35,7 +39,7 @@ import cv2
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # tests.services (the real-Mosquitto starter) when run as a script
 
-from camera.contract import parse_topic  # noqa: E402
+from camera.contract import decode_batch, parse_topic  # noqa: E402
 from tests.services import start_mosquitto  # noqa: E402
 
 SHARED = Path(os.environ.get("SMARTCAM_SHARED", ROOT.parent / "shared")).resolve()
@@ -57,14 +61,17 @@ class Tally:
 
     messages: Counter = field(default_factory=Counter)
     topic_payload_bytes: Counter = field(default_factory=Counter)
+    events: int = 0  # events delivered, one per ``events`` message or many per ``batch`` message
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add(self, topic: str, payload: bytes) -> None:
         parsed = parse_topic(topic)
         kind = parsed[2].split("/")[0] if parsed else "other"
+        carried = len(decode_batch(payload, 64 << 20)) if kind == "batch" else int(kind == "events")
         with self.lock:
             self.messages[kind] += 1
             self.topic_payload_bytes[kind] += len(topic.encode()) + len(payload)
+            self.events += carried
 
     def total_messages(self) -> int:
         return sum(self.messages.values())
@@ -101,7 +108,7 @@ def clip_info(path: Path) -> tuple[float, int]:
     return frames / fps, path.stat().st_size
 
 
-def measure(clip: Path, model: Path, fps: float, stats_interval: float, workdir: Path) -> dict:
+def measure(clip: Path, model: Path, fps: float, stats_interval: float, linger: float, workdir: Path) -> dict:
     """One clip through the edge in real time into a fresh Mosquitto; what the subscriber got."""
     duration, size = clip_info(clip)
     broker = start_mosquitto(workdir / "mosquitto")
@@ -110,18 +117,20 @@ def measure(clip: Path, model: Path, fps: float, stats_interval: float, workdir:
     try:
         cmd = [sys.executable, "-m", "camera", "run", "--source", str(clip), "--model", str(model),
                "--camera-id", "cam-1", "--site", "bench", "--broker", broker.url, "--realtime", "--fps", str(fps),
-               "--stats-interval", str(stats_interval), "--outbox", str(workdir / "outbox.db"),
+               "--stats-interval", str(stats_interval), "--batch-linger", str(linger),
+               "--outbox", str(workdir / "outbox.db"),
                "--events-file", str(workdir / "events.jsonl")]
         if clip.name in CONFIGS:
             cmd[4:4] = ["--config", str(CONFIGS[clip.name])]
-        print(f"  {clip.name}: {duration:.1f} s in real time ...", file=sys.stderr, flush=True)
+        print(f"  {clip.name}: {duration:.1f} s in real time, --batch-linger {linger:g} ...", file=sys.stderr,
+              flush=True)
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         if proc.returncode != 0:
             raise SystemExit(f"the edge failed on {clip.name} (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
         produced = [json.loads(line)["type"] for line in (workdir / "events.jsonl").read_text().splitlines()]
         events = len(produced)
         deadline = time.monotonic() + 10  # wait for the broker to hand over everything acknowledged
-        while tally.messages["events"] < events and time.monotonic() < deadline:
+        while tally.events < events and time.monotonic() < deadline:
             time.sleep(0.1)
         time.sleep(0.5)  # the final offline status and stats
     finally:
@@ -133,8 +142,11 @@ def measure(clip: Path, model: Path, fps: float, stats_interval: float, workdir:
     # What does not depend on people (status, stats) vs what each person adds (everything else).
     fixed = sum(tally.topic_payload_bytes[k] + MQTT_OVERHEAD * tally.messages[k] for k in ("status", "stats"))
     people = produced.count("person.enter")
+    if tally.events < events:
+        raise SystemExit(f"{clip.name}: the subscriber got {tally.events} of {events} events")
     return {
-        "clip": clip.name, "duration_s": round(duration, 2), "video_bytes": size, "events": events,
+        "clip": clip.name, "linger_s": linger, "duration_s": round(duration, 2), "video_bytes": size,
+        "events": events,
         "people": people, "fixed_bytes": fixed,
         "bytes_per_person": (mqtt_bytes - fixed) / people if people else None,
         "messages": dict(tally.messages), "topic_payload_bytes": dict(tally.topic_payload_bytes),
@@ -154,14 +166,15 @@ def break_even(r: dict) -> float | None:
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| clip | duration s | video MB/h | people (person.enter) per h | messages (events) | published KB/h "
-            "| ratio | with TCP/IP est. KB/h | ratio | B per person | people/h at 1000x |")
-    lines = [head, "| --- |" + " ---: |" * 10]
+    head = ("| clip | batch linger s | duration s | video MB/h | people (person.enter) per h | messages (events) "
+            "| published KB/h | ratio | with TCP/IP est. KB/h | ratio | B per person | people/h at 1000x |")
+    lines = [head, "| --- |" + " ---: |" * 11]
     for r in rows:
         msgs = sum(r["messages"].values())
         per_person = f"{r['bytes_per_person']:,.0f}" if r["bytes_per_person"] else "-"
         even = break_even(r)
-        lines.append(f"| {r['clip']} | {r['duration_s']:.1f} | {r['video_bytes_per_hour'] / 1e6:,.0f} | "
+        lines.append(f"| {r['clip']} | {r['linger_s']:g} | {r['duration_s']:.1f} | "
+                     f"{r['video_bytes_per_hour'] / 1e6:,.0f} | "
                      f"{r['people'] / r['duration_s'] * 3600:,.0f} | {msgs} ({r['events']}) | "
                      f"{r['mqtt_bytes_per_hour'] / 1e3:,.1f} | {r['ratio']:,.0f}x | "
                      f"{r['wire_bytes_per_hour_est'] / 1e3:,.1f} | {r['ratio_wire_est']:,.0f}x | {per_person} | "
@@ -178,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fps", type=float, default=5.0, help="edge processing rate (default: %(default)s)")
     ap.add_argument("--stats-interval", type=float, default=10.0,
                     help="edge stats period in seconds, the edge's default (default: %(default)s)")
+    ap.add_argument("--batch-linger", type=float, nargs="+", default=[2.0, 0.0], metavar="S",
+                    help="edge --batch-linger values to compare, each a run per clip (default: 2 = the edge "
+                         "default, and 0 = one message per event)")
     ap.add_argument("--json", type=Path, help="also write every figure (per message kind) to this JSON file")
     args = ap.parse_args(argv)
     missing = [str(p) for p in [*args.clips, args.model] if not p.exists()]
@@ -186,20 +202,32 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     for clip in args.clips:
-        with tempfile.TemporaryDirectory(prefix="bytes-bench-") as tmp:
-            rows.append(measure(clip, args.model, args.fps, args.stats_interval, Path(tmp)))
+        for linger in args.batch_linger:
+            with tempfile.TemporaryDirectory(prefix="bytes-bench-") as tmp:
+                rows.append(measure(clip, args.model, args.fps, args.stats_interval, linger, Path(tmp)))
     print(f"model {args.model.name}, --fps {args.fps:g}, --realtime, stats every {args.stats_interval:g} s; "
           f"published = topic + payload + {MQTT_OVERHEAD} B/message MQTT overhead "
           f"(TCP/IP est.: + {TCP_OVERHEAD} B/message)\n")
     print(table(rows))
-    kinds = Counter()
-    for r in rows:
-        kinds.update(r["topic_payload_bytes"])
-    total = sum(kinds.values())
-    print("\nshare of topic+payload bytes: " + ", ".join(f"{k} {v / total:.0%}" for k, v in kinds.most_common()))
-    worst = min(rows, key=lambda r: r["ratio"])
-    print(f"smallest ratio: {worst['ratio']:,.0f}x ({worst['clip']}); target >= 1000x: "
-          f"{'met' if worst['ratio'] >= 1000 else 'NOT met'}")
+    for linger in args.batch_linger:
+        mine = [r for r in rows if r["linger_s"] == linger]
+        kinds = Counter()
+        for r in mine:
+            kinds.update(r["topic_payload_bytes"])
+        total = sum(kinds.values())
+        print(f"\n--batch-linger {linger:g}: share of topic+payload bytes: "
+              + ", ".join(f"{k} {v / total:.0%}" for k, v in kinds.most_common()))
+        worst = min(mine, key=lambda r: r["ratio"])
+        print(f"--batch-linger {linger:g}: smallest ratio {worst['ratio']:,.0f}x ({worst['clip']}); target >= 1000x: "
+              f"{'met' if worst['ratio'] >= 1000 else 'NOT met'}")
+    if len(args.batch_linger) > 1:
+        first, *others = args.batch_linger
+        for other in others:
+            for clip in args.clips:
+                a = next(r for r in rows if r["clip"] == clip.name and r["linger_s"] == first)
+                b = next(r for r in rows if r["clip"] == clip.name and r["linger_s"] == other)
+                print(f"{clip.name}: --batch-linger {first:g} publishes {b['mqtt_bytes'] / a['mqtt_bytes']:.1f}x "
+                      f"fewer bytes than {other:g} ({a['ratio']:,.0f}x vs {b['ratio']:,.0f}x the video)")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
     return 0
