@@ -13,6 +13,8 @@ import zlib
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from camera.contract import (
     BatchError,
@@ -197,3 +199,20 @@ def test_ingest_stores_a_batch_once_with_its_dead_lines_in_one_commit(store):  #
 def test_shared_subscriptions_include_the_batch_topic():
     sub = Subscriber(Ingestor.__new__(Ingestor), settings=None, share_group="workers")
     assert "$share/workers/smartcam/+/+/batch" in sub.topics()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=2048))
+def test_any_bytes_on_the_batch_topic_are_a_dead_letter_never_a_crash(payload):
+    ((c, kept),) = check_batch(BATCH, payload)
+    assert c.kind == "dead" and c.reason and kept == payload
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.text(alphabet=st.characters(blacklist_characters="\n\r", blacklist_categories=("Cs",)),
+                        max_size=200), min_size=1, max_size=20))
+def test_any_lines_in_a_valid_envelope_get_one_verdict_each(lines):
+    checked = check_batch(BATCH, encode_batch(lines))
+    assert len(checked) == len(lines)
+    assert all(c.kind == "dead" and c.reason.startswith(f"batch line {i}: ")
+               for i, (c, _) in enumerate(checked, 1))

@@ -229,3 +229,27 @@ def test_rows_left_by_a_stopped_edge_are_replayed_as_batches(mosquitto, tmp_path
     assert sub.payloads("events") == [] and len(sub.payloads("batch")) == 1
     assert sorted(stored) == sorted(e["event_id"] for e in events)
     assert json.loads(sub.payloads("count")[-1])["event_id"] == events[-1]["event_id"]  # i=39: a count
+
+
+def test_a_rejected_batch_keeps_all_its_rows(tmp_path):
+    """The broker's ACL refuses ``.../batch`` (MQTT 5 PUBACK "not authorized"): nothing is deleted."""
+    from tests.services import start_mosquitto
+
+    acl = tmp_path / "acl"
+    acl.write_text(f"topic write smartcam/{SITE}/{CAM}/events\ntopic write smartcam/{SITE}/{CAM}/status\n")
+    broker = start_mosquitto(tmp_path / "broker", extra_conf=f"acl_file {acl}\nuser root\n")  # root: 0700 dirs
+    box = Outbox(tmp_path / "o.db")
+    put(box, events_now(8))  # 8 event rows + 2 retained count rows (refused too)
+    pub = Publisher(BrokerSettings.from_url(broker.url), box, site=SITE, camera_id=CAM,
+                    batch=Batching(linger_s=0.1))
+    try:
+        pub.start()
+        deadline = time.monotonic() + 20
+        while pub.rejected < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        rejected, depth = pub.rejected, box.depth()
+    finally:
+        pub.stop()
+        box.close()
+        broker.stop()
+    assert rejected == 2 and depth == 10  # one batch + one coalesced count message, every row kept
