@@ -93,6 +93,9 @@ class BatchConfig(_Strict):
     max_events: int = Field(500, ge=1, le=10_000, description="events per batch message at most")
     max_bytes: int = Field(256 * 1024, ge=1024, le=4 * 1024 * 1024,
                            description="uncompressed JSON Lines bytes per batch message at most")
+    retained_interval_s: float = Field(10.0, ge=0, le=3600, description="with batching, republish each retained "
+                                       "summary (count, zone count, line totals) at most this often, newest only; "
+                                       "every change is still in the batches")
 
 
 class PublishConfig(_Strict):

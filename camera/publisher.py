@@ -11,8 +11,9 @@ thread retries with backoff while the outbox fills.
 Batching (``publish.batch``, like a Kafka producer's linger + batch + compression): with ``linger_s`` > 0 the
 drain waits until the oldest pending row has waited ``linger_s`` (or a batch is full, or :meth:`wait_drained`
 asks), then sends every pending row of this camera's ``events`` topic as zlib-compressed JSON Lines on the
-``batch`` topic (``camera.contract.encode_batch``), and only the newest pending row of each retained topic: the
-older ones are superseded snapshots, deleted with the newest one's PUBACK. The outbox keeps one row per event
+``batch`` topic (``camera.contract.encode_batch``), and only the newest pending row of each retained topic, at
+most every ``retained_interval_s`` per topic: the older ones are superseded snapshots, deleted with the newest
+one's PUBACK. The outbox keeps one row per event
 either way; a message's PUBACK deletes all of its rows, a rejection keeps them all. ``linger_s`` = 0 sends one
 message per row, as before.
 """
@@ -43,6 +44,7 @@ class BatchPolicy(Protocol):
     linger_s: float
     max_events: int
     max_bytes: int
+    retained_interval_s: float
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,7 @@ class Batching:
     linger_s: float = 2.0
     max_events: int = 500
     max_bytes: int = 256 * 1024
+    retained_interval_s: float = 0.0
 
 
 @dataclass
@@ -83,6 +86,9 @@ class Publisher:
         self.camera_id = camera_id
         self.window = window
         self.batch = batch if batch is not None and batch.linger_s > 0 else None  # None: one message per row
+        self.retained_interval_s = self.batch.retained_interval_s if self.batch else 0.0  # per retained topic
+        self._held: dict[str, _Message] = {}  # retained topic -> its newest pending snapshot (+ superseded rows)
+        self._retained_at: dict[str, float] = {}  # retained topic -> monotonic time of its last publish
         self.status_topic = topic_for(site, camera_id, "status")
         self.events_topic = topic_for(site, camera_id, "events")
         self.batch_topic = topic_for(site, camera_id, BATCH_LEAF)
@@ -222,13 +228,12 @@ class Publisher:
     def _plan(self, rows: list[Row], room: int) -> tuple[list[_Message], int]:
         """Group ``rows`` (in id order) into at most ``room`` messages; returns them and the last row id used.
 
-        Events go into batch messages (split at ``max_events`` / ``max_bytes``), each retained topic becomes one
-        message carrying its newest row (older rows ride along to be deleted), anything else goes alone.
+        Events go into batch messages (split at ``max_events`` / ``max_bytes``); rows of a retained topic move to
+        ``_held`` (see :meth:`_release_held`); anything else goes alone.
         """
         assert self.batch is not None
         messages: list[_Message] = []
         chunk: _Message | None = None
-        retained: dict[str, _Message] = {}
         last = self._last_sent
         for row in rows:
             if self._batchable(row):
@@ -242,29 +247,44 @@ class Publisher:
                 chunk.rows.append(row)
                 chunk.size += size
             elif row.retain and row.qos:
-                msg = retained.get(row.topic)
-                if msg is None:
-                    if len(messages) >= room:
-                        break
-                    msg = retained[row.topic] = _Message(row.id, row.topic, row.qos, True)
-                    messages.append(msg)
-                msg.superseded += [r.id for r in msg.rows]
-                msg.rows, msg.key = [row], row.id
+                held = self._held.get(row.topic)
+                if held is None:
+                    held = self._held[row.topic] = _Message(row.id, row.topic, row.qos, True)
+                held.superseded += [r.id for r in held.rows]
+                held.rows, held.key = [row], row.id
             else:
                 if len(messages) >= room:
                     break
                 messages.append(_Message(row.id, row.topic, row.qos, row.retain, [row]))
             last = row.id
-        messages.sort(key=lambda m: m.key)  # events keep their order; a snapshot goes after the events before it
         return messages, last
+
+    def _release_held(self, room: int) -> list[_Message]:
+        """The held retained snapshots that may go now: each topic at most every ``retained_interval_s``
+        (the first one at once), all of them when the outbox is being drained. The rest stay held: their rows
+        are still in the outbox, so a restart replays them."""
+        now = time.monotonic()
+        out: list[_Message] = []
+        for topic in sorted(self._held, key=lambda t: self._held[t].key):
+            if len(out) >= room:
+                break
+            if self._flush.is_set() or now - self._retained_at.get(topic, -1e18) >= self.retained_interval_s:
+                out.append(self._held.pop(topic))
+                self._retained_at[topic] = now
+        return out
 
     def _send_batched(self, room: int) -> None:
         assert self.batch is not None
         limit = max(2 * self.batch.max_events, 2 * self.window, 100)
         rows = self.outbox.fetch(self._last_sent, limit)
-        if not rows or not self._due(rows, fetched_all=len(rows) < limit):
-            return
-        messages, last = self._plan(rows, room)
+        messages: list[_Message] = []
+        last = self._last_sent
+        if rows and self._due(rows, fetched_all=len(rows) < limit):
+            messages, last = self._plan(rows, room)
+        if self._held:
+            messages += self._release_held(room - len(messages))
+        # events keep their order; a retained snapshot goes after the batch holding the events before it
+        messages.sort(key=lambda m: m.key)
         for msg in messages:
             if msg.topic == self.batch_topic:
                 payload = encode_batch([r.payload for r in msg.rows])
@@ -276,9 +296,11 @@ class Publisher:
             if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN, mqtt.MQTT_ERR_QUEUE_SIZE):
                 log.warning("publish of outbox row(s) %d..%d failed (%s); will retry", min(msg.row_ids),
                             max(msg.row_ids), mqtt.error_string(info.rc))
-                unsent = [i for m in messages[messages.index(msg):] for i in m.row_ids]
-                last = min(unsent) - 1  # resend from there (anything after it that went out is a harmless copy)
-                break
+                unsent = [i for m in messages[messages.index(msg):] + list(self._held.values()) for i in m.row_ids]
+                # fetch again from the first row not sent (anything after it that went out is a harmless copy)
+                self._last_sent = min(unsent) - 1
+                self._held.clear()
+                return
             self.messages += 1
             self.batches += msg.topic == self.batch_topic
             self.coalesced += len(msg.superseded)

@@ -253,3 +253,28 @@ def test_a_rejected_batch_keeps_all_its_rows(tmp_path):
         box.close()
         broker.stop()
     assert rejected == 2 and depth == 10  # one batch + one coalesced count message, every row kept
+
+
+def test_retained_summaries_go_at_most_every_interval_and_the_newest_at_the_end(mosquitto, tmp_path):
+    box = Outbox(tmp_path / "o.db")
+    sub = Subscriber(mosquitto.port)
+    pub = Publisher(BrokerSettings.from_url(mosquitto.url), box, site=SITE, camera_id=CAM,
+                    batch=Batching(linger_s=0.2, retained_interval_s=3600))
+    events = events_now(80)
+    try:
+        pub.start()
+        assert pub.connected.wait(10)
+        for i in range(0, 80, 4):  # one count change per "frame"
+            put(box, events[i:i + 4])
+            time.sleep(0.05)
+        assert pub.wait_drained(30) == 0  # draining releases what is held
+        assert sub.wait_for(lambda: sum(map(len, batch_events(sub))) >= 80)
+        assert sub.wait_for(lambda: json.loads(sub.payloads("count")[-1])["event_id"] == events[-1]["event_id"])
+    finally:
+        pub.stop()
+        box.close()
+        sub.close()
+    sent = sub.payloads("count")
+    assert 1 <= len(sent) <= 2  # the first snapshot at once, then nothing for an hour but the final drain
+    assert pub.coalesced == 20 - len(sent) and pub.published == 100
+    assert [e["event_id"] for b in batch_events(sub) for e in b] == [e["event_id"] for e in events]
