@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import ssl
 import subprocess
@@ -198,7 +199,7 @@ def clients() -> Iterator[list[Client]]:
 
 
 def connect(clients: list[Client], settings: BrokerSettings, *, mqtt5: bool = True, **kwargs) -> Client:
-    c = Client(settings, f"test-{new_event_id()[:12]}", mqtt5=mqtt5)
+    c = Client(settings, f"test-{secrets.token_hex(6)}", mqtt5=mqtt5)  # unique: ids share a process prefix
     clients.append(c)
     rc = c.connect(**kwargs)
     assert not rc.is_failure, f"{settings.redacted()} refused: {rc}"
@@ -344,7 +345,7 @@ def test_offline_sink_queue_beyond_1000_survives_broker_restart(secure_broker, c
 
     props = Properties(PacketTypes.CONNECT)
     props.SessionExpiryInterval = 3600
-    session_id = f"sink-{new_event_id()[:8]}"
+    session_id = f"sink-{secrets.token_hex(4)}"
 
     def sink_session() -> Client:
         c = Client(secure_broker.settings("sink"), session_id)
