@@ -216,3 +216,19 @@ def test_any_lines_in_a_valid_envelope_get_one_verdict_each(lines):
     assert len(checked) == len(lines)
     assert all(c.kind == "dead" and c.reason.startswith(f"batch line {i}: ")
                for i, (c, _) in enumerate(checked, 1))
+
+
+def test_batch_linger_flag_and_config():
+    from camera.cli import _overrides, build_parser
+    from camera.config import load_config
+    from tests.conftest import ONNX_FP32
+
+    parser = build_parser()
+    run_help = parser._subparsers._group_actions[0].choices["run"].format_help()
+    assert "--batch-linger" in run_help and "0 = one message per event" in run_help
+    base = ["run", "--source", "0", "--camera-id", "c", "--model", str(ONNX_FP32)]
+    off = load_config(overrides=_overrides(parser.parse_args([*base, "--batch-linger", "0"])))
+    default = load_config(overrides=_overrides(parser.parse_args(base)))
+    assert off.publish.batch.linger_s == 0
+    assert (default.publish.batch.linger_s, default.publish.batch.max_events, default.publish.batch.max_bytes,
+            default.publish.batch.retained_interval_s) == (2.0, 500, 256 * 1024, 10.0)
