@@ -224,7 +224,7 @@ def test_batch_linger_flag_and_config():
     from tests.conftest import ONNX_FP32
 
     parser = build_parser()
-    run_help = parser._subparsers._group_actions[0].choices["run"].format_help()
+    run_help = " ".join(parser._subparsers._group_actions[0].choices["run"].format_help().split())
     assert "--batch-linger" in run_help and "0 = one message per event" in run_help
     base = ["run", "--source", "0", "--camera-id", "c", "--model", str(ONNX_FP32)]
     off = load_config(overrides=_overrides(parser.parse_args([*base, "--batch-linger", "0"])))
