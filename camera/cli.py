@@ -73,8 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--conf", type=float, help="detection confidence threshold (default 0.25)")
     run.add_argument("--iou", type=float, help="NMS IoU threshold (default 0.45)")
     run.add_argument("--classes", help="comma-separated class names to detect (default person)")
-    run.add_argument("--threads", type=int, help="inference threads (default: one per core; lower it on a "
-                                                 "device busy with other work)")
+    run.add_argument("--threads", type=int, help="inference threads per stream (default: the cores shared out "
+                                                 "between the streams; lower it on a device busy with other work)")
+    run.add_argument("--streams", type=int, help="frames in the detector at once, results kept in frame order "
+                                                 "(default: one per core; 1 = lowest latency)")
     motion = run.add_mutually_exclusive_group()
     motion.add_argument("--motion", dest="motion", action="store_const", const=True,
                         help="force the motion gate on (default: on for live sources, off for files)")
@@ -109,6 +111,7 @@ def _overrides(args: argparse.Namespace) -> dict:
         "max_frames": args.max_frames, "fps": args.fps, "realtime": args.realtime, "start_time": args.start_time,
         "detector.conf": args.conf, "detector.iou": args.iou,
         "detector.classes": args.classes.split(",") if args.classes else None, "detector.threads": args.threads,
+        "detector.streams": args.streams,
         "motion.enabled": args.motion, "drain_timeout_s": args.drain_timeout_s,
     }
 

@@ -39,7 +39,10 @@ class DetectorConfig(_Strict):
     iou: float = Field(0.45, gt=0, le=1, description="NMS IoU threshold")
     classes: list[str] = Field(default_factory=lambda: ["person"], min_length=1,
                                description="class names to detect (the model's names)")
-    threads: int | None = Field(None, ge=1, le=64, description="inference threads (default: one per core)")
+    threads: int | None = Field(None, ge=1, le=64,
+                                description="inference threads per stream (default: the cores shared by the streams)")
+    streams: int | None = Field(None, ge=1, le=16,
+                                description="frames in the detector at once, in order (default: see docs)")
 
 
 class MotionConfig(_Strict):

@@ -23,6 +23,8 @@ from typing import IO, Any
 
 from camera.config import EdgeConfig
 from camera.contract import topic_for
+from camera.frame import Frame
+from camera.inference import InferenceQueue, Result
 from camera.motion import MotionGate
 from camera.outbox import Outbox, OutboxError
 from camera.sources import Source, open_source
@@ -34,15 +36,26 @@ EXIT_OK, EXIT_UNDRAINED, EXIT_OUTBOX = 0, 1, 3
 SIGNAL_DRAIN_S = 5.0  # on SIGTERM/SIGINT: how long to try to flush before leaving the rest in the outbox
 
 
-def default_threads() -> int:
-    """Inference threads when not configured: one per core. Measured on the quiet 2-core dev machine
-    (docs/benchmarks.md), one thread per core runs 1.1-1.3x faster end to end than leaving a core to the decoder
-    (decoding a 720p frame takes ~2 ms, inference 10-30 ms). On a device busy with other work, set
-    ``detector.threads`` lower and ``SMARTCAM_ORT_SPIN=0`` (idle inference threads then sleep instead of spinning)."""
+def cores() -> int:
+    """CPU cores this process may run on."""
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux
         return max(1, os.cpu_count() or 1)
+
+
+def default_streams() -> int:
+    """Frames in the detector at once when not configured: one per core, at most 4 (camera/inference.py).
+
+    Measured on the 2-core dev machine (docs/benchmarks.md): two streams of one thread each ran the edge 1.2-1.5x
+    faster end to end than one stream of two threads, with the same events. More than 4 would mostly add memory
+    (each run in flight holds its own activations) and latency."""
+    return min(cores(), 4)
+
+
+def default_threads(streams: int = 1) -> int:
+    """Inference threads per stream when not configured: the cores shared out between the streams."""
+    return max(1, cores() // max(1, streams))
 
 
 def topics_for_event(site: str, camera_id: str, event: dict[str, Any]) -> list[tuple[str, int, bool]]:
@@ -68,6 +81,7 @@ class EdgeRunner:
         self.events_emitted = 0
         self.source = source
         self.detector: Any = None
+        self.streams = 1
         self.outbox: Outbox | None = None
         self.publisher: Any = None
         self._events_fh: IO[str] | None = None
@@ -85,10 +99,12 @@ class EdgeRunner:
         log.info("source %s opened (%s%s)", self.source.name, self.source.kind,
                  f", {self.source.fps:.1f} fps" if self.source.fps else "")
         d = cfg.detector
-        threads = d.threads or default_threads()
+        self.streams = d.streams or default_streams()
+        threads = d.threads or default_threads(self.streams)
         self.detector = Detector(cfg.model, conf=d.conf, iou=d.iou, classes=d.classes, threads=threads)
-        log.info("model %s loaded (sha256 %s, imgsz %s, classes %s, conf %.2f, %d inference thread(s))",
-                 self.detector.name, self.detector.sha256[:12], self.detector.imgsz, d.classes, d.conf, threads)
+        log.info("model %s loaded (sha256 %s, imgsz %s, classes %s, conf %.2f, %d stream(s) x %d inference "
+                 "thread(s))", self.detector.name, self.detector.sha256[:12], self.detector.imgsz, d.classes, d.conf,
+                 self.streams, threads)
         if cfg.mqtt.broker:
             from camera.publisher import Publisher
 
@@ -143,6 +159,7 @@ class EdgeRunner:
         builder = EventBuilder(site=cfg.site, camera_id=cfg.camera_id, model_name=self.detector.name,
                                model_sha256=self.detector.sha256, zones=cfg.zones, lines=cfg.lines,
                                track_threshold=cfg.filters.track_threshold)
+        queue = InferenceQueue(self.detector.detect, self.streams)
         gate = None
         if cfg.motion_enabled(src.live):
             m = cfg.motion
@@ -154,17 +171,12 @@ class EdgeRunner:
         last_ts, size = time.time(), (0, 0)
         stats.start_clock()
         try:
-            for frame in src:
+            def process(frame: Frame, result: Result) -> None:
+                """Everything after the detector, strictly in frame order."""
                 h, w = frame.image.shape[:2]
-                if size != (w, h):
-                    self._hint_input_size((w, h))
-                size, last_ts = (w, h), frame.ts
-                if gate is None or gate.check(frame.image, frame.ts):
-                    t0 = time.perf_counter()
-                    detections = self.detector.detect(frame.image)
-                    stats.record_inference((time.perf_counter() - t0) * 1000)
-                    detections = apply_filters(detections, cfg.filters, cfg.masks, w, h)
-                    update = tracker.update(detections, frame.ts)
+                if result is not None:
+                    stats.record_inference(result[1])
+                    update = tracker.update(apply_filters(result[0], cfg.filters, cfg.masks, w, h), frame.ts)
                 else:
                     stats.motion_skipped += 1
                     update = tracker.hold(frame.ts)
@@ -173,10 +185,20 @@ class EdgeRunner:
                 stats.people = int(builder.counts["people"])
                 if cfg.save_video:
                     self._write_video(frame.image, update.active, builder.counts)
-                if self._stop.is_set() or (cfg.max_frames and stats.frames_processed >= cfg.max_frames):
+
+            for submitted, frame in enumerate(src, start=1):
+                h, w = frame.image.shape[:2]
+                if size != (w, h):
+                    self._hint_input_size((w, h))
+                size, last_ts = (w, h), frame.ts
+                for done, result in queue.put(frame, gate is None or gate.check(frame.image, frame.ts)):
+                    process(done, result)
+                if self._stop.is_set() or (cfg.max_frames and submitted >= cfg.max_frames):
                     break
                 if self.publisher is not None and self.publisher.error is not None:
                     raise self.publisher.error
+            for done, result in queue.drain():
+                process(done, result)
             # end of stream, max_frames or signal: every open track ends now
             if size[0]:
                 self._emit(builder.update(tracker.flush(last_ts), last_ts, *size))
@@ -185,6 +207,7 @@ class EdgeRunner:
             log.error("%s: stopping (events already queued stay in the outbox)", exc)
             return EXIT_OUTBOX
         finally:
+            queue.close()
             self._stats_stop.set()
             stats_thread.join()
         self._sync_source_counters()
