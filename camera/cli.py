@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="skip broker hostname verification (testing only)")
     run.add_argument("--client-id", dest="client_id", help="MQTT client id (default smartcam-edge-<site>-<camera>)")
     run.add_argument("--stats-interval", dest="stats_interval_s", type=float, metavar="S",
-                     help="publish runtime stats every S seconds (default 10)")
+                     help="publish runtime stats every S seconds (default 60)")
     run.add_argument("--batch-linger", dest="batch_linger_s", type=float, metavar="SECONDS",
                      help="send events in zlib-compressed batches on .../batch once the oldest has waited SECONDS "
                           "(default 2; 0 = one message per event on .../events, as before batching)")

@@ -59,7 +59,8 @@ class MqttConfig(_Strict):
     tls_ca: Path | None = Field(None, description="CA certificate that signed the broker's (mqtts://)")
     tls_insecure: bool = Field(False, description="skip the broker hostname check (testing only)")
     client_id: str | None = Field(None, description="default smartcam-edge-<site>-<camera_id>")
-    stats_interval_s: float = Field(10.0, gt=0, description="seconds between stats messages")
+    stats_interval_s: float = Field(60.0, gt=0, description="seconds between stats messages (health; status is "
+                                                             "immediate via the retained topic and Last Will)")
     window: int = Field(200, ge=1, le=10000, description="unacknowledged messages in flight at most")
 
     @field_validator("broker")
