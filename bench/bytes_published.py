@@ -16,7 +16,7 @@ batching), so the table compares the two on the same detections.
     .venv/bin/python bench/bytes_published.py            # the four clips, batched (2 s) and --batch-linger 0
     .venv/bin/python bench/bytes_published.py --clips ../shared/data/videos/outdoor_street_cctv_towncentre_720p.m4v
 
-Needs Mosquitto (scripts/setup.sh) and a model: ``--model`` (default: models/yolov8n-person-int8-640.onnx if
+Needs Mosquitto (scripts/setup.sh) and a model: ``--model`` (default: the demo's models/yolov8n-person-int8-384x640.onnx if
 built, else the shared fp32 ONNX; the published bytes depend on what is seen, not on the model's speed).
 """
 
@@ -51,7 +51,7 @@ CONFIGS = {STREET.name: ROOT / "samples" / "demo_street.yaml"}  # the street cli
 
 
 def default_model() -> Path:
-    built = ROOT / "models" / "yolov8n-person-int8-640.onnx"
+    built = ROOT / "models" / "yolov8n-person-int8-384x640.onnx"  # ./scripts/demo.sh builds it
     return built if built.exists() else SHARED / "models" / "yolov8n-coco.onnx"
 
 
