@@ -307,8 +307,7 @@ def plot(rows: list[tuple[tuple[int, str], dict]], inputs: dict[int, tuple[int, 
         colors = ["#2b8a3e" if n.startswith("smartcam") else "#868e96" for n, _ in mine]
         bars = ax.barh(names[::-1], fps[::-1], color=colors[::-1])
         ax.bar_label(bars, fmt="%.1f", padding=3, fontsize=8)
-        ax.set_title(f"input {imgsz} ({inputs[imgsz][0]}x{inputs[imgsz][1]}; square row {imgsz}x{imgsz})",
-                     fontsize=10)
+        ax.set_title(f"input {inputs[imgsz][0]}x{inputs[imgsz][1]} (square row: {imgsz}x{imgsz})", fontsize=9)
         ax.set_xlabel("frames / s end to end (higher is better)", fontsize=8)
         ax.tick_params(axis="both", labelsize=7)
         ax.margins(x=0.18)
