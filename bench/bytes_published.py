@@ -39,6 +39,7 @@ import cv2
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # tests.services (the real-Mosquitto starter) when run as a script
 
+from camera.config import MqttConfig  # noqa: E402
 from camera.contract import decode_batch, parse_topic  # noqa: E402
 from tests.services import start_mosquitto  # noqa: E402
 
@@ -189,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="video files (default: every clip in ../shared/data/videos)")
     ap.add_argument("--model", type=Path, default=default_model(), help="edge model (default: %(default)s)")
     ap.add_argument("--fps", type=float, default=5.0, help="edge processing rate (default: %(default)s)")
-    ap.add_argument("--stats-interval", type=float, default=10.0,
+    ap.add_argument("--stats-interval", type=float, default=MqttConfig.model_fields["stats_interval_s"].default,
                     help="edge stats period in seconds, the edge's default (default: %(default)s)")
     ap.add_argument("--batch-linger", type=float, nargs="+", default=[2.0, 0.0], metavar="S",
                     help="edge --batch-linger values to compare, each a run per clip (default: 2 = the edge "
