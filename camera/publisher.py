@@ -25,36 +25,18 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import paho.mqtt.client as mqtt
 
 from camera.broker import BrokerSettings, diagnose, make_client
+from camera.config import BatchConfig
 from camera.contract import BATCH_LEAF, encode_batch, topic_for
 from camera.outbox import Outbox, OutboxError, Row
 
 log = logging.getLogger(__name__)
 
 ONLINE, OFFLINE = "online", "offline"
-
-
-class BatchPolicy(Protocol):
-    """What the publisher needs of ``publish.batch`` (``camera.config.BatchConfig`` or :class:`Batching`)."""
-
-    linger_s: float
-    max_events: int
-    max_bytes: int
-    retained_interval_s: float
-
-
-@dataclass(frozen=True)
-class Batching:
-    """A :class:`BatchPolicy` for code that builds a publisher without a config file."""
-
-    linger_s: float = 2.0
-    max_events: int = 500
-    max_bytes: int = 256 * 1024
-    retained_interval_s: float = 0.0
 
 
 @dataclass
@@ -79,7 +61,7 @@ class Publisher:
 
     def __init__(self, settings: BrokerSettings, outbox: Outbox, *, site: str, camera_id: str,
                  client_id: str | None = None, window: int = 200, reconnect_max_s: int = 30,
-                 batch: BatchPolicy | None = None) -> None:
+                 batch: BatchConfig | None = None) -> None:
         self.settings = settings
         self.outbox = outbox
         self.site = site

@@ -278,7 +278,6 @@ def check_message(topic: str, payload: bytes, *, now: float | None = None, limit
         return Checked("dead", topic, site, camera_id, reason=f"unexpected {type(exc).__name__}: {str(exc)[:120]}")
 
 
-
 def is_batch_topic(topic: str) -> bool:
     parsed = parse_topic(topic) if isinstance(topic, str) else None
     return parsed is not None and parsed[2] == BATCH_LEAF
@@ -296,9 +295,9 @@ def check_batch(topic: str, payload: bytes, *, now: float | None = None,
     if parsed is None or parsed[2] != BATCH_LEAF:
         return [(Checked("dead", str(topic), reason="not a smartcam/<site>/<camera>/batch topic"), payload)]
     site, camera_id, _ = parsed
+    if not isinstance(payload, (bytes, bytearray)):  # kept as a dead letter like any other bad payload
+        return [(Checked("dead", topic, site, camera_id, reason="batch payload is not bytes"), str(payload).encode())]
     try:
-        if not isinstance(payload, (bytes, bytearray)):
-            raise BatchError("payload is not bytes")
         if len(payload) > limits.max_batch_bytes:
             raise BatchError(f"batch payload of {len(payload)} bytes exceeds {limits.max_batch_bytes}")
         lines = decode_batch(bytes(payload), limits.max_batch_bytes)

@@ -16,10 +16,11 @@ from pathlib import Path
 import pytest
 
 from camera.broker import BrokerSettings
+from camera.config import BatchConfig
 from camera.contract import decode_batch
 from camera.outbox import Outbox
 from camera.pipeline import topics_for_event
-from camera.publisher import Batching, Publisher
+from camera.publisher import Publisher
 from cloud_sink.ingest import Ingestor
 from cloud_sink.ingest import Subscriber as Sink
 from cloud_sink.store import Store
@@ -93,7 +94,7 @@ def test_linger_sends_fewer_messages_and_every_event_is_stored_once(mosquitto, t
     sub = Subscriber(mosquitto.port)
     sink = RealSink(mosquitto.url, tmp_path / "sink.db")
     pub = Publisher(BrokerSettings.from_url(mosquitto.url), box, site=SITE, camera_id=CAM, window=20,
-                    batch=Batching(linger_s=0.5, max_events=64))
+                    batch=BatchConfig(linger_s=0.5, max_events=64, retained_interval_s=0))
     try:
         pub.start()
         assert pub.wait_drained(60) == 0
@@ -122,7 +123,7 @@ def test_events_arriving_over_time_are_grouped_by_linger(mosquitto, tmp_path):
     box = Outbox(tmp_path / "o.db")
     sub = Subscriber(mosquitto.port)
     pub = Publisher(BrokerSettings.from_url(mosquitto.url), box, site=SITE, camera_id=CAM,
-                    batch=Batching(linger_s=1.0))
+                    batch=BatchConfig(linger_s=1.0, retained_interval_s=0))
     events = events_now(100)
     try:
         pub.start()
@@ -148,7 +149,7 @@ def test_linger_zero_is_one_message_per_event_as_before(mosquitto, tmp_path):
     put(box, events)
     sub = Subscriber(mosquitto.port)
     pub = Publisher(BrokerSettings.from_url(mosquitto.url), box, site=SITE, camera_id=CAM,
-                    batch=Batching(linger_s=0))
+                    batch=BatchConfig(linger_s=0, retained_interval_s=0))
     try:
         pub.start()
         assert pub.wait_drained(30) == 0
@@ -166,7 +167,7 @@ def test_broker_restart_mid_stream_loses_and_duplicates_nothing_in_storage(tmp_p
     box = Outbox(tmp_path / "o.db")
     sink = RealSink(broker.url, tmp_path / "sink.db")
     pub = Publisher(BrokerSettings.from_url(broker.url), box, site=SITE, camera_id=CAM, window=10,
-                    reconnect_max_s=1, batch=Batching(linger_s=0.3, max_events=16))
+                    reconnect_max_s=1, batch=BatchConfig(linger_s=0.3, max_events=16, retained_interval_s=0))
     events = events_now(300)
     stop_feeding = threading.Event()
 
@@ -204,7 +205,7 @@ def test_rows_left_by_a_stopped_edge_are_replayed_as_batches(mosquitto, tmp_path
     events = events_now(40)
     box = Outbox(tmp_path / "o.db")
     nowhere = BrokerSettings.from_url(f"mqtt://127.0.0.1:{free_port()}")  # nothing listens: all rows stay
-    offline = Publisher(nowhere, box, site=SITE, camera_id=CAM, batch=Batching(linger_s=0.2))
+    offline = Publisher(nowhere, box, site=SITE, camera_id=CAM, batch=BatchConfig(linger_s=0.2, retained_interval_s=0))
     offline.start()
     put(box, events)
     assert offline.wait_drained(0.5) == 50
@@ -215,7 +216,7 @@ def test_rows_left_by_a_stopped_edge_are_replayed_as_batches(mosquitto, tmp_path
     sub = Subscriber(mosquitto.port)
     sink = RealSink(mosquitto.url, tmp_path / "sink.db")
     pub = Publisher(BrokerSettings.from_url(mosquitto.url), box, site=SITE, camera_id=CAM,
-                    batch=Batching(linger_s=0.2))
+                    batch=BatchConfig(linger_s=0.2, retained_interval_s=0))
     try:
         pub.start()
         assert pub.wait_drained(30) == 0
@@ -241,7 +242,7 @@ def test_a_rejected_batch_keeps_all_its_rows(tmp_path):
     box = Outbox(tmp_path / "o.db")
     put(box, events_now(8))  # 8 event rows + 2 retained count rows (refused too)
     pub = Publisher(BrokerSettings.from_url(broker.url), box, site=SITE, camera_id=CAM,
-                    batch=Batching(linger_s=0.1))
+                    batch=BatchConfig(linger_s=0.1, retained_interval_s=0))
     try:
         pub.start()
         deadline = time.monotonic() + 20
@@ -259,7 +260,7 @@ def test_retained_summaries_go_at_most_every_interval_and_the_newest_at_the_end(
     box = Outbox(tmp_path / "o.db")
     sub = Subscriber(mosquitto.port)
     pub = Publisher(BrokerSettings.from_url(mosquitto.url), box, site=SITE, camera_id=CAM,
-                    batch=Batching(linger_s=0.2, retained_interval_s=3600))
+                    batch=BatchConfig(linger_s=0.2, retained_interval_s=3600))
     events = events_now(80)
     try:
         pub.start()
