@@ -57,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--batch-linger", dest="batch_linger_s", type=float, metavar="SECONDS",
                      help="send events in zlib-compressed batches on .../batch once the oldest has waited SECONDS "
                           "(default 2; 0 = one message per event on .../events, as before batching)")
+    run.add_argument("--publish-mode", dest="publish_mode", choices=("events", "summary"),
+                     help="events (default): every event; summary: one message per window with the hourly "
+                          "figures' increments, for metered links (no per-person records; docs/mqtt.md)")
+    run.add_argument("--summary-interval", dest="summary_interval_s", type=int, metavar="S",
+                     help="summary mode: window length in seconds, a divisor of 3600 (default 60)")
     run.add_argument("--outbox", metavar="FILE.db", help="durable outbox path "
                                                          "(default $XDG_STATE_HOME/smartcam/<site>-<camera>.outbox.db)")
     run.add_argument("--outbox-max", dest="outbox_max", type=int, metavar="N",
@@ -106,6 +111,7 @@ def _overrides(args: argparse.Namespace) -> dict:
         "mqtt.broker": args.broker, "mqtt.username": args.username, "mqtt.password": args.password,
         "mqtt.tls_ca": args.tls_ca, "mqtt.tls_insecure": args.tls_insecure, "mqtt.client_id": args.client_id,
         "mqtt.stats_interval_s": args.stats_interval_s, "publish.batch.linger_s": args.batch_linger_s,
+        "publish.mode": args.publish_mode, "publish.summary_interval_s": args.summary_interval_s,
         "outbox.path": args.outbox,
         "outbox.max_events": args.outbox_max, "events_file": args.events_file, "save_video": args.save_video,
         "max_frames": args.max_frames, "fps": args.fps, "realtime": args.realtime, "start_time": args.start_time,

@@ -103,9 +103,22 @@ class BatchConfig(_Strict):
 
 
 class PublishConfig(_Strict):
-    """How the outbox is published to the broker."""
+    """What the edge sends and how the outbox is published to the broker."""
 
+    mode: Literal["events", "summary"] = Field("events", description="events = every event (batched, see batch); "
+                                               "summary = one summary.v1 message per window, for metered links")
+    summary_interval_s: int = Field(60, description="summary mode: window length in seconds; must divide 3600 "
+                                    "(10, 15, 20, 30, 60, 120, 300, 600, 900, 1800, 3600, ...)")
     batch: BatchConfig = Field(default_factory=BatchConfig)
+
+    @field_validator("summary_interval_s")
+    @classmethod
+    def _check_interval(cls, value: int) -> int:
+        from camera.summary import WINDOW_CHOICES
+
+        if value not in WINDOW_CHOICES:
+            raise ValueError(f"must be at least 10 and divide 3600 (an hour), e.g. 60 or 300; got {value}")
+        return value
 
 
 class EdgeConfig(_Strict):

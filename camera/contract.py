@@ -25,6 +25,7 @@ from typing import Any
 SCHEMA_VERSION = 1
 EVENT_SCHEMA_FILE = f"event.v{SCHEMA_VERSION}.schema.json"
 STATS_SCHEMA_FILE = f"stats.v{SCHEMA_VERSION}.schema.json"
+SUMMARY_SCHEMA_FILE = f"summary.v{SCHEMA_VERSION}.schema.json"
 
 EVENT_TYPES = ("person.enter", "person.exit", "count", "zone.enter", "zone.exit", "line.cross", "loiter")
 
@@ -45,6 +46,17 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 def topic_for(site: str, camera_id: str, leaf: str) -> str:
     """The MQTT topic of one camera's ``leaf`` (events, count, status, stats, zones/<z>/count, ...)."""
     return f"{TOPIC_ROOT}/{site}/{camera_id}/{leaf}"
+
+
+def topics_for_event(site: str, camera_id: str, event: dict[str, Any]) -> list[tuple[str, int, bool]]:
+    """Where one event goes: (topic, qos, retain). ``events`` always; retained summaries for counts and lines."""
+    out = [(topic_for(site, camera_id, "events"), 1, False)]
+    if event["type"] == "count":
+        leaf = f"zones/{event['zone']}/count" if event.get("zone") else "count"
+        out.append((topic_for(site, camera_id, leaf), 1, True))
+    elif event["type"] == "line.cross":
+        out.append((topic_for(site, camera_id, f"lines/{event['line']}/totals"), 1, True))
+    return out
 
 
 def parse_topic(topic: str) -> tuple[str, str, str] | None:
@@ -95,11 +107,47 @@ def parse_ts(value: str) -> float:
     return datetime.strptime(value, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc).timestamp()
 
 
+def ts_ms(value: str) -> int:
+    """Contract timestamp ``YYYY-MM-DDTHH:MM:SS.mmmZ`` → epoch ms; ~10x faster than strptime, same checks.
+
+    >>> ts_ms("1970-01-02T00:00:00.250Z")
+    86400250
+    """
+    if (not isinstance(value, str) or len(value) != 24 or value[4] != "-" or value[7] != "-" or value[10] != "T"
+            or value[13] != ":" or value[16] != ":" or value[19] != "." or value[23] != "Z"
+            or not (value[:4] + value[5:7] + value[8:10] + value[11:13] + value[14:16] + value[17:19]
+                    + value[20:23]).isdigit() or not value.isascii()):
+        raise ValueError(f"not a contract timestamp: {str(value)[:40]!r}")
+    dt = datetime(int(value[:4]), int(value[5:7]), int(value[8:10]), int(value[11:13]), int(value[14:16]),
+                  int(value[17:19]), tzinfo=timezone.utc)  # validates month/day/hour ranges
+    return int(dt.timestamp()) * 1000 + int(value[20:23])
+
+
 @cache
 def load_schema(name: str = EVENT_SCHEMA_FILE) -> dict[str, Any]:
-    """The JSON Schema document shipped in ``camera/schemas``."""
+    """The JSON Schema document shipped in ``camera/schemas``, self-contained.
+
+    A ``$ref`` to another shipped file (``"event.v1.schema.json#/$defs/name"``) is replaced by the part it points
+    at, so a definition lives in one file while validators (jsonschema, fastjsonschema) never have to resolve
+    a URL, which they would try to download.
+    """
     text = resources.files("camera").joinpath("schemas", name).read_text(encoding="utf-8")
-    return json.loads(text)
+    return _inline_refs(json.loads(text))
+
+
+def _inline_refs(node: Any) -> Any:
+    if isinstance(node, list):
+        return [_inline_refs(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    ref = node.get("$ref")
+    if isinstance(ref, str) and not ref.startswith("#"):
+        file, _, pointer = ref.partition("#")
+        target: Any = load_schema(file)
+        for part in filter(None, pointer.split("/")):
+            target = target[part.replace("~1", "/").replace("~0", "~")]
+        return {**target, **{k: _inline_refs(v) for k, v in node.items() if k != "$ref"}}
+    return {k: _inline_refs(v) for k, v in node.items()}
 
 
 @cache

@@ -35,6 +35,12 @@ CREATE TABLE IF NOT EXISTS outbox (
     created REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS staged (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    window_start INTEGER NOT NULL,
+    payload BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS staged_window ON staged(window_start);
 """
 
 
@@ -81,28 +87,84 @@ class Outbox:
 
     def put_many(self, messages: list[tuple[str, str | bytes, int, bool]]) -> list[int]:
         """Store several messages in one transaction (one fsync), in order."""
-        data = [(t, p.encode() if isinstance(p, str) else p, q, int(r), time.time()) for t, p, q, r in messages]
         with self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
-                ids = [self._db.execute("INSERT INTO outbox(topic, payload, qos, retain, created) "
-                                        "VALUES (?, ?, ?, ?, ?)", row).lastrowid for row in data]
-                excess = self._depth + len(ids) - self.max_rows
-                if excess > 0:
-                    self._db.execute("DELETE FROM outbox WHERE id IN (SELECT id FROM outbox ORDER BY id LIMIT ?)",
-                                     (excess,))
-                    self._db.execute("INSERT INTO meta(key, value) VALUES ('dropped', ?) ON CONFLICT(key) "
-                                     "DO UPDATE SET value = value + excluded.value", (excess,))
+                ids, excess = self._insert(messages)
                 self._db.execute("COMMIT")
             except sqlite3.Error as exc:
                 self._rollback()
                 raise OutboxError(f"cannot write outbox {self.path}: {exc}") from None
-            self._depth += len(ids) - max(excess, 0)
-            if excess > 0:
-                self.dropped += excess
-                log.warning("outbox full (%d rows): dropped the %d oldest message(s), %d dropped in total",
-                            self.max_rows, excess, self.dropped)
-        return [int(i) for i in ids]
+            self._account(len(ids), excess)
+        return ids
+
+    def _insert(self, messages: list[tuple[str, str | bytes, int, bool]]) -> tuple[list[int], int]:
+        """INSERT inside an open transaction, dropping the oldest rows beyond ``max_rows``; (ids, dropped)."""
+        data = [(t, p.encode() if isinstance(p, str) else p, q, int(r), time.time()) for t, p, q, r in messages]
+        ids = [int(self._db.execute("INSERT INTO outbox(topic, payload, qos, retain, created) "
+                                    "VALUES (?, ?, ?, ?, ?)", row).lastrowid) for row in data]
+        excess = self._depth + len(ids) - self.max_rows
+        if excess > 0:
+            self._db.execute("DELETE FROM outbox WHERE id IN (SELECT id FROM outbox ORDER BY id LIMIT ?)", (excess,))
+            self._db.execute("INSERT INTO meta(key, value) VALUES ('dropped', ?) ON CONFLICT(key) "
+                             "DO UPDATE SET value = value + excluded.value", (excess,))
+        return ids, max(excess, 0)
+
+    def _account(self, added: int, excess: int) -> None:
+        """Update the in-memory counters after a committed :meth:`_insert`."""
+        self._depth += added - excess
+        if excess > 0:
+            self.dropped += excess
+            log.warning("outbox full (%d rows): dropped the %d oldest message(s), %d dropped in total",
+                        self.max_rows, excess, self.dropped)
+
+    # ------------------------------------------------------------------ staging (summary mode)
+    def stage(self, window: int, payloads: list[str | bytes]) -> None:
+        """Keep events durably until their time window is summarised (:meth:`promote`); never published as is."""
+        data = [(window, p.encode() if isinstance(p, str) else p) for p in payloads]
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.executemany("INSERT INTO staged(window_start, payload) VALUES (?, ?)", data)
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._rollback()
+                raise OutboxError(f"cannot write outbox {self.path}: {exc}") from None
+
+    def staged_windows(self) -> list[int]:
+        """The windows with staged events, oldest first (after a crash: the ones the last run did not close)."""
+        with self._lock:
+            try:
+                return [r[0] for r in self._db.execute("SELECT DISTINCT window_start FROM staged ORDER BY window_start")]
+            except sqlite3.Error as exc:
+                raise OutboxError(f"cannot read outbox {self.path}: {exc}") from None
+
+    def staged(self, window: int) -> list[bytes]:
+        """The payloads staged for ``window``, in the order they were staged."""
+        with self._lock:
+            try:
+                rows = self._db.execute("SELECT payload FROM staged WHERE window_start = ? ORDER BY id", (window,))
+                return [bytes(r[0]) for r in rows]
+            except sqlite3.Error as exc:
+                raise OutboxError(f"cannot read outbox {self.path}: {exc}") from None
+
+    def promote(self, window: int, messages: list[tuple[str, str | bytes, int, bool]]) -> list[int]:
+        """In one transaction: queue ``messages`` (the window's summary) and forget the window's staged events.
+
+        A crash before the commit leaves the events staged (summarised again on the next start); after it, only
+        the summary exists. Either way the window is counted once.
+        """
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                ids, excess = self._insert(messages)
+                self._db.execute("DELETE FROM staged WHERE window_start = ?", (window,))
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._rollback()
+                raise OutboxError(f"cannot write outbox {self.path}: {exc}") from None
+            self._account(len(ids), excess)
+        return ids
 
     def fetch(self, after_id: int = 0, limit: int = 100) -> list[Row]:
         """The oldest ``limit`` messages with id > ``after_id``, in order."""

@@ -22,17 +22,20 @@ from pathlib import Path
 from typing import IO, Any
 
 from camera.config import EdgeConfig
-from camera.contract import topic_for
+from camera.contract import topic_for, topics_for_event  # noqa: F401 - also imported from here by tests
 from camera.frame import Frame
 from camera.inference import InferenceQueue, Result
 from camera.motion import MotionGate
 from camera.outbox import Outbox, OutboxError
 from camera.sources import Source, open_source
 from camera.stats import RuntimeStats
+from camera.summarizer import Summarizer
+from camera.summary import SUMMARY_LEAF
 
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_UNDRAINED, EXIT_OUTBOX = 0, 1, 3
+LATE_FRAME_GRACE_S = 2.0  # summary mode, live source: a frame may reach the event builder this long after capture
 SIGNAL_DRAIN_S = 5.0  # on SIGTERM/SIGINT: how long to try to flush before leaving the rest in the outbox
 
 
@@ -58,17 +61,6 @@ def default_threads(streams: int = 1) -> int:
     return max(1, cores() // max(1, streams))
 
 
-def topics_for_event(site: str, camera_id: str, event: dict[str, Any]) -> list[tuple[str, int, bool]]:
-    """Where one event goes: (topic, qos, retain). ``events`` always; retained summaries for counts and lines."""
-    out = [(topic_for(site, camera_id, "events"), 1, False)]
-    if event["type"] == "count":
-        leaf = f"zones/{event['zone']}/count" if event.get("zone") else "count"
-        out.append((topic_for(site, camera_id, leaf), 1, True))
-    elif event["type"] == "line.cross":
-        out.append((topic_for(site, camera_id, f"lines/{event['line']}/totals"), 1, True))
-    return out
-
-
 class EdgeRunner:
     """Builds every part from a validated :class:`EdgeConfig` and runs the loop; :meth:`run` returns an exit code."""
 
@@ -83,6 +75,7 @@ class EdgeRunner:
         self.detector: Any = None
         self.streams = 1
         self.outbox: Outbox | None = None
+        self.summarizer: Summarizer | None = None  # summary mode only
         self.publisher: Any = None
         self._events_fh: IO[str] | None = None
         self._video: Any = None
@@ -115,6 +108,14 @@ class EdgeRunner:
             self.publisher = Publisher(cfg.mqtt.settings(), self.outbox, site=cfg.site, camera_id=cfg.camera_id,
                                        client_id=cfg.mqtt.client_id, window=cfg.mqtt.window,
                                        batch=cfg.publish.batch)
+            summarizer = Summarizer(self.outbox, site=cfg.site, camera_id=cfg.camera_id,
+                                    interval_s=cfg.publish.summary_interval_s)
+            if cfg.publish.mode == "summary":
+                self.summarizer = summarizer
+                log.info("summary mode: one summary message per %d-s window on %s (no per-event messages)",
+                         cfg.publish.summary_interval_s, topic_for(cfg.site, cfg.camera_id, SUMMARY_LEAF))
+            elif summarizer.close_all():  # staged by an earlier run in summary mode: sent, not stranded
+                log.info("sent the summaries of windows an earlier summary-mode run left staged")
             self.publisher.start()
         else:
             log.info("no broker configured: offline mode, events go to %s",
@@ -181,6 +182,8 @@ class EdgeRunner:
                     stats.motion_skipped += 1
                     update = tracker.hold(frame.ts)
                 self._emit(builder.update(update, frame.ts, w, h))
+                if self.summarizer is not None and self.summarizer.close_due(frame.ts):
+                    self.publisher.notify()
                 stats.frames_processed += 1
                 stats.people = int(builder.counts["people"])
                 if cfg.save_video:
@@ -203,6 +206,8 @@ class EdgeRunner:
             if size[0]:
                 self._emit(builder.update(tracker.flush(last_ts), last_ts, *size))
                 stats.people = int(builder.counts["people"])
+            if self.summarizer is not None and self.summarizer.close_all():
+                self.publisher.notify()
         except OutboxError as exc:
             log.error("%s: stopping (events already queued stay in the outbox)", exc)
             return EXIT_OUTBOX
@@ -227,9 +232,20 @@ class EdgeRunner:
                         *better)
 
     def _stats_loop(self) -> None:
-        while not self._stats_stop.wait(self.cfg.mqtt.stats_interval_s):
+        """Stats every ``stats_interval_s``; in summary mode with a live source, also close windows by the clock,
+        so a camera whose stream is down (no frames, so no event time) still sends what it saw."""
+        interval = self.cfg.mqtt.stats_interval_s
+        by_clock = self.summarizer is not None and self.source is not None and self.source.live
+        next_stats = time.monotonic() + interval
+        while not self._stats_stop.wait(min(1.0, interval) if by_clock else interval):
             try:
-                self._report_stats()
+                if by_clock and self.summarizer.close_due(time.time() - LATE_FRAME_GRACE_S):
+                    self.publisher.notify()
+                if not by_clock or time.monotonic() >= next_stats:
+                    next_stats += interval
+                    self._report_stats()
+            except OutboxError as exc:
+                log.error("%s", exc)  # the frame loop hits the same error on its next write and stops
             except Exception:  # noqa: BLE001 - health reporting must never take the camera down
                 log.exception("stats report failed")
 
@@ -237,7 +253,9 @@ class EdgeRunner:
         if not events:
             return
         payloads = [json.dumps(ev, separators=(",", ":")) for ev in events]  # serialized once, used twice
-        if self.outbox is not None:
+        if self.summarizer is not None:
+            self.summarizer.add(events, payloads)  # durable; sent as the window's summary when it closes
+        elif self.outbox is not None:
             cfg = self.cfg
             rows = []
             for ev, payload in zip(events, payloads, strict=True):

@@ -24,42 +24,21 @@ every zone, ``zone="name"`` one zone.
 
 from __future__ import annotations
 
-import math
 import time
-from collections import defaultdict
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
 from camera.contract import format_ts
-from cloud_sink.validation import ts_ms
+from camera.summary import HOUR, Deltas, bin_edges, deltas, dwell_bin  # noqa: F401 - re-exported
 
 if TYPE_CHECKING:
     from cloud_sink.store import Store
 
-HOUR = 3600
 DAY = 86400
-_FINE_BINS = 20  # 0.5 s wide below 10 s
-_RATIO = 1.05
 
 
 # ---------------------------------------------------------------------------------------------- pure maths
-def dwell_bin(seconds: float) -> int:
-    """Histogram bin of a dwell time."""
-    if seconds < 10.0:
-        return max(0, int(seconds * 2))
-    return _FINE_BINS + int(math.log(seconds / 10.0) / math.log(_RATIO))
-
-
-def bin_edges(index: int) -> tuple[float, float]:
-    """[lo, hi) seconds of a dwell bin."""
-    if index < _FINE_BINS:
-        return index / 2.0, (index + 1) / 2.0
-    k = index - _FINE_BINS
-    return 10.0 * _RATIO**k, 10.0 * _RATIO ** (k + 1)
-
-
 def histogram_quantile(bins: dict[int, int], q: float) -> float | None:
     """The q-quantile of a binned distribution, interpolating linearly inside the bin."""
     total = sum(bins.values())
@@ -74,55 +53,6 @@ def histogram_quantile(bins: dict[int, int], q: float) -> float | None:
             return lo + (hi - lo) * max(0.0, target - seen) / n
         seen += n
     return bin_edges(max(bins))[1]
-
-
-def _hour(ts: str) -> int:
-    return ts_ms(ts) // 1000 // HOUR * HOUR
-
-
-def _zero() -> dict[str, Any]:
-    return {"entries": 0, "exits": 0, "unique_tracks": 0, "occupancy_max": 0, "occupancy_sum": 0,
-            "occupancy_samples": 0, "dwell_sum": 0.0, "dwell_count": 0, "loiters": 0}
-
-
-@dataclass
-class Deltas:
-    """Increments for the rollup tables. Keys: (site, camera_id, zone, hour[, track_id | bin]) / line key."""
-
-    hourly: dict[tuple[str, str, str, int], dict[str, Any]] = field(default_factory=lambda: defaultdict(_zero))
-    tracks: set[tuple[str, str, str, int, int]] = field(default_factory=set)
-    dwell_bins: dict[tuple[str, str, str, int, int], int] = field(default_factory=lambda: defaultdict(int))
-    lines: dict[tuple[str, str, str, int], list[int]] = field(default_factory=lambda: defaultdict(lambda: [0, 0]))
-
-
-def deltas(new_events: list[dict[str, Any]]) -> Deltas:
-    """Rollup increments for events that were just stored for the first time (never for duplicates)."""
-    out = Deltas()
-    for ev in new_events:
-        site, cam, kind = ev["site"], ev["camera_id"], ev["type"]
-        hour = _hour(ev["ts"])
-        zone = ev.get("zone") or ""
-        key = (site, cam, zone, hour)
-        row = out.hourly[key]
-        if kind in ("person.enter", "zone.enter"):
-            row["entries"] += 1
-        elif kind in ("person.exit", "zone.exit"):
-            row["exits"] += 1
-            dwell = float(ev["dwell_s"])
-            row["dwell_sum"] += dwell
-            row["dwell_count"] += 1
-            out.dwell_bins[(*key, dwell_bin(dwell))] += 1
-        elif kind == "count":
-            row["occupancy_max"] = max(row["occupancy_max"], int(ev["count"]))
-            row["occupancy_sum"] += int(ev["count"])
-            row["occupancy_samples"] += 1
-        elif kind == "loiter":
-            row["loiters"] += 1
-        elif kind == "line.cross":
-            out.lines[(site, cam, ev["line"], hour)][0 if ev["direction"] == "in" else 1] += 1
-        if ev.get("track_id") is not None:
-            out.tracks.add((site, cam, zone, hour, int(ev["track_id"])))
-    return out
 
 
 # ---------------------------------------------------------------------------------------------- queries

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
 from functools import cache, lru_cache
 from typing import Any, Literal
 
@@ -32,6 +31,7 @@ from camera.contract import (
     load_schema,
     parse_topic,
     topic_for,
+    ts_ms,
     validation_errors,
 )
 
@@ -172,22 +172,6 @@ def parse_json(payload: bytes, limits: Limits) -> Any:
 
 
 @lru_cache(maxsize=8192)  # the store and the rollups parse each event's ts again
-def ts_ms(value: str) -> int:
-    """Contract timestamp ``YYYY-MM-DDTHH:MM:SS.mmmZ`` → epoch ms; ~10x faster than strptime, same checks.
-
-    >>> ts_ms("1970-01-02T00:00:00.250Z")
-    86400250
-    """
-    if (not isinstance(value, str) or len(value) != 24 or value[4] != "-" or value[7] != "-" or value[10] != "T"
-            or value[13] != ":" or value[16] != ":" or value[19] != "." or value[23] != "Z"
-            or not (value[:4] + value[5:7] + value[8:10] + value[11:13] + value[14:16] + value[17:19]
-                    + value[20:23]).isdigit() or not value.isascii()):
-        raise ValueError(f"not a contract timestamp: {str(value)[:40]!r}")
-    dt = datetime(int(value[:4]), int(value[5:7]), int(value[8:10]), int(value[11:13]), int(value[14:16]),
-                  int(value[17:19]), tzinfo=timezone.utc)  # validates month/day/hour ranges
-    return int(dt.timestamp()) * 1000 + int(value[20:23])
-
-
 def _check_time(value: Any, field: str, now: float, limits: Limits) -> None:
     try:
         ts = ts_ms(value) / 1000.0
