@@ -88,7 +88,8 @@ class EdgeRunner:
 
         cfg = self.cfg
         if self.source is None:
-            self.source = open_source(cfg.source, fps=cfg.fps, realtime=cfg.realtime, start_time=cfg.start_epoch())
+            self.source = open_source(cfg.source, fps=cfg.fps, realtime=cfg.realtime, start_time=cfg.start_epoch(),
+                                      loop=cfg.loop)
         log.info("source %s opened (%s%s)", self.source.name, self.source.kind,
                  f", {self.source.fps:.1f} fps" if self.source.fps else "")
         d = cfg.detector
@@ -109,7 +110,8 @@ class EdgeRunner:
                                        client_id=cfg.mqtt.client_id, window=cfg.mqtt.window,
                                        batch=cfg.publish.batch)
             summarizer = Summarizer(self.outbox, site=cfg.site, camera_id=cfg.camera_id,
-                                    interval_s=cfg.publish.summary_interval_s)
+                                    interval_s=cfg.publish.summary_interval_s,
+                                    lateness_s=cfg.tracker.max_age_s + 1.0)
             if cfg.publish.mode == "summary":
                 self.summarizer = summarizer
                 log.info("summary mode: one summary message per %d-s window on %s (no per-event messages)",

@@ -111,8 +111,11 @@ class VideoFileSource(Source):
     kind = "file"
 
     def __init__(self, path: str | Path, *, fps: float | None = None, realtime: bool = False,
-                 start_time: float | None = None) -> None:
+                 start_time: float | None = None, loop: int = 1) -> None:
         super().__init__(str(path))
+        if loop < 0:
+            raise SourceError(f"loop must be >= 0 (0 = forever), got {loop}")
+        self.loop = loop  # plays of the file; time keeps running across plays (a kiosk demo, a long benchmark)
         self.path = Path(path)
         self.cap = cv2.VideoCapture(str(self.path), cv2.CAP_FFMPEG)
         if not self.cap.isOpened():
@@ -130,12 +133,19 @@ class VideoFileSource(Source):
         """Decoder thread: decodes ahead (bounded) so decoding overlaps inference; frames stay in order."""
         index = -1
         item: object = None
+        plays = 1
         try:
             while not self._closed.is_set():
                 index += 1
                 pos = index / self.fps
                 keep = self.limiter.keep(pos)
                 if not self.cap.grab():  # grab without retrieve: skipped frames cost no colour conversion
+                    if self.frames_read and (self.loop == 0 or plays < self.loop):
+                        plays += 1
+                        self.cap.release()
+                        self.cap = cv2.VideoCapture(str(self.path), cv2.CAP_FFMPEG)  # a seek to 0 is not exact
+                        index -= 1
+                        continue
                     break
                 self.frames_read += 1
                 if not keep:
@@ -195,8 +205,11 @@ class ImageFolderSource(Source):
     kind = "folder"
 
     def __init__(self, path: str | Path, *, fps: float | None = None, realtime: bool = False,
-                 start_time: float | None = None) -> None:
+                 start_time: float | None = None, loop: int = 1) -> None:
         super().__init__(str(path))
+        if loop < 0:
+            raise SourceError(f"loop must be >= 0 (0 = forever), got {loop}")
+        self.loop = loop  # plays of the file; time keeps running across plays (a kiosk demo, a long benchmark)
         self.paths = sorted(p for p in Path(path).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not self.paths:
             raise SourceError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in folder: {path}")
@@ -364,7 +377,7 @@ def _picamera_opener(index: int, size: tuple[int, int]):
 
 
 def open_source(spec: str, *, fps: float | None = None, realtime: bool = False, start_time: float | None = None,
-                picamera_size: tuple[int, int] = (1280, 720)) -> Source:
+                picamera_size: tuple[int, int] = (1280, 720), loop: int = 1) -> Source:
     """Open a source from its spec: a file, a folder, a webcam index (``0``), a URL, or ``picamera[:N]``."""
     spec = str(spec).strip()
     if not spec:
@@ -400,7 +413,7 @@ def open_source(spec: str, *, fps: float | None = None, realtime: bool = False, 
         raise SourceError(f"source not readable (permissions): {spec}")
     if path.suffix.lower() in IMAGE_SUFFIXES:
         raise SourceError(f"source is a single image: {spec} (use `smartcam-edge detect` or a folder of images)")
-    return VideoFileSource(path, fps=fps, realtime=realtime, start_time=start_time)
+    return VideoFileSource(path, fps=fps, realtime=realtime, start_time=start_time, loop=loop)
 
 
 def _redact_url(url: str) -> str:

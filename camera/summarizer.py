@@ -7,9 +7,10 @@ event time passes a window's end, its events become one ``summary.v1`` message (
 newest retained snapshot of each retained topic (``count``, ``zones/<z>/count``, ``lines/<l>/totals``), queued
 in the same transaction that forgets the staged events. A window with no events sends nothing.
 
-Late events for a window that was already summarised (a frame still in the detector when a live source's wall
-clock closed it) are summarised again as a second message for the same window: summaries add up, so nothing is
-counted twice or lost.
+An exit is stamped when the person was last seen, up to the tracker's ``max_age_s`` before the frame that ends
+the track, so a window closes only once frames are ``lateness_s`` past its end. An event later than that (a track
+held through a motion-gated stretch) is summarised as a second message for the same window: summaries add up,
+so nothing is counted twice or lost.
 """
 
 from __future__ import annotations
@@ -29,8 +30,10 @@ log = logging.getLogger(__name__)
 class Summarizer:
     """Stages events per window and turns each closed window into its summary (thread-safe)."""
 
-    def __init__(self, outbox: Outbox, *, site: str, camera_id: str, interval_s: int) -> None:
+    def __init__(self, outbox: Outbox, *, site: str, camera_id: str, interval_s: int, lateness_s: float = 0.0
+                 ) -> None:
         self.outbox = outbox
+        self.lateness_s = lateness_s  # how far behind the newest frame an event's ts may be (an exit: last seen)
         self.site = site
         self.camera_id = camera_id
         self.interval_s = interval_s
@@ -52,9 +55,10 @@ class Summarizer:
                 self._open.add(window)
 
     def close_due(self, now_s: float) -> int:
-        """Summarise every window that ended at or before ``now_s`` (event time); returns the messages queued."""
+        """Summarise every window that ended at least ``lateness_s`` before ``now_s`` (the newest frame's time);
+        returns the messages queued."""
         with self._lock:
-            return sum(self._close(w) for w in sorted(self._open) if w + self.interval_s <= now_s)
+            return sum(self._close(w) for w in sorted(self._open) if w + self.interval_s + self.lateness_s <= now_s)
 
     def close_all(self) -> int:
         """End of stream: summarise every staged window, complete or not."""

@@ -53,6 +53,18 @@ def test_video_file_target_fps_skips_and_counts(tmp_path):
     assert src.dropped == 15 and src.frames_read == 20
 
 
+def test_video_file_loop_plays_again_with_time_running_on(tmp_path):
+    clip = _write_video(tmp_path / "c.avi", n=10, fps=10)
+    src = open_source(str(clip), start_time=1_700_000_000.0, loop=3)
+    frames = list(src)
+    assert [f.index for f in frames] == list(range(30)) and src.frames_read == 30
+    assert [f.ts for f in frames] == pytest.approx([1_700_000_000.0 + i / 10 for i in range(30)])
+    # the same pictures again: frame 10 is frame 0 of the second play
+    assert np.abs(frames[10].image.astype(int) - frames[0].image.astype(int)).mean() < 2
+    with pytest.raises(SourceError, match="loop must be >= 0"):
+        open_source(str(clip), loop=-1)
+
+
 def test_real_clip_frame_count_and_size():
     src = open_source(str(NEGATIVE_CLIP), fps=10)  # a 60 fps clip at 10 fps: every 6th frame
     frames = []
