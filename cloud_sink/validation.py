@@ -1,7 +1,10 @@
-"""Decide what one MQTT message is: a storable event, a camera status, camera stats, or a dead letter.
+"""Decide what one MQTT message is: a storable event, a summary, a camera status, camera stats, or a dead letter.
 
 Everything the sink receives passes through :func:`check_message` (or :func:`check_messages`, which also expands
-a compressed ``batch`` message into its events) before it touches the database. It never
+a compressed ``batch`` message into its events) before it touches the database. A ``summary`` (an edge in
+summary mode: the rollup increments of one camera's time window) is checked against its schema and then by
+``camera.summary.summary_deltas``, which refuses what a schema cannot express (a window across an hour, unsorted
+track ranges, dwell bins that do not add up...), so a stored summary can always be applied. It never
 raises on input: every way a payload can be wrong (too big, not UTF-8, not JSON, NaN, too deep, wrong schema,
 topic/payload mismatch, timestamp far from now, unknown schema version) becomes a ``Checked`` with
 ``kind="dead"`` and a one-line ``reason``. The schema is the edge's own file, via ``camera.contract``.
@@ -25,6 +28,7 @@ from camera.contract import (
     EVENT_SCHEMA_FILE,
     SCHEMA_VERSION,
     STATS_SCHEMA_FILE,
+    SUMMARY_SCHEMA_FILE,
     BatchError,
     decode_batch,
     is_valid_name,
@@ -34,8 +38,9 @@ from camera.contract import (
     ts_ms,
     validation_errors,
 )
+from camera.summary import SUMMARY_LEAF, summary_deltas
 
-Kind = Literal["event", "status", "stats", "dead"]
+Kind = Literal["event", "summary", "status", "stats", "dead"]
 STATUS_VALUES = ("online", "offline")
 
 
@@ -49,11 +54,12 @@ class Limits:
     max_past_s: float = 400 * 86400.0  # older than ~13 months: outside any report window, likely a bad clock
     max_batch_bytes: int = 8 * 1024 * 1024  # a batch message, compressed and after decompression
     max_batch_events: int = 10_000  # lines in one batch (the edge sends at most 500 by default)
+    max_summary_tracks: int = 100_000  # distinct track ids one summary may name (over all its areas)
 
 
 @dataclass(frozen=True)
 class Checked:
-    """The verdict on one message. ``value``: the event/stats dict or the status string; None if dead."""
+    """The verdict on one message. ``value``: the event/summary/stats dict or the status string; None if dead."""
 
     kind: Kind
     topic: str
@@ -199,10 +205,25 @@ def _check_document(doc: Any, schema: str, site: str, camera_id: str, now: float
             raise _Reject("schema: " + "; ".join(errors[:3]))
     if doc["site"] != site or doc["camera_id"] != camera_id:
         raise _Reject(f"payload site/camera {doc['site']}/{doc['camera_id']} differ from topic {site}/{camera_id}")
-    _check_time(doc["ts"], "ts", now, limits)
-    if "first_seen" in doc:
-        _check_time(doc["first_seen"], "first_seen", now, limits)
+    # events and stats carry ``ts``; a summary its window ``start``/``end`` (the schema says which is required)
+    for name in ("ts", "first_seen", "start", "end"):
+        if name in doc:
+            _check_time(doc[name], name, now, limits)
     return doc
+
+
+def _check_summary(doc: dict[str, Any], limits: Limits) -> None:
+    """What the summary schema cannot say: ``summary_deltas`` must accept it, and ``events`` must be the number
+    of events its counters stand for (each event type increments exactly one counter), so the camera's
+    ``events_total`` cannot be inflated by a summary that claims more than it carries."""
+    try:
+        summary_deltas(doc, max_tracks=limits.max_summary_tracks)
+    except ValueError as exc:
+        raise _Reject(f"summary: {str(exc)[:200]}") from None
+    counted = sum(a["entries"] + a["exits"] + a["loiters"] + a["occupancy"]["samples"] for a in doc["areas"])
+    counted += sum(line["in"] + line["out"] for line in doc["lines"])
+    if counted != doc["events"]:
+        raise _Reject(f"summary: events is {doc['events']} but its counters add up to {counted}")
 
 
 def _check_event_leaf(event: dict, leaf: str) -> None:
@@ -222,6 +243,8 @@ def _leaf_kind(leaf: str) -> Kind | None:
         return "event"
     if leaf in ("status", "stats"):
         return leaf  # type: ignore[return-value]
+    if leaf == SUMMARY_LEAF:
+        return "summary"
     if len(parts) == 3 and ((parts[0], parts[2]) in (("zones", "count"), ("lines", "totals"))):
         return "event"
     return None
@@ -251,10 +274,12 @@ def check_message(topic: str, payload: bytes, *, now: float | None = None, limit
                 raise _Reject("topic site/camera are not valid names")
             return Checked("status", topic, site, camera_id, text)
         doc = parse_json(bytes(payload), limits)
-        schema = STATS_SCHEMA_FILE if kind == "stats" else EVENT_SCHEMA_FILE
+        schema = {"stats": STATS_SCHEMA_FILE, "summary": SUMMARY_SCHEMA_FILE}.get(kind, EVENT_SCHEMA_FILE)
         doc = _check_document(doc, schema, site, camera_id, now, limits)
         if kind == "event":
             _check_event_leaf(doc, leaf)
+        elif kind == "summary":
+            _check_summary(doc, limits)
         return Checked(kind, topic, site, camera_id, doc)
     except _Reject as exc:
         return Checked("dead", topic, site, camera_id, reason=str(exc))
