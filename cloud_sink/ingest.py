@@ -10,6 +10,11 @@ Two layers so each can be tested alone:
   after the commit (a SIGKILL before it means the broker redelivers; the idempotent insert drops the copy).
   Batches close at ``batch_size`` messages, ``batch_wait`` seconds, or a short idle gap.
 
+Summaries (``.../summary``, an edge in summary mode) are stored in the database's ``summaries`` table and their
+increments applied to the rollups in the same transaction; they are counted in :class:`BatchResult` as
+``summaries`` (new) and ``summary_duplicates``. The archive (``cloud_sink/archive.py``) receives newly stored
+*events* only: summaries are in the database, not in the archive.
+
 >>> from cloud_sink.store import Store
 >>> ing = Ingestor(Store.open("sqlite:///:memory:"))
 >>> ing.handle([("smartcam/lobby/cam-1/events", b"not json")]).dead
@@ -28,7 +33,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from cloud_sink.store import Batch, Store
+from camera.contract import BATCH_LEAF, parse_topic
+from cloud_sink.store import Batch, Store, Written
 from cloud_sink.validation import Checked, Limits, check_messages
 
 log = logging.getLogger(__name__)
@@ -39,6 +45,7 @@ _UNAVAILABLE = (sa.exc.OperationalError, sa.exc.InterfaceError)
 SUBSCRIPTIONS = (
     "smartcam/+/+/events",
     "smartcam/+/+/batch",  # many events in one zlib-compressed message (camera.contract.decode_batch)
+    "smartcam/+/+/summary",  # summary mode: the rollup increments of one camera's time window (summary.v1)
     "smartcam/+/+/count",
     "smartcam/+/+/status",
     "smartcam/+/+/stats",
@@ -58,6 +65,8 @@ class BatchResult:
     dead: int = 0
     status: int = 0
     stats: int = 0
+    summaries: int = 0  # summaries stored for the first time
+    summary_duplicates: int = 0
     new_events: list[dict[str, Any]] = field(default_factory=list)
     reasons: list[str] = field(default_factory=list)
 
@@ -70,6 +79,8 @@ class Totals:
     stored: int = 0
     duplicates: int = 0
     dead: int = 0
+    summaries: int = 0
+    summary_duplicates: int = 0
     batches: int = 0
     archive_errors: int = 0
 
@@ -78,6 +89,8 @@ class Totals:
         self.stored += result.stored
         self.duplicates += result.duplicates
         self.dead += result.dead
+        self.summaries += result.summaries
+        self.summary_duplicates += result.summary_duplicates
         self.batches += 1
 
 
@@ -102,23 +115,28 @@ class Ingestor:
         checked = [item for topic, payload in messages
                    for item in check_messages(topic, payload, now=now, limits=self.limits)]
         try:
-            new_events = self.store.write_batch(_batch(checked, now), received_at=now)
+            written = self.store.write(_batch(checked, now), received_at=now)
         except _UNAVAILABLE:
             raise
         except Exception as exc:
             log.warning("database rejected a batch of %d (%s); storing one by one", len(checked),
                         str(exc).splitlines()[0][:200])
-            checked, new_events = self._one_by_one(checked, now)
-        result = BatchResult(received=len(checked), new_events=new_events, stored=len(new_events))
+            checked, written = self._one_by_one(checked, now)
+        new_events = written.new_events
+        result = BatchResult(received=len(checked), new_events=new_events, stored=len(new_events),
+                             summaries=len(written.new_summaries))
         for c, _ in checked:
             if c.kind == "event":
                 result.duplicates += 1
+            elif c.kind == "summary":
+                result.summary_duplicates += 1
             elif c.kind == "dead":
                 result.dead += 1
                 result.reasons.append(c.reason or "")
             else:
                 setattr(result, c.kind, getattr(result, c.kind) + 1)
         result.duplicates -= result.stored
+        result.summary_duplicates -= result.summaries
         self.totals.add(result)
         if self.archive is not None and result.new_events:
             try:
@@ -129,12 +147,14 @@ class Ingestor:
         return result
 
     def _one_by_one(self, checked: list[tuple[Checked, bytes]], now: float
-                    ) -> tuple[list[tuple[Checked, bytes]], list[dict[str, Any]]]:
+                    ) -> tuple[list[tuple[Checked, bytes]], Written]:
         out: list[tuple[Checked, bytes]] = []
-        new_events: list[dict[str, Any]] = []
+        total = Written()
         for c, payload in checked:
             try:
-                new_events += self.store.write_batch(_batch([(c, payload)], now), received_at=now)
+                written = self.store.write(_batch([(c, payload)], now), received_at=now)
+                total.new_events += written.new_events
+                total.new_summaries += written.new_summaries
             except _UNAVAILABLE:
                 raise
             except Exception as exc:
@@ -142,14 +162,20 @@ class Ingestor:
                             reason=f"database rejected it: {str(exc).splitlines()[0][:200]}")
                 self.store.write_batch(_batch([(c, payload)], now), received_at=now)
             out.append((c, payload))
-        return out, new_events
+        return out, total
 
 
 def _batch(checked: list[tuple[Checked, bytes]], now: float) -> Batch:
     batch = Batch()
     for c, payload in checked:
         if c.kind == "event":
-            batch.events.append(c.value)
+            # a retained snapshot (count, zones/<z>/count, lines/<l>/totals) is kept apart: in summary mode its
+            # increments are already in the window's summary (the store decides)
+            parsed = parse_topic(c.topic)
+            stream = parsed is None or parsed[2] in ("events", BATCH_LEAF)
+            (batch.events if stream else batch.snapshots).append(c.value)
+        elif c.kind == "summary":
+            batch.summaries.append(c.value)
         elif c.kind == "status":
             batch.statuses.append((c.site, c.camera_id, c.value))
         elif c.kind == "stats":
@@ -305,8 +331,9 @@ class Subscriber:
             if time.monotonic() - last_log >= self.log_every_s:
                 t = self.ingestor.totals
                 rate = (t.received - logged) / (time.monotonic() - last_log)
-                log.info("received %d (%.0f/s), stored %d, duplicates %d, dead letters %d, batches %d",
-                         t.received, rate, t.stored, t.duplicates, t.dead, t.batches)
+                log.info("received %d (%.0f/s), stored %d, duplicates %d, summaries %d (+%d duplicates), "
+                         "dead letters %d, batches %d", t.received, rate, t.stored, t.duplicates, t.summaries,
+                         t.summary_duplicates, t.dead, t.batches)
                 last_log, logged = time.monotonic(), t.received
         self._close()
 
@@ -328,5 +355,5 @@ class Subscriber:
             self._client.loop_stop()
             self._client = None
         t = self.ingestor.totals
-        log.info("stopped: received %d, stored %d, duplicates %d, dead letters %d", t.received, t.stored,
-                 t.duplicates, t.dead)
+        log.info("stopped: received %d, stored %d, duplicates %d, summaries %d, dead letters %d", t.received,
+                 t.stored, t.duplicates, t.summaries, t.dead)

@@ -5,6 +5,14 @@ RETURNING event_id``, so QoS 1 redeliveries and outbox replays are dropped by th
 hourly rollups are updated in the same transaction from the *returned* (newly inserted) rows only — a duplicate
 can never count twice. Schema changes are a versioned list of migrations applied at :meth:`Store.open`.
 
+Summaries (an edge in summary mode sends one ``summary.v1`` message per camera and time window instead of its
+events) take the same road: ``summaries.summary_id`` is the key, and only a newly inserted summary's
+increments (``camera.summary.summary_deltas``) are merged with the new events' and applied by the one rollup
+writer, :meth:`Store._apply_deltas`. So hourly/daily figures are the same whichever way a camera publishes.
+Retained snapshots (``count``, ``zones/<z>/count``, ``lines/<l>/totals``) are stored as events, but an event
+that came *only* on a snapshot topic, inside the window of a stored summary of its camera, is not rolled up
+again: that summary already carries it (the edge queues a window's summary before its snapshots).
+
 Time columns are epoch **milliseconds** (BIGINT, UTC): ``events.ts`` is the camera's capture time,
 ``received_at`` the sink's clock. Rollup ``hour`` columns are epoch **seconds** of the UTC hour start. Query
 methods accept ``since``/``until`` as epoch seconds, ``datetime`` or an RFC 3339 string, and return plain
@@ -19,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -30,12 +39,14 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from camera.contract import format_ts
+from camera.summary import summary_deltas
 from cloud_sink import rollups
 from cloud_sink.validation import ts_ms
 
 log = logging.getLogger(__name__)
 
 DEAD_LETTER_PAYLOAD_BYTES = 4096
+HOUR_MS = 3600 * 1000
 NAME = sa.String(64)
 
 metadata = sa.MetaData()
@@ -89,7 +100,21 @@ cameras = sa.Table(
     sa.Column("inference_ms_p95", sa.Float),
     sa.Column("stats", sa.Text),  # last stats message, JSON
     sa.Column("stats_at", sa.BigInteger),
+    # events stored for the first time, plus the ``events`` a new summary stands for (summarised events count)
     sa.Column("events_total", sa.BigInteger, nullable=False, server_default="0"),
+)
+
+summaries = sa.Table(  # migration 3: summary messages, stored once (their increments are in the rollups)
+    "summaries", metadata,
+    sa.Column("summary_id", sa.String(32), primary_key=True),
+    sa.Column("site", NAME, nullable=False),
+    sa.Column("camera_id", NAME, nullable=False),
+    sa.Column("start", sa.BigInteger, nullable=False),  # epoch ms, window start (inclusive), capture time
+    sa.Column("end", sa.BigInteger, nullable=False),  # epoch ms, window end (exclusive)
+    sa.Column("events", sa.Integer, nullable=False),  # how many events it stands for
+    sa.Column("received_at", sa.BigInteger, nullable=False),  # epoch ms, sink clock
+    sa.Column("payload", sa.Text, nullable=False),  # the summary as validated, compact JSON
+    sa.Index("ix_summaries_camera_start", "site", "camera_id", "start"),
 )
 
 
@@ -179,10 +204,16 @@ def _migration_2(conn: Connection) -> None:
         sa.select(d.site, d.camera_id, d.zone, d.day, sa.func.count()).group_by(d.site, d.camera_id, d.zone, d.day)))
 
 
+def _migration_3(conn: Connection) -> None:
+    """Summary messages (edges in summary mode)."""
+    metadata.create_all(conn, tables=[summaries])
+
+
 #: (version, description, apply). Append only; never edit an applied migration.
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "events, dead letters, cameras, hourly rollups", _migration_1),
     (2, "daily distinct tracks", _migration_2),
+    (3, "summaries", _migration_3),
 ]
 
 
@@ -233,14 +264,49 @@ def event_row(event: dict[str, Any], received_ms: int) -> dict[str, Any]:
     }
 
 
+def summary_row(doc: dict[str, Any], received_ms: int) -> dict[str, Any]:
+    """The columns of one validated summary."""
+    return {
+        "summary_id": doc["summary_id"], "site": doc["site"], "camera_id": doc["camera_id"],
+        "start": ts_ms(doc["start"]), "end": ts_ms(doc["end"]), "events": int(doc["events"]),
+        "received_at": received_ms, "payload": json.dumps(doc, separators=(",", ":")),
+    }
+
+
+def merge_deltas(into: rollups.Deltas, other: rollups.Deltas) -> rollups.Deltas:
+    """Add ``other`` to ``into`` (in place) the way the rollup tables add up: sums, max for occupancy_max."""
+    for key, row in other.hourly.items():
+        target = into.hourly[key]
+        for name, value in row.items():
+            target[name] = max(target[name], value) if name == "occupancy_max" else target[name] + value
+    into.tracks |= other.tracks
+    for key, n in other.dwell_bins.items():
+        into.dwell_bins[key] += n
+    for key, (n_in, n_out) in other.lines.items():
+        into.lines[key][0] += n_in
+        into.lines[key][1] += n_out
+    return into
+
+
 @dataclass
 class Batch:
-    """Everything one commit writes: validated events, dead letters, status and stats updates."""
+    """Everything one commit writes: validated events, summaries, dead letters, status and stats updates."""
 
     events: list[dict[str, Any]] = field(default_factory=list)
+    #: events received on a retained snapshot topic (``count``, ``zones/<z>/count``, ``lines/<l>/totals``)
+    snapshots: list[dict[str, Any]] = field(default_factory=list)
+    summaries: list[dict[str, Any]] = field(default_factory=list)  # validated summary.v1 documents
     dead_letters: list[dict[str, Any]] = field(default_factory=list)  # topic, reason, payload (bytes), received_at?
     statuses: list[tuple[str, str, str]] = field(default_factory=list)  # (site, camera_id, online|offline)
     stats: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)  # (site, camera_id, stats doc)
+
+
+@dataclass
+class Written:
+    """What one :meth:`Store.write` stored for the first time (duplicates are not in here)."""
+
+    new_events: list[dict[str, Any]] = field(default_factory=list)  # in arrival order
+    new_summaries: list[str] = field(default_factory=list)  # summary ids
 
 
 class Store:
@@ -320,8 +386,16 @@ class Store:
                             received_at: float | None = None) -> None:
         self.write_batch(Batch(stats=[(site, camera_id, stats)]), received_at=received_at)
 
+    def insert_summaries(self, docs: list[dict[str, Any]], *, received_at: float | None = None) -> int:
+        """Store validated summaries idempotently (and apply their increments); return how many were new."""
+        return len(self.write(Batch(summaries=docs), received_at=received_at).new_summaries)
+
     def write_batch(self, batch: Batch, *, received_at: float | None = None) -> list[dict[str, Any]]:
-        """One transaction for a whole batch; returns the events that were new (in arrival order).
+        """:meth:`write`, returning only the events that were new (in arrival order)."""
+        return self.write(batch, received_at=received_at).new_events
+
+    def write(self, batch: Batch, *, received_at: float | None = None) -> Written:
+        """One transaction for a whole batch; returns what was new.
 
         Retried on a PostgreSQL deadlock/serialisation failure (several share-group workers); rows are written in
         sorted key order so that is rare.
@@ -338,20 +412,37 @@ class Store:
                 time.sleep(0.05 * (attempt + 1))
         raise AssertionError("unreachable")
 
-    def _write(self, conn: Connection, batch: Batch, now_ms: int) -> list[dict[str, Any]]:
+    def _write(self, conn: Connection, batch: Batch, now_ms: int) -> Written:
         new_events: list[dict[str, Any]] = []
-        if batch.events:
+        delta = rollups.Deltas()
+        new_docs = self._insert_summaries(conn, batch.summaries, now_ms) if batch.summaries else []
+        for doc in new_docs:  # validated on ingest; the limit on named tracks was applied there
+            merge_deltas(delta, summary_deltas(doc, max_tracks=sys.maxsize))
+        if batch.events or batch.snapshots:
             unique: dict[str, dict[str, Any]] = {}
             for ev in batch.events:
+                unique.setdefault(ev["event_id"], ev)
+            streamed = set(unique)
+            for ev in batch.snapshots:
                 unique.setdefault(ev["event_id"], ev)
             rows = [event_row(ev, now_ms) for ev in unique.values()]
             rows.sort(key=lambda r: r["event_id"])
             inserted = set(self._bulk(conn, events, rows, lambda ins: ins.on_conflict_do_nothing(
                 index_elements=["event_id"]).returning(events.c.event_id)).scalars())
             new_events = [ev for ev in unique.values() if ev["event_id"] in inserted]
-            if new_events:
-                self._update_rollups(conn, new_events)
-                self._touch_cameras(conn, new_events)
+            counted = [ev for ev in new_events if ev["event_id"] in streamed or not self._summarised(conn, ev)]
+            if counted:
+                merge_deltas(delta, rollups.deltas(counted))
+                self._touch_cameras(conn, counted)
+            if len(counted) < len(new_events):  # already in a summary: newer state, not one more event
+                ids = {ev["event_id"] for ev in counted}
+                for ev in new_events:
+                    if ev["event_id"] not in ids:
+                        self._upsert_camera(conn, ev["site"], ev["camera_id"], {}, seen_ms=to_ms(ev["ts"]))
+        self._apply_deltas(conn, delta)
+        for doc in sorted(new_docs, key=lambda d: (d["site"], d["camera_id"])):
+            self._upsert_camera(conn, doc["site"], doc["camera_id"], {}, seen_ms=ts_ms(doc["end"]),
+                                add_events=int(doc["events"]))
         if batch.dead_letters:
             conn.execute(dead_letters.insert(), [{
                 "received_at": to_ms(d["received_at"]) if d.get("received_at") is not None else now_ms,
@@ -367,7 +458,24 @@ class Store:
                 "fps": _number(doc.get("processed_fps")), "inference_ms_p50": _number(doc.get("inference_ms_p50")),
                 "inference_ms_p95": _number(doc.get("inference_ms_p95")), "stats": json.dumps(doc, separators=(",", ":")),
                 "stats_at": now_ms}, seen_ms=to_ms(doc.get("ts")))
-        return new_events
+        return Written(new_events, [d["summary_id"] for d in new_docs])
+
+    def _insert_summaries(self, conn: Connection, docs: list[dict[str, Any]], now_ms: int) -> list[dict[str, Any]]:
+        """Insert summaries idempotently; return the ones stored for the first time (duplicates are dropped)."""
+        unique: dict[str, dict[str, Any]] = {}
+        for doc in docs:
+            unique.setdefault(doc["summary_id"], doc)
+        rows = sorted((summary_row(d, now_ms) for d in unique.values()), key=lambda r: r["summary_id"])
+        inserted = set(self._bulk(conn, summaries, rows, lambda ins: ins.on_conflict_do_nothing(
+            index_elements=["summary_id"]).returning(summaries.c.summary_id)).scalars())
+        return [d for d in unique.values() if d["summary_id"] in inserted]
+
+    def _summarised(self, conn: Connection, event: dict[str, Any]) -> bool:
+        """Whether a stored summary of the event's camera covers its time (its increments are already in)."""
+        ts, s = to_ms(event["ts"]), summaries.c
+        query = sa.select(s.summary_id).where(s.site == event["site"], s.camera_id == event["camera_id"],
+                                              s.start <= ts, s.start > ts - HOUR_MS, s.end > ts).limit(1)
+        return conn.execute(query).first() is not None
 
     def _bulk(self, conn: Connection, table: sa.Table, rows: list[dict[str, Any]],
               finish: Callable[[Any], Any]) -> Any:
@@ -413,8 +521,12 @@ class Store:
         for (site, camera_id), (n, newest) in sorted(per_cam.items()):
             self._upsert_camera(conn, site, camera_id, {}, seen_ms=newest, add_events=n)
 
-    def _update_rollups(self, conn: Connection, new_events: list[dict[str, Any]]) -> None:
-        delta = rollups.deltas(new_events)
+    def _apply_deltas(self, conn: Connection, delta: rollups.Deltas) -> None:
+        """Add rollup increments (of new events and new summaries) to the rollup tables, in ``conn``'s transaction.
+
+        Distinct tracks are counted from the rows the track tables did not hold yet, so a track named by an event
+        and by a summary of the same hour counts once.
+        """
         if delta.tracks:
             keys = sorted(delta.tracks)
             cols = rollup_tracks.c
@@ -474,6 +586,32 @@ class Store:
     def event_count(self) -> int:
         with self.engine.connect() as conn:
             return conn.execute(sa.select(sa.func.count()).select_from(events)).scalar_one()
+
+    def summary_count(self) -> int:
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(sa.func.count()).select_from(summaries)).scalar_one()
+
+    def summaries(self, *, site: str | None = None, camera_id: str | None = None, since: Any = None,
+                  until: Any = None, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
+        """Stored summaries, newest window first; ``since`` inclusive, ``until`` exclusive (window start)."""
+        s = summaries.c
+        query = sa.select(summaries)
+        for column, value in ((s.site, site), (s.camera_id, camera_id)):
+            if value is not None:
+                query = query.where(column == value)
+        if since is not None:
+            query = query.where(s.start >= to_ms(since))
+        if until is not None:
+            query = query.where(s.start < to_ms(until))
+        query = query.order_by(s.start.desc(), s.site, s.camera_id, s.summary_id).limit(max(0, int(limit))).offset(
+            max(0, int(offset)))
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).mappings().all()
+        return [{
+            "summary_id": r["summary_id"], "site": r["site"], "camera_id": r["camera_id"], "start": ms_iso(r["start"]),
+            "end": ms_iso(r["end"]), "events": r["events"], "received_at": ms_iso(r["received_at"]),
+            "payload": json.loads(r["payload"]),
+        } for r in rows]
 
     def dead_letter_count(self) -> int:
         with self.engine.connect() as conn:
