@@ -1,15 +1,18 @@
 """Analytics: hourly rollups maintained on ingest, and the queries the report, API and dashboard ask.
 
 Two halves. :func:`deltas` is pure maths: the rollup increments for a list of *newly stored* events (the store
-applies them in the same transaction as the insert). The query functions read only the small rollup tables
-(except :func:`occupancy`, which buckets raw ``count`` events at any resolution), so they stay fast however many
-events are stored.
+applies them in the same transaction as the insert; a stored ``summary`` message from an edge in summary mode
+brings the same increments for its window, ``camera.summary.summary_deltas``, so every figure below is the same
+whichever way a camera publishes). The query functions read only the small rollup tables (except
+:func:`occupancy`, which buckets raw ``count`` events at any resolution, and the summaries' windows at theirs),
+so they stay fast however many events are stored.
 
 What the figures mean (per site, camera, hour; ``zone=''`` = the whole camera):
 - entries / exits: ``person.enter`` / ``person.exit`` events (per zone: ``zone.enter`` / ``zone.exit``).
 - unique_tracks: distinct track ids with an event in that hour (exact; tracks seen in several hours count in each).
 - occupancy_max / occupancy_mean: max and mean of the people counts reported by ``count`` events (a zone's
-  ``count`` events carry its name). The mean is over reports, not time-weighted.
+  ``count`` events carry its name). The mean is over reports, not time-weighted. For a camera in summary mode
+  :func:`occupancy` has one point per summary window (no finer), at the bucket of the window start.
 - dwell: ``dwell_s`` of ``person.exit`` (per zone: ``zone.exit``): exact mean, median/p90 from a fixed histogram
   (0.5 s bins below 10 s, then 5 % geometric bins), so they are within one bin of the exact value.
 - lines: ``line.cross`` events counted per direction.
@@ -24,6 +27,7 @@ every zone, ``zone="name"`` one zone.
 
 from __future__ import annotations
 
+import json
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -149,26 +153,46 @@ def daily(store: Store, *, since: Any, until: Any = None, site: str | None = Non
     return sorted(out, key=lambda r: (r["day_ts"], r["site"], r["camera_id"], r["zone"] or ""))
 
 
+def _zone_matches(name: str | None, zone: str | None) -> bool:
+    """The ``zone`` filter on one area's name: None = the whole camera, "*" = every zone, else that zone."""
+    if zone is None:
+        return name is None
+    return name is not None if zone == "*" else name == zone
+
+
 def occupancy(store: Store, *, since: Any, until: Any = None, site: str | None = None,
               camera_id: str | None = None, zone: str | None = None, bucket_s: int = 60) -> list[dict[str, Any]]:
-    """People in view per ``bucket_s`` interval (max and mean of ``count`` reports), from raw count events."""
+    """People in view per ``bucket_s`` interval (max and mean of ``count`` reports).
+
+    From raw ``count`` events, and from summaries whose window starts in range (one point per area at the
+    bucket of the window start: the window's max, its mean and number of reports); both merged per bucket (max
+    of max, report-weighted mean, summed reports). A ``count`` event inside a stored summary's window is that
+    summary's retained snapshot, already in its figures, so it is left out.
+    """
     from cloud_sink.store import to_ms
 
     if bucket_s < 1:
         raise ValueError("bucket_s must be >= 1")
-    e = _tables().events
+    tables = _tables()
+    e, sm = tables.events, tables.summaries
     bucket_ms = int(bucket_s) * 1000
     bucket = (e.c.ts // bucket_ms) * bucket_ms
+    covered = sa.exists().where(sm.c.site == e.c.site, sm.c.camera_id == e.c.camera_id, sm.c.start <= e.c.ts,
+                                sm.c.start > e.c.ts - HOUR * 1000, sm.c.end > e.c.ts)
     query = sa.select(e.c.site, e.c.camera_id, e.c.zone, bucket.label("t"), sa.func.max(e.c.count).label("max"),
-                      sa.func.avg(e.c.count).label("mean"), sa.func.count().label("samples")).where(
-        e.c.type == "count").group_by(e.c.site, e.c.camera_id, e.c.zone, bucket)
+                      sa.func.sum(e.c.count).label("sum"), sa.func.count().label("samples")).where(
+        e.c.type == "count", ~covered).group_by(e.c.site, e.c.camera_id, e.c.zone, bucket)
+    windows = sa.select(sm.c.start, sm.c.payload)
     if since is not None:
         query = query.where(e.c.ts >= to_ms(since))
+        windows = windows.where(sm.c.start >= to_ms(since))
     if until is not None:
         query = query.where(e.c.ts < to_ms(until))
-    for column, value in ((e.c.site, site), (e.c.camera_id, camera_id)):
+        windows = windows.where(sm.c.start < to_ms(until))
+    for column, value in (("site", site), ("camera_id", camera_id)):
         if value is not None:
-            query = query.where(column == value)
+            query = query.where(e.c[column] == value)
+            windows = windows.where(sm.c[column] == value)
     if zone is None:
         query = query.where(e.c.zone.is_(None))
     elif zone == "*":
@@ -177,9 +201,24 @@ def occupancy(store: Store, *, since: Any, until: Any = None, site: str | None =
         query = query.where(e.c.zone == zone)
     with store.engine.connect() as conn:
         rows = conn.execute(query).mappings().all()
-    out = [{"site": r["site"], "camera_id": r["camera_id"], "zone": r["zone"], "t": format_ts(r["t"] / 1000),
-            "t_ts": int(r["t"]) // 1000, "max": int(r["max"]), "mean": float(r["mean"]), "samples": int(r["samples"])}
-           for r in rows]
+        summary_rows = conn.execute(windows).all()
+    # (site, camera, zone, bucket ms) -> [max, sum, samples]
+    points: dict[tuple[str, str, str | None, int], list[int]] = {
+        (r["site"], r["camera_id"], r["zone"], int(r["t"])): [int(r["max"]), int(r["sum"]), int(r["samples"])]
+        for r in rows}
+    for start, payload in summary_rows:
+        doc = json.loads(payload)
+        for area in doc["areas"]:
+            name, occ = area.get("zone"), area["occupancy"]
+            if occ["samples"] <= 0 or not _zone_matches(name, zone):
+                continue
+            point = points.setdefault((doc["site"], doc["camera_id"], name, start // bucket_ms * bucket_ms),
+                                      [0, 0, 0])
+            point[0] = max(point[0], int(occ["max"]))
+            point[1] += int(occ["sum"])
+            point[2] += int(occ["samples"])
+    out = [{"site": s, "camera_id": c, "zone": z, "t": format_ts(t / 1000), "t_ts": t // 1000, "max": mx,
+            "mean": total / n, "samples": n} for (s, c, z, t), (mx, total, n) in points.items()]
     return sorted(out, key=lambda r: (r["t_ts"], r["site"], r["camera_id"], r["zone"] or ""))
 
 
