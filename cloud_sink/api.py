@@ -161,6 +161,18 @@ def create_app(store: Store, *, token: str | None = None) -> FastAPI:
         return {"events": rows[:limit], "limit": limit, "offset": offset,
                 "next_offset": offset + limit if more else None}
 
+    @api.get("/summaries")
+    def summaries(site: Site = None, camera: Camera = None, since: Since = None, until: Until = None,
+                  limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 100,
+                  offset: Annotated[int, Query(ge=0, le=10**9)] = 0) -> dict[str, Any]:
+        """Stored summary messages (cameras in summary mode), newest window first; since/until on window start."""
+        since, until = _range(since, until)
+        rows = store.summaries(site=site, camera_id=camera, since=since, until=until, limit=limit + 1,
+                               offset=offset)
+        more = len(rows) > limit
+        return {"summaries": rows[:limit], "limit": limit, "offset": offset,
+                "next_offset": offset + limit if more else None}
+
     @api.get("/stats/hourly")
     def stats_hourly(site: Site = None, camera: Camera = None, zone: Zone = None, since: Since = None,
                      until: Until = None) -> dict[str, Any]:

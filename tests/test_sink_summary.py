@@ -1,0 +1,380 @@
+"""Summary messages, sink side: a stored summary counts exactly like the events it stands for.
+
+What must hold: storing the summaries of a set of events gives the same rollups (hourly, daily, dwell, lines,
+peak hour, report) as storing the events themselves, on SQLite and PostgreSQL; a summary is applied once however
+often it is delivered; a bad summary is a dead letter and changes nothing; a retained snapshot inside a summary's
+window is stored but not counted twice; and a real Mosquitto + the sink's subscriber deliver it end to end.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import random
+import threading
+import time
+from collections import defaultdict
+from typing import Any
+
+import pytest
+
+from camera.broker import BrokerSettings
+from camera.contract import format_ts, new_event_id, topic_for, ts_ms
+from camera.summary import SUMMARY_LEAF, summary_document, window_start
+from cloud_sink import rollups
+from cloud_sink.ingest import SUBSCRIPTIONS, Ingestor, Subscriber
+from cloud_sink.store import MIGRATIONS, Batch, Store
+from cloud_sink.validation import Limits, check_message
+from tests.test_sink_store import make_event
+
+DAY = 86400
+D1 = 1_780_000_000 // DAY * DAY + DAY  # 2026-05-29T00:00:00Z
+H0 = D1 - 3600  # 23:00 the day before: the scenario spans two hours and two days
+NOW = D1 + 7200.0  # the validation clock for these fixed-time tests
+INTERVAL = 60
+_names = itertools.count()
+
+
+# ------------------------------------------------------------------------------------------ scenario
+def scenario(seed: int = 7) -> list[dict[str, Any]]:
+    """Two cameras over two hours (23:00-01:00 UTC): people entering and leaving (some across the hour and the
+    day), a zone with dwell and loiters, a line crossed both ways, whole-camera and zone counts."""
+    rnd = random.Random(seed)
+    out: list[dict[str, Any]] = []
+    for cam in ("cam-1", "cam-2"):
+        people = 0
+        for n in range(40 if cam == "cam-1" else 15):
+            track = n + 1
+            t_in = H0 + rnd.uniform(0, 7000)
+            dwell = round(rnd.choice([rnd.uniform(0.5, 9.5), rnd.uniform(10, 400)]), 3)
+            t_out = min(t_in + dwell, H0 + 7199)
+            dwell = round(t_out - t_in, 3)
+            e = dict(site="lobby", camera_id=cam, track_id=track)
+            out.append(make_event("person.enter", ts=t_in, **e))
+            out.append(make_event("person.exit", ts=t_out, dwell_s=dwell, **e))
+            if n % 3 == 0:
+                z_in, z_dwell = t_in + 0.2, round(dwell * 0.7, 3)
+                out.append(make_event("zone.enter", ts=z_in, zone="door", **e))
+                out.append(make_event("zone.exit", ts=z_in + z_dwell, zone="door", dwell_s=z_dwell, **e))
+                out.append(make_event("count", ts=z_in, zone="door", count=1, previous=0, site="lobby",
+                                      camera_id=cam))
+                if z_dwell > 60:
+                    out.append(make_event("loiter", ts=z_in + 60, zone="door", dwell_s=60.0, **e))
+            if n % 4 == 1:
+                out.append(make_event("line.cross", ts=t_in + 0.1, line="gate", direction=rnd.choice(["in", "out"]),
+                                      totals={"in": n, "out": n}, **e))
+        moves = [ts_ms(ev["ts"]) / 1000 for ev in out
+                 if ev["camera_id"] == cam and ev["type"] in ("person.enter", "person.exit")]
+        for t in sorted(moves):  # a count report after each move (a random walk: only the figures matter)
+            people = max(0, people + rnd.choice([-1, 1]))
+            out.append(make_event("count", ts=t + 0.05, site="lobby", camera_id=cam, count=people,
+                                  previous=max(0, people - 1)))
+    return sorted(out, key=lambda ev: ev["ts"])
+
+
+def summaries_of(events: list[dict[str, Any]], interval: int = INTERVAL) -> list[dict[str, Any]]:
+    """What edges in summary mode would send: one summary per camera and window."""
+    groups: dict[tuple[str, str, int], list[dict[str, Any]]] = defaultdict(list)
+    for ev in events:
+        groups[(ev["site"], ev["camera_id"], window_start(ts_ms(ev["ts"]) / 1000, interval))].append(ev)
+    return [summary_document(evs, summary_id=new_event_id(), start_s=start, interval_s=interval)
+            for (_s, _c, start), evs in sorted(groups.items())]
+
+
+def message(doc: dict[str, Any]) -> tuple[str, bytes]:
+    return topic_for(doc["site"], doc["camera_id"], SUMMARY_LEAF), json.dumps(doc, separators=(",", ":")).encode()
+
+
+def rounded(value: Any) -> Any:
+    """Floats to 6 decimals (the summary keeps dwell sums to the millisecond), recursively."""
+    if isinstance(value, float):
+        return round(value, 6)
+    if isinstance(value, dict):
+        return {k: rounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [rounded(v) for v in value]
+    return value
+
+
+def figures(store: Store) -> dict[str, Any]:
+    """Every rollup query the API, report and dashboard use, over the scenario's range."""
+    since, until = H0, H0 + 7200
+    out: dict[str, Any] = {}
+    for zone in (None, "*", "door"):
+        out[f"hourly-{zone}"] = rollups.hourly(store, since=since, until=until, zone=zone)
+        out[f"daily-{zone}"] = rollups.daily(store, since=since, until=until, zone=zone)
+        out[f"peak-{zone}"] = rollups.peak_hour(store, since=since, until=until, zone=zone)
+        for cam in ("cam-1", "cam-2"):
+            out[f"dwell-{cam}-{zone}"] = rollups.dwell(store, since=since, until=until, camera_id=cam, zone=zone)
+    out["lines"] = rollups.lines(store, since=since, until=until)
+    report = rollups.summary(store, since=since, until=until)
+    report.pop("events_total")  # events stored: none in summary mode
+    for cam in report["cameras"]:
+        cam.pop("last_seen")  # newest event time vs. end of the newest window
+    out["report"] = report
+    return rounded(out)
+
+
+def open_store(kind: str, tmp_path, request) -> Store:
+    if kind == "sqlite":
+        return Store.open(f"sqlite:///{tmp_path / f'{next(_names)}.db'}")
+    server = request.getfixturevalue("postgres_server")
+    return Store.open(server.create_database(f"sm{next(_names)}_{os.getpid()}"))
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.slow)])
+def two_stores(request, tmp_path):
+    """Two fresh, empty databases of the same kind: one fed events, one fed summaries."""
+    stores = [open_store(request.param, tmp_path, request) for _ in range(2)]
+    yield stores
+    for s in stores:
+        s.close()
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = Store.open(f"sqlite:///{tmp_path / 'sink.db'}")
+    yield s
+    s.close()
+
+
+# ------------------------------------------------------------------------------------------ equivalence
+def test_summaries_give_the_same_rollups_as_their_events(two_stores):
+    by_events, by_summaries = two_stores
+    events = scenario()
+    docs = summaries_of(events)
+    assert by_events.insert_events(events) == len(events)
+    ing = Ingestor(by_summaries)
+    result = ing.handle([message(d) for d in docs], now=NOW)  # the whole road: validation, then store
+    assert (result.summaries, result.summary_duplicates, result.dead) == (len(docs), 0, 0), result.reasons
+    assert by_summaries.summary_count() == len(docs) and by_summaries.event_count() == 0
+    a, b = figures(by_events), figures(by_summaries)
+    assert a["hourly-None"] and a["hourly-*"] and a["lines"] and a["dwell-cam-1-door"]["n"]  # not vacuous
+    assert [d["day"] for d in a["daily-None"] if d["camera_id"] == "cam-1"] == ["2026-05-28", "2026-05-29"]
+    for key in a:
+        assert a[key] == b[key], key
+    # per camera totals agree too: events_total counts the events a summary stands for
+    assert [c["events_total"] for c in by_events.cameras()] == [c["events_total"] for c in by_summaries.cameras()]
+    # occupancy: with buckets of the window or coarser, the same points
+    for bucket in (60, 300, 3600):
+        for zone in (None, "*", "door"):
+            expect = rollups.occupancy(by_events, since=H0, until=H0 + 7200, zone=zone, bucket_s=bucket)
+            got = rollups.occupancy(by_summaries, since=H0, until=H0 + 7200, zone=zone, bucket_s=bucket)
+            assert expect and rounded(got) == rounded(expect), (bucket, zone)
+
+
+def test_half_events_half_summaries_add_up_to_the_same_rollups(two_stores):
+    """A camera switched to summary mode mid-stream: cam-1 sends events, cam-2 summaries, into one sink."""
+    by_events, mixed = two_stores
+    events = scenario(seed=11)
+    by_events.insert_events(events)
+    mixed.insert_events([e for e in events if e["camera_id"] == "cam-1"])
+    assert mixed.insert_summaries(summaries_of([e for e in events if e["camera_id"] == "cam-2"])) > 0
+    assert figures(by_events) == figures(mixed)
+
+
+# ------------------------------------------------------------------------------------------ occupancy
+def test_occupancy_from_summaries_is_one_point_per_window(store):
+    start = H0 + 600
+    counts = [make_event("count", ts=start + i * 5, count=c, previous=0) for i, c in enumerate([1, 3, 2, 2])]
+    counts += [make_event("count", ts=start + 70, count=4, previous=2)]  # the next window
+    counts += [make_event("count", ts=start + 10, zone="door", count=1, previous=0)]
+    store.insert_summaries(summaries_of(counts))
+    rows = rollups.occupancy(store, since=H0, until=H0 + 3600, bucket_s=60)
+    assert [(r["t_ts"], r["max"], r["mean"], r["samples"]) for r in rows] == [(start, 3, 2.0, 4), (start + 60, 4, 4.0, 1)]
+    (door,) = rollups.occupancy(store, since=H0, until=H0 + 3600, zone="door", bucket_s=60)
+    assert (door["zone"], door["max"], door["samples"]) == ("door", 1, 1)
+    assert len(rollups.occupancy(store, since=H0, until=H0 + 3600, zone="*", bucket_s=60)) == 1
+    # no finer than the window: 10-s buckets still give one point per window, at its start
+    assert [r["t_ts"] for r in rollups.occupancy(store, since=H0, until=H0 + 3600, bucket_s=10)] == [start,
+                                                                                                      start + 60]
+    # the range is on the window start
+    assert rollups.occupancy(store, since=start + 1, until=H0 + 3600, bucket_s=60)[0]["t_ts"] == start + 60
+    assert rollups.occupancy(store, since=H0, until=H0 + 3600, bucket_s=60, camera_id="cam-2") == []
+
+
+def test_a_retained_snapshot_inside_a_summary_window_is_stored_but_not_counted_twice(store):
+    start = window_start(H0 + 900, INTERVAL)
+    events = [make_event("person.enter", ts=start + 1, track_id=5), make_event("count", ts=start + 1, count=1),
+              make_event("line.cross", ts=start + 2, track_id=5, direction="in", totals={"in": 9, "out": 0}),
+              make_event("count", ts=start + 3, count=2, previous=1)]
+    (doc,) = summaries_of(events)
+    ing = Ingestor(store)
+    count_snapshot = (topic_for("lobby", "cam-1", "count"), json.dumps(events[3]).encode())
+    line_snapshot = (topic_for("lobby", "cam-1", "lines/gate/totals"), json.dumps(events[2]).encode())
+    result = ing.handle([message(doc), count_snapshot, line_snapshot], now=NOW)
+    assert (result.summaries, result.stored, result.dead) == (1, 2, 0)
+    (hour,) = rollups.hourly(store, since=H0, until=H0 + 3600)
+    assert (hour["entries"], hour["occupancy_max"], hour["occupancy_mean"], hour["unique_tracks"]) == (1, 2, 1.5, 1)
+    assert rollups.lines(store, since=H0, until=H0 + 3600)[0]["in"] == 1
+    (point,) = rollups.occupancy(store, since=H0, until=H0 + 3600, bucket_s=60)
+    assert (point["samples"], point["max"], point["mean"]) == (2, 2, 1.5)
+    assert store.cameras()[0]["events_total"] == 4 and store.event_count() == 2
+    # a snapshot outside any summary window (a camera publishing events) still counts, as before
+    later = make_event("count", ts=start + 1800, count=3, previous=2)
+    ing.handle([(topic_for("lobby", "cam-1", "count"), json.dumps(later).encode())], now=NOW)
+    (hour,) = rollups.hourly(store, since=H0, until=H0 + 3600)
+    assert (hour["occupancy_max"], hour["occupancy_mean"]) == (3, 2.0)
+
+
+# ------------------------------------------------------------------------------------------ idempotency
+def test_a_summary_redelivered_counts_once_and_two_summaries_of_a_window_add_up(store):
+    events = [e for e in scenario() if e["camera_id"] == "cam-2"]
+    docs = summaries_of(events)
+    ing = Ingestor(store)
+    first = ing.handle([message(d) for d in docs] + [message(docs[0])], now=NOW)  # twice in one batch
+    assert (first.summaries, first.summary_duplicates) == (len(docs), 1)
+    once = figures(store)
+    again = ing.handle([message(d) for d in docs], now=NOW)  # QoS 1 redelivery / outbox replay
+    assert (again.summaries, again.summary_duplicates, again.dead) == (0, len(docs), 0)
+    assert figures(store) == once and store.summary_count() == len(docs)
+    assert store.cameras()[0]["events_total"] == len(events)
+    assert ing.totals.summaries == len(docs) and ing.totals.summary_duplicates == len(docs) + 1
+
+    # a window summarised in two messages (late events for a window already sent): both count
+    window = ts_ms(docs[0]["start"]) // 1000
+    late = [make_event("person.enter", ts=window + 59, camera_id="cam-2", track_id=999),
+            make_event("count", ts=window + 59, camera_id="cam-2", count=7, previous=6)]
+    (extra,) = summaries_of(late)
+    assert extra["start"] == docs[0]["start"] and store.insert_summaries([extra]) == 1
+    with_events = Store.open("sqlite://")
+    try:
+        with_events.insert_events(events + late)
+        assert figures(store) == figures(with_events)
+    finally:
+        with_events.close()
+
+
+# ------------------------------------------------------------------------------------------ dead letters
+def _doc() -> dict[str, Any]:
+    start = H0 + 1200
+    events = [make_event("person.enter", ts=start + 1, track_id=3), make_event("person.enter", ts=start + 2,
+                                                                                track_id=4),
+              make_event("person.exit", ts=start + 5, track_id=3, dwell_s=4.0),
+              make_event("zone.enter", ts=start + 3, zone="door", track_id=4),
+              make_event("count", ts=start + 1, count=1)]
+    (doc,) = summaries_of(events)
+    return doc
+
+
+def _mutate(path: str, value: Any):
+    def apply(doc: dict[str, Any]) -> dict[str, Any]:
+        *parents, last = path.split(".")
+        target: Any = doc
+        for p in parents:
+            target = target[int(p)] if isinstance(target, list) else target[p]
+        target[int(last) if isinstance(target, list) else last] = value
+        return doc
+    return apply
+
+
+BAD = [
+    ("schema", _mutate("events", 0), "schema: events"),
+    ("schema-extra", _mutate("extra", 1), "schema: <root>: Additional properties"),
+    ("camera-mismatch", _mutate("camera_id", "cam-9"), "differ from topic lobby/cam-1"),
+    ("crosses-hour", _mutate("end", format_ts(H0 + 3600 + 60)), "crosses an hour boundary"),
+    ("empty-window", _mutate("end", format_ts(H0 + 1200)), "empty or longer than an hour"),
+    ("unsorted-ranges", _mutate("areas.0.tracks", [[4, 4], [3, 3]]), "sorted"),
+    ("bins", _mutate("areas.0.dwell.bins", {"7": 2}), "do not add up to its dwell count"),
+    ("occupancy", _mutate("areas.0.occupancy", {"max": 1, "sum": 5, "samples": 1}), "occupancy of zone"),
+    ("zone-twice", lambda d: dict(d, areas=d["areas"] + [d["areas"][1]]), "lists zone 'door' twice"),
+    ("events-count", _mutate("events", 50), "events is 50 but its counters add up to 5"),
+    ("future", lambda d: dict(d, start=format_ts(NOW + 7200), end=format_ts(NOW + 7260)), "in the future"),
+]
+
+
+@pytest.mark.parametrize("name,mutate,reason", BAD, ids=[b[0] for b in BAD])
+def test_bad_summaries_are_dead_letters_with_a_reason_and_change_nothing(store, name, mutate, reason):
+    doc = mutate(_doc())
+    topic = topic_for("lobby", "cam-1", SUMMARY_LEAF)
+    result = Ingestor(store).handle([(topic, json.dumps(doc).encode())], now=NOW)
+    assert result.dead == 1 and result.summaries == 0
+    assert reason in result.reasons[0], result.reasons
+    assert store.summary_count() == 0 and rollups.hourly(store, since=H0 - 3600, until=NOW) == []
+    (dead,) = store.dead_letters()
+    assert dead["topic"] == topic and reason in dead["reason"]
+
+
+def test_bad_json_and_too_many_tracks_are_dead_letters():
+    topic = topic_for("lobby", "cam-1", SUMMARY_LEAF)
+    assert "invalid JSON" in check_message(topic, b'{"summary_id": ', now=NOW).reason
+    assert "duplicate key" in check_message(topic, b'{"a": 1, "a": 2}', now=NOW).reason
+    doc = _doc()
+    assert check_message(topic, json.dumps(doc).encode(), now=NOW).kind == "summary"
+    doc["areas"][0]["tracks"] = [[1, 10]]
+    tight = check_message(topic, json.dumps(doc).encode(), now=NOW, limits=Limits(max_summary_tracks=5))
+    assert tight.kind == "dead" and "more than 5 tracks" in tight.reason
+    big = check_message(topic, b" " * (Limits().max_bytes + 1), now=NOW)
+    assert big.kind == "dead" and "exceeds" in big.reason
+
+
+def test_summaries_are_a_table_of_migration_3_and_listed_newest_first(store):
+    assert MIGRATIONS[2][:2] == (3, "summaries") and store.schema_version() >= 3
+    docs = summaries_of(scenario())
+    store.write(Batch(summaries=docs))
+    listed = store.summaries(camera_id="cam-2", limit=1000)
+    assert listed and all(r["camera_id"] == "cam-2" for r in listed)
+    assert [r["start"] for r in listed] == sorted((r["start"] for r in listed), reverse=True)
+    assert listed[0]["payload"] == next(d for d in docs if d["summary_id"] == listed[0]["summary_id"])
+    window = store.summaries(since=H0 + 600, until=H0 + 1200, limit=1000)
+    assert window and all(H0 + 600 <= ts_ms(r["start"]) / 1000 < H0 + 1200 for r in window)
+
+
+def test_api_lists_summaries_with_filters_and_pagination(store):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from fastapi.testclient import TestClient
+
+    from cloud_sink.api import create_app
+
+    docs = summaries_of(scenario())
+    store.insert_summaries(docs)
+    client = TestClient(create_app(store))
+    page = client.get("/api/summaries", params={"camera": "cam-1", "limit": 5}).json()
+    assert len(page["summaries"]) == 5 and page["next_offset"] == 5
+    assert all(s["camera_id"] == "cam-1" for s in page["summaries"])
+    everything = client.get("/api/summaries", params={"limit": 1000}).json()
+    assert len(everything["summaries"]) == len(docs) and everything["next_offset"] is None
+    assert client.get("/api/summaries", params={"camera": "bad/name"}).status_code == 422
+
+
+# ------------------------------------------------------------------------------------------ real broker
+@pytest.mark.slow
+def test_a_summary_and_its_snapshot_through_real_mosquitto_are_stored_once(mosquitto, tmp_path):
+    from tests.test_sink_ingest import publish, wait_for
+
+    assert "smartcam/+/+/summary" in SUBSCRIPTIONS
+    s = Store.open(f"sqlite:///{tmp_path / 'live.db'}")
+    sub = Subscriber(Ingestor(s), BrokerSettings.from_url(mosquitto.url), client_id="sink-summary", log_every_s=0.5)
+    thread = threading.Thread(target=sub.run)
+    sub.start()
+    thread.start()
+    try:
+        assert sub.connected.wait(10)
+        time.sleep(0.3)  # SUBACK
+        start = window_start(time.time() - 120, INTERVAL)  # a closed window, as the edge sends it
+        events = [make_event("person.enter", ts=start + 1, track_id=1), make_event("count", ts=start + 1, count=1),
+                  make_event("person.enter", ts=start + 5, track_id=2),
+                  make_event("count", ts=start + 5, count=2, previous=1),
+                  make_event("person.exit", ts=start + 30, track_id=1, dwell_s=29.0),
+                  make_event("count", ts=start + 30, count=1, previous=2)]
+        (doc,) = summaries_of(events)
+        publish(mosquitto.url, [message(doc)])
+        publish(mosquitto.url, [(topic_for("lobby", "cam-1", "count"), json.dumps(events[-1]).encode())],
+                retain=True)
+        publish(mosquitto.url, [message(doc)])  # redelivered
+        wait_for(lambda: s.summary_count() == 1 and s.event_count() == 1
+                 and sub.ingestor.totals.summary_duplicates == 1, what="1 summary, 1 snapshot, 1 duplicate")
+        (hour,) = rollups.hourly(s, since=start, until=start + INTERVAL)
+        assert (hour["entries"], hour["exits"], hour["unique_tracks"], hour["dwell_mean"]) == (2, 1, 2, 29.0)
+        assert (hour["occupancy_max"], hour["occupancy_mean"]) == (2, pytest.approx(4 / 3))  # snapshot not again
+        (cam,) = s.cameras()
+        assert cam["events_total"] == 6 and cam["last_seen"] == format_ts(start + INTERVAL)
+    finally:
+        sub.stop()
+        thread.join(10)
+        s.close()
+    assert not thread.is_alive()
