@@ -431,8 +431,8 @@ class Store:
                 index_elements=["event_id"]).returning(events.c.event_id)).scalars())
             new_events = [ev for ev in unique.values() if ev["event_id"] in inserted]
             counted = [ev for ev in new_events if ev["event_id"] in streamed or not self._summarised(conn, ev)]
-            if counted:
-                merge_deltas(delta, rollups.deltas(counted))
+            if counted:  # the summaries' increments (usually none) added to the events', not the other way round
+                delta = merge_deltas(rollups.deltas(counted), delta)
                 self._touch_cameras(conn, counted)
             if len(counted) < len(new_events):  # already in a summary: newer state, not one more event
                 ids = {ev["event_id"] for ev in counted}
