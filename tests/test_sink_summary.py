@@ -18,6 +18,8 @@ from collections import defaultdict
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from camera.broker import BrokerSettings
 from camera.contract import format_ts, new_event_id, topic_for, ts_ms
@@ -378,3 +380,44 @@ def test_a_summary_and_its_snapshot_through_real_mosquitto_are_stored_once(mosqu
         thread.join(10)
         s.close()
     assert not thread.is_alive()
+
+
+_values = st.one_of(st.none(), st.booleans(), st.integers(min_value=-2**70, max_value=2**70),
+                    st.floats(allow_nan=False), st.text(max_size=12),
+                    st.lists(st.lists(st.integers(min_value=-5, max_value=2**64), max_size=3), max_size=3),
+                    st.dictionaries(st.text(max_size=5), st.integers(min_value=-3, max_value=2**40), max_size=3))
+_paths = ["events", "start", "end", "summary_id", "areas", "lines", "areas.0.tracks", "areas.0.entries",
+          "areas.0.occupancy", "areas.0.occupancy.max", "areas.0.dwell.bins", "areas.0.dwell.sum", "areas.1.zone",
+          "areas.0.dwell.count", "model", "frame"]
+
+
+def test_hostile_summaries_never_crash_and_nothing_bad_is_stored(tmp_path):
+    s = Store.open(f"sqlite:///{tmp_path / 'fuzz.db'}")
+    ing = Ingestor(s)
+    topic = topic_for("lobby", "cam-1", SUMMARY_LEAF)
+
+    @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(st.lists(st.tuples(st.sampled_from(_paths), _values), min_size=1, max_size=3))
+    def run(changes):
+        doc = _doc()
+        try:
+            for path, value in changes:
+                _mutate(path, value)(doc)
+        except (IndexError, KeyError, TypeError):
+            return  # the path no longer exists after an earlier change
+        payload = json.dumps(doc).encode()
+        verdict = check_message(topic, payload, now=NOW)
+        before = s.summary_count()
+        result = ing.handle([(topic, payload)], now=NOW)  # never raises
+        assert result.dead + result.summaries + result.summary_duplicates == 1
+        assert (verdict.kind == "dead") == (result.dead == 1)
+        if verdict.kind == "summary":
+            assert s.summary_count() == before + result.summaries
+        else:
+            assert s.summary_count() == before and verdict.reason
+            assert not verdict.reason.startswith("unexpected"), verdict.reason  # refused on purpose, not by a crash
+
+    try:
+        run()
+    finally:
+        s.close()
