@@ -3,9 +3,10 @@
 For links that are paid by the byte (cellular, satellite, LoRa) the per-person records are not worth their size;
 the hourly answers are. The frame loop still builds every event; here they are *staged* durably in the outbox's
 SQLite file (so ``kill -9`` loses nothing), grouped by the ``interval_s`` window their timestamp falls in. When
-event time passes a window's end, its events become one ``summary.v1`` message (``camera.summary``) plus the
-newest retained snapshot of each retained topic (``count``, ``zones/<z>/count``, ``lines/<l>/totals``), queued
-in the same transaction that forgets the staged events. A window with no events sends nothing.
+event time passes a window's end, its events become one ``summary.v1`` message (``camera.summary``), queued in
+the same transaction that forgets the staged events. A window with no events sends nothing. No retained
+snapshots (``count``, ``zones/<z>/count``, ``lines/<l>/totals``) either: they are events, which a sink would
+count on top of the summary that already holds them (and they were a quarter of the bytes).
 
 An exit is stamped when the person was last seen, up to the tracker's ``max_age_s`` before the frame that ends
 the track, so a window closes only once frames are ``lateness_s`` past its end. An event later than that (a track
@@ -20,7 +21,7 @@ import logging
 import threading
 from typing import Any
 
-from camera.contract import new_event_id, topic_for, topics_for_event, ts_ms
+from camera.contract import new_event_id, topic_for, ts_ms
 from camera.outbox import Outbox
 from camera.summary import SUMMARY_LEAF, summary_document, window_start
 
@@ -74,18 +75,11 @@ class Summarizer:
             start = window_start(ts_ms(ev["ts"]) / 1000, self.interval_s)
             groups.setdefault((ev["site"], ev["camera_id"], start), []).append(ev)
         messages: list[tuple[str, str | bytes, int, bool]] = []
-        retained: dict[str, dict[str, Any]] = {}
         for (site, camera_id, start), group in sorted(groups.items()):
             doc = summary_document(group, summary_id=new_event_id(), start_s=start, interval_s=self.interval_s)
             assert doc is not None
             messages.append((topic_for(site, camera_id, SUMMARY_LEAF), json.dumps(doc, separators=(",", ":")), 1,
                              False))
-            for ev in group:  # the newest snapshot per retained topic, in event order
-                for topic, _qos, retain in topics_for_event(site, camera_id, ev):
-                    if retain:
-                        retained.pop(topic, None)
-                        retained[topic] = ev
-        messages += [(topic, json.dumps(ev, separators=(",", ":")), 1, True) for topic, ev in retained.items()]
         self.outbox.promote(window, messages)
         self.summaries += len(groups)
         log.debug("summarised %d event(s) staged under the window at %d into %d summary message(s)", len(events),

@@ -33,7 +33,6 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from camera.contract import BATCH_LEAF, parse_topic
 from cloud_sink.store import Batch, Store, Written
 from cloud_sink.validation import Checked, Limits, check_messages
 
@@ -169,11 +168,7 @@ def _batch(checked: list[tuple[Checked, bytes]], now: float) -> Batch:
     batch = Batch()
     for c, payload in checked:
         if c.kind == "event":
-            # a retained snapshot (count, zones/<z>/count, lines/<l>/totals) is kept apart: in summary mode its
-            # increments are already in the window's summary (the store decides)
-            parsed = parse_topic(c.topic)
-            stream = parsed is None or parsed[2] in ("events", BATCH_LEAF)
-            (batch.events if stream else batch.snapshots).append(c.value)
+            batch.events.append(c.value)
         elif c.kind == "summary":
             batch.summaries.append(c.value)
         elif c.kind == "status":

@@ -166,8 +166,7 @@ def occupancy(store: Store, *, since: Any, until: Any = None, site: str | None =
 
     From raw ``count`` events, and from summaries whose window starts in range (one point per area at the
     bucket of the window start: the window's max, its mean and number of reports); both merged per bucket (max
-    of max, report-weighted mean, summed reports). A ``count`` event inside a stored summary's window is that
-    summary's retained snapshot, already in its figures, so it is left out.
+    of max, report-weighted mean, summed reports).
     """
     from cloud_sink.store import to_ms
 
@@ -177,11 +176,9 @@ def occupancy(store: Store, *, since: Any, until: Any = None, site: str | None =
     e, sm = tables.events, tables.summaries
     bucket_ms = int(bucket_s) * 1000
     bucket = (e.c.ts // bucket_ms) * bucket_ms
-    covered = sa.exists().where(sm.c.site == e.c.site, sm.c.camera_id == e.c.camera_id, sm.c.start <= e.c.ts,
-                                sm.c.start > e.c.ts - HOUR * 1000, sm.c.end > e.c.ts)
     query = sa.select(e.c.site, e.c.camera_id, e.c.zone, bucket.label("t"), sa.func.max(e.c.count).label("max"),
                       sa.func.sum(e.c.count).label("sum"), sa.func.count().label("samples")).where(
-        e.c.type == "count", ~covered).group_by(e.c.site, e.c.camera_id, e.c.zone, bucket)
+        e.c.type == "count").group_by(e.c.site, e.c.camera_id, e.c.zone, bucket)
     windows = sa.select(sm.c.start, sm.c.payload)
     if since is not None:
         query = query.where(e.c.ts >= to_ms(since))

@@ -9,9 +9,7 @@ Summaries (an edge in summary mode sends one ``summary.v1`` message per camera a
 events) take the same road: ``summaries.summary_id`` is the key, and only a newly inserted summary's
 increments (``camera.summary.summary_deltas``) are merged with the new events' and applied by the one rollup
 writer, :meth:`Store._apply_deltas`. So hourly/daily figures are the same whichever way a camera publishes.
-Retained snapshots (``count``, ``zones/<z>/count``, ``lines/<l>/totals``) are stored as events, but an event
-that came *only* on a snapshot topic, inside the window of a stored summary of its camera, is not rolled up
-again: that summary already carries it (the edge queues a window's summary before its snapshots).
+(An edge in summary mode publishes no retained snapshots: they are events, and would count a second time.)
 
 Time columns are epoch **milliseconds** (BIGINT, UTC): ``events.ts`` is the camera's capture time,
 ``received_at`` the sink's clock. Rollup ``hour`` columns are epoch **seconds** of the UTC hour start. Query
@@ -46,7 +44,6 @@ from cloud_sink.validation import ts_ms
 log = logging.getLogger(__name__)
 
 DEAD_LETTER_PAYLOAD_BYTES = 4096
-HOUR_MS = 3600 * 1000
 NAME = sa.String(64)
 
 metadata = sa.MetaData()
@@ -293,8 +290,6 @@ class Batch:
     """Everything one commit writes: validated events, summaries, dead letters, status and stats updates."""
 
     events: list[dict[str, Any]] = field(default_factory=list)
-    #: events received on a retained snapshot topic (``count``, ``zones/<z>/count``, ``lines/<l>/totals``)
-    snapshots: list[dict[str, Any]] = field(default_factory=list)
     summaries: list[dict[str, Any]] = field(default_factory=list)  # validated summary.v1 documents
     dead_letters: list[dict[str, Any]] = field(default_factory=list)  # topic, reason, payload (bytes), received_at?
     statuses: list[tuple[str, str, str]] = field(default_factory=list)  # (site, camera_id, online|offline)
@@ -418,27 +413,18 @@ class Store:
         new_docs = self._insert_summaries(conn, batch.summaries, now_ms) if batch.summaries else []
         for doc in new_docs:  # validated on ingest; the limit on named tracks was applied there
             merge_deltas(delta, summary_deltas(doc, max_tracks=sys.maxsize))
-        if batch.events or batch.snapshots:
+        if batch.events:
             unique: dict[str, dict[str, Any]] = {}
             for ev in batch.events:
-                unique.setdefault(ev["event_id"], ev)
-            streamed = set(unique)
-            for ev in batch.snapshots:
                 unique.setdefault(ev["event_id"], ev)
             rows = [event_row(ev, now_ms) for ev in unique.values()]
             rows.sort(key=lambda r: r["event_id"])
             inserted = set(self._bulk(conn, events, rows, lambda ins: ins.on_conflict_do_nothing(
                 index_elements=["event_id"]).returning(events.c.event_id)).scalars())
             new_events = [ev for ev in unique.values() if ev["event_id"] in inserted]
-            counted = [ev for ev in new_events if ev["event_id"] in streamed or not self._summarised(conn, ev)]
-            if counted:  # the summaries' increments (usually none) added to the events', not the other way round
-                delta = merge_deltas(rollups.deltas(counted), delta)
-                self._touch_cameras(conn, counted)
-            if len(counted) < len(new_events):  # already in a summary: newer state, not one more event
-                ids = {ev["event_id"] for ev in counted}
-                for ev in new_events:
-                    if ev["event_id"] not in ids:
-                        self._upsert_camera(conn, ev["site"], ev["camera_id"], {}, seen_ms=to_ms(ev["ts"]))
+            if new_events:  # the summaries' increments (usually none) added to the events', not the other way round
+                delta = merge_deltas(rollups.deltas(new_events), delta)
+                self._touch_cameras(conn, new_events)
         self._apply_deltas(conn, delta)
         for doc in sorted(new_docs, key=lambda d: (d["site"], d["camera_id"])):
             self._upsert_camera(conn, doc["site"], doc["camera_id"], {}, seen_ms=ts_ms(doc["end"]),
@@ -469,13 +455,6 @@ class Store:
         inserted = set(self._bulk(conn, summaries, rows, lambda ins: ins.on_conflict_do_nothing(
             index_elements=["summary_id"]).returning(summaries.c.summary_id)).scalars())
         return [d for d in unique.values() if d["summary_id"] in inserted]
-
-    def _summarised(self, conn: Connection, event: dict[str, Any]) -> bool:
-        """Whether a stored summary of the event's camera covers its time (its increments are already in)."""
-        ts, s = to_ms(event["ts"]), summaries.c
-        query = sa.select(s.summary_id).where(s.site == event["site"], s.camera_id == event["camera_id"],
-                                              s.start <= ts, s.start > ts - HOUR_MS, s.end > ts).limit(1)
-        return conn.execute(query).first() is not None
 
     def _bulk(self, conn: Connection, table: sa.Table, rows: list[dict[str, Any]],
               finish: Callable[[Any], Any]) -> Any:

@@ -2,8 +2,8 @@
 
 What must hold: storing the summaries of a set of events gives the same rollups (hourly, daily, dwell, lines,
 peak hour, report) as storing the events themselves, on SQLite and PostgreSQL; a summary is applied once however
-often it is delivered; a bad summary is a dead letter and changes nothing; a retained snapshot inside a summary's
-window is stored but not counted twice; and a real Mosquitto + the sink's subscriber deliver it end to end.
+often it is delivered; a bad summary is a dead letter and changes nothing; and a real Mosquitto + the sink's
+subscriber deliver it end to end. (An edge in summary mode sends no retained snapshots: tests/test_summary_edge.py.)
 """
 
 from __future__ import annotations
@@ -196,30 +196,6 @@ def test_occupancy_from_summaries_is_one_point_per_window(store):
     assert rollups.occupancy(store, since=H0, until=H0 + 3600, bucket_s=60, camera_id="cam-2") == []
 
 
-def test_a_retained_snapshot_inside_a_summary_window_is_stored_but_not_counted_twice(store):
-    start = window_start(H0 + 900, INTERVAL)
-    events = [make_event("person.enter", ts=start + 1, track_id=5), make_event("count", ts=start + 1, count=1),
-              make_event("line.cross", ts=start + 2, track_id=5, direction="in", totals={"in": 9, "out": 0}),
-              make_event("count", ts=start + 3, count=2, previous=1)]
-    (doc,) = summaries_of(events)
-    ing = Ingestor(store)
-    count_snapshot = (topic_for("lobby", "cam-1", "count"), json.dumps(events[3]).encode())
-    line_snapshot = (topic_for("lobby", "cam-1", "lines/gate/totals"), json.dumps(events[2]).encode())
-    result = ing.handle([message(doc), count_snapshot, line_snapshot], now=NOW)
-    assert (result.summaries, result.stored, result.dead) == (1, 2, 0)
-    (hour,) = rollups.hourly(store, since=H0, until=H0 + 3600)
-    assert (hour["entries"], hour["occupancy_max"], hour["occupancy_mean"], hour["unique_tracks"]) == (1, 2, 1.5, 1)
-    assert rollups.lines(store, since=H0, until=H0 + 3600)[0]["in"] == 1
-    (point,) = rollups.occupancy(store, since=H0, until=H0 + 3600, bucket_s=60)
-    assert (point["samples"], point["max"], point["mean"]) == (2, 2, 1.5)
-    assert store.cameras()[0]["events_total"] == 4 and store.event_count() == 2
-    # a snapshot outside any summary window (a camera publishing events) still counts, as before
-    later = make_event("count", ts=start + 1800, count=3, previous=2)
-    ing.handle([(topic_for("lobby", "cam-1", "count"), json.dumps(later).encode())], now=NOW)
-    (hour,) = rollups.hourly(store, since=H0, until=H0 + 3600)
-    assert (hour["occupancy_max"], hour["occupancy_mean"]) == (3, 2.0)
-
-
 # ------------------------------------------------------------------------------------------ idempotency
 def test_a_summary_redelivered_counts_once_and_two_summaries_of_a_window_add_up(store):
     events = [e for e in scenario() if e["camera_id"] == "cam-2"]
@@ -345,7 +321,7 @@ def test_api_lists_summaries_with_filters_and_pagination(store):
 
 # ------------------------------------------------------------------------------------------ real broker
 @pytest.mark.slow
-def test_a_summary_and_its_snapshot_through_real_mosquitto_are_stored_once(mosquitto, tmp_path):
+def test_a_summary_through_real_mosquitto_is_stored_once(mosquitto, tmp_path):
     from tests.test_sink_ingest import publish, wait_for
 
     assert "smartcam/+/+/summary" in SUBSCRIPTIONS
@@ -365,14 +341,13 @@ def test_a_summary_and_its_snapshot_through_real_mosquitto_are_stored_once(mosqu
                   make_event("count", ts=start + 30, count=1, previous=2)]
         (doc,) = summaries_of(events)
         publish(mosquitto.url, [message(doc)])
-        publish(mosquitto.url, [(topic_for("lobby", "cam-1", "count"), json.dumps(events[-1]).encode())],
-                retain=True)
         publish(mosquitto.url, [message(doc)])  # redelivered
-        wait_for(lambda: s.summary_count() == 1 and s.event_count() == 1
-                 and sub.ingestor.totals.summary_duplicates == 1, what="1 summary, 1 snapshot, 1 duplicate")
+        wait_for(lambda: s.summary_count() == 1 and sub.ingestor.totals.summary_duplicates == 1,
+                 what="1 summary, 1 duplicate")
+        assert s.event_count() == 0
         (hour,) = rollups.hourly(s, since=start, until=start + INTERVAL)
         assert (hour["entries"], hour["exits"], hour["unique_tracks"], hour["dwell_mean"]) == (2, 1, 2, 29.0)
-        assert (hour["occupancy_max"], hour["occupancy_mean"]) == (2, pytest.approx(4 / 3))  # snapshot not again
+        assert (hour["occupancy_max"], hour["occupancy_mean"]) == (2, pytest.approx(4 / 3))
         (cam,) = s.cameras()
         assert cam["events_total"] == 6 and cam["last_seen"] == format_ts(start + INTERVAL)
     finally:
