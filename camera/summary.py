@@ -99,6 +99,21 @@ def deltas(new_events: Iterable[dict[str, Any]]) -> Deltas:
     return out
 
 
+def merge_deltas(into: Deltas, other: Deltas) -> Deltas:
+    """Add ``other`` to ``into`` (in place) the way the rollup tables add up: sums, max for occupancy_max."""
+    for key, row in other.hourly.items():
+        target = into.hourly[key]
+        for name, value in row.items():
+            target[name] = max(target[name], value) if name == "occupancy_max" else target[name] + value
+    into.tracks |= other.tracks
+    for key, n in other.dwell_bins.items():
+        into.dwell_bins[key] += n
+    for key, (n_in, n_out) in other.lines.items():
+        into.lines[key][0] += n_in
+        into.lines[key][1] += n_out
+    return into
+
+
 # ---------------------------------------------------------------------------------------------- track id ranges
 def track_ranges(ids: Iterable[int]) -> list[list[int]]:
     """Distinct ids as sorted inclusive ``[first, last]`` runs: a window's tracks are mostly consecutive ids."""

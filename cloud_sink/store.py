@@ -37,7 +37,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from camera.contract import format_ts
-from camera.summary import summary_deltas
+from camera.summary import merge_deltas, summary_deltas
 from cloud_sink import rollups
 from cloud_sink.validation import ts_ms
 
@@ -268,21 +268,6 @@ def summary_row(doc: dict[str, Any], received_ms: int) -> dict[str, Any]:
         "start": ts_ms(doc["start"]), "end": ts_ms(doc["end"]), "events": int(doc["events"]),
         "received_at": received_ms, "payload": json.dumps(doc, separators=(",", ":")),
     }
-
-
-def merge_deltas(into: rollups.Deltas, other: rollups.Deltas) -> rollups.Deltas:
-    """Add ``other`` to ``into`` (in place) the way the rollup tables add up: sums, max for occupancy_max."""
-    for key, row in other.hourly.items():
-        target = into.hourly[key]
-        for name, value in row.items():
-            target[name] = max(target[name], value) if name == "occupancy_max" else target[name] + value
-    into.tracks |= other.tracks
-    for key, n in other.dwell_bins.items():
-        into.dwell_bins[key] += n
-    for key, (n_in, n_out) in other.lines.items():
-        into.lines[key][0] += n_in
-        into.lines[key][1] += n_out
-    return into
 
 
 @dataclass
