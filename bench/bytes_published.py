@@ -1,19 +1,23 @@
 """Bytes the edge publishes per hour of video vs the size of the video itself (issue 7; target >= 1000x less).
 
-For each clip: a real Mosquitto (started here, on a free port), a subscriber on ``smartcam/#`` that records every
-message the broker delivers (events, the retained count/zone/line summaries, status, stats), and
-``smartcam-edge run --realtime`` on the clip, so the stats cadence (every ``--stats-interval`` s) and every other
-timer run at their real rate. Published bytes = topic + payload + a fixed MQTT overhead per message
+For each clip and publishing mode: a real Mosquitto (started here, on a free port), a subscriber on
+``smartcam/#`` that records every message the broker delivers (events, batches, summaries, the retained
+count/zone/line snapshots, status, stats), and ``smartcam-edge run --realtime`` on the clip, so the stats cadence
+(every ``--stats-interval`` s) and every other timer run at their real rate. Short clips are played several times
+(``--loop``) so that each run covers at least ``--min-duration`` seconds: the per-hour rate then includes the
+per-minute and per-window costs at their real weight instead of a 14-s clip's one-off start and end messages
+(extrapolated x260 to an hour). Published bytes = topic + payload + a fixed MQTT overhead per message
 (``MQTT_OVERHEAD``: PUBLISH fixed header 1 + remaining length 2 + topic length 2 + packet id 2 + MQTT 5
 properties length 1, plus its 4-byte PUBACK); ``--tcp-overhead`` adds a TCP/IPv4 estimate per message on top.
-Per hour = bytes / clip duration x 3600; the video's own rate = file size / duration x 3600 (the file as
+Per hour = bytes / video time x 3600; the video's own rate = file size / clip duration x 3600 (the file as
 stored: H.264/MPEG-4 at the bitrate of the clip).
 
-Each clip runs once per ``--batch-linger`` value, in the same invocation: the edge default (2 s: events in
-zlib-compressed batches on ``.../batch``, retained snapshots coalesced) and 0 (one message per event, as before
-batching), so the table compares the two on the same detections.
+Modes (``--modes``), run side by side on the same detections (each with its own broker):
+- ``summary``: ``--publish-mode summary`` (one summary.v1 message per 60-s window, for metered links);
+- ``batched``: the edge default, events in zlib-compressed batches (``--batch-linger`` 2 s);
+- ``per-event``: ``--batch-linger 0``, one message per event (as before batching).
 
-    .venv/bin/python bench/bytes_published.py            # the four clips, batched (2 s) and --batch-linger 0
+    .venv/bin/python bench/bytes_published.py            # the four clips, all three modes, >= 120 s each
     .venv/bin/python bench/bytes_published.py --clips ../shared/data/videos/outdoor_street_cctv_towncentre_720p.m4v
 
 Needs Mosquitto (scripts/setup.sh) and a model: ``--model`` (default: the demo's models/yolov8n-person-int8-384x640.onnx if
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -31,6 +36,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +55,11 @@ STREET = VIDEOS / "outdoor_street_cctv_towncentre_720p.m4v"
 MQTT_OVERHEAD = 12  # bytes per message: PUBLISH header 8 (QoS 1, MQTT 5, no properties) + PUBACK 4
 TCP_OVERHEAD = 104  # bytes per message: PUBLISH and PUBACK each in its own packet, IPv4 20 + TCP 32 (timestamps)
 CONFIGS = {STREET.name: ROOT / "samples" / "demo_street.yaml"}  # the street clip with its zone and line
+MODES = {  # name -> edge flags
+    "summary": ["--publish-mode", "summary"],
+    "batched": [],  # the default: --batch-linger 2
+    "per-event": ["--batch-linger", "0"],
+}
 
 
 def default_model() -> Path:
@@ -62,13 +73,18 @@ class Tally:
 
     messages: Counter = field(default_factory=Counter)
     topic_payload_bytes: Counter = field(default_factory=Counter)
-    events: int = 0  # events delivered, one per ``events`` message or many per ``batch`` message
+    events: int = 0  # events delivered: one per ``events`` message, many per ``batch`` or ``summary`` message
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add(self, topic: str, payload: bytes) -> None:
         parsed = parse_topic(topic)
         kind = parsed[2].split("/")[0] if parsed else "other"
-        carried = len(decode_batch(payload, 64 << 20)) if kind == "batch" else int(kind == "events")
+        if kind == "batch":
+            carried = len(decode_batch(payload, 64 << 20))
+        elif kind == "summary":
+            carried = json.loads(payload)["events"]
+        else:
+            carried = int(kind == "events")
         with self.lock:
             self.messages[kind] += 1
             self.topic_payload_bytes[kind] += len(topic.encode()) + len(payload)
@@ -86,7 +102,7 @@ def subscribe(port: int, tally: Tally):
     import paho.mqtt.client as mqtt
 
     subscribed = threading.Event()
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bytes-bench", protocol=mqtt.MQTTv5)
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bytes-bench-{port}", protocol=mqtt.MQTTv5)
     client.on_connect = lambda c, u, f, rc, p: c.subscribe("smartcam/#", qos=1)
     client.on_subscribe = lambda *a: subscribed.set()
     client.on_message = lambda c, u, msg: tally.add(msg.topic, bytes(msg.payload))
@@ -109,22 +125,22 @@ def clip_info(path: Path) -> tuple[float, int]:
     return frames / fps, path.stat().st_size
 
 
-def measure(clip: Path, model: Path, fps: float, stats_interval: float, linger: float, workdir: Path) -> dict:
-    """One clip through the edge in real time into a fresh Mosquitto; what the subscriber got."""
-    duration, size = clip_info(clip)
+def measure(clip: Path, model: Path, fps: float, stats_interval: float, mode: str, loops: int,
+            workdir: Path) -> dict:
+    """One clip (played ``loops`` times) through the edge in real time into a fresh Mosquitto."""
+    clip_duration, clip_size = clip_info(clip)
+    duration, size = clip_duration * loops, clip_size * loops  # the video the run covered, as stored
+    workdir.mkdir(parents=True, exist_ok=True)
     broker = start_mosquitto(workdir / "mosquitto")
     tally = Tally()
     sub = subscribe(broker.port, tally)
     try:
         cmd = [sys.executable, "-m", "camera", "run", "--source", str(clip), "--model", str(model),
                "--camera-id", "cam-1", "--site", "bench", "--broker", broker.url, "--realtime", "--fps", str(fps),
-               "--stats-interval", str(stats_interval), "--batch-linger", str(linger),
-               "--outbox", str(workdir / "outbox.db"),
-               "--events-file", str(workdir / "events.jsonl")]
+               "--loop", str(loops), "--stats-interval", str(stats_interval), *MODES[mode],
+               "--outbox", str(workdir / "outbox.db"), "--events-file", str(workdir / "events.jsonl")]
         if clip.name in CONFIGS:
             cmd[4:4] = ["--config", str(CONFIGS[clip.name])]
-        print(f"  {clip.name}: {duration:.1f} s in real time, --batch-linger {linger:g} ...", file=sys.stderr,
-              flush=True)
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         if proc.returncode != 0:
             raise SystemExit(f"the edge failed on {clip.name} (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
@@ -144,9 +160,9 @@ def measure(clip: Path, model: Path, fps: float, stats_interval: float, linger: 
     fixed = sum(tally.topic_payload_bytes[k] + MQTT_OVERHEAD * tally.messages[k] for k in ("status", "stats"))
     people = produced.count("person.enter")
     if tally.events < events:
-        raise SystemExit(f"{clip.name}: the subscriber got {tally.events} of {events} events")
+        raise SystemExit(f"{clip.name} ({mode}): the subscriber got {tally.events} of {events} events")
     return {
-        "clip": clip.name, "linger_s": linger, "duration_s": round(duration, 2), "video_bytes": size,
+        "clip": clip.name, "mode": mode, "loops": loops, "duration_s": round(duration, 2), "video_bytes": size,
         "events": events,
         "people": people, "fixed_bytes": fixed,
         "bytes_per_person": (mqtt_bytes - fixed) / people if people else None,
@@ -167,14 +183,14 @@ def break_even(r: dict) -> float | None:
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| clip | batch linger s | duration s | video MB/h | people (person.enter) per h | messages (events) "
+    head = ("| clip | mode | video s (plays) | video MB/h | people (person.enter) per h | messages (events) "
             "| published KB/h | ratio | with TCP/IP est. KB/h | ratio | B per person | people/h at 1000x |")
     lines = [head, "| --- |" + " ---: |" * 11]
     for r in rows:
         msgs = sum(r["messages"].values())
         per_person = f"{r['bytes_per_person']:,.0f}" if r["bytes_per_person"] else "-"
         even = break_even(r)
-        lines.append(f"| {r['clip']} | {r['linger_s']:g} | {r['duration_s']:.1f} | "
+        lines.append(f"| {r['clip']} | {r['mode']} | {r['duration_s']:.0f} ({r['loops']}) | "
                      f"{r['video_bytes_per_hour'] / 1e6:,.0f} | "
                      f"{r['people'] / r['duration_s'] * 3600:,.0f} | {msgs} ({r['events']}) | "
                      f"{r['mqtt_bytes_per_hour'] / 1e3:,.1f} | {r['ratio']:,.0f}x | "
@@ -192,9 +208,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fps", type=float, default=5.0, help="edge processing rate (default: %(default)s)")
     ap.add_argument("--stats-interval", type=float, default=MqttConfig.model_fields["stats_interval_s"].default,
                     help="edge stats period in seconds, the edge's default (default: %(default)s)")
-    ap.add_argument("--batch-linger", type=float, nargs="+", default=[2.0, 0.0], metavar="S",
-                    help="edge --batch-linger values to compare, each a run per clip (default: 2 = the edge "
-                         "default, and 0 = one message per event)")
+    ap.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES),
+                    help="publishing modes to compare, each run on every clip (default: all)")
+    ap.add_argument("--min-duration", type=float, default=120.0, metavar="S",
+                    help="play each clip enough times to cover at least S seconds of video (default: %(default)s)")
+    ap.add_argument("--sequential", action="store_true", help="run the modes one after another, not side by side")
     ap.add_argument("--json", type=Path, help="also write every figure (per message kind) to this JSON file")
     args = ap.parse_args(argv)
     missing = [str(p) for p in [*args.clips, args.model] if not p.exists()]
@@ -203,32 +221,32 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     for clip in args.clips:
-        for linger in args.batch_linger:
-            with tempfile.TemporaryDirectory(prefix="bytes-bench-") as tmp:
-                rows.append(measure(clip, args.model, args.fps, args.stats_interval, linger, Path(tmp)))
+        loops = max(1, math.ceil(args.min_duration / clip_info(clip)[0]))
+        print(f"  {clip.name}: {loops} play(s) in real time, modes {', '.join(args.modes)} ...", file=sys.stderr,
+              flush=True)
+        with tempfile.TemporaryDirectory(prefix="bytes-bench-") as tmp, \
+                ThreadPoolExecutor(1 if args.sequential else len(args.modes)) as pool:
+            runs = [pool.submit(measure, clip, args.model, args.fps, args.stats_interval, mode, loops, Path(tmp) / mode)
+                    for mode in args.modes]
+            rows += [run.result() for run in runs]
     print(f"model {args.model.name}, --fps {args.fps:g}, --realtime, stats every {args.stats_interval:g} s; "
           f"published = topic + payload + {MQTT_OVERHEAD} B/message MQTT overhead "
           f"(TCP/IP est.: + {TCP_OVERHEAD} B/message)\n")
     print(table(rows))
-    for linger in args.batch_linger:
-        mine = [r for r in rows if r["linger_s"] == linger]
+    for mode in args.modes:
+        mine = [r for r in rows if r["mode"] == mode]
         kinds = Counter()
         for r in mine:
             kinds.update(r["topic_payload_bytes"])
         total = sum(kinds.values())
-        print(f"\n--batch-linger {linger:g}: share of topic+payload bytes: "
+        print(f"\n{mode}: share of topic+payload bytes: "
               + ", ".join(f"{k} {v / total:.0%}" for k, v in kinds.most_common()))
         worst = min(mine, key=lambda r: r["ratio"])
-        print(f"--batch-linger {linger:g}: smallest ratio {worst['ratio']:,.0f}x ({worst['clip']}); target >= 1000x: "
+        print(f"{mode}: smallest ratio {worst['ratio']:,.0f}x ({worst['clip']}); target >= 1000x: "
               f"{'met' if worst['ratio'] >= 1000 else 'NOT met'}")
-    if len(args.batch_linger) > 1:
-        first, *others = args.batch_linger
-        for other in others:
-            for clip in args.clips:
-                a = next(r for r in rows if r["clip"] == clip.name and r["linger_s"] == first)
-                b = next(r for r in rows if r["clip"] == clip.name and r["linger_s"] == other)
-                print(f"{clip.name}: --batch-linger {first:g} publishes {b['mqtt_bytes'] / a['mqtt_bytes']:.1f}x "
-                      f"fewer bytes than {other:g} ({a['ratio']:,.0f}x vs {b['ratio']:,.0f}x the video)")
+    for clip in args.clips:
+        mine = {r["mode"]: r for r in rows if r["clip"] == clip.name}
+        print(f"{clip.name}: " + ", ".join(f"{m} {r['ratio']:,.0f}x" for m, r in mine.items()))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
     return 0

@@ -246,3 +246,13 @@ def _model():
     from tests.test_edge_mqtt import model_path
 
     return model_path()
+
+
+def test_the_sample_summary_is_valid_and_readable():
+    from pathlib import Path
+
+    for path in sorted((Path(__file__).resolve().parents[1] / "samples" / "summaries").glob("*.json")):
+        doc = json.loads(path.read_text())
+        assert validation_errors(doc, SUMMARY_SCHEMA_FILE) == [], path.name
+        delta = summary_deltas(doc)
+        assert sum(row["entries"] for row in delta.hourly.values()) > 0, path.name
