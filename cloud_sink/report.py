@@ -73,8 +73,10 @@ def table(headers: list[str], rows: list[list[Any]]) -> str:
 
 def render(data: dict[str, Any]) -> str:
     """The human-readable report."""
+    summaries = data.get("summaries_total") or 0
     out = [f"smartcam report  {data['since']} .. {data['until']}   events stored: {data['events_total']}   "
-           f"dead letters: {data['dead_letters']}", ""]
+           + (f"summaries stored: {summaries}   " if summaries else "")
+           + f"dead letters: {data['dead_letters']}", ""]
     cams = data["cameras"]
     if not cams:
         out.append("no cameras in this database yet")

@@ -412,7 +412,7 @@ class Store:
                 self._touch_cameras(conn, new_events)
         self._apply_deltas(conn, delta)
         for doc in sorted(new_docs, key=lambda d: (d["site"], d["camera_id"])):
-            self._upsert_camera(conn, doc["site"], doc["camera_id"], {}, seen_ms=ts_ms(doc["end"]),
+            self._upsert_camera(conn, doc["site"], doc["camera_id"], {}, seen_ms=min(ts_ms(doc["end"]), now_ms),
                                 add_events=int(doc["events"]))
         if batch.dead_letters:
             conn.execute(dead_letters.insert(), [{

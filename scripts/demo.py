@@ -175,6 +175,16 @@ def stored_ids(db_path: Path) -> set[str]:
         return set()
 
 
+def summarised_events(db_path: Path) -> tuple[int, int]:
+    """(summaries stored, events they stand for) in the sink's database; (0, 0) until it exists."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=1)) as con:
+            n, events = con.execute("SELECT COUNT(*), COALESCE(SUM(events), 0) FROM summaries").fetchone()
+            return int(n), int(events)
+    except sqlite3.Error:
+        return 0, 0
+
+
 def archived_ids(archive: Path) -> list[str]:
     """Every event id in the archive's JSON Lines files, duplicates kept (so they can be spotted)."""
     ids = []
@@ -236,9 +246,11 @@ def start_sink(url: str, out: Path, http_port: int) -> subprocess.Popen:
 
 
 def run_edge(source: str, model: Path, url: str, config: Path | None, events_file: Path, outbox: Path,
-             max_frames: int | None) -> None:
+             max_frames: int | None, summary: bool = False) -> None:
     cmd = [tool("smartcam-edge"), "run", "--source", source, "--model", str(model), "--camera-id", "street-1",
            "--site", "demo", "--broker", url, "--events-file", str(events_file), "--outbox", str(outbox)]
+    if summary:
+        cmd += ["--publish-mode", "summary"]
     if config is not None:
         cmd[2:2] = ["--config", str(config)]
     if max_frames:
@@ -264,6 +276,36 @@ def run_edge(source: str, model: Path, url: str, config: Path | None, events_fil
         raise DemoError(f"the edge exited with code {rc} (1: events left unacknowledged in its outbox)")
 
 
+def finish_summary(args: argparse.Namespace, produced: list[str], out: Path, http_port: int,
+                   sink: subprocess.Popen, t0: float) -> int:
+    """Summary mode: the events arrive as per-window summaries; check they account for every event, report."""
+    db_path = out / "smartcam.db"
+    say(f"edge done: {len(produced)} events summarised; waiting for the sink to store the summaries")
+    wait_until(lambda: sink.poll() is not None or summarised_events(db_path)[1] >= len(produced), args.wait, 0.5)
+    n, events = summarised_events(db_path)
+    complete = events == len(produced)
+    say(f"sink stored {n} summar{'y' if n == 1 else 'ies'} standing for {events} of {len(produced)} events"
+        + (" (every one, once)" if complete else " (NOT all)"))
+    say("analytics report (smartcam-sink report)")
+    subprocess.run([tool("smartcam-sink"), "report", "--db", f"sqlite:///{db_path}", "--since", "48h"], check=False)
+    dashboard = f"http://127.0.0.1:{http_port}/"
+    summary = {"mode": "summary", "events_produced": len(produced), "summaries_stored": n,
+               "events_summarised": events, "all_stored": complete, "dashboard": dashboard, "db": str(db_path),
+               "elapsed_s": round(time.monotonic() - t0, 1)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"\n{n} summar{'y' if n == 1 else 'ies'} stood for all {events} events the edge produced; demo took "
+          f"{summary['elapsed_s']:.0f} s." if complete else
+          f"\nNOT every event was summarised and stored: {events} of {len(produced)}; see {out / 'sink.log'}")
+    if args.serve:
+        print(f"Dashboard: {dashboard}   (API: {dashboard}api/summaries, {dashboard}api/stats/hourly)")
+        say("serving; press Ctrl-C to stop")
+        with contextlib.suppress(KeyboardInterrupt, Terminated):
+            sink.wait()
+    else:
+        print(f"Dashboard was at {dashboard} (stopped now; run with --serve to keep it up)")
+    return 0 if complete else 1
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--source", default=str(DEFAULT_CLIP),
@@ -286,6 +328,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--wait", type=float, default=120.0,
                     help="seconds to wait for the sink to store every event after the edge ends (default: %(default)s)")
     ap.add_argument("--serve", action="store_true", help="keep the sink and dashboard running until Ctrl-C")
+    ap.add_argument("--summary", action="store_true",
+                    help="run the edge in summary mode (one message per minute instead of every event, for metered "
+                         "links): the report is the same, there is no per-event record")
     return ap.parse_args(argv)
 
 
@@ -336,9 +381,11 @@ def run(args: argparse.Namespace) -> int:
         http_port = args.http_port if args.http_port and not port_busy(args.http_port) else free_port()
         sink = start_sink(url, out, http_port)
         events_file = out / "events.jsonl"
-        run_edge(source, model, url, config, events_file, work / "outbox.db", args.max_frames)
+        run_edge(source, model, url, config, events_file, work / "outbox.db", args.max_frames, args.summary)
 
         produced = produced_ids(events_file)
+        if args.summary:
+            return finish_summary(args, produced, out, http_port, sink, t0)
         say(f"edge done: {len(produced)} events written to {show(events_file)}; waiting for the sink to store them")
         db_path = out / "smartcam.db"
         wanted = set(produced)

@@ -78,6 +78,28 @@ def test_demo_on_the_embedded_broker_reuses_the_model_and_cleans_its_previous_ou
     assert summary["broker"] == "amqtt" and summary["broker_url"].endswith("?protocol=3.1.1")
 
 
+@pytest.mark.slow
+def test_demo_in_summary_mode_reports_the_same_figures_from_summaries(tmp_path, models_dir):
+    """--summary: the edge sends per-window summaries; they stand for every event and the report is unchanged."""
+    out = tmp_path / "out"
+    proc = run_demo("--max-frames", "40", "--imgsz", "320", "--calib-frames", "8", "--models-dir", str(models_dir),
+                    "--out", str(out), "--http-port", "0", "--summary")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    produced = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["mode"] == "summary" and summary["all_stored"] is True
+    assert summary["events_summarised"] == summary["events_produced"] == len(produced) > 0
+    assert summary["summaries_stored"] >= 1
+    assert f"stood for all {len(produced)} events the edge produced" in proc.stdout
+    lines = proc.stdout.splitlines()
+    header = next(line for line in lines if line.startswith("camera "))
+    (row,) = [line for line in lines if line.startswith("demo/street-1 ")]
+    table = dict(zip(re.split(r"\s{2,}", header.strip()), re.split(r"\s{2,}", row.strip()), strict=True))
+    entries = sum(1 for e in produced if e["type"] == "person.enter")
+    assert int(table["entries"]) == entries and int(table["events"]) == len(produced)
+    assert "summaries stored: " in proc.stdout and "events stored: 0" in proc.stdout  # no per-event record
+
+
 def test_bad_source_is_a_one_line_error(tmp_path):
     proc = run_demo("--source", str(tmp_path / "nope.mp4"), "--out", str(tmp_path / "out"), timeout=60)
     assert proc.returncode == 2

@@ -112,6 +112,7 @@ def figures(store: Store) -> dict[str, Any]:
     out["lines"] = rollups.lines(store, since=since, until=until)
     report = rollups.summary(store, since=since, until=until)
     report.pop("events_total")  # events stored: none in summary mode
+    report.pop("summaries_total")  # and no summary in events mode
     for cam in report["cameras"]:
         cam.pop("last_seen")  # newest event time vs. end of the newest window
     out["report"] = report
