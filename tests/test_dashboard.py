@@ -174,3 +174,33 @@ def test_dashboard_asks_for_the_token_and_uses_it(browser, scenario_store):
         ids = {r[0] for r in _values(page, "#events tbody tr", "data-event-id")}
         assert ids == {e["event_id"] for e in events if (e["site"], e["camera_id"]) == ("garage", "cam-1")}
         page.close()
+
+
+def test_dashboard_of_a_summary_mode_camera_shows_the_same_charts_and_says_why_no_events(browser, tmp_path):
+    """The same scenario sent as 60-s summaries: same entries per hour and dwell; the event list explains."""
+    from cloud_sink.api import create_app
+    from cloud_sink.store import Store
+    from tests.test_sink_summary import summaries_of
+
+    store = Store.open(f"sqlite:///{tmp_path / 'sink.db'}")
+    events = [e for e in scenario() if (e["site"], e["camera_id"]) == ("lobby", "cam-1")]
+    docs = summaries_of(events)
+    assert store.insert_summaries(docs) == len(docs) and store.event_count() == 0
+    try:
+        with serve(create_app(store)) as url:
+            page = browser.new_page(viewport={"width": 1360, "height": 1000})
+            watch = PageWatch(page)
+            page.goto(url)
+            page.wait_for_selector("body[data-ready=true]", timeout=20000)
+            bars = _values(page, "#chart-entries rect.bar.entries", "data-hour", "data-value")
+            assert {h: int(v) for h, v in bars if v != "0"} == {format_ts(T0): 3, format_ts(T0 + HOUR): 1,
+                                                                 format_ts(T0 + 2 * HOUR): 2}
+            dwell = {int(lo): int(v) for lo, v in _values(page, "#chart-dwell rect.bar.dwell", "data-lo",
+                                                          "data-value") if v != "0"}
+            assert dwell == {5: 1, 10: 1, 30: 1, 600: 1}
+            text = page.inner_text("#events tbody")
+            assert "sends summaries (summary mode)" in text and "no per-person records" in text
+            assert not watch.errors, watch.errors
+            page.close()
+    finally:
+        store.close()

@@ -233,11 +233,11 @@ function kpi(label, value, hint = "") {
   return box;
 }
 
-function renderEvents(rows) {
+function renderEvents(rows, emptyText = "No events stored yet.") {
   const body = document.querySelector("#events tbody");
   if (!rows.length) {
     const tr = el("tr");
-    tr.append(el("td", { colspan: "6", class: "empty-text" }, "No events stored yet."));
+    tr.append(el("td", { colspan: "6", class: "empty-text" }, emptyText));
     body.replaceChildren(tr);
     return;
   }
@@ -264,11 +264,12 @@ async function renderCamera(cam) {
   const since = until - WINDOW_HOURS * HOUR;
   const scope = { site: cam.site, camera: cam.camera_id };
   const range = { ...scope, since: new Date(since * 1000).toISOString(), until: new Date(until * 1000).toISOString() };
-  const [hourly, occupancy, dwell, events] = await Promise.all([
+  const [hourly, occupancy, dwell, events, summaries] = await Promise.all([
     api("stats/hourly", range),
     api("occupancy", { ...range, bucket: 600 }),
     api("dwell", range),
     api("events", { ...scope, limit: 25 }),
+    api("summaries", { ...scope, limit: 1 }),
   ]);
   document.getElementById("detail").hidden = false;
   document.getElementById("camera-title").textContent = `${cam.site} / ${cam.camera_id}`;
@@ -292,7 +293,11 @@ async function renderCamera(cam) {
   drawOccupancy(document.getElementById("chart-occupancy"), occupancy.intervals, since, until);
   drawDwell(document.getElementById("chart-dwell"), dwell);
   document.getElementById("events-scope").textContent = `· ${cam.site}/${cam.camera_id}`;
-  renderEvents(events.events);
+  const latest = summaries.summaries[0];
+  renderEvents(events.events, latest
+    ? `This camera sends summaries (summary mode): the figures above come from them; there are no per-person ` +
+      `records. Latest window ${utcTime(epoch(latest.start), true)} UTC, ${latest.events} events.`
+    : "No events stored yet.");
 }
 
 // ------------------------------------------------------------------------------------------ main loop
