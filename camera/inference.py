@@ -4,7 +4,7 @@ Why: on a small CPU one onnxruntime run splits each layer over the cores, and a 
 to split well (at 384x640 two intra-op threads were no faster end to end than one on the 2-core dev machine).
 Running consecutive frames side by side, one thread each, keeps every core busy instead: OpenVINO's "throughput
 streams" and DeepStream's batching do the same. The tracker still sees every frame in order, so nothing
-downstream changes; the cost is up to ``streams - 1`` frames of extra latency. ``streams=1`` runs inline, exactly
+downstream changes; the cost is up to ``streams`` frames of extra latency. ``streams=1`` runs inline, exactly
 as a plain loop would.
 """
 
@@ -32,6 +32,10 @@ class InferenceQueue:
         self._detect = detect
         self._pool = (ThreadPoolExecutor(max_workers=self.streams, thread_name_prefix="infer")
                       if self.streams > 1 else None)
+        # With workers, :meth:`put` returns while ``streams`` frames are still in the detector, so every worker
+        # stays busy while this thread tracks and publishes (it used to wait until only ``streams - 1`` were:
+        # one worker idle meanwhile; measured 161 -> 184 frames/s median at 192x320 on 2 cores).
+        self._depth = self.streams + 1 if self._pool is not None else 1
         self._pending: deque[tuple[Frame, Future | Result]] = deque()
 
     def _timed(self, image: np.ndarray) -> tuple[Detections, float]:
@@ -42,13 +46,13 @@ class InferenceQueue:
     def put(self, frame: Frame, detect: bool = True) -> Iterator[tuple[Frame, Result]]:
         """Queue ``frame`` (``detect=False``: skip the detector, e.g. no motion); yield the frames now done.
 
-        Blocks only while ``streams`` frames are already in the detector.
+        Returns with up to ``streams`` frames still in the detector; blocks (for the oldest) only beyond that.
         """
         job: Future | Result = None
         if detect:
             job = self._timed(frame.image) if self._pool is None else self._pool.submit(self._timed, frame.image)
         self._pending.append((frame, job))
-        while self._pending and (len(self._pending) >= self.streams or _done(self._pending[0][1])):
+        while self._pending and (len(self._pending) >= self._depth or _done(self._pending[0][1])):
             yield self._pop()
 
     def drain(self) -> Iterator[tuple[Frame, Result]]:

@@ -108,3 +108,29 @@ def test_edge_events_are_the_same_with_one_or_three_streams(int8_model_320, tmp_
                            for line in path.read_text().splitlines()]
     assert any(e["type"] == "person.enter" for e in events[1])
     assert events[3] == events[1]
+
+
+def test_put_returns_while_every_stream_is_busy_and_waits_only_beyond():
+    """With 2 streams, two frames are accepted while both workers are busy (so no worker idles while the caller
+    tracks and publishes); a third waits for the oldest result."""
+    release = threading.Event()
+
+    def blocked(image: np.ndarray) -> Detections:
+        release.wait(10)
+        return slow_then_fast(image)
+
+    queue = InferenceQueue(blocked, 2)
+    try:
+        assert [list(queue.put(frame(i))) for i in range(2)] == [[], []]  # none blocked, none done
+        got: list = []
+        third = threading.Thread(target=lambda: got.extend(queue.put(frame(2))))
+        third.start()
+        third.join(0.3)
+        assert third.is_alive() and not got  # held: both streams busy
+        release.set()
+        third.join(10)
+        rest = got + list(queue.drain())
+        assert [f.index for f, _ in rest] == [0, 1, 2]
+    finally:
+        release.set()
+        queue.close()
