@@ -87,10 +87,17 @@ class Outbox:
 
     def put_many(self, messages: list[tuple[str, str | bytes, int, bool]]) -> list[int]:
         """Store several messages in one transaction (one fsync), in order."""
+        return self._queue(messages)
+
+    def _queue(self, messages: list[tuple[str, str | bytes, int, bool]], staged_window: int | None = None
+               ) -> list[int]:
+        """One transaction: insert ``messages`` and, if given, forget the events staged under ``staged_window``."""
         with self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
                 ids, excess = self._insert(messages)
+                if staged_window is not None:
+                    self._db.execute("DELETE FROM staged WHERE window_start = ?", (staged_window,))
                 self._db.execute("COMMIT")
             except sqlite3.Error as exc:
                 self._rollback()
@@ -154,17 +161,7 @@ class Outbox:
         A crash before the commit leaves the events staged (summarised again on the next start); after it, only
         the summary exists. Either way the window is counted once.
         """
-        with self._lock:
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-                ids, excess = self._insert(messages)
-                self._db.execute("DELETE FROM staged WHERE window_start = ?", (window,))
-                self._db.execute("COMMIT")
-            except sqlite3.Error as exc:
-                self._rollback()
-                raise OutboxError(f"cannot write outbox {self.path}: {exc}") from None
-            self._account(len(ids), excess)
-        return ids
+        return self._queue(messages, staged_window=window)
 
     def fetch(self, after_id: int = 0, limit: int = 100) -> list[Row]:
         """The oldest ``limit`` messages with id > ``after_id``, in order."""

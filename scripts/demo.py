@@ -296,14 +296,19 @@ def finish_summary(args: argparse.Namespace, produced: list[str], out: Path, htt
     print(f"\n{n} summar{'y' if n == 1 else 'ies'} stood for all {events} events the edge produced; demo took "
           f"{summary['elapsed_s']:.0f} s." if complete else
           f"\nNOT every event was summarised and stored: {events} of {len(produced)}; see {out / 'sink.log'}")
-    if args.serve:
-        print(f"Dashboard: {dashboard}   (API: {dashboard}api/summaries, {dashboard}api/stats/hourly)")
+    serve_or_stop(args.serve, sink, dashboard, "summaries")
+    return 0 if complete else 1
+
+
+def serve_or_stop(serve: bool, sink: subprocess.Popen, dashboard: str, records: str) -> None:
+    """With --serve, keep the sink (and its dashboard) up until Ctrl-C; otherwise say it is being stopped."""
+    if serve:
+        print(f"Dashboard: {dashboard}   (API: {dashboard}api/{records}, {dashboard}api/stats/hourly)")
         say("serving; press Ctrl-C to stop")
         with contextlib.suppress(KeyboardInterrupt, Terminated):
             sink.wait()
     else:
         print(f"Dashboard was at {dashboard} (stopped now; run with --serve to keep it up)")
-    return 0 if complete else 1
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -415,13 +420,7 @@ def run(args: argparse.Namespace) -> int:
                   f"(and archived under {show(archive)}); demo took {summary['elapsed_s']:.0f} s.")
         else:
             print(f"\nNOT all events were stored: {len(missing)} of {len(produced)} missing; see {out / 'sink.log'}")
-        if args.serve:
-            print(f"Dashboard: {dashboard}   (API: {dashboard}api/events, {dashboard}api/stats/hourly)")
-            say("serving; press Ctrl-C to stop")
-            with contextlib.suppress(KeyboardInterrupt, Terminated):
-                sink.wait()
-        else:
-            print(f"Dashboard was at {dashboard} (stopped now; run with --serve to keep it up)")
+        serve_or_stop(args.serve, sink, dashboard, "events")
         return 0 if all_stored else 1
     finally:
         stop(sink, "sink")

@@ -19,7 +19,7 @@ from camera.outbox import Outbox
 from camera.summarizer import Summarizer
 from camera.summary import deltas, expand_ranges, summary_deltas, summary_document, track_ranges, window_start
 from tests.conftest import STREET_CLIP
-from tests.test_edge_mqtt import CAM, SITE, Subscriber, read_events, run_edge
+from tests.test_edge_mqtt import CAM, SITE, Subscriber, model_path, read_events, run_edge
 from tests.test_sink_store import make_event
 
 T0 = 1_790_000_000 // 3600 * 3600  # an hour boundary
@@ -218,7 +218,7 @@ def test_edge_in_summary_mode_sends_summaries_equal_to_its_events_and_no_event_m
     try:
         # 60 processed frames at 5 fps, stamped so that they span two 10-s windows and an hour boundary
         proc = run_edge("--config", "samples/demo_street.yaml", "--source", str(STREET_CLIP), "--model",
-                        str(_model()), "--camera-id", CAM, "--site", SITE, "--broker", mosquitto.url,
+                        str(model_path()), "--camera-id", CAM, "--site", SITE, "--broker", mosquitto.url,
                         "--max-frames", "60", "--events-file", str(events_file), "--outbox", str(tmp_path / "o.db"),
                         "--publish-mode", "summary", "--summary-interval", "10",
                         "--start-time", "2026-11-22T09:59:55Z")
@@ -240,12 +240,6 @@ def test_edge_in_summary_mode_sends_summaries_equal_to_its_events_and_no_event_m
     assert [ts_ms(d["start"]) // 1000 for d in got] == list(expected)
     assert [d["events"] for d in got] == [len(evs) for evs in expected.values()]
     assert merged(summary_deltas(d) for d in got) == merged([deltas(written)])
-
-
-def _model():
-    from tests.test_edge_mqtt import model_path
-
-    return model_path()
 
 
 def test_the_sample_summary_is_valid_and_readable():
