@@ -122,6 +122,9 @@ class EdgeRunner:
         else:
             log.info("no broker configured: offline mode, events go to %s",
                      cfg.events_file or "stdout")
+            if cfg.publish.mode == "summary":
+                log.warning("publish.mode summary applies to what is sent to a broker; offline, every event is "
+                            "written as usual")
         if cfg.events_file:
             Path(cfg.events_file).parent.mkdir(parents=True, exist_ok=True)
             self._events_fh = open(cfg.events_file, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
