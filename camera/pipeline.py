@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from camera.config import EdgeConfig
-from camera.contract import topic_for, topics_for_event  # noqa: F401 - also imported from here by tests
+from camera.contract import topic_for, topics_for_event
 from camera.frame import Frame
 from camera.inference import InferenceQueue, Result
 from camera.motion import MotionGate
@@ -109,8 +109,7 @@ class EdgeRunner:
             self.publisher = Publisher(cfg.mqtt.settings(), self.outbox, site=cfg.site, camera_id=cfg.camera_id,
                                        client_id=cfg.mqtt.client_id, window=cfg.mqtt.window,
                                        batch=cfg.publish.batch)
-            summarizer = Summarizer(self.outbox, site=cfg.site, camera_id=cfg.camera_id,
-                                    interval_s=cfg.publish.summary_interval_s,
+            summarizer = Summarizer(self.outbox, interval_s=cfg.publish.summary_interval_s,
                                     lateness_s=cfg.tracker.max_age_s + 1.0)
             if cfg.publish.mode == "summary":
                 self.summarizer = summarizer

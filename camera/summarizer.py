@@ -31,14 +31,10 @@ log = logging.getLogger(__name__)
 class Summarizer:
     """Stages events per window and turns each closed window into its summary (thread-safe)."""
 
-    def __init__(self, outbox: Outbox, *, site: str, camera_id: str, interval_s: int, lateness_s: float = 0.0
-                 ) -> None:
+    def __init__(self, outbox: Outbox, *, interval_s: int, lateness_s: float = 0.0) -> None:
         self.outbox = outbox
         self.lateness_s = lateness_s  # how far behind the newest frame an event's ts may be (an exit: last seen)
-        self.site = site
-        self.camera_id = camera_id
         self.interval_s = interval_s
-        self.summaries = 0  # summary messages queued by this process
         self._lock = threading.Lock()
         self._open: set[int] = set(outbox.staged_windows())  # windows with staged events (a crash leaves some)
         if self._open:
@@ -81,7 +77,6 @@ class Summarizer:
             messages.append((topic_for(site, camera_id, SUMMARY_LEAF), json.dumps(doc, separators=(",", ":")), 1,
                              False))
         self.outbox.promote(window, messages)
-        self.summaries += len(groups)
         log.debug("summarised %d event(s) staged under the window at %d into %d summary message(s)", len(events),
                   window, len(groups))
         return len(messages)

@@ -165,7 +165,6 @@ def summary_document(events: list[dict[str, Any]], *, summary_id: str, start_s: 
         if not start_s * 1000 <= ts_ms(ev["ts"]) < end_s * 1000:
             raise ValueError(f"event at {ev['ts']} is outside the window {format_ts(start_s)}..{format_ts(end_s)}")
     delta = deltas(events)
-    hour = start_s // HOUR * HOUR
     zone_tracks: dict[str, list[int]] = defaultdict(list)
     for _site, _cam, zone, _hour, track in delta.tracks:
         zone_tracks[zone].append(track)
@@ -173,8 +172,7 @@ def summary_document(events: list[dict[str, Any]], *, summary_id: str, start_s: 
     for (_site, _cam, zone, _hour, index), n in sorted(delta.dwell_bins.items()):
         zone_bins[zone][str(index)] = n
     areas = []
-    for zone in sorted(set(z for _s, _c, z, _h in delta.hourly) | set(zone_tracks)):
-        row = delta.hourly.get((first["site"], first["camera_id"], zone, hour)) or _zero()
+    for (_site, _cam, zone, _hour), row in sorted(delta.hourly.items()):  # every event makes its zone's row
         area: dict[str, Any] = {} if zone == "" else {"zone": zone}
         area.update({
             "entries": row["entries"], "exits": row["exits"], "loiters": row["loiters"],

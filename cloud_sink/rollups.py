@@ -1,7 +1,7 @@
 """Analytics: hourly rollups maintained on ingest, and the queries the report, API and dashboard ask.
 
-Two halves. :func:`deltas` is pure maths: the rollup increments for a list of *newly stored* events (the store
-applies them in the same transaction as the insert; a stored ``summary`` message from an edge in summary mode
+The maths lives in ``camera.summary`` (shared with the edge): ``deltas`` gives the rollup increments for a list
+of *newly stored* events (the store applies them in the same transaction as the insert; a stored ``summary`` message from an edge in summary mode
 brings the same increments for its window, ``camera.summary.summary_deltas``, so every figure below is the same
 whichever way a camera publishes). The query functions read only the small rollup tables (except
 :func:`occupancy`, which buckets raw ``count`` events at any resolution, and the summaries' windows at theirs),
@@ -21,8 +21,8 @@ Arguments: ``since``/``until`` are epoch seconds, aware ``datetime`` or RFC 3339
 the hours that start in ``[floor_hour(since), until)``. ``zone=None`` selects whole-camera figures, ``zone="*"``
 every zone, ``zone="name"`` one zone.
 
->>> dwell_bin(3.2), dwell_bin(10.0), round(bin_edges(dwell_bin(100.0))[0], 2)
-(6, 20, 99.06)
+>>> histogram_quantile({0: 1, 20: 1}, 0.5)
+0.5
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 
 from camera.contract import format_ts
-from camera.summary import HOUR, Deltas, bin_edges, deltas, dwell_bin  # noqa: F401 - re-exported
+from camera.summary import HOUR, bin_edges
 
 if TYPE_CHECKING:
     from cloud_sink.store import Store

@@ -37,8 +37,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from camera.contract import format_ts
-from camera.summary import merge_deltas, summary_deltas
-from cloud_sink import rollups
+from camera.summary import Deltas, deltas, merge_deltas, summary_deltas
 from cloud_sink.validation import ts_ms
 
 log = logging.getLogger(__name__)
@@ -146,7 +145,7 @@ rollup_tracks = sa.Table(  # distinct track ids per hour, so unique_tracks stays
     sa.Column("track_id", sa.BigInteger, primary_key=True),
 )
 
-rollup_dwell = sa.Table(  # dwell histogram per hour in fixed bins (rollups.dwell_bin), for median/p90
+rollup_dwell = sa.Table(  # dwell histogram per hour in fixed bins (camera.summary.dwell_bin), for median/p90
     "rollup_dwell", metadata,
     *_camera_key(),
     sa.Column("zone", NAME, primary_key=True),
@@ -394,7 +393,7 @@ class Store:
 
     def _write(self, conn: Connection, batch: Batch, now_ms: int) -> Written:
         new_events: list[dict[str, Any]] = []
-        delta = rollups.Deltas()
+        delta = Deltas()
         new_docs = self._insert_summaries(conn, batch.summaries, now_ms) if batch.summaries else []
         for doc in new_docs:  # validated on ingest; the limit on named tracks was applied there
             merge_deltas(delta, summary_deltas(doc, max_tracks=sys.maxsize))
@@ -408,7 +407,7 @@ class Store:
                 index_elements=["event_id"]).returning(events.c.event_id)).scalars())
             new_events = [ev for ev in unique.values() if ev["event_id"] in inserted]
             if new_events:  # the summaries' increments (usually none) added to the events', not the other way round
-                delta = merge_deltas(rollups.deltas(new_events), delta)
+                delta = merge_deltas(deltas(new_events), delta)
                 self._touch_cameras(conn, new_events)
         self._apply_deltas(conn, delta)
         for doc in sorted(new_docs, key=lambda d: (d["site"], d["camera_id"])):
@@ -485,7 +484,7 @@ class Store:
         for (site, camera_id), (n, newest) in sorted(per_cam.items()):
             self._upsert_camera(conn, site, camera_id, {}, seen_ms=newest, add_events=n)
 
-    def _apply_deltas(self, conn: Connection, delta: rollups.Deltas) -> None:
+    def _apply_deltas(self, conn: Connection, delta: Deltas) -> None:
         """Add rollup increments (of new events and new summaries) to the rollup tables, in ``conn``'s transaction.
 
         Distinct tracks are counted from the rows the track tables did not hold yet, so a track named by an event

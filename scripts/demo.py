@@ -286,8 +286,7 @@ def finish_summary(args: argparse.Namespace, produced: list[str], out: Path, htt
     complete = events == len(produced)
     say(f"sink stored {n} summar{'y' if n == 1 else 'ies'} standing for {events} of {len(produced)} events"
         + (" (every one, once)" if complete else " (NOT all)"))
-    say("analytics report (smartcam-sink report)")
-    subprocess.run([tool("smartcam-sink"), "report", "--db", f"sqlite:///{db_path}", "--since", "48h"], check=False)
+    print_report(db_path)
     dashboard = f"http://127.0.0.1:{http_port}/"
     summary = {"mode": "summary", "events_produced": len(produced), "summaries_stored": n,
                "events_summarised": events, "all_stored": complete, "dashboard": dashboard, "db": str(db_path),
@@ -298,6 +297,11 @@ def finish_summary(args: argparse.Namespace, produced: list[str], out: Path, htt
           f"\nNOT every event was summarised and stored: {events} of {len(produced)}; see {out / 'sink.log'}")
     serve_or_stop(args.serve, sink, dashboard, "summaries")
     return 0 if complete else 1
+
+
+def print_report(db_path: Path) -> None:
+    say("analytics report (smartcam-sink report)")
+    subprocess.run([tool("smartcam-sink"), "report", "--db", f"sqlite:///{db_path}", "--since", "48h"], check=False)
 
 
 def serve_or_stop(serve: bool, sink: subprocess.Popen, dashboard: str, records: str) -> None:
@@ -405,9 +409,7 @@ def run(args: argparse.Namespace) -> int:
             + (" (every one, once)" if all_stored else f" ({len(missing)} MISSING)")
             + f"; archive holds {len(set(archived) & wanted)} of them in {len(archived)} lines")
 
-        say("analytics report (smartcam-sink report)")
-        subprocess.run([tool("smartcam-sink"), "report", "--db", f"sqlite:///{db_path}", "--since", "48h"],
-                       check=False)
+        print_report(db_path)
         dashboard = f"http://127.0.0.1:{http_port}/"
         summary = {"events_produced": len(produced), "events_stored": len(wanted & stored),
                    "events_missing": len(missing), "events_archived": len(set(archived) & wanted),

@@ -17,9 +17,8 @@ import pytest
 
 from camera.broker import BrokerSettings
 from camera.config import BatchConfig
-from camera.contract import decode_batch
+from camera.contract import decode_batch, topics_for_event
 from camera.outbox import Outbox
-from camera.pipeline import topics_for_event
 from camera.publisher import Publisher
 from cloud_sink.ingest import Ingestor
 from cloud_sink.ingest import Subscriber as Sink
@@ -52,14 +51,22 @@ def put(box: Outbox, events: list[dict]) -> None:
     box.put_many(rows)
 
 
+def feed_frames(box: Outbox, pub: Publisher, events: list[dict], per_frame: int) -> None:
+    """As a camera does: ``per_frame`` events at a time, a frame every 50 ms, the publisher told each time."""
+    for i in range(0, len(events), per_frame):
+        put(box, events[i:i + per_frame])
+        pub.notify()
+        time.sleep(0.05)
+
+
 class RealSink:
     """The sink's MQTT ingest loop in a thread, storing into an SQLite file."""
 
-    def __init__(self, url: str, db: Path) -> None:
+    def __init__(self, url: str, db: Path, client_id: str = "batch-test-sink") -> None:
         self.db_url = f"sqlite:///{db}"
         self.store = Store.open(self.db_url)
         self.ingestor = Ingestor(self.store)
-        self.sink = Sink(self.ingestor, BrokerSettings.from_url(url), client_id="batch-test-sink")
+        self.sink = Sink(self.ingestor, BrokerSettings.from_url(url), client_id=client_id)
         self.sink.start()
         assert self.sink.connected.wait(10), "sink did not connect"
         time.sleep(0.3)  # the SUBACK: the persistent session exists before anything is published
@@ -128,10 +135,7 @@ def test_events_arriving_over_time_are_grouped_by_linger(mosquitto, tmp_path):
     try:
         pub.start()
         assert pub.connected.wait(10)
-        for i in range(0, 100, 5):  # 5 events per "frame", 20 frames
-            put(box, events[i:i + 5])
-            pub.notify()
-            time.sleep(0.05)
+        feed_frames(box, pub, events, 5)  # 20 frames
         assert pub.wait_drained(30) == 0
         assert sub.wait_for(lambda: sum(map(len, batch_events(sub))) >= 100)
     finally:
@@ -265,9 +269,7 @@ def test_retained_summaries_go_at_most_every_interval_and_the_newest_at_the_end(
     try:
         pub.start()
         assert pub.connected.wait(10)
-        for i in range(0, 80, 4):  # one count change per "frame"
-            put(box, events[i:i + 4])
-            time.sleep(0.05)
+        feed_frames(box, pub, events, 4)  # one count change per frame
         assert pub.wait_drained(30) == 0  # draining releases what is held
         assert sub.wait_for(lambda: sum(map(len, batch_events(sub))) >= 80)
         assert sub.wait_for(lambda: json.loads(sub.payloads("count")[-1])["event_id"] == events[-1]["event_id"])

@@ -77,6 +77,15 @@ class PageWatch:
         page.on("request", lambda req: self.requests.append(req.url))
 
 
+def open_dashboard(browser, url: str):
+    """A desktop-sized page on the dashboard, watched, once its first refresh is done; (page, watch)."""
+    page = browser.new_page(viewport={"width": 1360, "height": 1000})
+    watch = PageWatch(page)
+    page.goto(url)
+    page.wait_for_selector("body[data-ready=true]", timeout=20000)
+    return page, watch
+
+
 def _values(page, selector: str, *attrs: str) -> list[tuple[str, ...]]:
     rows = page.eval_on_selector_all(
         selector, f"els => els.map(e => [{', '.join(f'e.getAttribute({a!r})' for a in attrs)}])")
@@ -90,10 +99,7 @@ def test_dashboard_renders_the_stored_data(browser, scenario_store, artifacts_di
 
     store, events = scenario_store
     with serve(create_app(store)) as url:
-        page = browser.new_page(viewport={"width": 1360, "height": 1000})
-        watch = PageWatch(page)
-        page.goto(url)
-        page.wait_for_selector("body[data-ready=true]", timeout=20000)
+        page, watch = open_dashboard(browser, url)
 
         # Camera cards with their health; garage/cam-1 sorts first and is selected at start.
         cards = _values(page, "button.camera", "data-camera", "aria-pressed")
@@ -188,10 +194,7 @@ def test_dashboard_of_a_summary_mode_camera_shows_the_same_charts_and_says_why_n
     assert store.insert_summaries(docs) == len(docs) and store.event_count() == 0
     try:
         with serve(create_app(store)) as url:
-            page = browser.new_page(viewport={"width": 1360, "height": 1000})
-            watch = PageWatch(page)
-            page.goto(url)
-            page.wait_for_selector("body[data-ready=true]", timeout=20000)
+            page, watch = open_dashboard(browser, url)
             bars = _values(page, "#chart-entries rect.bar.entries", "data-hour", "data-value")
             assert {h: int(v) for h, v in bars if v != "0"} == {format_ts(T0): 3, format_ts(T0 + HOUR): 1,
                                                                  format_ts(T0 + 2 * HOUR): 2}

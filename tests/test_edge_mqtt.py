@@ -273,7 +273,7 @@ def test_bad_input_is_a_clear_error_and_exit_2(args, message):
 
 
 def test_topics_for_event_routes_retained_summaries():
-    from camera.pipeline import topics_for_event
+    from camera.contract import topics_for_event
 
     base = topic_for(SITE, CAM, "")
     assert topics_for_event(SITE, CAM, {"type": "person.enter"}) == [(base + "events", 1, False)]

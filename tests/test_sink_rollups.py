@@ -7,6 +7,7 @@ import statistics
 
 import pytest
 
+from camera.summary import bin_edges, deltas, dwell_bin
 from cloud_sink import rollups
 from tests.test_sink_store import T0, db_url, make_event, store  # noqa: F401  (fixtures)
 
@@ -146,7 +147,7 @@ def test_median_and_p90_are_within_one_bin_of_exact(store):  # noqa: F811
 
 def test_deltas_are_pure_and_ignore_nothing():
     evs = scenario()
-    delta = rollups.deltas(evs)
+    delta = deltas(evs)
     assert delta.hourly[("lobby", "cam-1", "", H0)]["entries"] == 3
     assert delta.lines[("lobby", "cam-1", "gate", H1)] == [1, 1]
     assert sum(delta.dwell_bins.values()) == 5  # 4 person.exit + 1 zone.exit
@@ -155,7 +156,7 @@ def test_deltas_are_pure_and_ignore_nothing():
 
 @pytest.mark.parametrize("seconds", [0.0, 0.49, 0.5, 9.99, 10.0, 10.5, 59.0, 3600.0, 86400.0, 31536000.0])
 def test_dwell_bins_contain_their_value(seconds):
-    lo, hi = rollups.bin_edges(rollups.dwell_bin(seconds))
+    lo, hi = bin_edges(dwell_bin(seconds))
     assert lo <= seconds * (1 + 1e-12) and seconds < hi * (1 + 1e-12)
     assert hi - lo <= max(0.5, 0.051 * hi)
 

@@ -12,7 +12,6 @@ import itertools
 import json
 import os
 import random
-import threading
 import time
 from collections import defaultdict
 from typing import Any
@@ -21,11 +20,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from camera.broker import BrokerSettings
 from camera.contract import format_ts, new_event_id, topic_for, ts_ms
 from camera.summary import SUMMARY_LEAF, summary_document, window_start
 from cloud_sink import rollups
-from cloud_sink.ingest import SUBSCRIPTIONS, Ingestor, Subscriber
+from cloud_sink.ingest import SUBSCRIPTIONS, Ingestor
 from cloud_sink.store import MIGRATIONS, Batch, Store
 from cloud_sink.validation import Limits, check_message
 from tests.test_sink_store import make_event
@@ -323,17 +321,13 @@ def test_api_lists_summaries_with_filters_and_pagination(store):
 # ------------------------------------------------------------------------------------------ real broker
 @pytest.mark.slow
 def test_a_summary_through_real_mosquitto_is_stored_once(mosquitto, tmp_path):
+    from tests.test_batch_publisher import RealSink
     from tests.test_sink_ingest import publish, wait_for
 
     assert "smartcam/+/+/summary" in SUBSCRIPTIONS
-    s = Store.open(f"sqlite:///{tmp_path / 'live.db'}")
-    sub = Subscriber(Ingestor(s), BrokerSettings.from_url(mosquitto.url), client_id="sink-summary", log_every_s=0.5)
-    thread = threading.Thread(target=sub.run)
-    sub.start()
-    thread.start()
+    sink = RealSink(mosquitto.url, tmp_path / "live.db", client_id="sink-summary")
+    s = sink.store
     try:
-        assert sub.connected.wait(10)
-        time.sleep(0.3)  # SUBACK
         start = window_start(time.time() - 120, INTERVAL)  # a closed window, as the edge sends it
         events = [make_event("person.enter", ts=start + 1, track_id=1), make_event("count", ts=start + 1, count=1),
                   make_event("person.enter", ts=start + 5, track_id=2),
@@ -343,7 +337,7 @@ def test_a_summary_through_real_mosquitto_is_stored_once(mosquitto, tmp_path):
         (doc,) = summaries_of(events)
         publish(mosquitto.url, [message(doc)])
         publish(mosquitto.url, [message(doc)])  # redelivered
-        wait_for(lambda: s.summary_count() == 1 and sub.ingestor.totals.summary_duplicates == 1,
+        wait_for(lambda: s.summary_count() == 1 and sink.ingestor.totals.summary_duplicates == 1,
                  what="1 summary, 1 duplicate")
         assert s.event_count() == 0
         (hour,) = rollups.hourly(s, since=start, until=start + INTERVAL)
@@ -352,10 +346,8 @@ def test_a_summary_through_real_mosquitto_is_stored_once(mosquitto, tmp_path):
         (cam,) = s.cameras()
         assert cam["events_total"] == 6 and cam["last_seen"] == format_ts(start + INTERVAL)
     finally:
-        sub.stop()
-        thread.join(10)
-        s.close()
-    assert not thread.is_alive()
+        sink.close()
+    assert not sink.thread.is_alive()
 
 
 _values = st.one_of(st.none(), st.booleans(), st.integers(min_value=-2**70, max_value=2**70),

@@ -17,7 +17,16 @@ from camera.config import ConfigError, load_config
 from camera.contract import SUMMARY_SCHEMA_FILE, new_event_id, topic_for, ts_ms, validation_errors
 from camera.outbox import Outbox
 from camera.summarizer import Summarizer
-from camera.summary import deltas, expand_ranges, summary_deltas, summary_document, track_ranges, window_start
+from camera.summary import (
+    Deltas,
+    deltas,
+    expand_ranges,
+    merge_deltas,
+    summary_deltas,
+    summary_document,
+    track_ranges,
+    window_start,
+)
 from tests.conftest import STREET_CLIP
 from tests.test_edge_mqtt import CAM, SITE, Subscriber, model_path, read_events, run_edge
 from tests.test_sink_store import make_event
@@ -57,25 +66,12 @@ def by_window(events: list[dict], interval: int) -> dict[int, list[dict]]:
 
 
 def merged(delta_list) -> tuple[dict, set, dict, dict]:
-    """Several Deltas added up the way the store adds them (sums, max for occupancy_max)."""
-    hourly: dict = defaultdict(Counter)
-    tracks: set = set()
-    bins: Counter = Counter()
-    lines: dict = defaultdict(lambda: [0, 0])
+    """Several Deltas added up the way the store adds them (``merge_deltas``), floats rounded for comparison."""
+    total = Deltas()
     for d in delta_list:
-        for key, row in d.hourly.items():
-            for name, value in row.items():
-                if name == "occupancy_max":
-                    hourly[key][name] = max(hourly[key][name], value)
-                else:
-                    hourly[key][name] += value
-        tracks |= d.tracks
-        bins.update(d.dwell_bins)
-        for key, (i, o) in d.lines.items():
-            lines[key][0] += i
-            lines[key][1] += o
-    rounded = {k: {n: round(v, 6) for n, v in row.items()} for k, row in hourly.items()}
-    return rounded, tracks, dict(bins), dict(lines)
+        merge_deltas(total, d)
+    hourly = {k: {n: round(v, 6) for n, v in row.items()} for k, row in total.hourly.items()}
+    return hourly, total.tracks, dict(total.dwell_bins), dict(total.lines)
 
 
 # ---------------------------------------------------------------------------------------------- maths
@@ -146,7 +142,7 @@ def stage_frames(summarizer: Summarizer, events: list[dict]) -> None:
 
 def test_events_wait_staged_until_their_window_closes_then_one_summary_replaces_them(tmp_path):
     box = Outbox(tmp_path / "o.db")
-    s = Summarizer(box, site=SITE, camera_id=CAM, interval_s=60)
+    s = Summarizer(box, interval_s=60)
     events = scene()
     stage_frames(s, events)
     assert box.depth() == 0 and box.staged_windows() == [T0, T0 + 60, T0 + 120]
@@ -169,14 +165,14 @@ def test_events_wait_staged_until_their_window_closes_then_one_summary_replaces_
 def test_staged_events_survive_a_crash_and_are_summarised_once(tmp_path):
     events = scene()
     box = Outbox(tmp_path / "o.db")
-    s = Summarizer(box, site=SITE, camera_id=CAM, interval_s=60)
+    s = Summarizer(box, interval_s=60)
     stage_frames(s, events[:20])
     s.close_due(T0 + 60)
     before = outbox_rows(box)
     box.close()  # the process dies here: nothing else is written
 
     box = Outbox(tmp_path / "o.db")
-    s = Summarizer(box, site=SITE, camera_id=CAM, interval_s=60)
+    s = Summarizer(box, interval_s=60)
     assert outbox_rows(box) == before  # the first window's summary is still queued, exactly once
     stage_frames(s, events[20:])
     s.close_all()
@@ -189,9 +185,9 @@ def test_staged_events_survive_a_crash_and_are_summarised_once(tmp_path):
 def test_a_restart_with_another_interval_regroups_what_was_staged(tmp_path):
     events = scene()
     box = Outbox(tmp_path / "o.db")
-    stage_frames(Summarizer(box, site=SITE, camera_id=CAM, interval_s=300), events)
+    stage_frames(Summarizer(box, interval_s=300), events)
     assert box.staged_windows() == [T0]
-    s = Summarizer(box, site=SITE, camera_id=CAM, interval_s=30)
+    s = Summarizer(box, interval_s=30)
     s.close_all()
     summaries = [doc for topic, doc, _ in outbox_rows(box) if topic.endswith("/summary")]
     assert [d["start"] for d in summaries] == sorted(d["start"] for d in summaries)
