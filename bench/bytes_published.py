@@ -46,7 +46,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # tests.services (the real-Mosquitto starter) when run as a script
 
 from camera.config import MqttConfig  # noqa: E402
-from camera.contract import decode_batch, parse_topic  # noqa: E402
+from contract.batch import decode_batch  # noqa: E402
+from contract.topics import parse_topic  # noqa: E402
 from tests.services import start_mosquitto  # noqa: E402
 
 SHARED = Path(os.environ.get("SMARTCAM_SHARED", ROOT.parent / "shared")).resolve()

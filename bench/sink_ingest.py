@@ -30,8 +30,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from camera.contract import format_ts, new_event_id, topic_for  # noqa: E402
 from cloud_sink.store import Store  # noqa: E402
+from contract.ids import new_event_id  # noqa: E402
+from contract.timestamps import format_ts  # noqa: E402
+from contract.topics import topic_for  # noqa: E402
 from tests.services import start_mosquitto, start_postgres  # noqa: E402
 
 MODEL = {"name": "yolov8n-int8", "sha256": "0123456789ab"}
@@ -68,7 +70,7 @@ def make_events(n: int, *, start: float, span_s: float, cameras: int = 4, seed: 
 
 
 def _publisher(url: str, payloads: list[tuple[str, bytes]], go, done_q) -> None:
-    from camera.broker import BrokerSettings, make_client
+    from contract.broker import BrokerSettings, make_client
 
     settings = BrokerSettings.from_url(url)
     client = make_client(settings, f"bench-pub-{os.getpid()}")

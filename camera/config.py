@@ -19,11 +19,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from camera.broker import BrokerSettings
-from camera.contract import is_valid_name
 from camera.filters import FilterSpec, MaskSpec
 from camera.tracker import TrackerSpec
 from camera.zones import LineSpec, ZoneSpec
+from contract.broker import BrokerSettings
+from contract.topics import is_valid_name
 
 
 class ConfigError(ValueError):
@@ -114,7 +114,7 @@ class PublishConfig(_Strict):
     @field_validator("summary_interval_s")
     @classmethod
     def _check_interval(cls, value: int) -> int:
-        from camera.summary import WINDOW_CHOICES
+        from contract.rollup import WINDOW_CHOICES
 
         if value not in WINDOW_CHOICES:
             raise ValueError(f"must be at least 10 and divide 3600 (an hour), e.g. 60 or 300; got {value}")

@@ -1,7 +1,7 @@
 """`EventBuilder`: tracker updates → contract events (person enter/exit, counts, zones, lines, loitering).
 
 Pure logic, no I/O: the frame loop passes each :class:`~camera.tracker.TrackUpdate` in and gets plain dicts out,
-each valid against ``camera/schemas/event.v1.schema.json``.
+each valid against ``contract/schemas/event.v1.schema.json``.
 
 Rules that make the counts trustworthy:
 - a track is a *person* only once it is confirmed and the median of its recent scores reaches
@@ -25,9 +25,12 @@ from typing import Any
 
 import numpy as np
 
-from camera.contract import SCHEMA_VERSION, format_ts, is_valid_name, new_event_id
 from camera.tracker import Track, TrackUpdate
 from camera.zones import LineSpec, ZoneSpec, box_anchor, line_side, points_in_polygon, segments_intersect
+from contract.ids import new_event_id
+from contract.schema import SCHEMA_VERSION
+from contract.timestamps import format_ts
+from contract.topics import is_valid_name
 
 HANDOVER_DISTANCE = 1.0  # a successor must start within this many box heights of where the lost track was
 ORPHAN_GRACE_S = 5.0  # how long after handover_s a successor may still get confirmed and claim an orphan

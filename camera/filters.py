@@ -17,9 +17,9 @@ from __future__ import annotations
 import numpy as np
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from camera.contract import is_valid_name
 from camera.detections import Detections
 from camera.zones import points_in_polygon, to_pixels
+from contract.topics import is_valid_name
 
 
 class FilterSpec(BaseModel, extra="forbid"):

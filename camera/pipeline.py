@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import IO, Any
 
 from camera.config import EdgeConfig
-from camera.contract import topic_for, topics_for_event
 from camera.frame import Frame
 from camera.inference import InferenceQueue, Result
 from camera.motion import MotionGate
@@ -30,7 +29,8 @@ from camera.outbox import Outbox, OutboxError
 from camera.sources import Source, open_source
 from camera.stats import RuntimeStats
 from camera.summarizer import Summarizer
-from camera.summary import SUMMARY_LEAF
+from contract.rollup import SUMMARY_LEAF
+from contract.topics import topic_for, topics_for_event
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ thread retries with backoff while the outbox fills.
 Batching (``publish.batch``, like a Kafka producer's linger + batch + compression): with ``linger_s`` > 0 the
 drain waits until the oldest pending row has waited ``linger_s`` (or a batch is full, or :meth:`wait_drained`
 asks), then sends every pending row of this camera's ``events`` topic as zlib-compressed JSON Lines on the
-``batch`` topic (``camera.contract.encode_batch``), and only the newest pending row of each retained topic, at
+``batch`` topic (``contract.batch.encode_batch``), and only the newest pending row of each retained topic, at
 most every ``retained_interval_s`` per topic: the older ones are superseded snapshots, deleted with the newest
 one's PUBACK. The outbox keeps one row per event
 either way; a message's PUBACK deletes all of its rows, a rejection keeps them all. ``linger_s`` = 0 sends one
@@ -29,10 +29,11 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from camera.broker import BrokerSettings, diagnose, make_client
 from camera.config import BatchConfig
-from camera.contract import BATCH_LEAF, encode_batch, topic_for
 from camera.outbox import Outbox, OutboxError, Row
+from contract.batch import BATCH_LEAF, encode_batch
+from contract.broker import BrokerSettings, diagnose, make_client
+from contract.topics import topic_for
 
 log = logging.getLogger(__name__)
 

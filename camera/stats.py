@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from camera.contract import SCHEMA_VERSION, format_ts
+from contract.schema import SCHEMA_VERSION
+from contract.timestamps import format_ts
 
 
 class CpuMeter:

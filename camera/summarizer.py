@@ -3,7 +3,7 @@
 For links that are paid by the byte (cellular, satellite, LoRa) the per-person records are not worth their size;
 the hourly answers are. The frame loop still builds every event; here they are *staged* durably in the outbox's
 SQLite file (so ``kill -9`` loses nothing), grouped by the ``interval_s`` window their timestamp falls in. When
-event time passes a window's end, its events become one ``summary.v1`` message (``camera.summary``), queued in
+event time passes a window's end, its events become one ``summary.v1`` message (``contract.rollup``), queued in
 the same transaction that forgets the staged events. A window with no events sends nothing. No retained
 snapshots (``count``, ``zones/<z>/count``, ``lines/<l>/totals``) either: they are events, which a sink would
 count on top of the summary that already holds them (and they were a quarter of the bytes).
@@ -21,9 +21,11 @@ import logging
 import threading
 from typing import Any
 
-from camera.contract import new_event_id, topic_for, ts_ms
 from camera.outbox import Outbox
-from camera.summary import SUMMARY_LEAF, summary_document, window_start
+from contract.ids import new_event_id
+from contract.rollup import SUMMARY_LEAF, summary_document, window_start
+from contract.timestamps import ts_ms
+from contract.topics import topic_for
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, Field, field_validator
 
-from camera.contract import is_valid_name
+from contract.topics import is_valid_name
 
 Anchor = Literal["bottom_center", "center"]
 

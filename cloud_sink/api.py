@@ -27,9 +27,9 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 
-from camera.contract import EVENT_TYPES
 from cloud_sink import rollups
 from cloud_sink.store import Store
+from contract.schema import EVENT_TYPES
 
 log = logging.getLogger(__name__)
 

@@ -40,7 +40,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from camera.contract import is_valid_name, parse_ts
+from contract.timestamps import parse_ts
+from contract.topics import is_valid_name
 
 log = logging.getLogger(__name__)
 

@@ -85,9 +85,9 @@ def _start_http(store: Any, host: str, port: int, token: str | None) -> tuple[An
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from camera.broker import BrokerSettings
     from cloud_sink.config import load_config
     from cloud_sink.ingest import Ingestor, Subscriber
+    from contract.broker import BrokerSettings
 
     overrides = {k: getattr(args, k, None) for k in (
         "broker", "db", "http", "http_token", "archive", "share_group", "client_id", "tls_ca", "username",

@@ -43,7 +43,7 @@ _UNAVAILABLE = (sa.exc.OperationalError, sa.exc.InterfaceError)
 
 SUBSCRIPTIONS = (
     "smartcam/+/+/events",
-    "smartcam/+/+/batch",  # many events in one zlib-compressed message (camera.contract.decode_batch)
+    "smartcam/+/+/batch",  # many events in one zlib-compressed message (contract.batch.decode_batch)
     "smartcam/+/+/summary",  # summary mode: the rollup increments of one camera's time window (summary.v1)
     "smartcam/+/+/count",
     "smartcam/+/+/status",
@@ -249,7 +249,7 @@ class Subscriber:
         from paho.mqtt.packettypes import PacketTypes
         from paho.mqtt.properties import Properties
 
-        from camera.broker import make_client
+        from contract.broker import make_client
 
         # MQTT 5 unless the broker URL says ?protocol=3.1.1 (e.g. the demo's embedded broker); both keep a
         # persistent session (3.1.1: clean_session=False, set by make_client).

@@ -1,8 +1,8 @@
 """Analytics: hourly rollups maintained on ingest, and the queries the report, API and dashboard ask.
 
-The maths lives in ``camera.summary`` (shared with the edge): ``deltas`` gives the rollup increments for a list
+The maths lives in ``contract.rollup`` (shared with the edge): ``deltas`` gives the rollup increments for a list
 of *newly stored* events (the store applies them in the same transaction as the insert; a stored ``summary`` message from an edge in summary mode
-brings the same increments for its window, ``camera.summary.summary_deltas``, so every figure below is the same
+brings the same increments for its window, ``contract.rollup.summary_deltas``, so every figure below is the same
 whichever way a camera publishes). The query functions read only the small rollup tables (except
 :func:`occupancy`, which buckets raw ``count`` events at any resolution, and the summaries' windows at theirs),
 so they stay fast however many events are stored.
@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
-from camera.contract import format_ts
-from camera.summary import HOUR, bin_edges
+from contract.rollup import HOUR, bin_edges
+from contract.timestamps import format_ts
 
 if TYPE_CHECKING:
     from cloud_sink.store import Store

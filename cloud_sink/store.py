@@ -7,14 +7,14 @@ can never count twice. Schema changes are a versioned list of migrations applied
 
 Summaries (an edge in summary mode sends one ``summary.v1`` message per camera and time window instead of its
 events) take the same road: ``summaries.summary_id`` is the key, and only a newly inserted summary's
-increments (``camera.summary.summary_deltas``) are merged with the new events' and applied by the one rollup
+increments (``contract.rollup.summary_deltas``) are merged with the new events' and applied by the one rollup
 writer, :meth:`Store._apply_deltas`. So hourly/daily figures are the same whichever way a camera publishes.
 (An edge in summary mode publishes no retained snapshots: they are events, and would count a second time.)
 
 Time columns are epoch **milliseconds** (BIGINT, UTC): ``events.ts`` is the camera's capture time,
 ``received_at`` the sink's clock. Rollup ``hour`` columns are epoch **seconds** of the UTC hour start. Query
 methods accept ``since``/``until`` as epoch seconds, ``datetime`` or an RFC 3339 string, and return plain
-dicts with timestamps formatted by ``camera.contract.format_ts``.
+dicts with timestamps formatted by ``contract.timestamps.format_ts``.
 
 >>> store = Store.open("sqlite:///:memory:")
 >>> store.event_count()
@@ -36,9 +36,9 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from camera.contract import format_ts
-from camera.summary import Deltas, deltas, merge_deltas, summary_deltas
 from cloud_sink.validation import ts_ms
+from contract.rollup import Deltas, deltas, merge_deltas, summary_deltas
+from contract.timestamps import format_ts
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ rollup_tracks = sa.Table(  # distinct track ids per hour, so unique_tracks stays
     sa.Column("track_id", sa.BigInteger, primary_key=True),
 )
 
-rollup_dwell = sa.Table(  # dwell histogram per hour in fixed bins (camera.summary.dwell_bin), for median/p90
+rollup_dwell = sa.Table(  # dwell histogram per hour in fixed bins (contract.rollup.dwell_bin), for median/p90
     "rollup_dwell", metadata,
     *_camera_key(),
     sa.Column("zone", NAME, primary_key=True),

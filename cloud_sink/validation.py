@@ -3,11 +3,11 @@
 Everything the sink receives passes through :func:`check_message` (or :func:`check_messages`, which also expands
 a compressed ``batch`` message into its events) before it touches the database. A ``summary`` (an edge in
 summary mode: the rollup increments of one camera's time window) is checked against its schema and then by
-``camera.summary.summary_deltas``, which refuses what a schema cannot express (a window across an hour, unsorted
+``contract.rollup.summary_deltas``, which refuses what a schema cannot express (a window across an hour, unsorted
 track ranges, dwell bins that do not add up...), so a stored summary can always be applied. It never
 raises on input: every way a payload can be wrong (too big, not UTF-8, not JSON, NaN, too deep, wrong schema,
 topic/payload mismatch, timestamp far from now, unknown schema version) becomes a ``Checked`` with
-``kind="dead"`` and a one-line ``reason``. The schema is the edge's own file, via ``camera.contract``.
+``kind="dead"`` and a one-line ``reason``. The schema is the edge's own file, via ``contract.schema``.
 
 >>> check_message("smartcam/lobby/cam-1/status", b"online").value
 'online'
@@ -23,22 +23,18 @@ from dataclasses import dataclass, replace
 from functools import cache, lru_cache
 from typing import Any, Literal
 
-from camera.contract import (
-    BATCH_LEAF,
+from contract.batch import BATCH_LEAF, BatchError, decode_batch
+from contract.rollup import SUMMARY_LEAF, summary_deltas
+from contract.schema import (
     EVENT_SCHEMA_FILE,
     SCHEMA_VERSION,
     STATS_SCHEMA_FILE,
     SUMMARY_SCHEMA_FILE,
-    BatchError,
-    decode_batch,
-    is_valid_name,
     load_schema,
-    parse_topic,
-    topic_for,
-    ts_ms,
     validation_errors,
 )
-from camera.summary import SUMMARY_LEAF, summary_deltas
+from contract.timestamps import ts_ms
+from contract.topics import is_valid_name, parse_topic, topic_for
 
 Kind = Literal["event", "summary", "status", "stats", "dead"]
 STATUS_VALUES = ("online", "offline")
@@ -139,7 +135,7 @@ def _fast_accepts(doc: Any, schema: str) -> bool:
 
 
 def schema_errors(doc: Any, schema: str = EVENT_SCHEMA_FILE) -> list[str]:
-    """``camera.contract.validation_errors`` with a fast path for the common case of a valid document.
+    """``contract.schema.validation_errors`` with a fast path for the common case of a valid document.
 
     jsonschema stays the authority: the compiled validator may only *accept*; anything it rejects is re-checked
     by jsonschema, which also words the reasons (tests compare the two on generated payloads).

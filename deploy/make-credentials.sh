@@ -23,7 +23,7 @@ die() { echo "make-credentials.sh: $*" >&2; exit 2; }
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 TEMPLATE="$HERE/mosquitto/mosquitto.conf"
-NAME_RE='^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$'   # same rule as camera/contract.py: safe as one topic level
+NAME_RE='^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$'   # same rule as contract/: safe as one topic level
 
 OUTDIR="" SITE="" SINKS=() CAMERAS=() HOSTNAMES=() CONF_DIR="" DATA_DIR="/var/lib/mosquitto" DAYS=825 FORCE=0
 while [[ $# -gt 0 ]]; do
@@ -102,7 +102,7 @@ add_user() {  # name, acl-rule
   local user="$1" rule="$2" pw
   pw="$(openssl rand -hex 24)"
   mosquitto_passwd -b "$OUTDIR/passwd" "$user" "$pw"
-  printf '# broker user %s (keep secret; camera/broker.py reads SMARTCAM_MQTT_PASSWORD)\nSMARTCAM_MQTT_USER=%s\nSMARTCAM_MQTT_PASSWORD=%s\n' \
+  printf '# broker user %s (keep secret; contract/broker.py reads SMARTCAM_MQTT_PASSWORD)\nSMARTCAM_MQTT_USER=%s\nSMARTCAM_MQTT_PASSWORD=%s\n' \
     "$user" "$user" "$pw" >"$OUTDIR/clients/$user.env"
   printf '\nuser %s\n%s\n' "$user" "$rule" >>"$OUTDIR/acl"
 }

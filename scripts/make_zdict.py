@@ -1,4 +1,4 @@
-"""Write camera/schemas/event.v1.zdict.json: the zlib preset dictionary of the ``batch`` topic (docs/mqtt.md).
+"""Write contract/schemas/event.v1.zdict.json: the zlib preset dictionary of the ``batch`` topic (docs/mqtt.md).
 
 The dictionary is the sample events (samples/events/*.json, by file name) as compact JSON Lines, with the
 common fields in the order the edge emits them, so the first batch of a connection already finds
@@ -7,7 +7,7 @@ common fields in the order the edge emits them, so the first batch of a connecti
 
 The dictionary is part of the v1 contract: an edge and a sink must hold the same bytes (its Adler-32 is the
 DICTID in every batch's zlib header). Do not regenerate it for an existing version; a new dictionary means a
-new file that the sink learns *before* any edge uses it (camera.contract keeps every known one by DICTID).
+new file that the sink learns *before* any edge uses it (contract.batch keeps every known one by DICTID).
 
     .venv/bin/python scripts/make_zdict.py [--check]
 """

@@ -7,8 +7,8 @@ import uuid
 
 import pytest
 
-from camera.contract import validate_event
 from cloud_sink.archive import ArchiveError, LocalArchive, S3Archive, open_archive, partition_of
+from contract.schema import validate_event
 from tests.test_sink_api import make_event
 
 T0 = 1_767_236_400.0  # 2026-01-01T03:00:00Z

@@ -16,16 +16,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from camera.contract import (
-    BatchError,
-    batch_dictionaries,
-    decode_batch,
-    encode_batch,
-    new_event_id,
-    topic_for,
-)
 from cloud_sink.ingest import SUBSCRIPTIONS, Ingestor, Subscriber
 from cloud_sink.validation import Limits, check_batch, check_messages
+from contract.batch import BatchError, batch_dictionaries, decode_batch, encode_batch
+from contract.ids import new_event_id
+from contract.topics import topic_for
 from tests.test_sink_store import db_url, make_event, store  # noqa: F401  (fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,7 +62,7 @@ def test_event_ids_are_unique_across_threads():
 
 
 def test_two_processes_and_a_forked_child_draw_different_prefixes():
-    code = "from camera.contract import new_event_id; print(new_event_id())"
+    code = "from contract.ids import new_event_id; print(new_event_id())"
     others = {subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                              check=True).stdout.strip()[:16] for _ in range(2)}
     mine = new_event_id()[:16]

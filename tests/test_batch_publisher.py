@@ -15,14 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from camera.broker import BrokerSettings
 from camera.config import BatchConfig
-from camera.contract import decode_batch, topics_for_event
 from camera.outbox import Outbox
 from camera.publisher import Publisher
 from cloud_sink.ingest import Ingestor
 from cloud_sink.ingest import Subscriber as Sink
 from cloud_sink.store import Store
+from contract.batch import decode_batch
+from contract.broker import BrokerSettings
+from contract.topics import topics_for_event
 from tests.services import free_port
 from tests.test_edge_mqtt import CAM, SITE, Subscriber
 from tests.test_edge_outbox_faults import _persistent_broker

@@ -8,17 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from camera.broker import BrokerSettings
-from camera.contract import (
-    EVENT_TYPES,
-    format_ts,
-    new_event_id,
-    parse_topic,
-    parse_ts,
-    topic_for,
-    validate_event,
-    validation_errors,
-)
+from contract.broker import BrokerSettings
+from contract.ids import new_event_id
+from contract.schema import EVENT_TYPES, validate_event, validation_errors
+from contract.timestamps import format_ts, parse_ts
+from contract.topics import parse_topic, topic_for
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples" / "events"
 
@@ -90,7 +84,7 @@ def test_broker_urls():
 
 def test_a_trailing_newline_never_passes_a_pattern():
     """Python's ``$`` matches before a final newline; the contract must not (a name is one topic level)."""
-    from camera.contract import is_valid_name
+    from contract.topics import is_valid_name
 
     event = copy.deepcopy(samples()["person_enter.json"])
     for field, value in (("event_id", event["event_id"] + "\n"), ("site", "lobby\n"), ("ts", event["ts"] + "\n")):

@@ -18,12 +18,12 @@ import pytest
 
 from camera.annotate import AnnotatedVideo, Annotator
 from camera.config import EdgeConfig, load_config
-from camera.contract import validate_event
 from camera.detector import Detector
 from camera.events import EventBuilder
 from camera.filters import apply_filters
 from camera.tracker import Tracker
 from camera.zones import LineSpec
+from contract.schema import validate_event
 from tests.conftest import NEGATIVE_CLIP, ONNX_FP32, PLAZA_CLIP, ROOT, STREET_CLIP
 
 pytestmark = pytest.mark.slow

@@ -10,11 +10,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from camera.contract import validate_event
 from camera.detections import Detections
 from camera.events import EventBuilder
 from camera.tracker import Tracker, TrackerSpec
 from camera.zones import LineSpec, ZoneSpec
+from contract.schema import validate_event
 
 W, H, FPS = 640, 480, 10.0
 LINE = LineSpec(name="door", points=[[100, 240], [540, 240]], in_side="right")

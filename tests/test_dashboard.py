@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from camera.contract import format_ts
+from contract.timestamps import format_ts
 from tests.services import free_port
 from tests.test_sink_api import HOUR, T0, fill, scenario
 

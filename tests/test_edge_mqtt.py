@@ -17,7 +17,9 @@ from pathlib import Path
 import cv2
 import pytest
 
-from camera.contract import decode_batch, topic_for, validate_event, validate_stats
+from contract.batch import decode_batch
+from contract.schema import validate_event, validate_stats
+from contract.topics import topic_for
 from tests.conftest import INDOOR_CLIP, NEGATIVE_CLIP, ONNX_FP32, PERSONS_EVAL
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -223,7 +225,7 @@ def test_live_http_stream_with_motion_gate(tmp_path):
     assert "motion gate on" in proc.stderr and "(stream)" in proc.stderr
     events = read_events(tmp_path / "e.jsonl")
     assert any(e["type"] == "person.enter" for e in events)
-    from camera.contract import parse_ts
+    from contract.timestamps import parse_ts
 
     assert all(parse_ts(e["ts"]) >= before - 1 for e in events)
 
@@ -273,7 +275,7 @@ def test_bad_input_is_a_clear_error_and_exit_2(args, message):
 
 
 def test_topics_for_event_routes_retained_summaries():
-    from camera.contract import topics_for_event
+    from contract.topics import topics_for_event
 
     base = topic_for(SITE, CAM, "")
     assert topics_for_event(SITE, CAM, {"type": "person.enter"}) == [(base + "events", 1, False)]
@@ -285,9 +287,9 @@ def test_topics_for_event_routes_retained_summaries():
 
 @pytest.mark.slow
 def test_publisher_drains_a_backlog_in_order_with_a_small_window(mosquitto, tmp_path):
-    from camera.broker import BrokerSettings
     from camera.outbox import Outbox
     from camera.publisher import Publisher
+    from contract.broker import BrokerSettings
 
     box = Outbox(tmp_path / "o.db")
     topic = topic_for(SITE, CAM, "events")

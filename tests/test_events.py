@@ -5,11 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from camera.contract import parse_ts, validate_event
 from camera.detections import Detections
 from camera.events import EventBuilder
 from camera.tracker import Tracker, TrackerSpec
 from camera.zones import ZoneSpec
+from contract.schema import validate_event
+from contract.timestamps import parse_ts
 
 W, H = 640, 480
 SHA = "0123456789abcdef" * 4

@@ -34,7 +34,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from camera.contract import topic_for
+from contract.topics import topic_for
 from tests.conftest import ARTIFACTS, STREET_CLIP
 from tests.services import free_port
 from tests.test_security_broker import SITE, Client, SecureBroker, start_secure_broker
@@ -351,7 +351,8 @@ def test_edge_refuses_a_broker_signed_by_another_ca(rig, tmp_path):
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_no_image_leaves_the_device_by_default(rig):
     """Privacy: with default settings the edge publishes only contract events, stats and status text."""
-    from camera.contract import decode_batch, validate_event, validate_stats
+    from contract.batch import decode_batch
+    from contract.schema import validate_event, validate_stats
 
     watcher = Client(rig.broker.settings("sink"), "privacy-watcher")
     try:

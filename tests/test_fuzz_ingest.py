@@ -31,10 +31,13 @@ import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from camera.contract import format_ts, load_schema, new_event_id, topic_for
 from cloud_sink.ingest import Ingestor
 from cloud_sink.store import Store
 from cloud_sink.validation import Limits
+from contract.ids import new_event_id
+from contract.schema import load_schema
+from contract.timestamps import format_ts
+from contract.topics import topic_for
 from tests.conftest import ROOT
 
 SAMPLES = ROOT / "samples" / "events"
@@ -327,7 +330,7 @@ def _publishable(topic: str) -> bool:
 
 @pytest.mark.slow
 def test_running_sink_survives_hostile_traffic(mosquitto, tmp_path):
-    from camera.broker import BrokerSettings, make_client
+    from contract.broker import BrokerSettings, make_client
 
     collected: list[tuple[str, bytes]] = []
 

@@ -2,7 +2,7 @@
 
 The broker runs from exactly what ``deploy/make-credentials.sh`` writes (the shipped ``mosquitto.conf`` with
 its paths filled in, a hashed password file, the generated ACL, a CA and server certificate); the test only
-rewrites the two listener ports to free ones. Clients are built with the project's own ``camera/broker.py``
+rewrites the two listener ports to free ones. Clients are built with the project's own ``contract/broker.py``
 (``BrokerSettings.from_url`` + ``make_client``) so the TLS path the edge and sink use is the one under test.
 
 ACL denials are silent in MQTT 3.1.1 (the publish "succeeds"), so every denial is checked by what a
@@ -26,8 +26,9 @@ from pathlib import Path
 
 import pytest
 
-from camera.broker import BrokerSettings, make_client
-from camera.contract import new_event_id, topic_for
+from contract.broker import BrokerSettings, make_client
+from contract.ids import new_event_id
+from contract.topics import topic_for
 from tests.conftest import ROOT
 from tests.services import Mosquitto, free_port, wait_for_port
 

@@ -8,7 +8,9 @@ from typing import Any
 
 import pytest
 
-from camera.contract import format_ts, new_event_id, parse_ts, validate_event
+from contract.ids import new_event_id
+from contract.schema import validate_event
+from contract.timestamps import format_ts, parse_ts
 
 with warnings.catch_warnings():  # starlette's notice about httpx vs httpx2 is not ours to fix
     warnings.simplefilter("ignore")

@@ -16,11 +16,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from camera.broker import BrokerSettings, make_client
-from camera.contract import format_ts, topic_for
 from cloud_sink.ingest import Ingestor, Subscriber
 from cloud_sink.store import Store
 from cloud_sink.validation import check_message
+from contract.broker import BrokerSettings, make_client
+from contract.timestamps import format_ts
+from contract.topics import topic_for
 from tests.test_sink_store import db_url, make_event, store  # noqa: F401  (fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]

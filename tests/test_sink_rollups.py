@@ -7,8 +7,8 @@ import statistics
 
 import pytest
 
-from camera.summary import bin_edges, deltas, dwell_bin
 from cloud_sink import rollups
+from contract.rollup import bin_edges, deltas, dwell_bin
 from tests.test_sink_store import T0, db_url, make_event, store  # noqa: F401  (fixtures)
 
 H0 = int(T0) // 3600 * 3600  # 2026-05-28T20:00:00Z

@@ -9,8 +9,10 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from camera.contract import format_ts, new_event_id, validate_event
 from cloud_sink.store import MIGRATIONS, Batch, Store, database_url, to_ms
+from contract.ids import new_event_id
+from contract.schema import validate_event
+from contract.timestamps import format_ts
 
 T0 = 1_780_000_000.0  # a fixed instant (2026-05-28T20:26:40Z) so hour buckets are known
 

@@ -20,12 +20,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from camera.contract import format_ts, new_event_id, topic_for, ts_ms
-from camera.summary import SUMMARY_LEAF, summary_document, window_start
 from cloud_sink import rollups
 from cloud_sink.ingest import SUBSCRIPTIONS, Ingestor
 from cloud_sink.store import MIGRATIONS, Batch, Store
 from cloud_sink.validation import Limits, check_message
+from contract.ids import new_event_id
+from contract.rollup import SUMMARY_LEAF, summary_document, window_start
+from contract.timestamps import format_ts, ts_ms
+from contract.topics import topic_for
 from tests.test_sink_store import make_event
 
 DAY = 86400

@@ -8,8 +8,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from camera.contract import format_ts, validation_errors
 from cloud_sink.validation import Limits, check_message, schema_errors
+from contract.schema import validation_errors
+from contract.timestamps import format_ts
 from tests.test_sink_store import T0, make_event
 
 NOW = T0 + 60

@@ -14,10 +14,10 @@ from collections import Counter, defaultdict
 import pytest
 
 from camera.config import ConfigError, load_config
-from camera.contract import SUMMARY_SCHEMA_FILE, new_event_id, topic_for, ts_ms, validation_errors
 from camera.outbox import Outbox
 from camera.summarizer import Summarizer
-from camera.summary import (
+from contract.ids import new_event_id
+from contract.rollup import (
     Deltas,
     deltas,
     expand_ranges,
@@ -27,6 +27,9 @@ from camera.summary import (
     track_ranges,
     window_start,
 )
+from contract.schema import SUMMARY_SCHEMA_FILE, validation_errors
+from contract.timestamps import ts_ms
+from contract.topics import topic_for
 from tests.conftest import STREET_CLIP
 from tests.test_edge_mqtt import CAM, SITE, Subscriber, model_path, read_events, run_edge
 from tests.test_sink_store import make_event

@@ -25,7 +25,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from camera.contract import SCHEMA_VERSION, SUMMARY_SCHEMA_FILE, format_ts, ts_ms  # noqa: F401 - re-exported
+from contract.schema import SCHEMA_VERSION
+from contract.timestamps import format_ts, ts_ms
 
 HOUR = 3600
 _FINE_BINS = 20  # 0.5 s wide below 10 s
