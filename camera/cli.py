@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="append every event as one JSON line")
     run.add_argument("--save-video", dest="save_video", metavar="OUT.mp4",
                      help="write an annotated video (boxes, ids, zones, lines, counts)")
+    run.add_argument("--tracks-file", dest="tracks_file", metavar="TRACKS.txt",
+                     help="write every person track's box per processed frame in the MOTChallenge text format "
+                          "(frame, id, x, y, w, h, score, -1, -1, -1), to score tracking with standard tools")
     run.add_argument("--max-frames", dest="max_frames", type=int, metavar="N", help="stop after N processed frames")
     run.add_argument("--fps", type=float, metavar="N", help="target processing rate; extra frames are skipped")
     run.add_argument("--realtime", action="store_true", default=None, help="pace a file to its own frame rate")
@@ -116,6 +119,7 @@ def _overrides(args: argparse.Namespace) -> dict:
         "publish.mode": args.publish_mode, "publish.summary_interval_s": args.summary_interval_s,
         "outbox.path": args.outbox,
         "outbox.max_events": args.outbox_max, "events_file": args.events_file, "save_video": args.save_video,
+        "tracks_file": args.tracks_file,
         "max_frames": args.max_frames, "fps": args.fps, "realtime": args.realtime, "start_time": args.start_time,
         "loop": args.loop,
         "detector.conf": args.conf, "detector.iou": args.iou,

@@ -142,6 +142,8 @@ class EdgeConfig(_Strict):
     outbox: OutboxConfig = Field(default_factory=OutboxConfig)
     events_file: Path | None = Field(None, description="append every event as one JSON line (audit, offline)")
     save_video: Path | None = Field(None, description="annotated video (boxes, ids, zones, lines, counts)")
+    tracks_file: Path | None = Field(None, description="every person track's box per processed frame, "
+                                     "MOTChallenge text (frame, id, x, y, w, h, score, -1, -1, -1), for scoring")
     max_frames: int | None = Field(None, ge=1, description="stop after this many processed frames")
     drain_timeout_s: float = Field(30.0, ge=0, description="end of file: wait this long for the broker's acks")
 

@@ -123,6 +123,10 @@ class EventBuilder:
             "lines": {k: dict(v) for k, v in self._totals.items()},
         }
 
+    def people(self, tracks: Iterable[Track]) -> list[Track]:
+        """Those of ``tracks`` counted as people (confirmed and past the track threshold): what events are about."""
+        return [t for t in tracks if t.track_id in self._people]
+
     def update(self, update: TrackUpdate, ts: float, frame_w: int, frame_h: int) -> list[dict]:
         """Events caused by one tracker step at capture time ``ts`` on a ``frame_w`` x ``frame_h`` frame."""
         self._prepare_geometry(frame_w, frame_h)

@@ -165,6 +165,12 @@ class EdgeRunner:
                                model_sha256=self.detector.sha256, zones=cfg.zones, lines=cfg.lines,
                                track_threshold=cfg.filters.track_threshold)
         queue = InferenceQueue(self.detector.detect, self.streams)
+        tracks_out = None
+        if cfg.tracks_file:
+            from camera.mot import MotWriter
+
+            tracks_out = MotWriter(cfg.tracks_file)
+            log.info("writing person tracks (MOTChallenge text) to %s", cfg.tracks_file)
         gate = None
         if cfg.motion_enabled(src.live):
             m = cfg.motion
@@ -186,6 +192,8 @@ class EdgeRunner:
                     stats.motion_skipped += 1
                     update = tracker.hold(frame.ts)
                 self._emit(builder.update(update, frame.ts, w, h))
+                if tracks_out is not None:
+                    tracks_out.write(frame.index + 1, builder.people(update.active))
                 if self.summarizer is not None and self.summarizer.close_due(frame.ts):
                     self.publisher.notify()
                 stats.frames_processed += 1
@@ -217,6 +225,8 @@ class EdgeRunner:
             return EXIT_OUTBOX
         finally:
             queue.close()
+            if tracks_out is not None:
+                tracks_out.close()
             self._stats_stop.set()
             stats_thread.join()
         self._sync_source_counters()
