@@ -123,6 +123,46 @@ def _parse_literal(text: str | None):
         return None
 
 
+#: ``detector.provider`` short names; any full onnxruntime name (``...ExecutionProvider``) is accepted too.
+PROVIDER_NAMES = {
+    "cpu": "CPUExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",  # pip install onnxruntime-openvino: Intel iGPU/NPU/CPU
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+    "xnnpack": "XnnpackExecutionProvider",
+    "qnn": "QNNExecutionProvider",
+    "rocm": "ROCMExecutionProvider",
+}
+
+
+def execution_providers(provider: str, options: dict[str, str] | None, available: Sequence[str]) -> list:
+    """The ``providers`` list for onnxruntime: the requested one first (with its options), the CPU as fallback.
+
+    A provider this onnxruntime build does not have is a warning, not an error: the edge keeps detecting on the
+    CPU (a box whose accelerator package or device is missing must not go blind). A name that is no provider
+    at all is an error.
+
+    >>> execution_providers("cpu", None, ["CPUExecutionProvider"])
+    ['CPUExecutionProvider']
+    >>> execution_providers("openvino", {"device_type": "GPU"}, ["OpenVINOExecutionProvider", "CPUExecutionProvider"])
+    [('OpenVINOExecutionProvider', {'device_type': 'GPU'}), 'CPUExecutionProvider']
+    >>> execution_providers("openvino", None, ["CPUExecutionProvider"])
+    ['CPUExecutionProvider']
+    """
+    name = PROVIDER_NAMES.get(provider.lower(), provider)
+    if not name.endswith("ExecutionProvider"):
+        raise ModelError(f"unknown execution provider {provider!r}: use one of {', '.join(PROVIDER_NAMES)} "
+                         "or a full onnxruntime provider name")
+    if name == "CPUExecutionProvider":
+        return [name]
+    if name not in available:
+        log.warning("execution provider %s is not in this onnxruntime build (it has %s); using the CPU",
+                    name, ", ".join(available))
+        return ["CPUExecutionProvider"]
+    return [(name, dict(options or {})), "CPUExecutionProvider"]
+
+
 class Detector:
     """onnxruntime detector for Ultralytics-layout ONNX (``1 x (4+nc) x N`` or ``1 x N x (4+nc)``)."""
 
@@ -135,6 +175,8 @@ class Detector:
         classes: Sequence[str] | None = ("person",),
         threads: int | None = None,
         max_det: int = 300,
+        provider: str = "cpu",
+        provider_options: dict[str, str] | None = None,
     ) -> None:
         import onnxruntime as ort  # edge dependency; imported here so `camera` imports stay light
 
@@ -162,14 +204,17 @@ class Detector:
             # Spinning worker threads burn a core waiting for work; on a busy device that core is better
             # spent decoding video.
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        providers = execution_providers(provider, provider_options, ort.get_available_providers())
         try:
-            self.session = ort.InferenceSession(
-                str(path), sess_options=opts, providers=["CPUExecutionProvider"]
-            )
+            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
         except Exception as exc:  # onnxruntime raises several private exception types
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelError(f"cannot load model {path}: {first}") from None
 
+        self.providers: list[str] = self.session.get_providers()  # what actually runs (after any fallback)
+        if providers[0] != "CPUExecutionProvider" and self.providers[0] != providers[0]:
+            log.warning("execution provider %s could not run %s (its device is missing?); using the CPU",
+                        providers[0], path.name)
         meta = self.session.get_modelmeta().custom_metadata_map
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         if len(inputs) != 1 or len(inputs[0].shape) != 4:

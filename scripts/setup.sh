@@ -16,6 +16,9 @@ if [ "$EXTRAS" = "dev" ]; then
   command -v chromium >/dev/null || need_apt+=(chromium chromium-driver)
   command -v openssl >/dev/null || need_apt+=(openssl)
   command -v ffmpeg >/dev/null || need_apt+=(ffmpeg)
+  # network and clock fault tests (tests/netns.py, tests/test_time_faults.py)
+  command -v iptables >/dev/null || [ -x /usr/sbin/iptables ] || need_apt+=(iptables)
+  command -v faketime >/dev/null || need_apt+=(faketime)
 fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "==> apt-get install ${need_apt[*]}"

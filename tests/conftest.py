@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pytest
@@ -74,3 +81,115 @@ def seaweedfs(tmp_path_factory):
 # The INT8 320 edge model, built once per test session by the real `models.build` path. Registered here (not
 # imported by each test module) so every module shares one build.
 from tests.model_fixtures import int8_model_320  # noqa: E402,F401
+
+# ------------------------------------------------------------------------- end-to-end counting (fault tests)
+# Shared by tests/test_faults.py, tests/test_network_faults.py, tests/test_time_faults.py, tests/test_sink_confirm.py
+# and tests/test_crash_points.py: real processes, their logs, and "every event id in the edge's events file is
+# stored once" counted the same way everywhere.
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str, proc: subprocess.Popen | None = None,
+               log: Path | None = None) -> None:
+    """Poll ``predicate``; fail with the process log if it does not come true (or the process dies)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if proc is not None and proc.poll() is not None and not predicate():
+            break
+        time.sleep(0.1)
+    tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
+    rc = proc.poll() if proc is not None else None
+    pytest.fail(f"timed out waiting for {what} (process exit code {rc})\n{tail}")
+
+
+@dataclass
+class Proc:
+    """A child process with its output in a log file; killed by PID at teardown."""
+
+    args: list[str]
+    log: Path
+    env: dict[str, str]
+    proc: subprocess.Popen | None = None
+
+    def start(self) -> Proc:
+        with open(self.log, "ab") as fh:
+            fh.write(f"\n$ {' '.join(self.args)}\n".encode())
+            fh.flush()
+            self.proc = subprocess.Popen(self.args, stdout=fh, stderr=subprocess.STDOUT, env=self.env,
+                                         start_new_session=True)
+        return self
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.alive():
+            self.proc.send_signal(sig)
+            self.proc.wait(30)
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            pytest.fail(f"{self.args[0]} did not finish in {timeout}s\n{self.log.read_text()[-3000:]}")
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def events_file_ids(path: Path) -> list[str]:
+    """event_id of every complete line of an edge's ``--events-file`` (a line cut by SIGKILL is not an event)."""
+    if not path.exists():
+        return []
+    ids = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            ids.append(json.loads(line)["event_id"])
+    return ids
+
+
+def stored_event_ids(db_url: str, camera_id: str | None = None) -> list[str]:
+    """Every ``event_id`` row of the sink's ``events`` table (one per row: a duplicate would show twice)."""
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            if camera_id is None:
+                return list(conn.execute(sa.text("SELECT event_id FROM events")).scalars())
+            return list(conn.execute(sa.text("SELECT event_id FROM events WHERE camera_id = :c"),
+                                     {"c": camera_id}).scalars())
+    except sa.exc.SQLAlchemyError:  # the sink has not created its tables yet
+        return []
+    finally:
+        engine.dispose()
+
+
+@dataclass
+class Counts:
+    scenario: str
+    emitted: int  # events in the edge's --events-file
+    stored_rows: int  # rows in the sink's events table
+    lost: int
+    stored_twice: int
+    not_in_file: int  # stored but not in the file (an edge killed between outbox and file write): harmless
+    during_fault: int = 0  # events the edge produced while the fault lasted
+    detail: dict = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, scenario: str, file_ids: list[str], stored: list[str], **extra) -> Counts:
+        """Compare the edge's ids with the sink's rows (and report the result)."""
+        c = cls(scenario=scenario, emitted=len(file_ids), stored_rows=len(stored),
+                lost=len(set(file_ids) - set(stored)), stored_twice=len(stored) - len(set(stored)),
+                not_in_file=len(set(stored) - set(file_ids)), **extra)
+        c.report()
+        return c
+
+    def report(self) -> None:
+        line = json.dumps({**asdict(self), "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        print(f"\nFAULT COUNTS {line}")
+        ARTIFACTS.mkdir(exist_ok=True)
+        with open(ARTIFACTS / "fault_counts.jsonl", "a") as fh:
+            fh.write(line + "\n")

@@ -27,15 +27,14 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pytest
-import sqlalchemy as sa
 
 from contract.topics import topic_for
-from tests.conftest import ARTIFACTS, STREET_CLIP
+from tests.conftest import STREET_CLIP, Counts, Proc, events_file_ids, stored_event_ids, wait_until
 from tests.services import free_port
 from tests.test_security_broker import SITE, Client, SecureBroker, start_secure_broker
 
@@ -54,57 +53,6 @@ STORE_TIMEOUT = 60.0
 def _bin(name: str) -> str:
     path = BIN / name
     return str(path) if path.exists() else (shutil.which(name) or name)
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str, proc: subprocess.Popen | None = None,
-               log: Path | None = None) -> None:
-    """Poll ``predicate``; fail with the process log if it does not come true (or the process dies)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        if proc is not None and proc.poll() is not None and not predicate():
-            break
-        time.sleep(0.1)
-    tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
-    rc = proc.poll() if proc is not None else None
-    pytest.fail(f"timed out waiting for {what} (process exit code {rc})\n{tail}")
-
-
-@dataclass
-class Proc:
-    """A child process with its output in a log file; killed by PID at teardown."""
-
-    args: list[str]
-    log: Path
-    env: dict[str, str]
-    proc: subprocess.Popen | None = None
-
-    def start(self) -> Proc:
-        with open(self.log, "ab") as fh:
-            fh.write(f"\n$ {' '.join(self.args)}\n".encode())
-            fh.flush()
-            self.proc = subprocess.Popen(self.args, stdout=fh, stderr=subprocess.STDOUT, env=self.env,
-                                         start_new_session=True)
-        return self
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        if self.alive():
-            self.proc.send_signal(sig)
-            self.proc.wait(30)
-
-    def wait(self, timeout: float) -> int:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            pytest.fail(f"{self.args[0]} did not finish in {timeout}s\n{self.log.read_text()[-3000:]}")
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
 
 
 @dataclass
@@ -163,23 +111,10 @@ class Rig:
     # -------------------------------------------------------------------------------------- counting
     def file_ids(self) -> list[str]:
         """event_id of every complete line in the events file (a line cut by SIGKILL is not an event)."""
-        if not self.events_file.exists():
-            return []
-        ids = []
-        for line in self.events_file.read_text().splitlines():
-            with contextlib.suppress(ValueError, KeyError, TypeError):
-                ids.append(json.loads(line)["event_id"])
-        return ids
+        return events_file_ids(self.events_file)
 
     def stored_ids(self, db_url: str | None = None) -> list[str]:
-        engine = sa.create_engine(db_url or self.db_url)
-        try:
-            with engine.connect() as conn:
-                return list(conn.execute(sa.text("SELECT event_id FROM events")).scalars())
-        except sa.exc.SQLAlchemyError:  # the sink has not created its tables yet
-            return []
-        finally:
-            engine.dispose()
+        return stored_event_ids(db_url or self.db_url)
 
     def wait_stored(self, timeout: float = STORE_TIMEOUT, db_url: str | None = None) -> None:
         """Until every id in the events file is in the table (the assertion on counts comes after)."""
@@ -199,25 +134,6 @@ class Rig:
     def stop_all(self) -> None:
         for p in self.procs:
             p.kill()
-
-
-@dataclass
-class Counts:
-    scenario: str
-    emitted: int  # events in the edge's --events-file
-    stored_rows: int  # rows in the sink's events table
-    lost: int
-    stored_twice: int
-    not_in_file: int  # stored but not in the file (an edge killed between outbox and file write): harmless
-    during_fault: int = 0  # events the edge produced while the fault lasted
-    detail: dict = field(default_factory=dict)
-
-    def report(self) -> None:
-        line = json.dumps({**asdict(self), "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-        print(f"\nFAULT COUNTS {line}")
-        ARTIFACTS.mkdir(exist_ok=True)
-        with open(ARTIFACTS / "fault_counts.jsonl", "a") as fh:
-            fh.write(line + "\n")
 
 
 @pytest.fixture
