@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "between the streams; lower it on a device busy with other work)")
     run.add_argument("--streams", type=int, help="frames in the detector at once, results kept in frame order "
                                                  "(default: one per core; 1 = lowest latency)")
+    run.add_argument("--provider", help="onnxruntime execution provider: cpu (default), openvino (pip install "
+                                        "onnxruntime-openvino), cuda, ...; missing = CPU with a warning")
     motion = run.add_mutually_exclusive_group()
     motion.add_argument("--motion", dest="motion", action="store_const", const=True,
                         help="force the motion gate on (default: on for live sources, off for files)")
@@ -125,7 +127,13 @@ def _overrides(args: argparse.Namespace) -> dict:
         "detector.conf": args.conf, "detector.iou": args.iou,
         "detector.classes": args.classes.split(",") if args.classes else None, "detector.threads": args.threads,
         "detector.streams": args.streams,
+        "detector.provider": args.provider,
         "motion.enabled": args.motion, "drain_timeout_s": args.drain_timeout_s,
+        "homeassistant.enabled": args.homeassistant, "homeassistant.discovery_prefix": args.homeassistant_prefix,
+        "metrics.listen": args.metrics_listen,
+        "samples.enabled": args.samples_enabled, "samples.per_minute": args.samples_per_minute,
+        "samples.per_hour": args.samples_per_hour, "samples.per_day": args.samples_per_day,
+        "samples.max_side": args.samples_max_side,
     }
 
 

@@ -43,6 +43,19 @@ class DetectorConfig(_Strict):
                                 description="inference threads per stream (default: the cores shared by the streams)")
     streams: int | None = Field(None, ge=1, le=16,
                                 description="frames in the detector at once, in order (default: see docs)")
+    provider: str = Field("cpu", description="onnxruntime execution provider: cpu, openvino, cuda, ... (falls "
+                                             "back to the CPU with a warning when missing)")
+    provider_options: dict[str, str] = Field(default_factory=dict,
+                                             description="provider options, e.g. {device_type: GPU} for OpenVINO")
+
+    @field_validator("provider")
+    @classmethod
+    def _known_provider(cls, value: str) -> str:
+        from camera.detector import PROVIDER_NAMES
+
+        if value.lower() not in PROVIDER_NAMES and not value.endswith("ExecutionProvider"):
+            raise ValueError(f"unknown execution provider {value!r}: one of {', '.join(PROVIDER_NAMES)}")
+        return value
 
 
 class MotionConfig(_Strict):

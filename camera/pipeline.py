@@ -95,7 +95,8 @@ class EdgeRunner:
         d = cfg.detector
         self.streams = d.streams or default_streams()
         threads = d.threads or default_threads(self.streams)
-        self.detector = Detector(cfg.model, conf=d.conf, iou=d.iou, classes=d.classes, threads=threads)
+        self.detector = Detector(cfg.model, conf=d.conf, iou=d.iou, classes=d.classes, threads=threads,
+                                 provider=d.provider, provider_options=d.provider_options)
         log.info("model %s loaded (sha256 %s, imgsz %s, classes %s, conf %.2f, %d stream(s) x %d inference "
                  "thread(s))", self.detector.name, self.detector.sha256[:12], self.detector.imgsz, d.classes, d.conf,
                  self.streams, threads)
