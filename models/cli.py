@@ -94,7 +94,73 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--threads", type=int, nargs="+", help="thread counts to time (default: 1 and all cores)")
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
+    _ota_parsers(sub)
     return p
+
+
+def _ota_parsers(sub) -> None:
+    """keygen, publish, registry, deploy, rollback: the signed registry and over-the-air delivery
+    (docs/models-ota.md)."""
+    k = sub.add_parser("keygen", help="make the ed25519 key pair that signs published models",
+                       description="Write DIR/signing.key (private, mode 0600: keep it where models are published, "
+                       "never on a camera) and DIR/signing.pub (give it to every camera as model_updates.trust_key).")
+    k.add_argument("--out", required=True, metavar="DIR", help="directory for signing.key and signing.pub")
+    k.add_argument("--force", action="store_true", help="replace an existing key pair (re-keys every camera)")
+
+    pb = sub.add_parser("publish", help="check, sign and store a model in the registry",
+                        description="Load the model as the edge would (a model it cannot run is refused), sign "
+                        "its manifest and store both under an immutable version <name>-<sha256[:12]>. Prints the "
+                        "version as the last line of standard output.")
+    pb.add_argument("--model", required=True, metavar="M.onnx", help="the model (e.g. from smartcam-model build)")
+    pb.add_argument("--registry", required=True, metavar="DIR|s3://bucket/prefix", help="where models are kept")
+    pb.add_argument("--signing-key", required=True, metavar="KEY.pem", help="signing.key from smartcam-model keygen")
+    pb.add_argument("--name", help="model name (default: the file name); the version is <name>-<sha256[:12]>")
+    pb.add_argument("--notes", help="free text stored in the manifest (what changed)")
+    pb.add_argument("--conf", type=float, help="recommended confidence threshold (default 0.25)")
+    pb.add_argument("--iou", type=float, help="recommended NMS IoU (default 0.45)")
+    pb.add_argument("--track-threshold", dest="track_threshold", type=float,
+                    help="recommended track threshold (default 0.5)")
+    pb.add_argument("--parent", help="the version this one replaces (default: the latest of the same name)")
+    pb.add_argument("--eval", dest="eval_json", metavar="EVAL.json",
+                    help="`smartcam-model eval --json` output to store as the model's evaluation figures")
+    pb.add_argument("--s3-endpoint", dest="s3_endpoint", help="S3 endpoint URL (default $SMARTCAM_S3_ENDPOINT)")
+
+    r = sub.add_parser("registry", help="list or show published models")
+    r.add_argument("action", choices=("list", "show"))
+    r.add_argument("version", nargs="?", help="show: the version")
+    r.add_argument("--registry", required=True, metavar="DIR|s3://bucket/prefix")
+    r.add_argument("--json", action="store_true", help="list: JSON instead of a table")
+    r.add_argument("--s3-endpoint", dest="s3_endpoint", help="S3 endpoint URL (default $SMARTCAM_S3_ENDPOINT)")
+
+    d = sub.add_parser("deploy", help="send a registry model to cameras over MQTT (optionally canary first)",
+                       description="Publish a retained desired-model document per camera (--camera) or for the "
+                       "whole site. With --canary N: N cameras first, watch their reported state for --watch-s, "
+                       "then the rest; abort (exit 1, canaries restored) after more than --max-failures failures.")
+    d.add_argument("--registry", required=True, metavar="DIR|s3://bucket/prefix")
+    d.add_argument("--version", required=True, help="the registry version to deploy")
+    d.add_argument("--broker", required=True, help="mqtt://[user[:pw]@]host[:port] or mqtts://...")
+    d.add_argument("--site", required=True)
+    d.add_argument("--camera", action="append", help="one camera (repeat); default: the whole site")
+    d.add_argument("--canary", type=int, default=0, metavar="N", help="send to N cameras first and watch them")
+    d.add_argument("--watch-s", dest="watch_s", type=float, default=120.0, metavar="S",
+                   help="how long to watch the canaries (longer than their probation; default 120)")
+    d.add_argument("--max-failures", dest="max_failures", type=int, default=0, metavar="K",
+                   help="abort when more than K canaries fail (default 0)")
+    d.add_argument("--url-base", dest="url_base", metavar="URL",
+                   help="cameras fetch <URL>/models/<version>/model.onnx (an HTTP server serving the registry) "
+                        "instead of a file:// path or a presigned S3 URL")
+    d.add_argument("--url-expires-s", dest="url_expires_s", type=int, metavar="S",
+                   help="lifetime of a presigned S3 URL (default and maximum 7 days)")
+    d.add_argument("--s3-endpoint", dest="s3_endpoint", help="S3 endpoint URL (default $SMARTCAM_S3_ENDPOINT)")
+
+    rb = sub.add_parser("rollback", help="make the previous desired model the desired one again")
+    rb.add_argument("--broker", required=True)
+    rb.add_argument("--site", required=True)
+    rb.add_argument("--camera", help="one camera (default: the site's model)")
+    rb.add_argument("--registry", metavar="DIR|s3://bucket/prefix",
+                    help="re-issue the download URL from the registry (a presigned URL may have expired)")
+    rb.add_argument("--url-base", dest="url_base", metavar="URL", help="as for deploy")
+    rb.add_argument("--s3-endpoint", dest="s3_endpoint")
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
@@ -205,14 +271,91 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_keygen(args: argparse.Namespace) -> int:
+    from models.signing import generate_keypair
+
+    private_path, public_path = generate_keypair(args.out, overwrite=args.force)
+    print(f"wrote {private_path} (private, mode 0600: keep it off the cameras) and {public_path} (the cameras' "
+          "model_updates.trust_key)")
+    return 0
+
+
+def _cmd_publish(args: argparse.Namespace) -> int:
+    from models.registry import open_registry, publish
+    from models.signing import load_private_key
+
+    key = load_private_key(args.signing_key)
+    registry = open_registry(args.registry, endpoint_url=args.s3_endpoint)
+    thresholds = {k: v for k in ("conf", "iou", "track_threshold") if (v := getattr(args, k)) is not None}
+    manifest = publish(registry, args.model, key, name=args.name, notes=args.notes, thresholds=thresholds,
+                       parent=args.parent, eval_json=args.eval_json)
+    print(f"stored in {registry.url}: sha256 {manifest['sha256']}, {manifest['size']} bytes, imgsz "
+          f"{'x'.join(map(str, manifest['imgsz']))}, parent {manifest['parent'] or '-'}")
+    print(manifest["version"])
+    return 0
+
+
+def _cmd_registry(args: argparse.Namespace) -> int:
+    from models.registry import open_registry
+
+    registry = open_registry(args.registry, endpoint_url=args.s3_endpoint)
+    if args.action == "show":
+        if not args.version:
+            raise ValueError("registry show needs a VERSION")
+        print(json.dumps(registry.entry(args.version), indent=2))
+        return 0
+    versions = registry.versions()
+    if args.json:
+        print(json.dumps(versions, indent=2))
+        return 0
+    if not versions:
+        print(f"no models in {registry.url}")
+        return 0
+    print("| version | created | imgsz | MB | conf | parent | AP50 | notes |\n|---|---|---|---|---|---|---|---|")
+    for m in versions:
+        ap = (m.get("evaluation") or {}).get("ap50")
+        print(f"| {m['version']} | {m['created']} | {'x'.join(map(str, m['imgsz']))} | {m['size'] / 1e6:.1f} | "
+              f"{m['thresholds']['conf']} | {m.get('parent') or '-'} | {'-' if ap is None else f'{ap:.4f}'} | "
+              f"{(m.get('notes') or '').replace('|', '/')[:60]} |")
+    return 0
+
+
+def _cmd_deploy(args: argparse.Namespace) -> int:
+    from contract.broker import BrokerSettings
+    from models.deploy import deploy
+    from models.registry import open_registry
+
+    registry = open_registry(args.registry, endpoint_url=args.s3_endpoint)
+    return deploy(registry, args.version, BrokerSettings.from_url(args.broker), args.site, args.camera,
+                  canary=args.canary, watch_s=args.watch_s, max_failures=args.max_failures, url_base=args.url_base,
+                  url_expires_s=args.url_expires_s, say=lambda text: print(text, flush=True))
+
+
+def _cmd_rollback(args: argparse.Namespace) -> int:
+    from contract.broker import BrokerSettings
+    from models.deploy import rollback
+    from models.registry import open_registry
+
+    registry = open_registry(args.registry, endpoint_url=args.s3_endpoint) if args.registry else None
+    return rollback(BrokerSettings.from_url(args.broker), args.site, args.camera, registry=registry,
+                    url_base=args.url_base, say=lambda text: print(text, flush=True))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
     )
+    from contract.signature import SignatureError
+    from models.deploy import DeployError
+    from models.registry import RegistryError
+
+    commands = {"build": _cmd_build, "eval": _cmd_eval, "keygen": _cmd_keygen, "publish": _cmd_publish,
+                "registry": _cmd_registry, "deploy": _cmd_deploy, "rollback": _cmd_rollback}
     try:
-        return _cmd_build(args) if args.command == "build" else _cmd_eval(args)
-    except (ModelError, CalibrationError, FileNotFoundError, ValueError) as exc:
+        return commands[args.command](args)
+    except (ModelError, CalibrationError, FileNotFoundError, ValueError, RegistryError, SignatureError,
+            DeployError) as exc:
         print(f"smartcam-model {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
