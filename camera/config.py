@@ -115,6 +115,42 @@ class BatchConfig(_Strict):
                                        "every change is still in the batches")
 
 
+class ModelUpdatesConfig(_Strict):
+    """Over-the-air model updates from the registry (camera/model_updates.py, docs/models-ota.md)."""
+
+    enabled: bool = Field(False, description="follow the desired model on smartcam/<site>/<camera>/model/desired "
+                          "and smartcam/<site>/model/desired (needs mqtt.broker)")
+    trust_key: Path | None = Field(None, description="signing.pub of the registry: models whose manifest "
+                                   "signature does not verify with it are refused")
+    allow_unsigned: bool = Field(False, description="accept models without a valid signature (testing only)")
+    dir: Path | None = Field(None, description="where downloaded models and current.json live; default "
+                             "$XDG_STATE_HOME/smartcam/<site>-<camera_id>.models")
+    probation_s: float = Field(60.0, ge=0, description="after a swap, watch the new model this long and roll back "
+                               "on inference errors, latency or detection-rate collapse")
+    max_bytes: int = Field(200 * 1024 * 1024, ge=1024, description="largest model file accepted for download")
+    download_timeout_s: float = Field(30.0, gt=0, description="a download with no data for this long is abandoned")
+    health_frames: int = Field(8, ge=0, le=64, description="recent frames the new model is health-checked on "
+                               "before it serves (0 = load check only)")
+    max_latency_factor: float = Field(5.0, gt=1, description="refuse / roll back a model this many times slower "
+                                      "than the current one on the same frames")
+    min_detection_ratio: float = Field(0.5, ge=0, le=1, description="refuse / roll back a model that finds people "
+                                       "on fewer than this share of the frames where the current one does")
+
+    @field_validator("trust_key")
+    @classmethod
+    def _check_key(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"trust key not found: {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _signed(self) -> ModelUpdatesConfig:
+        if self.enabled and self.trust_key is None and not self.allow_unsigned:
+            raise ValueError("model_updates.enabled needs trust_key (the registry's signing.pub), or "
+                             "allow_unsigned: true")
+        return self
+
+
 class PublishConfig(_Strict):
     """What the edge sends and how the outbox is published to the broker."""
 
@@ -159,6 +195,7 @@ class EdgeConfig(_Strict):
                                      "MOTChallenge text (frame, id, x, y, w, h, score, -1, -1, -1), for scoring")
     max_frames: int | None = Field(None, ge=1, description="stop after this many processed frames")
     drain_timeout_s: float = Field(30.0, ge=0, description="end of file: wait this long for the broker's acks")
+    model_updates: ModelUpdatesConfig = Field(default_factory=ModelUpdatesConfig)
 
     @field_validator("camera_id", "site")
     @classmethod
@@ -201,6 +238,18 @@ class EdgeConfig(_Strict):
 
     def start_epoch(self) -> float | None:
         return self.start_time.timestamp() if self.start_time else None
+
+    def model_dir(self) -> Path:
+        if self.model_updates.dir:
+            return self.model_updates.dir
+        state = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+        return state / "smartcam" / f"{self.site}-{self.camera_id}.models"
+
+    @model_validator(mode="after")
+    def _updates_need_broker(self) -> EdgeConfig:
+        if self.model_updates.enabled and not self.mqtt.broker:
+            raise ValueError("model_updates.enabled needs mqtt.broker: desired models arrive over MQTT")
+        return self
 
 
 def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
