@@ -94,6 +94,28 @@ def build_parser() -> argparse.ArgumentParser:
                         help="force the motion gate on (default: on for live sources, off for files)")
     motion.add_argument("--no-motion", dest="motion", action="store_const", const=False,
                         help="run the detector on every frame")
+    ota = run.add_argument_group("over-the-air model updates (docs/models-ota.md; off by default)")
+    ota.add_argument("--model-updates", dest="model_updates", action="store_true", default=None,
+                     help="follow the desired model published by `smartcam-model deploy` (needs --broker)")
+    ota.add_argument("--trust-key", dest="trust_key", metavar="signing.pub",
+                     help="the registry's public key: models whose signature does not verify are refused")
+    ota.add_argument("--allow-unsigned-models", dest="allow_unsigned", action="store_true", default=None,
+                     help="accept models without a valid signature (testing only)")
+    ota.add_argument("--model-dir", dest="model_dir", metavar="DIR",
+                     help="downloaded models and current.json (default $XDG_STATE_HOME/smartcam/<site>-<camera>.models)")
+    ota.add_argument("--probation", dest="probation_s", type=float, metavar="S",
+                     help="watch a new model this long after the swap, roll back if it fails (default 60)")
+    ota.add_argument("--model-max-bytes", dest="model_max_bytes", type=int, metavar="N",
+                     help="largest model download accepted (default 200 MiB)")
+    ota.add_argument("--model-download-timeout", dest="model_download_timeout_s", type=float, metavar="S",
+                     help="abandon a download with no data for S seconds (default 30)")
+    ota.add_argument("--health-frames", dest="health_frames", type=int, metavar="N",
+                     help="recent frames a new model is checked on before it serves (default 8; 0 = load only)")
+    ota.add_argument("--max-latency-factor", dest="max_latency_factor", type=float, metavar="X",
+                     help="refuse or roll back a model X times slower than the current one (default 5)")
+    ota.add_argument("--min-detection-ratio", dest="min_detection_ratio", type=float, metavar="R",
+                     help="refuse or roll back a model finding people on fewer than R of the frames where the "
+                          "current one does (default 0.5)")
     run.add_argument("--drain-timeout", dest="drain_timeout_s", type=float, metavar="S",
                      help="at the end of a file, wait up to S s for the broker to acknowledge (default 30)")
     run.add_argument("--no-broker", dest="no_broker", action="store_true",
@@ -128,6 +150,13 @@ def _overrides(args: argparse.Namespace) -> dict:
         "detector.classes": args.classes.split(",") if args.classes else None, "detector.threads": args.threads,
         "detector.streams": args.streams,
         "detector.provider": args.provider,
+        "model_updates.enabled": args.model_updates, "model_updates.trust_key": args.trust_key,
+        "model_updates.allow_unsigned": args.allow_unsigned, "model_updates.dir": args.model_dir,
+        "model_updates.probation_s": args.probation_s, "model_updates.max_bytes": args.model_max_bytes,
+        "model_updates.download_timeout_s": args.model_download_timeout_s,
+        "model_updates.health_frames": args.health_frames,
+        "model_updates.max_latency_factor": args.max_latency_factor,
+        "model_updates.min_detection_ratio": args.min_detection_ratio,
         "motion.enabled": args.motion, "drain_timeout_s": args.drain_timeout_s,
         "homeassistant.enabled": args.homeassistant, "homeassistant.discovery_prefix": args.homeassistant_prefix,
         "metrics.listen": args.metrics_listen,
