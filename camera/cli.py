@@ -118,6 +118,17 @@ def build_parser() -> argparse.ArgumentParser:
                           "current one does (default 0.5)")
     run.add_argument("--drain-timeout", dest="drain_timeout_s", type=float, metavar="S",
                      help="at the end of a file, wait up to S s for the broker to acknowledge (default 30)")
+    run.add_argument("--samples", dest="samples_enabled", action="store_true", default=None,
+                     help="send hard frames (masked, resized JPEG + metadata) to the broker for the learning loop "
+                          "(default off; README: Privacy)")
+    run.add_argument("--samples-per-minute", dest="samples_per_minute", type=int, metavar="N",
+                     help="samples per minute at most (default 2)")
+    run.add_argument("--samples-per-hour", dest="samples_per_hour", type=int, metavar="N",
+                     help="samples per hour at most (default 30)")
+    run.add_argument("--samples-per-day", dest="samples_per_day", type=int, metavar="N",
+                     help="samples per day at most (default 200)")
+    run.add_argument("--samples-max-side", dest="samples_max_side", type=int, metavar="PX",
+                     help="longer side of a sent sample in pixels at most (default 640)")
     run.add_argument("--no-broker", dest="no_broker", action="store_true",
                      help="offline even if the config file names a broker")
 

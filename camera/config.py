@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from camera.filters import FilterSpec, MaskSpec
+from camera.sampler import SamplesSpec
 from camera.tracker import TrackerSpec
 from camera.zones import LineSpec, ZoneSpec
 from contract.broker import BrokerSettings
@@ -189,6 +190,7 @@ class EdgeConfig(_Strict):
     mqtt: MqttConfig = Field(default_factory=MqttConfig)
     publish: PublishConfig = Field(default_factory=PublishConfig)
     outbox: OutboxConfig = Field(default_factory=OutboxConfig)
+    samples: SamplesSpec = Field(default_factory=SamplesSpec)
     events_file: Path | None = Field(None, description="append every event as one JSON line (audit, offline)")
     save_video: Path | None = Field(None, description="annotated video (boxes, ids, zones, lines, counts)")
     tracks_file: Path | None = Field(None, description="every person track's box per processed frame, "
