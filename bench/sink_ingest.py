@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cloud_sink.store import Store  # noqa: E402
+from cloud_sink.store import Batch, Store  # noqa: E402
 from contract.ids import new_event_id  # noqa: E402
 from contract.timestamps import format_ts  # noqa: E402
 from contract.topics import topic_for  # noqa: E402
@@ -207,7 +207,7 @@ def bench_query(args: argparse.Namespace) -> dict:
             n = min(batch, args.events - i)
             evs = make_events(n, start=start + days * 86400 * i / args.events, span_s=days * 86400 * n / args.events,
                               seed=i)
-            store.insert_events(evs)
+            store.write(Batch(events=evs))
         load_s = time.perf_counter() - t0
         assert store.event_count() == args.events
 
@@ -231,7 +231,7 @@ def bench_query(args: argparse.Namespace) -> dict:
             "daily_30d_ms": timed(lambda: rollups.daily(store, since=since)),
             "dwell_30d_ms": timed(lambda: rollups.dwell(store, since=since, camera_id="cam-1")),
             "peak_hour_30d_ms": timed(lambda: rollups.peak_hour(store, since=since)),
-            "summary_30d_ms": timed(lambda: rollups.summary(store, since=since), repeat=3),
+            "overview_30d_ms": timed(lambda: rollups.overview(store, since=since), repeat=3),
             "hourly_rows": len(rollups.hourly(store, since=since)),
         }
         store.close()

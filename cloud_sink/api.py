@@ -198,12 +198,12 @@ def create_app(store: Store, *, token: str | None = None) -> FastAPI:
         since, until = _range(since, until)
         return rollups.dwell(store, since=since, until=until, site=site, camera_id=camera, zone=zone)
 
-    @api.get("/summary")
-    def summary(site: Site = None, camera: Camera = None, since: Since = None,
-                until: Until = None) -> dict[str, Any]:
+    @api.get("/overview")
+    def overview(site: Site = None, camera: Camera = None, since: Since = None,
+                 until: Until = None) -> dict[str, Any]:
         """What ``smartcam-sink report --json`` prints: per camera totals, health, dwell, peak hour, zones, lines."""
         since, until = _range(since, until)
-        return rollups.summary(store, since=since, until=until, site=site, camera_id=camera)
+        return rollups.overview(store, since=since, until=until, site=site, camera_id=camera)
 
     @api.get("/dead-letters")
     def dead_letters(limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 50,

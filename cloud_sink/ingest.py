@@ -159,7 +159,7 @@ class Ingestor:
             except Exception as exc:
                 c = Checked("dead", c.topic, c.site, c.camera_id,
                             reason=f"database rejected it: {str(exc).splitlines()[0][:200]}")
-                self.store.write_batch(_batch([(c, payload)], now), received_at=now)
+                self.store.write(_batch([(c, payload)], now), received_at=now)
             out.append((c, payload))
         return out, total
 

@@ -41,9 +41,9 @@ def parse_since(text: str, *, now: float | None = None) -> float:
 
 def build(store: Store, *, since: float, until: float | None = None, site: str | None = None,
           camera_id: str | None = None) -> dict[str, Any]:
-    """The summary plus hourly rows per camera: everything printed, as one JSON-able dict."""
+    """The overview plus hourly rows per camera: everything printed, as one JSON-able dict."""
     until = time.time() if until is None else until
-    data = rollups.summary(store, since=since, until=until, site=site, camera_id=camera_id)
+    data = rollups.overview(store, since=since, until=until, site=site, camera_id=camera_id)
     for cam in data["cameras"]:
         cam["hourly"] = rollups.hourly(store, since=since, until=until, site=cam["site"], camera_id=cam["camera_id"])
     return data

@@ -1,15 +1,17 @@
-"""Analytics: hourly rollups maintained on ingest, and the queries the report, API and dashboard ask.
+"""The rollups: their tables, their one writer, and the analytics queries the report, API and dashboard ask.
 
-The maths lives in ``contract.rollup`` (shared with the edge): ``deltas`` gives the rollup increments for a list
-of *newly stored* events (the store applies them in the same transaction as the insert; a stored ``summary`` message from an edge in summary mode
-brings the same increments for its window, ``contract.rollup.summary_deltas``, so every figure below is the same
-whichever way a camera publishes). The query functions read only the small rollup tables (except
-:func:`occupancy`, which buckets raw ``count`` events at any resolution, and the summaries' windows at theirs),
-so they stay fast however many events are stored.
+The sink's only module that knows the rollup tables. Every figure comes from increments of type
+``contract.rollup.Deltas``: ``contract.rollup.deltas`` of the events stored for the first time, and
+:func:`summary_deltas` of a summary (an edge in summary mode) stored for the first time; :func:`merge_deltas` adds
+them up and :func:`apply_deltas`, called by ``Store.write`` inside the insert's transaction, adds them to the
+tables. Duplicates never reach it, so nothing counts twice. The queries read only these small tables (except
+:func:`occupancy`, which buckets raw ``count`` events at any resolution, and the summaries' windows at theirs), so
+they stay fast however many events are stored.
 
 What the figures mean (per site, camera, hour; ``zone=''`` = the whole camera):
 - entries / exits: ``person.enter`` / ``person.exit`` events (per zone: ``zone.enter`` / ``zone.exit``).
-- unique_tracks: distinct track ids with an event in that hour (exact; tracks seen in several hours count in each).
+- unique_tracks: distinct track ids with an event in the range asked for (a person seen in several hours of the
+  range counts once); ``hourly`` rows count per hour, ``daily`` rows per day (the hours of that day in range).
 - occupancy_max / occupancy_mean: max and mean of the people counts reported by ``count`` events (a zone's
   ``count`` events carry its name). The mean is over reports, not time-weighted. For a camera in summary mode
   :func:`occupancy` has one point per summary window (no finer), at the bucket of the window start.
@@ -23,26 +25,253 @@ every zone, ``zone="name"`` one zone.
 
 >>> histogram_quantile({0: 1, 20: 1}, 0.5)
 0.5
+>>> round(bin_edges(67)[0], 2), expand_ranges([[3, 5], [7, 9]], limit=10)
+(99.06, [3, 4, 5, 7, 8, 9])
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
+from sqlalchemy.engine import Connection
 
-from contract.rollup import HOUR, bin_edges
-from contract.timestamps import format_ts
+from contract.rollup import DWELL_FINE_BINS, DWELL_RATIO, HOUR, Deltas
+from contract.timestamps import format_ts, ts_ms
 
 if TYPE_CHECKING:
     from cloud_sink.store import Store
 
 DAY = 86400
+NAME = sa.String(64)
+
+#: The rollup tables (created by the store's migrations 1 and 2). Hour/day columns: epoch s of the UTC start.
+metadata = sa.MetaData()
 
 
-# ---------------------------------------------------------------------------------------------- pure maths
+def _camera_key() -> list[sa.Column]:
+    """(site, camera_id) primary-key columns; a fresh pair per table."""
+    return [sa.Column("site", NAME, primary_key=True), sa.Column("camera_id", NAME, primary_key=True)]
+
+
+rollup_hourly = sa.Table(
+    "rollup_hourly", metadata,
+    *_camera_key(),
+    sa.Column("zone", NAME, primary_key=True),  # '' = the whole camera
+    sa.Column("hour", sa.BigInteger, primary_key=True),
+    sa.Column("entries", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("exits", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("unique_tracks", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("occupancy_max", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("occupancy_sum", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("occupancy_samples", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("dwell_sum", sa.Float, nullable=False, server_default="0"),
+    sa.Column("dwell_count", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("loiters", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Index("ix_rollup_hourly_hour", "hour"),
+)
+
+rollup_tracks = sa.Table(  # distinct track ids per hour: unique_tracks stays exact under redelivery
+    "rollup_tracks", metadata,
+    *_camera_key(),
+    sa.Column("zone", NAME, primary_key=True),
+    sa.Column("hour", sa.BigInteger, primary_key=True),
+    sa.Column("track_id", sa.BigInteger, primary_key=True),
+)
+
+rollup_dwell = sa.Table(  # dwell histogram per hour in fixed bins (contract.rollup.dwell_bin), for median/p90
+    "rollup_dwell", metadata,
+    *_camera_key(),
+    sa.Column("zone", NAME, primary_key=True),
+    sa.Column("hour", sa.BigInteger, primary_key=True),
+    sa.Column("bin", sa.Integer, primary_key=True),
+    sa.Column("n", sa.BigInteger, nullable=False),
+)
+
+rollup_lines = sa.Table(
+    "rollup_lines", metadata,
+    *_camera_key(),
+    sa.Column("line", NAME, primary_key=True),
+    sa.Column("hour", sa.BigInteger, primary_key=True),
+    sa.Column("in_count", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("out_count", sa.BigInteger, nullable=False, server_default="0"),
+)
+
+rollup_day_tracks = sa.Table(  # distinct track ids per UTC day (migration 2): whole days without COUNT DISTINCT
+    "rollup_day_tracks", metadata,
+    *_camera_key(),
+    sa.Column("zone", NAME, primary_key=True),
+    sa.Column("day", sa.BigInteger, primary_key=True),
+    sa.Column("track_id", sa.BigInteger, primary_key=True),
+)
+
+rollup_daily = sa.Table(
+    "rollup_daily", metadata,
+    *_camera_key(),
+    sa.Column("zone", NAME, primary_key=True),
+    sa.Column("day", sa.BigInteger, primary_key=True),
+    sa.Column("unique_tracks", sa.BigInteger, nullable=False, server_default="0"),
+)
+
+HOURLY_TABLES = [rollup_hourly, rollup_tracks, rollup_dwell, rollup_lines]  # migration 1
+DAILY_TABLES = [rollup_day_tracks, rollup_daily]  # migration 2
+
+
+# ---------------------------------------------------------------------------------------------- maths
+def bin_edges(index: int) -> tuple[float, float]:
+    """[lo, hi) seconds of a dwell bin (the inverse of ``contract.rollup.dwell_bin``)."""
+    if index < DWELL_FINE_BINS:
+        return index / 2.0, (index + 1) / 2.0
+    k = index - DWELL_FINE_BINS
+    return 10.0 * DWELL_RATIO**k, 10.0 * DWELL_RATIO ** (k + 1)
+
+
+def merge_deltas(into: Deltas, other: Deltas) -> Deltas:
+    """Add ``other`` to ``into`` (in place) the way the rollup tables add up: sums, max for occupancy_max."""
+    for key, row in other.hourly.items():
+        target = into.hourly[key]
+        for name, value in row.items():
+            target[name] = max(target[name], value) if name == "occupancy_max" else target[name] + value
+    into.tracks |= other.tracks
+    for key, n in other.dwell_bins.items():
+        into.dwell_bins[key] += n
+    for key, (n_in, n_out) in other.lines.items():
+        into.lines[key][0] += n_in
+        into.lines[key][1] += n_out
+    return into
+
+
+
+def expand_ranges(ranges: list[list[int]], *, limit: int) -> list[int]:
+    """Inverse of ``contract.rollup.track_ranges``; ``ValueError`` if the runs are not sorted and disjoint or exceed ``limit``."""
+    out: list[int] = []
+    previous = -2
+    for first, last in ranges:
+        if first > last or (out and first <= previous):
+            raise ValueError(f"track ranges must be sorted, disjoint and first <= last: {[first, last]}")
+        if len(out) + last - first + 1 > limit:
+            raise ValueError(f"summary names more than {limit} tracks")
+        out.extend(range(first, last + 1))
+        previous = last
+    return out
+
+
+
+def summary_deltas(doc: dict[str, Any], *, max_tracks: int = 100_000) -> Deltas:
+    """The rollup increments a (schema-valid) summary stands for: the same as ``contract.rollup.deltas`` of
+    its events.
+
+    ``ValueError`` with the reason for what the schema cannot say: a window that is empty, longer than an hour or
+    across an hour boundary, unordered track ranges, dwell bins that do not add up to the dwell count.
+    """
+    start, end = ts_ms(doc["start"]), ts_ms(doc["end"])
+    if not start < end <= start + HOUR * 1000:
+        raise ValueError(f"summary window {doc['start']}..{doc['end']} is empty or longer than an hour")
+    hour = start // 1000 // HOUR * HOUR
+    if (end - 1) // 1000 // HOUR * HOUR != hour:
+        raise ValueError(f"summary window {doc['start']}..{doc['end']} crosses an hour boundary")
+    site, cam = doc["site"], doc["camera_id"]
+    out = Deltas()
+    tracks_named = 0
+    seen_zones: set[str] = set()
+    for area in doc["areas"]:
+        zone = area.get("zone") or ""
+        if zone in seen_zones:
+            raise ValueError(f"summary lists zone {zone or '(whole camera)'!r} twice")
+        seen_zones.add(zone)
+        ids = expand_ranges(area["tracks"], limit=max_tracks - tracks_named)
+        tracks_named += len(ids)
+        out.tracks.update((site, cam, zone, hour, i) for i in ids)
+        dwell = area["dwell"]
+        bins = {int(k): int(v) for k, v in dwell["bins"].items() if v}
+        if sum(bins.values()) != dwell["count"]:
+            raise ValueError(f"dwell bins of zone {zone or '(whole camera)'!r} do not add up to its dwell count")
+        occ = area["occupancy"]
+        if occ["samples"] == 0 and (occ["max"] or occ["sum"]) or occ["max"] * occ["samples"] < occ["sum"]:
+            raise ValueError(f"occupancy of zone {zone or '(whole camera)'!r} is inconsistent (max/sum/samples)")
+        out.hourly[(site, cam, zone, hour)].update(
+            entries=area["entries"], exits=area["exits"], loiters=area["loiters"], occupancy_max=occ["max"],
+            occupancy_sum=occ["sum"], occupancy_samples=occ["samples"], dwell_sum=float(dwell["sum"]),
+            dwell_count=dwell["count"])
+        for index, n in bins.items():
+            out.dwell_bins[(site, cam, zone, hour, index)] += n
+    for line in doc["lines"]:
+        key = (site, cam, line["line"], hour)
+        if key in out.lines:
+            raise ValueError(f"summary lists line {line['line']!r} twice")
+        out.lines[key] = [line["in"], line["out"]]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- the writer
+Bulk = Callable[[Connection, sa.Table, list[dict[str, Any]], Callable[[Any], Any]], Any]
+
+
+def apply_deltas(conn: Connection, delta: Deltas, bulk: Bulk) -> None:
+    """Add rollup increments (of new events and new summaries) to the rollup tables, in ``conn``'s transaction.
+
+    ``bulk`` is ``Store.bulk_insert`` (one dialect-aware INSERT ... ON CONFLICT per table). Distinct tracks are
+    counted from the rows the track tables did not hold yet, so a track named by an event and by a summary of the
+    same hour counts once.
+    """
+    if delta.tracks:
+        keys = sorted(delta.tracks)
+        cols = rollup_tracks.c
+        returned = bulk(
+            conn, rollup_tracks,
+            [dict(zip(("site", "camera_id", "zone", "hour", "track_id"), k, strict=True)) for k in keys],
+            lambda ins: ins.on_conflict_do_nothing().returning(cols.site, cols.camera_id, cols.zone, cols.hour))
+        for site, camera_id, zone, hour in returned:
+            delta.hourly[(site, camera_id, zone, hour)]["unique_tracks"] += 1
+        day_keys = sorted({(s, c, z, h // DAY * DAY, tr) for s, c, z, h, tr in keys})
+        dcols = rollup_day_tracks.c
+        returned = bulk(
+            conn, rollup_day_tracks,
+            [dict(zip(("site", "camera_id", "zone", "day", "track_id"), k, strict=True)) for k in day_keys],
+            lambda ins: ins.on_conflict_do_nothing().returning(dcols.site, dcols.camera_id, dcols.zone, dcols.day))
+        new_per_day: dict[tuple[str, str, str, int], int] = {}
+        for key in returned:
+            new_per_day[tuple(key)] = new_per_day.get(tuple(key), 0) + 1
+        if new_per_day:
+            bulk(conn, rollup_daily,
+                 [dict(zip(("site", "camera_id", "zone", "day"), k, strict=True), unique_tracks=n)
+                  for k, n in sorted(new_per_day.items())],
+                 lambda ins: ins.on_conflict_do_update(
+                     index_elements=["site", "camera_id", "zone", "day"],
+                     set_={"unique_tracks": rollup_daily.c.unique_tracks + ins.excluded.unique_tracks}))
+    if delta.hourly:
+        def hourly_upsert(ins: Any) -> Any:
+            t, x = rollup_hourly.c, ins.excluded
+            summed = ("entries", "exits", "unique_tracks", "occupancy_sum", "occupancy_samples", "dwell_sum",
+                      "dwell_count", "loiters")
+            set_: dict[str, Any] = {name: t[name] + x[name] for name in summed}
+            set_["occupancy_max"] = sa.case((x.occupancy_max > t.occupancy_max, x.occupancy_max),
+                                            else_=t.occupancy_max)
+            return ins.on_conflict_do_update(index_elements=["site", "camera_id", "zone", "hour"], set_=set_)
+
+        bulk(conn, rollup_hourly, [dict(zip(("site", "camera_id", "zone", "hour"), k, strict=True), **v)
+                                   for k, v in sorted(delta.hourly.items())], hourly_upsert)
+    if delta.dwell_bins:
+        bulk(conn, rollup_dwell,
+             [dict(zip(("site", "camera_id", "zone", "hour", "bin"), k, strict=True), n=n)
+              for k, n in sorted(delta.dwell_bins.items())],
+             lambda ins: ins.on_conflict_do_update(
+                 index_elements=["site", "camera_id", "zone", "hour", "bin"],
+                 set_={"n": rollup_dwell.c.n + ins.excluded.n}))
+    if delta.lines:
+        lc = rollup_lines.c
+        bulk(conn, rollup_lines,
+             [dict(zip(("site", "camera_id", "line", "hour"), k, strict=True), in_count=v[0], out_count=v[1])
+              for k, v in sorted(delta.lines.items())],
+             lambda ins: ins.on_conflict_do_update(
+                 index_elements=["site", "camera_id", "line", "hour"],
+                 set_={"in_count": lc.in_count + ins.excluded.in_count,
+                       "out_count": lc.out_count + ins.excluded.out_count}))
+
+
 def histogram_quantile(bins: dict[int, int], q: float) -> float | None:
     """The q-quantile of a binned distribution, interpolating linearly inside the bin."""
     total = sum(bins.values())
@@ -60,10 +289,11 @@ def histogram_quantile(bins: dict[int, int], q: float) -> float | None:
 
 
 # ---------------------------------------------------------------------------------------------- queries
-def _tables():
-    from cloud_sink import store as tables
+def _store_tables():
+    """The store's own tables (events, summaries), imported late: the store imports this module."""
+    from cloud_sink import store
 
-    return tables
+    return store
 
 
 def _epoch_s(value: Any) -> int | None:
@@ -104,7 +334,7 @@ def _mean(total: float, n: int) -> float | None:
 def hourly(store: Store, *, since: Any, until: Any = None, site: str | None = None, camera_id: str | None = None,
            zone: str | None = None) -> list[dict[str, Any]]:
     """One row per (site, camera, zone, hour), oldest first."""
-    t = _tables().rollup_hourly
+    t = rollup_hourly
     query = _filter(_hour_range(sa.select(t), t.c.hour, since, until), t, site, camera_id, zone)
     query = query.order_by(t.c.hour, t.c.site, t.c.camera_id, t.c.zone)
     with store.engine.connect() as conn:
@@ -122,8 +352,7 @@ def hourly(store: Store, *, since: Any, until: Any = None, site: str | None = No
 def daily(store: Store, *, since: Any, until: Any = None, site: str | None = None, camera_id: str | None = None,
           zone: str | None = None) -> list[dict[str, Any]]:
     """Hourly rollups (of the hours in range) summed per UTC day; unique_tracks is distinct over the whole day."""
-    tables = _tables()
-    t, tr = tables.rollup_hourly, tables.rollup_daily
+    t, tr = rollup_hourly, rollup_daily
     day = (t.c.hour // DAY) * DAY
     query = sa.select(
         t.c.site, t.c.camera_id, t.c.zone, day.label("day"), sa.func.sum(t.c.entries).label("entries"),
@@ -172,8 +401,7 @@ def occupancy(store: Store, *, since: Any, until: Any = None, site: str | None =
 
     if bucket_s < 1:
         raise ValueError("bucket_s must be >= 1")
-    tables = _tables()
-    e, sm = tables.events, tables.summaries
+    e, sm = _store_tables().events_table, _store_tables().summaries_table
     bucket_ms = int(bucket_s) * 1000
     bucket = (e.c.ts // bucket_ms) * bucket_ms
     query = sa.select(e.c.site, e.c.camera_id, e.c.zone, bucket.label("t"), sa.func.max(e.c.count).label("max"),
@@ -222,8 +450,7 @@ def occupancy(store: Store, *, since: Any, until: Any = None, site: str | None =
 def dwell(store: Store, *, since: Any, until: Any = None, site: str | None = None, camera_id: str | None = None,
           zone: str | None = None) -> dict[str, Any]:
     """Dwell distribution over the range: n, mean (exact), median and p90 (histogram), histogram bins."""
-    tables = _tables()
-    t, d = tables.rollup_hourly, tables.rollup_dwell
+    t, d = rollup_hourly, rollup_dwell
     sums = _filter(_hour_range(sa.select(sa.func.sum(t.c.dwell_sum), sa.func.sum(t.c.dwell_count)), t.c.hour,
                                since, until), t, site, camera_id, zone)
     bins_q = _filter(_hour_range(sa.select(d.c.bin, sa.func.sum(d.c.n)).group_by(d.c.bin), d.c.hour, since, until),
@@ -243,7 +470,7 @@ def dwell(store: Store, *, since: Any, until: Any = None, site: str | None = Non
 def peak_hour(store: Store, *, since: Any, until: Any = None, site: str | None = None,
               camera_id: str | None = None, zone: str | None = None) -> dict[str, Any] | None:
     """The hour with the most entries (summed over the matching cameras); earliest on ties; None if no entries."""
-    t = _tables().rollup_hourly
+    t = rollup_hourly
     total = sa.func.sum(t.c.entries).label("entries")
     query = _filter(_hour_range(sa.select(t.c.hour, total).group_by(t.c.hour), t.c.hour, since, until), t, site,
                     camera_id, zone)
@@ -258,7 +485,7 @@ def peak_hour(store: Store, *, since: Any, until: Any = None, site: str | None =
 def lines(store: Store, *, since: Any, until: Any = None, site: str | None = None, camera_id: str | None = None,
           line: str | None = None) -> list[dict[str, Any]]:
     """In/out crossings per line over the range."""
-    t = _tables().rollup_lines
+    t = rollup_lines
     query = sa.select(t.c.site, t.c.camera_id, t.c.line, sa.func.sum(t.c.in_count).label("in_"),
                       sa.func.sum(t.c.out_count).label("out")).group_by(t.c.site, t.c.camera_id, t.c.line)
     query = _hour_range(query, t.c.hour, since, until)
@@ -282,7 +509,7 @@ def _totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _occupancy_mean(store: Store, since: Any, until: Any, site: str, camera_id: str, zone: str | None) -> float | None:
-    t = _tables().rollup_hourly
+    t = rollup_hourly
     query = _filter(_hour_range(sa.select(sa.func.sum(t.c.occupancy_sum), sa.func.sum(t.c.occupancy_samples)),
                                 t.c.hour, since, until), t, site, camera_id, zone)
     with store.engine.connect() as conn:
@@ -290,7 +517,7 @@ def _occupancy_mean(store: Store, since: Any, until: Any, site: str, camera_id: 
     return _mean(float(total or 0), int(n or 0))
 
 
-def summary(store: Store, *, since: Any, until: Any = None, site: str | None = None,
+def overview(store: Store, *, since: Any, until: Any = None, site: str | None = None,
             camera_id: str | None = None) -> dict[str, Any]:
     """Everything the report prints: per camera totals, health, dwell, peak hour, days, zones and lines."""
     until_value = until if until is not None else time.time()

@@ -7,9 +7,10 @@ can never count twice. Schema changes are a versioned list of migrations applied
 
 Summaries (an edge in summary mode sends one ``summary.v1`` message per camera and time window instead of its
 events) take the same road: ``summaries.summary_id`` is the key, and only a newly inserted summary's
-increments (``contract.rollup.summary_deltas``) are merged with the new events' and applied by the one rollup
-writer, :meth:`Store._apply_deltas`. So hourly/daily figures are the same whichever way a camera publishes.
-(An edge in summary mode publishes no retained snapshots: they are events, and would count a second time.)
+increments (``cloud_sink.rollups.summary_deltas``) are merged with the new events' and applied by the one rollup
+writer, ``cloud_sink.rollups.apply_deltas``. So hourly/daily figures are the same whichever way a camera
+publishes. The rollup tables themselves live in ``cloud_sink.rollups``; this module holds the events, summaries,
+dead letters, cameras and the migrations.
 
 Time columns are epoch **milliseconds** (BIGINT, UTC): ``events.ts`` is the camera's capture time,
 ``received_at`` the sink's clock. Rollup ``hour`` columns are epoch **seconds** of the UTC hour start. Query
@@ -31,30 +32,32 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from cloud_sink.validation import ts_ms
-from contract.rollup import Deltas, deltas, merge_deltas, summary_deltas
-from contract.timestamps import format_ts
+from cloud_sink import rollups
+from cloud_sink.rollups import merge_deltas, summary_deltas
+from contract.rollup import Deltas, deltas
+from contract.timestamps import format_ts, ts_ms
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DEAD_LETTER_PAYLOAD_BYTES = 4096
 NAME = sa.String(64)
 
 metadata = sa.MetaData()
 
-schema_migrations = sa.Table(
+migrations_table = sa.Table(
     "schema_migrations", metadata,
     sa.Column("version", sa.Integer, primary_key=True, autoincrement=False),
     sa.Column("description", sa.String(200), nullable=False),
     sa.Column("applied_at", sa.BigInteger, nullable=False),
 )
 
-events = sa.Table(
+events_table = sa.Table(
     "events", metadata,
     sa.Column("event_id", sa.String(32), primary_key=True),
     sa.Column("site", NAME, nullable=False),
@@ -73,7 +76,7 @@ events = sa.Table(
     sa.Index("ix_events_type_ts", "type", "ts"),
 )
 
-dead_letters = sa.Table(
+dead_letters_table = sa.Table(
     "dead_letters", metadata,
     sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
     sa.Column("received_at", sa.BigInteger, nullable=False),
@@ -84,7 +87,7 @@ dead_letters = sa.Table(
     sa.Index("ix_dead_letters_received", "received_at"),
 )
 
-cameras = sa.Table(
+cameras_table = sa.Table(
     "cameras", metadata,
     sa.Column("site", NAME, primary_key=True),
     sa.Column("camera_id", NAME, primary_key=True),
@@ -100,7 +103,7 @@ cameras = sa.Table(
     sa.Column("events_total", sa.BigInteger, nullable=False, server_default="0"),
 )
 
-summaries = sa.Table(  # migration 3: summary messages, stored once (their increments are in the rollups)
+summaries_table = sa.Table(  # migration 3: summary messages, stored once (their increments are in the rollups)
     "summaries", metadata,
     sa.Column("summary_id", sa.String(32), primary_key=True),
     sa.Column("site", NAME, nullable=False),
@@ -115,80 +118,15 @@ summaries = sa.Table(  # migration 3: summary messages, stored once (their incre
 
 
 
-def _camera_key() -> list[sa.Column]:
-    """(site, camera_id) primary-key columns; a fresh pair per table."""
-    return [sa.Column("site", NAME, primary_key=True), sa.Column("camera_id", NAME, primary_key=True)]
-
-
-rollup_hourly = sa.Table(
-    "rollup_hourly", metadata,
-    *_camera_key(),
-    sa.Column("zone", NAME, primary_key=True),  # '' = the whole camera
-    sa.Column("hour", sa.BigInteger, primary_key=True),  # epoch s of the UTC hour start
-    sa.Column("entries", sa.Integer, nullable=False, server_default="0"),
-    sa.Column("exits", sa.Integer, nullable=False, server_default="0"),
-    sa.Column("unique_tracks", sa.Integer, nullable=False, server_default="0"),
-    sa.Column("occupancy_max", sa.Integer, nullable=False, server_default="0"),
-    sa.Column("occupancy_sum", sa.BigInteger, nullable=False, server_default="0"),
-    sa.Column("occupancy_samples", sa.Integer, nullable=False, server_default="0"),
-    sa.Column("dwell_sum", sa.Float, nullable=False, server_default="0"),
-    sa.Column("dwell_count", sa.Integer, nullable=False, server_default="0"),
-    sa.Column("loiters", sa.Integer, nullable=False, server_default="0"),
-    sa.Index("ix_rollup_hourly_hour", "hour"),
-)
-
-rollup_tracks = sa.Table(  # distinct track ids per hour, so unique_tracks stays exact under redelivery
-    "rollup_tracks", metadata,
-    *_camera_key(),
-    sa.Column("zone", NAME, primary_key=True),
-    sa.Column("hour", sa.BigInteger, primary_key=True),
-    sa.Column("track_id", sa.BigInteger, primary_key=True),
-)
-
-rollup_dwell = sa.Table(  # dwell histogram per hour in fixed bins (contract.rollup.dwell_bin), for median/p90
-    "rollup_dwell", metadata,
-    *_camera_key(),
-    sa.Column("zone", NAME, primary_key=True),
-    sa.Column("hour", sa.BigInteger, primary_key=True),
-    sa.Column("bin", sa.Integer, primary_key=True),
-    sa.Column("n", sa.Integer, nullable=False),
-)
-
-rollup_lines = sa.Table(
-    "rollup_lines", metadata,
-    *_camera_key(),
-    sa.Column("line", NAME, primary_key=True),
-    sa.Column("hour", sa.BigInteger, primary_key=True),
-    sa.Column("in_count", sa.Integer, nullable=False, server_default="0"),
-    sa.Column("out_count", sa.Integer, nullable=False, server_default="0"),
-)
-
-
-rollup_day_tracks = sa.Table(  # distinct track ids per UTC day (migration 2): exact daily unique_tracks
-    "rollup_day_tracks", metadata,
-    *_camera_key(),
-    sa.Column("zone", NAME, primary_key=True),
-    sa.Column("day", sa.BigInteger, primary_key=True),  # epoch s of the UTC day start
-    sa.Column("track_id", sa.BigInteger, primary_key=True),
-)
-
-rollup_daily = sa.Table(
-    "rollup_daily", metadata,
-    *_camera_key(),
-    sa.Column("zone", NAME, primary_key=True),
-    sa.Column("day", sa.BigInteger, primary_key=True),
-    sa.Column("unique_tracks", sa.Integer, nullable=False, server_default="0"),
-)
-
-
 def _migration_1(conn: Connection) -> None:
-    metadata.create_all(conn, tables=[events, dead_letters, cameras, rollup_hourly, rollup_tracks, rollup_dwell,
-                                      rollup_lines])
+    metadata.create_all(conn, tables=[events_table, dead_letters_table, cameras_table])
+    rollups.metadata.create_all(conn, tables=rollups.HOURLY_TABLES)
 
 
 def _migration_2(conn: Connection) -> None:
     """Daily distinct tracks kept on ingest (a COUNT DISTINCT over a month of hourly tracks took ~0.5 s)."""
-    metadata.create_all(conn, tables=[rollup_day_tracks, rollup_daily])
+    rollups.metadata.create_all(conn, tables=rollups.DAILY_TABLES)
+    rollup_tracks, rollup_day_tracks, rollup_daily = rollups.rollup_tracks, rollups.rollup_day_tracks, rollups.rollup_daily
     t = rollup_tracks.c
     day = (t.hour // 86400) * 86400
     conn.execute(rollup_day_tracks.insert().from_select(
@@ -202,7 +140,7 @@ def _migration_2(conn: Connection) -> None:
 
 def _migration_3(conn: Connection) -> None:
     """Summary messages (edges in summary mode)."""
-    metadata.create_all(conn, tables=[summaries])
+    metadata.create_all(conn, tables=[summaries_table])
 
 
 #: (version, description, apply). Append only; never edit an applied migration.
@@ -328,13 +266,13 @@ class Store:
                 with self.engine.begin() as conn:
                     if self.dialect == "postgresql":
                         conn.execute(sa.text("SELECT pg_advisory_xact_lock(7242001)"))
-                    schema_migrations.create(conn, checkfirst=True)
-                    done = set(conn.execute(sa.select(schema_migrations.c.version)).scalars())
+                    migrations_table.create(conn, checkfirst=True)
+                    done = set(conn.execute(sa.select(migrations_table.c.version)).scalars())
                     for version, description, apply in MIGRATIONS:
                         if version in done:
                             continue
                         apply(conn)
-                        conn.execute(schema_migrations.insert().values(
+                        conn.execute(migrations_table.insert().values(
                             version=version, description=description, applied_at=int(time.time() * 1000)))
                         applied_now.append(version)
                 return applied_now
@@ -347,32 +285,9 @@ class Store:
 
     def schema_version(self) -> int:
         with self.engine.connect() as conn:
-            return conn.execute(sa.select(sa.func.max(schema_migrations.c.version))).scalar() or 0
+            return conn.execute(sa.select(sa.func.max(migrations_table.c.version))).scalar() or 0
 
     # ------------------------------------------------------------------------------------------ writes
-    def insert_events(self, new_events: list[dict[str, Any]], *, received_at: float | None = None) -> int:
-        """Store validated events idempotently; return how many were new."""
-        return len(self.write_batch(Batch(events=new_events), received_at=received_at))
-
-    def insert_dead_letters(self, rows: list[dict[str, Any]], *, received_at: float | None = None) -> None:
-        """Rows: ``topic``, ``reason``, ``payload`` (bytes or str; truncated to 4 KiB)."""
-        self.write_batch(Batch(dead_letters=rows), received_at=received_at)
-
-    def update_camera_status(self, site: str, camera_id: str, state: str, *, received_at: float | None = None) -> None:
-        self.write_batch(Batch(statuses=[(site, camera_id, state)]), received_at=received_at)
-
-    def update_camera_stats(self, site: str, camera_id: str, stats: dict[str, Any], *,
-                            received_at: float | None = None) -> None:
-        self.write_batch(Batch(stats=[(site, camera_id, stats)]), received_at=received_at)
-
-    def insert_summaries(self, docs: list[dict[str, Any]], *, received_at: float | None = None) -> int:
-        """Store validated summaries idempotently (and apply their increments); return how many were new."""
-        return len(self.write(Batch(summaries=docs), received_at=received_at).new_summaries)
-
-    def write_batch(self, batch: Batch, *, received_at: float | None = None) -> list[dict[str, Any]]:
-        """:meth:`write`, returning only the events that were new (in arrival order)."""
-        return self.write(batch, received_at=received_at).new_events
-
     def write(self, batch: Batch, *, received_at: float | None = None) -> Written:
         """One transaction for a whole batch; returns what was new.
 
@@ -403,18 +318,18 @@ class Store:
                 unique.setdefault(ev["event_id"], ev)
             rows = [event_row(ev, now_ms) for ev in unique.values()]
             rows.sort(key=lambda r: r["event_id"])
-            inserted = set(self._bulk(conn, events, rows, lambda ins: ins.on_conflict_do_nothing(
-                index_elements=["event_id"]).returning(events.c.event_id)).scalars())
+            inserted = set(self.bulk_insert(conn, events_table, rows, lambda ins: ins.on_conflict_do_nothing(
+                index_elements=["event_id"]).returning(events_table.c.event_id)).scalars())
             new_events = [ev for ev in unique.values() if ev["event_id"] in inserted]
             if new_events:  # the summaries' increments (usually none) added to the events', not the other way round
                 delta = merge_deltas(deltas(new_events), delta)
                 self._touch_cameras(conn, new_events)
-        self._apply_deltas(conn, delta)
+        rollups.apply_deltas(conn, delta, self.bulk_insert)
         for doc in sorted(new_docs, key=lambda d: (d["site"], d["camera_id"])):
             self._upsert_camera(conn, doc["site"], doc["camera_id"], {}, seen_ms=min(ts_ms(doc["end"]), now_ms),
                                 add_events=int(doc["events"]))
         if batch.dead_letters:
-            conn.execute(dead_letters.insert(), [{
+            conn.execute(dead_letters_table.insert(), [{
                 "received_at": to_ms(d["received_at"]) if d.get("received_at") is not None else now_ms,
                 "topic": _safe_text(d.get("topic") or "", 512)[:512],
                 "reason": _safe_text(d.get("reason") or "unknown", 500)[:500],
@@ -423,7 +338,7 @@ class Store:
             } for d in batch.dead_letters])
         for site, camera_id, state in _last_per_camera(batch.statuses):
             self._upsert_camera(conn, site, camera_id, {"state": state, "status_at": now_ms})
-        for site, camera_id, doc in _last_per_camera_doc(batch.stats):
+        for site, camera_id, doc in _last_per_camera(batch.stats):
             self._upsert_camera(conn, site, camera_id, {
                 "fps": _number(doc.get("processed_fps")), "inference_ms_p50": _number(doc.get("inference_ms_p50")),
                 "inference_ms_p95": _number(doc.get("inference_ms_p95")), "stats": json.dumps(doc, separators=(",", ":")),
@@ -436,11 +351,11 @@ class Store:
         for doc in docs:
             unique.setdefault(doc["summary_id"], doc)
         rows = sorted((summary_row(d, now_ms) for d in unique.values()), key=lambda r: r["summary_id"])
-        inserted = set(self._bulk(conn, summaries, rows, lambda ins: ins.on_conflict_do_nothing(
-            index_elements=["summary_id"]).returning(summaries.c.summary_id)).scalars())
+        inserted = set(self.bulk_insert(conn, summaries_table, rows, lambda ins: ins.on_conflict_do_nothing(
+            index_elements=["summary_id"]).returning(summaries_table.c.summary_id)).scalars())
         return [d for d in unique.values() if d["summary_id"] in inserted]
 
-    def _bulk(self, conn: Connection, table: sa.Table, rows: list[dict[str, Any]],
+    def bulk_insert(self, conn: Connection, table: sa.Table, rows: list[dict[str, Any]],
               finish: Callable[[Any], Any]) -> Any:
         """Insert many rows with one statement; ``finish`` adds ON CONFLICT / RETURNING to the dialect insert.
 
@@ -460,16 +375,16 @@ class Store:
 
     def _upsert_camera(self, conn: Connection, site: str, camera_id: str, values: dict[str, Any],
                        seen_ms: int | None = None, add_events: int = 0) -> None:
-        ins = self._insert(cameras).values(site=site, camera_id=camera_id, last_seen=seen_ms,
+        ins = self._insert(cameras_table).values(site=site, camera_id=camera_id, last_seen=seen_ms,
                                            events_total=add_events, **values)
         updates: dict[str, Any] = dict(values)
         if add_events:
-            updates["events_total"] = cameras.c.events_total + ins.excluded.events_total
+            updates["events_total"] = cameras_table.c.events_total + ins.excluded.events_total
         if seen_ms is not None:
             updates["last_seen"] = sa.case(
-                (cameras.c.last_seen.is_(None), ins.excluded.last_seen),
-                (ins.excluded.last_seen > cameras.c.last_seen, ins.excluded.last_seen),
-                else_=cameras.c.last_seen)
+                (cameras_table.c.last_seen.is_(None), ins.excluded.last_seen),
+                (ins.excluded.last_seen > cameras_table.c.last_seen, ins.excluded.last_seen),
+                else_=cameras_table.c.last_seen)
         if not updates:
             conn.execute(ins.on_conflict_do_nothing(index_elements=["site", "camera_id"]))
             return
@@ -484,81 +399,20 @@ class Store:
         for (site, camera_id), (n, newest) in sorted(per_cam.items()):
             self._upsert_camera(conn, site, camera_id, {}, seen_ms=newest, add_events=n)
 
-    def _apply_deltas(self, conn: Connection, delta: Deltas) -> None:
-        """Add rollup increments (of new events and new summaries) to the rollup tables, in ``conn``'s transaction.
-
-        Distinct tracks are counted from the rows the track tables did not hold yet, so a track named by an event
-        and by a summary of the same hour counts once.
-        """
-        if delta.tracks:
-            keys = sorted(delta.tracks)
-            cols = rollup_tracks.c
-            returned = self._bulk(
-                conn, rollup_tracks,
-                [dict(zip(("site", "camera_id", "zone", "hour", "track_id"), k, strict=True)) for k in keys],
-                lambda ins: ins.on_conflict_do_nothing().returning(cols.site, cols.camera_id, cols.zone, cols.hour))
-            for site, camera_id, zone, hour in returned:
-                delta.hourly[(site, camera_id, zone, hour)]["unique_tracks"] += 1
-            day_keys = sorted({(s, c, z, h // 86400 * 86400, tr) for s, c, z, h, tr in keys})
-            dcols = rollup_day_tracks.c
-            returned = self._bulk(
-                conn, rollup_day_tracks,
-                [dict(zip(("site", "camera_id", "zone", "day", "track_id"), k, strict=True)) for k in day_keys],
-                lambda ins: ins.on_conflict_do_nothing().returning(dcols.site, dcols.camera_id, dcols.zone, dcols.day))
-            new_per_day: dict[tuple[str, str, str, int], int] = defaultdict(int)
-            for key in returned:
-                new_per_day[tuple(key)] += 1
-            if new_per_day:
-                self._bulk(
-                    conn, rollup_daily,
-                    [dict(zip(("site", "camera_id", "zone", "day"), k, strict=True), unique_tracks=n)
-                     for k, n in sorted(new_per_day.items())],
-                    lambda ins: ins.on_conflict_do_update(
-                        index_elements=["site", "camera_id", "zone", "day"],
-                        set_={"unique_tracks": rollup_daily.c.unique_tracks + ins.excluded.unique_tracks}))
-        if delta.hourly:
-            def hourly_upsert(ins: Any) -> Any:
-                t, x = rollup_hourly.c, ins.excluded
-                summed = ("entries", "exits", "unique_tracks", "occupancy_sum", "occupancy_samples", "dwell_sum",
-                          "dwell_count", "loiters")
-                set_: dict[str, Any] = {name: t[name] + x[name] for name in summed}
-                set_["occupancy_max"] = sa.case((x.occupancy_max > t.occupancy_max, x.occupancy_max),
-                                                else_=t.occupancy_max)
-                return ins.on_conflict_do_update(index_elements=["site", "camera_id", "zone", "hour"], set_=set_)
-
-            self._bulk(conn, rollup_hourly, [dict(zip(("site", "camera_id", "zone", "hour"), k, strict=True), **v)
-                                             for k, v in sorted(delta.hourly.items())], hourly_upsert)
-        if delta.dwell_bins:
-            self._bulk(conn, rollup_dwell,
-                       [dict(zip(("site", "camera_id", "zone", "hour", "bin"), k, strict=True), n=n)
-                        for k, n in sorted(delta.dwell_bins.items())],
-                       lambda ins: ins.on_conflict_do_update(
-                           index_elements=["site", "camera_id", "zone", "hour", "bin"],
-                           set_={"n": rollup_dwell.c.n + ins.excluded.n}))
-        if delta.lines:
-            lc = rollup_lines.c
-            self._bulk(conn, rollup_lines,
-                       [dict(zip(("site", "camera_id", "line", "hour"), k, strict=True), in_count=v[0],
-                             out_count=v[1]) for k, v in sorted(delta.lines.items())],
-                       lambda ins: ins.on_conflict_do_update(
-                           index_elements=["site", "camera_id", "line", "hour"],
-                           set_={"in_count": lc.in_count + ins.excluded.in_count,
-                                 "out_count": lc.out_count + ins.excluded.out_count}))
-
     # ------------------------------------------------------------------------------------------ reads
     def event_count(self) -> int:
         with self.engine.connect() as conn:
-            return conn.execute(sa.select(sa.func.count()).select_from(events)).scalar_one()
+            return conn.execute(sa.select(sa.func.count()).select_from(events_table)).scalar_one()
 
     def summary_count(self) -> int:
         with self.engine.connect() as conn:
-            return conn.execute(sa.select(sa.func.count()).select_from(summaries)).scalar_one()
+            return conn.execute(sa.select(sa.func.count()).select_from(summaries_table)).scalar_one()
 
     def summaries(self, *, site: str | None = None, camera_id: str | None = None, since: Any = None,
                   until: Any = None, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
         """Stored summaries, newest window first; ``since`` inclusive, ``until`` exclusive (window start)."""
-        s = summaries.c
-        query = sa.select(summaries)
+        s = summaries_table.c
+        query = sa.select(summaries_table)
         for column, value in ((s.site, site), (s.camera_id, camera_id)):
             if value is not None:
                 query = query.where(column == value)
@@ -578,12 +432,13 @@ class Store:
 
     def dead_letter_count(self) -> int:
         with self.engine.connect() as conn:
-            return conn.execute(sa.select(sa.func.count()).select_from(dead_letters)).scalar_one()
+            return conn.execute(sa.select(sa.func.count()).select_from(dead_letters_table)).scalar_one()
 
     def cameras(self) -> list[dict[str, Any]]:
         """Every camera seen (by event, status or stats) with its health."""
         with self.engine.connect() as conn:
-            rows = conn.execute(sa.select(cameras).order_by(cameras.c.site, cameras.c.camera_id)).mappings().all()
+            query = sa.select(cameras_table).order_by(cameras_table.c.site, cameras_table.c.camera_id)
+            rows = conn.execute(query).mappings().all()
         return [{
             "site": r["site"], "camera_id": r["camera_id"], "state": r["state"],
             "last_seen": ms_iso(r["last_seen"]), "status_at": ms_iso(r["status_at"]),
@@ -596,16 +451,16 @@ class Store:
                since: Any = None, until: Any = None, zone: str | None = None, limit: int = 100,
                offset: int = 0) -> list[dict[str, Any]]:
         """Stored events, newest first; ``since`` inclusive, ``until`` exclusive (capture time)."""
-        query = sa.select(events)
-        for column, value in ((events.c.site, site), (events.c.camera_id, camera_id), (events.c.type, type),
-                              (events.c.zone, zone)):
+        e = events_table.c
+        query = sa.select(events_table)
+        for column, value in ((e.site, site), (e.camera_id, camera_id), (e.type, type), (e.zone, zone)):
             if value is not None:
                 query = query.where(column == value)
         if since is not None:
-            query = query.where(events.c.ts >= to_ms(since))
+            query = query.where(events_table.c.ts >= to_ms(since))
         if until is not None:
-            query = query.where(events.c.ts < to_ms(until))
-        query = query.order_by(events.c.ts.desc(), events.c.event_id).limit(max(0, int(limit))).offset(
+            query = query.where(events_table.c.ts < to_ms(until))
+        query = query.order_by(events_table.c.ts.desc(), events_table.c.event_id).limit(max(0, int(limit))).offset(
             max(0, int(offset)))
         with self.engine.connect() as conn:
             rows = conn.execute(query).mappings().all()
@@ -618,24 +473,18 @@ class Store:
 
     def dead_letters(self, *, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
         """Newest dead letters first."""
-        query = sa.select(dead_letters).order_by(dead_letters.c.id.desc()).limit(limit).offset(offset)
+        query = sa.select(dead_letters_table).order_by(dead_letters_table.c.id.desc()).limit(limit).offset(offset)
         with self.engine.connect() as conn:
             rows = conn.execute(query).mappings().all()
         return [{"id": r["id"], "received_at": ms_iso(r["received_at"]), "topic": r["topic"], "reason": r["reason"],
                  "payload": r["payload"], "payload_bytes": r["payload_bytes"]} for r in rows]
 
 
-def _last_per_camera(statuses: Iterable[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
-    latest: dict[tuple[str, str], str] = {}
-    for site, camera_id, state in statuses:
-        latest[(site, camera_id)] = state
-    return [(s, c, v) for (s, c), v in sorted(latest.items())]
-
-
-def _last_per_camera_doc(stats: Iterable[tuple[str, str, dict[str, Any]]]) -> list[tuple[str, str, dict[str, Any]]]:
-    latest: dict[tuple[str, str], dict[str, Any]] = {}
-    for site, camera_id, doc in stats:
-        latest[(site, camera_id)] = doc
+def _last_per_camera(items: Iterable[tuple[str, str, T]]) -> list[tuple[str, str, T]]:
+    """The last value per (site, camera) of ``(site, camera_id, value)`` items, in key order (one upsert each)."""
+    latest: dict[tuple[str, str], T] = {}
+    for site, camera_id, value in items:
+        latest[(site, camera_id)] = value
     return [(s, c, v) for (s, c), v in sorted(latest.items())]
 
 

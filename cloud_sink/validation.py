@@ -3,7 +3,7 @@
 Everything the sink receives passes through :func:`check_message` (or :func:`check_messages`, which also expands
 a compressed ``batch`` message into its events) before it touches the database. A ``summary`` (an edge in
 summary mode: the rollup increments of one camera's time window) is checked against its schema and then by
-``contract.rollup.summary_deltas``, which refuses what a schema cannot express (a window across an hour, unsorted
+``cloud_sink.rollups.summary_deltas``, which refuses what a schema cannot express (a window across an hour, unsorted
 track ranges, dwell bins that do not add up...), so a stored summary can always be applied. It never
 raises on input: every way a payload can be wrong (too big, not UTF-8, not JSON, NaN, too deep, wrong schema,
 topic/payload mismatch, timestamp far from now, unknown schema version) becomes a ``Checked`` with
@@ -23,8 +23,9 @@ from dataclasses import dataclass, replace
 from functools import cache, lru_cache
 from typing import Any, Literal
 
+from cloud_sink.rollups import summary_deltas
 from contract.batch import BATCH_LEAF, BatchError, decode_batch
-from contract.rollup import SUMMARY_LEAF, summary_deltas
+from contract.rollup import SUMMARY_LEAF
 from contract.schema import (
     EVENT_SCHEMA_FILE,
     SCHEMA_VERSION,

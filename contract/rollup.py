@@ -1,20 +1,21 @@
 """The aggregate form of the contract: rollup increments of a list of events, and the ``summary`` message.
 
-One piece of maths, used on both sides so the two can never disagree:
+One piece of maths, so the two sides can never disagree:
 - the sink turns newly stored events into rollup increments (:func:`deltas`) in the insert's transaction;
 - an edge in summary mode (``publish.mode: summary``) turns one time window's events into the same increments and
-  sends them as one ``summary.v1`` message (:func:`summary_document`); the sink turns that back into increments
-  (:func:`summary_deltas`) and applies them exactly as if it had received the events. Every hourly and daily
-  figure (entries, exits, distinct tracks, occupancy max/mean, dwell mean/median/p90, loiters, line crossings) is
-  therefore the same in both modes; only per-person records and sub-window occupancy are not sent.
+  sends them as one ``summary.v1`` message (:func:`summary_document`). The sink reads a summary back into
+  increments (``cloud_sink.rollups.summary_deltas``, sink-only) and applies them exactly as if it had received the
+  events, so every hourly and daily figure is the same in both modes; only per-person records and sub-window
+  occupancy are not sent.
 
 Standard library only (the edge imports it). Windows are aligned to multiples of ``interval_s`` since the epoch
-and ``interval_s`` divides an hour, so a window never straddles two hours.
+and ``interval_s`` divides an hour, so a window never straddles two hours. The dwell histogram's bins are defined
+here (:func:`dwell_bin`, ``DWELL_FINE_BINS``/``DWELL_RATIO``); the sink derives their edges from the same constants.
 
->>> dwell_bin(3.2), dwell_bin(10.0), round(bin_edges(dwell_bin(100.0))[0], 2)
-(6, 20, 99.06)
->>> track_ranges([7, 3, 4, 5, 9, 8]), expand_ranges([[3, 5], [7, 9]], limit=10)
-([[3, 5], [7, 9]], [3, 4, 5, 7, 8, 9])
+>>> dwell_bin(3.2), dwell_bin(10.0), dwell_bin(100.0)
+(6, 20, 67)
+>>> track_ranges([7, 3, 4, 5, 9, 8])
+[[3, 5], [7, 9]]
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ from contract.schema import SCHEMA_VERSION
 from contract.timestamps import format_ts, ts_ms
 
 HOUR = 3600
-_FINE_BINS = 20  # 0.5 s wide below 10 s
-_RATIO = 1.05
+DWELL_FINE_BINS = 20  #: dwell bins 0.5 s wide below 10 s ...
+DWELL_RATIO = 1.05  #: ... then each bin 5 % wider than the one before
 SUMMARY_LEAF = "summary"
 #: Window lengths an edge may use: divisors of an hour, so every window lies inside one UTC hour.
 WINDOW_CHOICES = tuple(s for s in range(10, HOUR + 1) if HOUR % s == 0)
@@ -40,15 +41,7 @@ def dwell_bin(seconds: float) -> int:
     """Histogram bin of a dwell time."""
     if seconds < 10.0:
         return max(0, int(seconds * 2))
-    return _FINE_BINS + int(math.log(seconds / 10.0) / math.log(_RATIO))
-
-
-def bin_edges(index: int) -> tuple[float, float]:
-    """[lo, hi) seconds of a dwell bin."""
-    if index < _FINE_BINS:
-        return index / 2.0, (index + 1) / 2.0
-    k = index - _FINE_BINS
-    return 10.0 * _RATIO**k, 10.0 * _RATIO ** (k + 1)
+    return DWELL_FINE_BINS + int(math.log(seconds / 10.0) / math.log(DWELL_RATIO))
 
 
 def _zero() -> dict[str, Any]:
@@ -100,21 +93,6 @@ def deltas(new_events: Iterable[dict[str, Any]]) -> Deltas:
     return out
 
 
-def merge_deltas(into: Deltas, other: Deltas) -> Deltas:
-    """Add ``other`` to ``into`` (in place) the way the rollup tables add up: sums, max for occupancy_max."""
-    for key, row in other.hourly.items():
-        target = into.hourly[key]
-        for name, value in row.items():
-            target[name] = max(target[name], value) if name == "occupancy_max" else target[name] + value
-    into.tracks |= other.tracks
-    for key, n in other.dwell_bins.items():
-        into.dwell_bins[key] += n
-    for key, (n_in, n_out) in other.lines.items():
-        into.lines[key][0] += n_in
-        into.lines[key][1] += n_out
-    return into
-
-
 # ---------------------------------------------------------------------------------------------- track id ranges
 def track_ranges(ids: Iterable[int]) -> list[list[int]]:
     """Distinct ids as sorted inclusive ``[first, last]`` runs: a window's tracks are mostly consecutive ids."""
@@ -124,20 +102,6 @@ def track_ranges(ids: Iterable[int]) -> list[list[int]]:
             out[-1][1] = i
         else:
             out.append([i, i])
-    return out
-
-
-def expand_ranges(ranges: list[list[int]], *, limit: int) -> list[int]:
-    """Inverse of :func:`track_ranges`; ``ValueError`` if the runs are not sorted and disjoint or exceed ``limit``."""
-    out: list[int] = []
-    previous = -2
-    for first, last in ranges:
-        if first > last or (out and first <= previous):
-            raise ValueError(f"track ranges must be sorted, disjoint and first <= last: {[first, last]}")
-        if len(out) + last - first + 1 > limit:
-            raise ValueError(f"summary names more than {limit} tracks")
-        out.extend(range(first, last + 1))
-        previous = last
     return out
 
 
@@ -190,48 +154,3 @@ def summary_document(events: list[dict[str, Any]], *, summary_id: str, start_s: 
         "lines": [{"line": line, "in": io[0], "out": io[1]} for (_s, _c, line, _h), io in sorted(delta.lines.items())],
     }
     return doc
-
-
-def summary_deltas(doc: dict[str, Any], *, max_tracks: int = 100_000) -> Deltas:
-    """The rollup increments a (schema-valid) summary stands for: the same as :func:`deltas` of its events.
-
-    ``ValueError`` with the reason for what the schema cannot say: a window that is empty, longer than an hour or
-    across an hour boundary, unordered track ranges, dwell bins that do not add up to the dwell count.
-    """
-    start, end = ts_ms(doc["start"]), ts_ms(doc["end"])
-    if not start < end <= start + HOUR * 1000:
-        raise ValueError(f"summary window {doc['start']}..{doc['end']} is empty or longer than an hour")
-    hour = start // 1000 // HOUR * HOUR
-    if (end - 1) // 1000 // HOUR * HOUR != hour:
-        raise ValueError(f"summary window {doc['start']}..{doc['end']} crosses an hour boundary")
-    site, cam = doc["site"], doc["camera_id"]
-    out = Deltas()
-    tracks_named = 0
-    seen_zones: set[str] = set()
-    for area in doc["areas"]:
-        zone = area.get("zone") or ""
-        if zone in seen_zones:
-            raise ValueError(f"summary lists zone {zone or '(whole camera)'!r} twice")
-        seen_zones.add(zone)
-        ids = expand_ranges(area["tracks"], limit=max_tracks - tracks_named)
-        tracks_named += len(ids)
-        out.tracks.update((site, cam, zone, hour, i) for i in ids)
-        dwell = area["dwell"]
-        bins = {int(k): int(v) for k, v in dwell["bins"].items() if v}
-        if sum(bins.values()) != dwell["count"]:
-            raise ValueError(f"dwell bins of zone {zone or '(whole camera)'!r} do not add up to its dwell count")
-        occ = area["occupancy"]
-        if occ["samples"] == 0 and (occ["max"] or occ["sum"]) or occ["max"] * occ["samples"] < occ["sum"]:
-            raise ValueError(f"occupancy of zone {zone or '(whole camera)'!r} is inconsistent (max/sum/samples)")
-        out.hourly[(site, cam, zone, hour)].update(
-            entries=area["entries"], exits=area["exits"], loiters=area["loiters"], occupancy_max=occ["max"],
-            occupancy_sum=occ["sum"], occupancy_samples=occ["samples"], dwell_sum=float(dwell["sum"]),
-            dwell_count=dwell["count"])
-        for index, n in bins.items():
-            out.dwell_bins[(site, cam, zone, hour, index)] += n
-    for line in doc["lines"]:
-        key = (site, cam, line["line"], hour)
-        if key in out.lines:
-            raise ValueError(f"summary lists line {line['line']!r} twice")
-        out.lines[key] = [line["in"], line["out"]]
-    return out

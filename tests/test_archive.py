@@ -175,11 +175,11 @@ def test_s3_wrong_credentials_and_missing_bucket_refused(seaweedfs, s3_env, monk
 def test_backfill_restores_what_a_crash_left_out(tmp_path):
     """Events committed to the database but never archived (sink killed in between) are filled in, once."""
     from cloud_sink.archive import backfill
-    from cloud_sink.store import Store
+    from cloud_sink.store import Batch, Store
 
     store = Store.open(f"sqlite:///{tmp_path / 'sink.db'}")
     events = _events()
-    store.insert_events(events)
+    store.write(Batch(events=events))
     archive = open_archive(str(tmp_path / "arch"))
     archive.write(events[:2])  # the crash: only the first batch reached the archive
     assert backfill(store, archive, page=2) == 3

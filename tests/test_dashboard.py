@@ -185,13 +185,13 @@ def test_dashboard_asks_for_the_token_and_uses_it(browser, scenario_store):
 def test_dashboard_of_a_summary_mode_camera_shows_the_same_charts_and_says_why_no_events(browser, tmp_path):
     """The same scenario sent as 60-s summaries: same entries per hour and dwell; the event list explains."""
     from cloud_sink.api import create_app
-    from cloud_sink.store import Store
+    from cloud_sink.store import Batch, Store
     from tests.test_sink_summary import summaries_of
 
     store = Store.open(f"sqlite:///{tmp_path / 'sink.db'}")
     events = [e for e in scenario() if (e["site"], e["camera_id"]) == ("lobby", "cam-1")]
     docs = summaries_of(events)
-    assert store.insert_summaries(docs) == len(docs) and store.event_count() == 0
+    assert len(store.write(Batch(summaries=docs)).new_summaries) == len(docs) and store.event_count() == 0
     try:
         with serve(create_app(store)) as url:
             page, watch = open_dashboard(browser, url)

@@ -79,13 +79,15 @@ def stats_doc(site: str, camera: str, ts: float, fps: float) -> dict:
 
 def fill(store, events: list[dict]) -> None:
     """Store the scenario the way ingest does: events (with a duplicate batch), status and stats."""
-    assert store.insert_events(events) == len(events)
-    assert store.insert_events(events[:5]) == 0, "redelivered events are not stored again"
-    store.update_camera_status("lobby", "cam-1", "online")
-    store.update_camera_stats("lobby", "cam-1", stats_doc("lobby", "cam-1", T0 + 3 * HOUR - 5, 12.5))
-    store.update_camera_status("lobby", "cam-2", "offline")
-    store.insert_dead_letters([{"topic": "smartcam/lobby/cam-9/events", "reason": "schema: <root>: not an object",
-                                "payload": b"[1, 2, 3]"}])
+    from cloud_sink.store import Batch
+
+    assert len(store.write(Batch(events=events)).new_events) == len(events)
+    assert len(store.write(Batch(events=events[:5])).new_events) == 0, "redelivered events are not stored again"
+    store.write(Batch(statuses=[("lobby", "cam-1", "online")]))
+    store.write(Batch(stats=[("lobby", "cam-1", stats_doc("lobby", "cam-1", T0 + 3 * HOUR - 5, 12.5))]))
+    store.write(Batch(statuses=[("lobby", "cam-2", "offline")]))
+    store.write(Batch(dead_letters=[{"topic": "smartcam/lobby/cam-9/events",
+                                     "reason": "schema: <root>: not an object", "payload": b"[1, 2, 3]"}]))
 
 
 # ------------------------------------------------------------------------------------------ fixtures
@@ -203,7 +205,7 @@ def test_hourly_occupancy_and_dwell_match_the_hand_counts(client):
     assert sum(b["n"] for b in dwell["histogram"]) == 4
     assert 11 <= dwell["median"] <= 41 and dwell["p90"] > 1000
 
-    summary = c.get("/api/summary", params={"since": format_ts(T0), "until": format_ts(T0 + 3 * HOUR)}).json()
+    summary = c.get("/api/overview", params={"since": format_ts(T0), "until": format_ts(T0 + 3 * HOUR)}).json()
     cam1 = next(x for x in summary["cameras"] if (x["site"], x["camera_id"]) == ("lobby", "cam-1"))
     assert (cam1["entries"], cam1["exits"], cam1["peak_hour"]["hour"]) == (6, 4, format_ts(T0))
 
@@ -240,7 +242,7 @@ BAD_QUERIES = [
     ("/api/occupancy", {"bucket": 0}),
     ("/api/occupancy", {"bucket": 10**12}),
     ("/api/dwell", {"until": "-"}),
-    ("/api/summary", {"since": "2026-01-01T00:00:00Z", "until": "2025-01-01T00:00:00Z"}),
+    ("/api/overview", {"since": "2026-01-01T00:00:00Z", "until": "2025-01-01T00:00:00Z"}),
     ("/api/dead-letters", {"limit": -5}),
 ]
 
@@ -256,7 +258,7 @@ def test_bad_query_parameters_get_422(client):
 def test_no_endpoint_writes(client):
     c, events = client
     for path in ("/api/cameras", "/api/events", "/api/stats/hourly", "/api/occupancy", "/api/dwell",
-                 "/api/summary", "/api/dead-letters", "/health", "/", "/app.js", "/index.html"):
+                 "/api/overview", "/api/dead-letters", "/health", "/", "/app.js", "/index.html"):
         for method in ("POST", "PUT", "DELETE", "PATCH"):
             resp = c.request(method, path, json=events[0])
             assert resp.status_code == 405, (method, path, resp.status_code)
@@ -297,7 +299,7 @@ def test_check_bind_requires_a_token_off_loopback(host, token, ok):
 
 # ------------------------------------------------------------------------------------------ robustness
 PARAMS = ("site", "camera", "type", "zone", "since", "until", "limit", "offset", "bucket")
-PATHS = ("/api/events", "/api/stats/hourly", "/api/occupancy", "/api/dwell", "/api/summary", "/api/cameras",
+PATHS = ("/api/events", "/api/stats/hourly", "/api/occupancy", "/api/dwell", "/api/overview", "/api/cameras",
          "/api/dead-letters")
 
 

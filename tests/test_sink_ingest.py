@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cloud_sink.ingest import Ingestor, Subscriber
-from cloud_sink.store import Store
+from cloud_sink.store import Batch, Store
 from cloud_sink.validation import check_message
 from contract.broker import BrokerSettings, make_client
 from contract.timestamps import format_ts
@@ -246,9 +246,9 @@ def test_cli_report_prints_the_stored_analytics(tmp_path):
     db = f"sqlite:///{tmp_path / 'r.db'}"
     s = Store.open(db)
     t = time.time() - 600
-    s.insert_events([make_event(ts=t, track_id=1), make_event("person.exit", ts=t + 30, track_id=1, dwell_s=30.0),
+    s.write(Batch(events=[make_event(ts=t, track_id=1), make_event("person.exit", ts=t + 30, track_id=1, dwell_s=30.0),
                      make_event("count", ts=t, count=1, previous=0),
-                     make_event("line.cross", ts=t + 10, line="gate", track_id=1, direction="in")])
+                     make_event("line.cross", ts=t + 10, line="gate", track_id=1, direction="in")]))
     s.close()
     cmd = [sys.executable, "-m", "cloud_sink", "report", "--db", db, "--since", "2h"]
     text = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT).stdout

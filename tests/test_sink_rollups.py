@@ -8,7 +8,9 @@ import statistics
 import pytest
 
 from cloud_sink import rollups
-from contract.rollup import bin_edges, deltas, dwell_bin
+from cloud_sink.rollups import bin_edges
+from cloud_sink.store import Batch
+from contract.rollup import deltas, dwell_bin
 from tests.test_sink_store import T0, db_url, make_event, store  # noqa: F401  (fixtures)
 
 H0 = int(T0) // 3600 * 3600  # 2026-05-28T20:00:00Z
@@ -49,10 +51,10 @@ def scenario() -> list[dict]:
 @pytest.fixture
 def loaded(store):  # noqa: F811
     events = scenario()
-    assert store.insert_events(events) == len(events)
+    assert len(store.write(Batch(events=events)).new_events) == len(events)
     shuffled = events[:]
     random.Random(1).shuffle(shuffled)
-    assert store.insert_events(shuffled) == 0  # redelivered, in another order: nothing changes
+    assert len(store.write(Batch(events=shuffled)).new_events) == 0  # redelivered, in another order: nothing changes
     return store
 
 
@@ -120,7 +122,7 @@ def test_lines_totals(loaded):
 
 
 def test_summary_has_everything_the_report_prints(loaded):
-    s = rollups.summary(loaded, since=H0, until=H1 + 3600)
+    s = rollups.overview(loaded, since=H0, until=H1 + 3600)
     cams = {c["camera_id"]: c for c in s["cameras"]}
     cam = cams["cam-1"]
     assert (cam["entries"], cam["exits"], cam["unique_tracks"], cam["occupancy_max"]) == (4, 4, 5, 3)
@@ -129,14 +131,14 @@ def test_summary_has_everything_the_report_prints(loaded):
     assert cam["zones"][0]["zone"] == "door" and cam["zones"][0]["dwell"]["mean"] == 40.0
     assert cam["lines"][0]["in"] == 1 and cam["events_total"] == 23
     assert s["events_total"] == 24 and s["dead_letters"] == 0
-    only = rollups.summary(loaded, since=H0, until=H1 + 3600, camera_id="cam-2")
+    only = rollups.overview(loaded, since=H0, until=H1 + 3600, camera_id="cam-2")
     assert [c["camera_id"] for c in only["cameras"]] == ["cam-2"]
 
 
 def test_median_and_p90_are_within_one_bin_of_exact(store):  # noqa: F811
     rng = random.Random(7)
     values = [round(rng.lognormvariate(3.5, 1.0), 3) for _ in range(301)]
-    store.insert_events([make_event("person.exit", ts=H0 + i, track_id=i, dwell_s=v) for i, v in enumerate(values)])
+    store.write(Batch(events=[make_event("person.exit", ts=H0 + i, track_id=i, dwell_s=v) for i, v in enumerate(values)]))
     d = rollups.dwell(store, since=H0)
     assert d["n"] == 301 and d["mean"] == pytest.approx(statistics.fmean(values))
     exact_median = statistics.median(values)
@@ -167,7 +169,7 @@ def test_migration_2_backfills_daily_tracks_of_a_version_1_database(db_url):  # 
     from cloud_sink.store import MIGRATIONS, Store
 
     s = Store.open(db_url)
-    s.insert_events(scenario())
+    s.write(Batch(events=scenario()))
     with s.engine.begin() as conn:  # make it look like a database written before migration 2
         conn.execute(sa.text("DROP TABLE rollup_daily"))
         conn.execute(sa.text("DROP TABLE rollup_day_tracks"))
@@ -177,6 +179,6 @@ def test_migration_2_backfills_daily_tracks_of_a_version_1_database(db_url):  # 
     assert upgraded.schema_version() == MIGRATIONS[-1][0]  # 2 re-applied (and any later ones kept)
     (day,) = rollups.daily(upgraded, since=H0, camera_id="cam-1")
     assert day["unique_tracks"] == 4
-    upgraded.insert_events([make_event(ts=H1 + 500, track_id=99)])
+    upgraded.write(Batch(events=[make_event(ts=H1 + 500, track_id=99)]))
     assert rollups.daily(upgraded, since=H0, camera_id="cam-1")[0]["unique_tracks"] == 5
     upgraded.close()

@@ -78,7 +78,7 @@ def test_to_ms_accepts_epoch_datetime_and_rfc3339():
 def test_migrations_are_recorded_and_reopen_is_a_noop(db_url):
     first = Store.open(db_url)
     assert first.schema_version() == MIGRATIONS[-1][0]
-    first.insert_events([make_event()])
+    first.write(Batch(events=[make_event()]))
     first.close()
     again = Store.open(db_url)
     assert again.migrate() == []  # nothing pending
@@ -90,8 +90,8 @@ def test_migrations_are_recorded_and_reopen_is_a_noop(db_url):
 
 def test_duplicates_are_stored_once_across_and_within_batches(store):
     a, b = make_event(), make_event("person.exit")
-    assert store.insert_events([a, b, a]) == 2
-    assert store.insert_events([a, dict(b)]) == 0
+    assert len(store.write(Batch(events=[a, b, a])).new_events) == 2
+    assert len(store.write(Batch(events=[a, dict(b)])).new_events) == 0
     assert store.event_count() == 2
     # rollups counted once: one entry, one exit
     from cloud_sink import rollups
@@ -102,15 +102,15 @@ def test_duplicates_are_stored_once_across_and_within_batches(store):
 
 def test_write_batch_returns_only_new_events_in_arrival_order(store):
     evs = [make_event(track_id=i) for i in range(5)]
-    store.insert_events(evs[1:3])
-    new = store.write_batch(Batch(events=evs))
+    store.write(Batch(events=evs[1:3]))
+    new = store.write(Batch(events=evs)).new_events
     assert [e["event_id"] for e in new] == [evs[0]["event_id"], evs[3]["event_id"], evs[4]["event_id"]]
 
 
 def test_events_query_filters_and_paginates(store):
     evs = [make_event(ts=T0 + i, track_id=i) for i in range(10)]
     evs.append(make_event("count", ts=T0 + 3, camera_id="cam-2", count=2, previous=1))
-    store.insert_events(evs)
+    store.write(Batch(events=evs))
     newest = store.events(camera_id="cam-1", limit=3)
     assert [e["track_id"] for e in newest] == [9, 8, 7]
     assert [e["track_id"] for e in store.events(camera_id="cam-1", limit=3, offset=3)] == [6, 5, 4]
@@ -121,29 +121,29 @@ def test_events_query_filters_and_paginates(store):
 
 
 def test_camera_health_from_events_status_and_stats(store):
-    store.insert_events([make_event(ts=T0), make_event(ts=T0 + 10, track_id=2)])
-    store.update_camera_status("lobby", "cam-1", "online")
+    store.write(Batch(events=[make_event(ts=T0), make_event(ts=T0 + 10, track_id=2)]))
+    store.write(Batch(statuses=[("lobby", "cam-1", "online")]))
     stats = {"schema_version": 1, "ts": format_ts(T0 + 20), "site": "lobby", "camera_id": "cam-1",
              "input_fps": 25.0, "processed_fps": 12.5, "inference_ms_p50": 31.0, "inference_ms_p95": 40.0,
              "frames_in": 100, "frames_processed": 50, "motion_skipped": 50, "dropped_frames": 0, "outbox_depth": 0,
              "outbox_dropped": 0, "cpu_percent": 80.0, "source_state": "connected"}
-    store.update_camera_stats("lobby", "cam-1", stats)
-    store.update_camera_status("lobby", "cam-9", "offline")
+    store.write(Batch(stats=[("lobby", "cam-1", stats)]))
+    store.write(Batch(statuses=[("lobby", "cam-9", "offline")]))
     cams = {c["camera_id"]: c for c in store.cameras()}
     cam = cams["cam-1"]
     assert cam["state"] == "online" and cam["events_total"] == 2
     assert cam["fps"] == 12.5 and cam["inference_ms_p50"] == 31.0 and cam["stats"]["cpu_percent"] == 80.0
     assert cam["last_seen"] == format_ts(T0 + 20)
     # an older event arriving late does not move last_seen back
-    store.insert_events([make_event(ts=T0 - 100, track_id=3)])
+    store.write(Batch(events=[make_event(ts=T0 - 100, track_id=3)]))
     assert {c["camera_id"]: c for c in store.cameras()}["cam-1"]["last_seen"] == format_ts(T0 + 20)
     assert cams["cam-9"]["state"] == "offline" and cams["cam-9"]["events_total"] == 0
 
 
 def test_dead_letters_keep_truncated_payload_and_survive_nul_and_binary(store):
     raw = b"\x00\xff{" + b"x" * 10000
-    store.insert_dead_letters([{"topic": "smartcam/a/b/events", "reason": "bad", "payload": raw},
-                               {"topic": "t\x00", "reason": "r", "payload": "text"}])
+    store.write(Batch(dead_letters=[{"topic": "smartcam/a/b/events", "reason": "bad", "payload": raw},
+                               {"topic": "t\x00", "reason": "r", "payload": "text"}]))
     assert store.dead_letter_count() == 2
     rows = store.dead_letters()
     big = next(r for r in rows if r["reason"] == "bad")
@@ -153,7 +153,7 @@ def test_dead_letters_keep_truncated_payload_and_survive_nul_and_binary(store):
 
 def test_payload_is_stored_verbatim_as_json(store):
     ev = make_event("line.cross", direction="out", totals={"in": 3, "out": 4})
-    store.insert_events([ev])
+    store.write(Batch(events=[ev]))
     with store.engine.connect() as conn:
         payload = conn.execute(sa.text("SELECT payload FROM events")).scalar_one()
     assert json.loads(payload) == ev
@@ -174,7 +174,7 @@ def test_concurrent_readers_while_writing(store):
     reader = threading.Thread(target=read)
     reader.start()
     for i in range(20):
-        store.insert_events([make_event(track_id=i * 10 + j) for j in range(10)])
+        store.write(Batch(events=[make_event(track_id=i * 10 + j) for j in range(10)]))
     stop.set()
     reader.join()
     assert store.event_count() == 200

@@ -110,7 +110,7 @@ def figures(store: Store) -> dict[str, Any]:
         for cam in ("cam-1", "cam-2"):
             out[f"dwell-{cam}-{zone}"] = rollups.dwell(store, since=since, until=until, camera_id=cam, zone=zone)
     out["lines"] = rollups.lines(store, since=since, until=until)
-    report = rollups.summary(store, since=since, until=until)
+    report = rollups.overview(store, since=since, until=until)
     report.pop("events_total")  # events stored: none in summary mode
     report.pop("summaries_total")  # and no summary in events mode
     for cam in report["cameras"]:
@@ -147,7 +147,7 @@ def test_summaries_give_the_same_rollups_as_their_events(two_stores):
     by_events, by_summaries = two_stores
     events = scenario()
     docs = summaries_of(events)
-    assert by_events.insert_events(events) == len(events)
+    assert len(by_events.write(Batch(events=events)).new_events) == len(events)
     ing = Ingestor(by_summaries)
     result = ing.handle([message(d) for d in docs], now=NOW)  # the whole road: validation, then store
     assert (result.summaries, result.summary_duplicates, result.dead) == (len(docs), 0, 0), result.reasons
@@ -171,9 +171,9 @@ def test_half_events_half_summaries_add_up_to_the_same_rollups(two_stores):
     """A camera switched to summary mode mid-stream: cam-1 sends events, cam-2 summaries, into one sink."""
     by_events, mixed = two_stores
     events = scenario(seed=11)
-    by_events.insert_events(events)
-    mixed.insert_events([e for e in events if e["camera_id"] == "cam-1"])
-    assert mixed.insert_summaries(summaries_of([e for e in events if e["camera_id"] == "cam-2"])) > 0
+    by_events.write(Batch(events=events))
+    mixed.write(Batch(events=[e for e in events if e["camera_id"] == "cam-1"]))
+    assert len(mixed.write(Batch(summaries=summaries_of([e for e in events if e["camera_id"] == "cam-2"]))).new_summaries) > 0
     assert figures(by_events) == figures(mixed)
 
 
@@ -183,7 +183,7 @@ def test_occupancy_from_summaries_is_one_point_per_window(store):
     counts = [make_event("count", ts=start + i * 5, count=c, previous=0) for i, c in enumerate([1, 3, 2, 2])]
     counts += [make_event("count", ts=start + 70, count=4, previous=2)]  # the next window
     counts += [make_event("count", ts=start + 10, zone="door", count=1, previous=0)]
-    store.insert_summaries(summaries_of(counts))
+    store.write(Batch(summaries=summaries_of(counts)))
     rows = rollups.occupancy(store, since=H0, until=H0 + 3600, bucket_s=60)
     assert [(r["t_ts"], r["max"], r["mean"], r["samples"]) for r in rows] == [(start, 3, 2.0, 4), (start + 60, 4, 4.0, 1)]
     (door,) = rollups.occupancy(store, since=H0, until=H0 + 3600, zone="door", bucket_s=60)
@@ -216,10 +216,10 @@ def test_a_summary_redelivered_counts_once_and_two_summaries_of_a_window_add_up(
     late = [make_event("person.enter", ts=window + 59, camera_id="cam-2", track_id=999),
             make_event("count", ts=window + 59, camera_id="cam-2", count=7, previous=6)]
     (extra,) = summaries_of(late)
-    assert extra["start"] == docs[0]["start"] and store.insert_summaries([extra]) == 1
+    assert extra["start"] == docs[0]["start"] and len(store.write(Batch(summaries=[extra])).new_summaries) == 1
     with_events = Store.open("sqlite://")
     try:
-        with_events.insert_events(events + late)
+        with_events.write(Batch(events=events + late))
         assert figures(store) == figures(with_events)
     finally:
         with_events.close()
@@ -310,7 +310,7 @@ def test_api_lists_summaries_with_filters_and_pagination(store):
     from cloud_sink.api import create_app
 
     docs = summaries_of(scenario())
-    store.insert_summaries(docs)
+    store.write(Batch(summaries=docs))
     client = TestClient(create_app(store))
     page = client.get("/api/summaries", params={"camera": "cam-1", "limit": 5}).json()
     assert len(page["summaries"]) == 5 and page["next_offset"] == 5

@@ -16,22 +16,14 @@ import pytest
 from camera.config import ConfigError, load_config
 from camera.outbox import Outbox
 from camera.summarizer import Summarizer
+from cloud_sink.rollups import expand_ranges, merge_deltas, summary_deltas
 from contract.ids import new_event_id
-from contract.rollup import (
-    Deltas,
-    deltas,
-    expand_ranges,
-    merge_deltas,
-    summary_deltas,
-    summary_document,
-    track_ranges,
-    window_start,
-)
+from contract.rollup import Deltas, deltas, summary_document, track_ranges, window_start
 from contract.schema import SUMMARY_SCHEMA_FILE, validation_errors
 from contract.timestamps import ts_ms
 from contract.topics import topic_for
-from tests.conftest import STREET_CLIP
-from tests.test_edge_mqtt import CAM, SITE, Subscriber, model_path, read_events, run_edge
+from tests.conftest import ONNX_FP32, STREET_CLIP
+from tests.services import CAM, SITE, Subscriber, read_events, run_edge
 from tests.test_sink_store import make_event
 
 T0 = 1_790_000_000 // 3600 * 3600  # an hour boundary
@@ -217,7 +209,7 @@ def test_edge_in_summary_mode_sends_summaries_equal_to_its_events_and_no_event_m
     try:
         # 60 processed frames at 5 fps, stamped so that they span two 10-s windows and an hour boundary
         proc = run_edge("--config", "samples/demo_street.yaml", "--source", str(STREET_CLIP), "--model",
-                        str(model_path()), "--camera-id", CAM, "--site", SITE, "--broker", mosquitto.url,
+                        str(ONNX_FP32), "--camera-id", CAM, "--site", SITE, "--broker", mosquitto.url,
                         "--max-frames", "60", "--events-file", str(events_file), "--outbox", str(tmp_path / "o.db"),
                         "--publish-mode", "summary", "--summary-interval", "10",
                         "--start-time", "2026-11-22T09:59:55Z")
