@@ -77,6 +77,9 @@ class EdgeRunner:
         self.outbox: Outbox | None = None
         self.summarizer: Summarizer | None = None  # summary mode only
         self.publisher: Any = None
+        self.sampler: Any = None  # samples.enabled with a broker: hard frames for the learning loop
+        self.sample_queue: Any = None
+        self.samples_queued = 0
         self._events_fh: IO[str] | None = None
         self._video: Any = None
         self._annotator: Any = None
@@ -109,7 +112,7 @@ class EdgeRunner:
                          self.outbox.path, self.outbox.depth())
             self.publisher = Publisher(cfg.mqtt.settings(), self.outbox, site=cfg.site, camera_id=cfg.camera_id,
                                        client_id=cfg.mqtt.client_id, window=cfg.mqtt.window,
-                                       batch=cfg.publish.batch)
+                                       batch=cfg.publish.batch, samples=self._open_samples())
             summarizer = Summarizer(self.outbox, interval_s=cfg.publish.summary_interval_s,
                                     lateness_s=cfg.tracker.max_age_s + 1.0)
             if cfg.publish.mode == "summary":
@@ -130,6 +133,35 @@ class EdgeRunner:
             self._events_fh = open(cfg.events_file, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
         elif not cfg.mqtt.broker:
             self._events_fh = sys.stdout
+
+    def _open_samples(self) -> Any:
+        """The sampler and its durable queue, when ``samples.enabled`` (only with a broker: they leave through it)."""
+        spec = self.cfg.samples
+        if not spec.enabled:
+            return None
+        from camera.sample_queue import SampleQueue, sample_queue_path
+        from camera.sampler import Sampler
+
+        self.sampler = Sampler(spec)
+        self.sample_queue = SampleQueue(sample_queue_path(self.cfg.outbox_path()), spec.queue_max_bytes)
+        log.info("samples on: hard frames (masked, longer side <= %d px, JPEG) to %s, at most %d/min %d/h %d/day%s",
+                 spec.max_side, topic_for(self.cfg.site, self.cfg.camera_id, "sample"), spec.per_minute,
+                 spec.per_hour, spec.per_day,
+                 f"; {self.sample_queue.depth()} queued from a previous run" if self.sample_queue.depth() else "")
+        return self.sample_queue
+
+    def _sample(self, frame: Frame, detections: Any, tracks: list) -> None:
+        """Offer one processed frame to the sampler; a chosen one is masked, encoded and queued (a few ms, rare)."""
+        from camera.sampler import build_sample
+
+        for cand in self.sampler.observe(frame, detections, tracks):
+            payload = build_sample(cand, site=self.cfg.site, camera_id=self.cfg.camera_id,
+                                   model_name=self.detector.name, model_sha256=self.detector.sha256,
+                                   names=self.detector.names, spec=self.cfg.samples, masks=self.cfg.masks,
+                                   conf=self.cfg.detector.conf)
+            if self.sample_queue.put(payload) is not None:
+                self.samples_queued += 1
+                self.publisher.notify()
 
     def request_stop(self, signum: int | None = None, _frame: Any = None) -> None:
         """Signal handler: finish the current frame, then wind down."""
@@ -188,7 +220,10 @@ class EdgeRunner:
                 h, w = frame.image.shape[:2]
                 if result is not None:
                     stats.record_inference(result[1])
-                    update = tracker.update(apply_filters(result[0], cfg.filters, cfg.masks, w, h), frame.ts)
+                    kept = apply_filters(result[0], cfg.filters, cfg.masks, w, h)
+                    update = tracker.update(kept, frame.ts)
+                    if self.sampler is not None:
+                        self._sample(frame, kept, tracker.tracks)
                 else:
                     stats.motion_skipped += 1
                     update = tracker.hold(frame.ts)
@@ -302,11 +337,17 @@ class EdgeRunner:
 
     def stats_payload(self) -> dict[str, Any]:
         self._sync_source_counters()
-        return self.stats.snapshot(
+        payload = self.stats.snapshot(
             site=self.cfg.site, camera_id=self.cfg.camera_id,
             outbox_depth=self.outbox.depth() if self.outbox else 0,
             outbox_dropped=self.outbox.dropped if self.outbox else 0,
             source_state=self.source.state, reconnects=self.source.reconnects)
+        if self.sample_queue is not None:  # the learning loop's cost, visible per camera
+            payload.update(samples_queued=self.samples_queued, samples_dropped=self.sample_queue.dropped,
+                           samples_sent=self.publisher.samples_sent if self.publisher is not None else 0,
+                           sample_queue_bytes=self.sample_queue.bytes)
+        return payload
+
 
     def _report_stats(self) -> None:
         payload = self.stats_payload()
@@ -345,6 +386,9 @@ class EdgeRunner:
             self.publisher = None
         if self.outbox is not None:
             self.outbox.close()
+        if self.sample_queue is not None:
+            self.sample_queue.close()
+            self.sample_queue = None
         if self._video is not None:
             self._video.close()
             self._video = None

@@ -31,13 +31,16 @@ import paho.mqtt.client as mqtt
 
 from camera.config import BatchConfig
 from camera.outbox import Outbox, OutboxError, Row
+from camera.sample_queue import SampleQueue
 from contract.batch import BATCH_LEAF, encode_batch
 from contract.broker import BrokerSettings, diagnose, make_client
+from contract.sample import SAMPLE_LEAF
 from contract.topics import topic_for
 
 log = logging.getLogger(__name__)
 
 ONLINE, OFFLINE = "online", "offline"
+SAMPLES_IN_FLIGHT = 2  # sampled frames unacknowledged at most (tens of KB each: they must not crowd out events)
 
 
 @dataclass
@@ -62,7 +65,7 @@ class Publisher:
 
     def __init__(self, settings: BrokerSettings, outbox: Outbox, *, site: str, camera_id: str,
                  client_id: str | None = None, window: int = 200, reconnect_max_s: int = 30,
-                 batch: BatchConfig | None = None) -> None:
+                 batch: BatchConfig | None = None, samples: SampleQueue | None = None) -> None:
         self.settings = settings
         self.outbox = outbox
         self.site = site
@@ -101,6 +104,13 @@ class Publisher:
         self._abort_wait = threading.Event()
         self._wake = threading.Event()
         self._drainer = threading.Thread(target=self._drain_loop, name="outbox-drain", daemon=True)
+        # sampled frames (learning loop): a second, byte-bounded queue sent after the events, never ahead of them
+        self.samples = samples
+        self.sample_topic = topic_for(site, camera_id, SAMPLE_LEAF)
+        self._sample_inflight: dict[int, int] = {}  # paho mid -> sample queue id
+        self._last_sample = 0
+        self.samples_sent = 0  # acknowledged by the broker
+        self.sample_bytes = 0
 
     # ------------------------------------------------------------------ paho callbacks (network thread)
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
@@ -142,6 +152,7 @@ class Publisher:
                 self._process_acks()
                 if self.connected.is_set():
                     self._send_more()
+                    self._send_samples()
             except OutboxError as exc:
                 self.error = exc
                 log.error("%s", exc)
@@ -157,6 +168,7 @@ class Publisher:
                 break
             row_ids = self._inflight.pop(mid, None)
             if row_ids is None:
+                self._sample_acked(mid, rejection)
                 continue
             if rejection is None:
                 done.extend(row_ids)
@@ -188,6 +200,32 @@ class Publisher:
             else:
                 self._inflight[info.mid] = [row.id]
             self._last_sent = row.id
+
+    # ------------------------------------------------------------------ samples
+    def _send_samples(self) -> None:
+        """A few samples at a time, only while the events leave room in the window (events go first)."""
+        if self.samples is None or len(self._inflight) >= self.window:
+            return
+        room = SAMPLES_IN_FLIGHT - len(self._sample_inflight)
+        if room <= 0:
+            return
+        for sample_id, payload in self.samples.fetch(self._last_sample, room):
+            info = self.client.publish(self.sample_topic, payload, qos=1)
+            if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN, mqtt.MQTT_ERR_QUEUE_SIZE):
+                log.warning("publish of sample %d failed (%s); will retry", sample_id, mqtt.error_string(info.rc))
+                return
+            self._sample_inflight[info.mid] = sample_id
+            self._last_sample = sample_id
+
+    def _sample_acked(self, mid: int, rejection: str | None) -> None:
+        sample_id = self._sample_inflight.pop(mid, None)
+        if sample_id is None or self.samples is None:
+            return
+        if rejection is not None:  # kept: replayed on the next start (the broker's ACL may not allow .../sample)
+            log.error("broker rejected sample %d (%s): kept in the sample queue", sample_id, rejection)
+            return
+        self.samples.delete(sample_id)
+        self.samples_sent += 1
 
     # ------------------------------------------------------------------ batching
     def _batchable(self, row: Row) -> bool:
@@ -318,8 +356,8 @@ class Publisher:
         self._flush.set()  # nothing lingers while someone waits for the outbox to empty
         try:
             while time.monotonic() < deadline and self.error is None and not self._abort_wait.is_set():
-                if self.outbox.depth() == 0:
-                    return 0
+                if self.outbox.depth() == 0 and (self.samples is None or self.samples.depth() == 0):
+                    return 0  # samples too (best effort: ones still queued at the deadline wait for the next start)
                 self._wake.set()
                 time.sleep(0.05)
             return self.outbox.depth()
