@@ -8,11 +8,14 @@ database give a one-line error and exit status 2.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
+from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger("smartcam.sink")
@@ -68,19 +71,70 @@ def _open_store(url: str):
         raise ValueError(f"cannot open database {url.split('@')[-1]}: {str(orig).splitlines()[0]}") from None
 
 
-def _start_http(store: Any, host: str, port: int, token: str | None) -> tuple[Any, threading.Thread]:
+def bind_http(host: str, port: int) -> socket.socket:
+    """The API's listening socket, bound now so a port that cannot be had stops the start (one-line ValueError).
+
+    Bound before the database, the archive or the broker are touched: a sink that cannot serve what it was
+    asked to serve does not start at all (``uvicorn`` alone would log the error in its thread and the sink
+    would carry on without its API).
+    """
+    where = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
+    if not 0 < port < 65536:
+        raise ValueError(f"--http {where}: the port must be 1-65535")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as exc:
+        raise ValueError(f"--http {where}: cannot resolve {host!r} ({exc.strerror})") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT from a previous run is fine
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        hint = {errno.EADDRINUSE: " (another process listens there: stop it or choose another --http port)",
+                errno.EACCES: " (ports below 1024 need privileges: use a port >= 1024 behind a proxy)",
+                errno.EADDRNOTAVAIL: " (not an address of this machine)"}.get(exc.errno or 0, "")
+        reason = (exc.strerror or str(exc)).lower()
+        raise ValueError(f"cannot serve the API on {where}: {reason}{hint}") from None
+    return sock
+
+
+def start_http(store: Any, host: str, port: int, token: str | None, *, sock: socket.socket | None = None,
+               on_failure: Callable[[], None] | None = None) -> tuple[Any, threading.Thread]:
+    """Serve the API and dashboard from a thread until ``should_exit``, on ``sock`` or a socket bound now.
+
+    Returns once uvicorn is accepting requests (a bind that fails raises ValueError). Should the server stop
+    on its own later, ``on_failure`` is called (the sink stops rather than ingest without its API).
+    """
     import uvicorn
 
     from cloud_sink import api
 
-    check = getattr(api, "check_bind", None)
-    if check is not None:
-        check(host, token)
+    api.check_bind(host, token)
+    sock = sock or bind_http(host, port)
     app = api.create_app(store, token=token)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False))
-    thread = threading.Thread(target=server.run, name="http", daemon=True)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+
+    def serve() -> None:
+        try:
+            server.run(sockets=[sock])
+        except BaseException as exc:  # reported below: the sink must not run on without its API
+            log.error("the API server failed: %s", exc)
+        finally:
+            sock.close()
+        if not server.should_exit and on_failure is not None:
+            log.error("the API on %s:%d stopped; stopping the sink", host, port)
+            on_failure()
+
+    thread = threading.Thread(target=serve, name="http", daemon=True)
     thread.start()
-    log.info("API and dashboard on http://%s:%d/", host, port)
+    while not server.started and thread.is_alive():
+        thread.join(0.02)
+    if not server.started:
+        raise ValueError(f"cannot serve the API on {host}:{port}: the server did not start (see the log)")
+    log.info("API and dashboard on http://%s:%d/", host if ":" not in host else f"[{host}]", port)
     return server, thread
 
 
@@ -96,6 +150,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = BrokerSettings.from_url(cfg.broker, ca_file=cfg.tls_ca, username=cfg.username)
     http = cfg.http_address()
     token = cfg.http_token or os.environ.get("SMARTCAM_API_TOKEN")
+    sock = None
+    if http:  # bind first: a port we cannot have stops the start before anything else is touched
+        from cloud_sink.api import check_bind
+
+        check_bind(http[0], token)
+        sock = bind_http(*http)
     store = _open_store(cfg.db)
     archive = None
     if cfg.archive:
@@ -105,13 +165,19 @@ def cmd_run(args: argparse.Namespace) -> int:
             archive = open_archive(cfg.archive)
         except Exception as exc:  # bucket missing, bad credentials, unwritable directory
             raise ValueError(f"archive {cfg.archive}: {exc}") from None
-    server = None
-    if http:
-        server, _ = _start_http(store, http[0], http[1], token)
     subscriber = Subscriber(Ingestor(store, limits=cfg.limits(), archive=archive), settings,
                             client_id=cfg.client_id, share_group=cfg.share_group,
                             session_expiry_s=cfg.session_expiry_s, batch_size=cfg.batch_size,
                             batch_wait_s=cfg.batch_wait_ms / 1000.0, log_every_s=cfg.log_every_s)
+    server = None
+    api_failed = threading.Event()
+
+    def on_api_failure() -> None:
+        api_failed.set()
+        subscriber.stop()
+
+    if http:
+        server, _ = start_http(store, http[0], http[1], token, sock=sock, on_failure=on_api_failure)
 
     def on_signal(signum: int, _frame: Any) -> None:
         log.info("%s: finishing the current batch and stopping", signal.Signals(signum).name)
@@ -130,7 +196,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         log.error("stopped with %d messages not stored (database unavailable); the broker keeps them for the "
                   "next run", subscriber.unstored)
         return 1
-    return 0
+    return 1 if api_failed.is_set() else 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
