@@ -118,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
                           "current one does (default 0.5)")
     run.add_argument("--drain-timeout", dest="drain_timeout_s", type=float, metavar="S",
                      help="at the end of a file, wait up to S s for the broker to acknowledge (default 30)")
+    run.add_argument("--homeassistant", dest="homeassistant", action="store_true", default=None,
+                     help="publish Home Assistant MQTT discovery: the camera appears there as one device")
+    run.add_argument("--homeassistant-prefix", dest="homeassistant_prefix", metavar="PREFIX",
+                     help="Home Assistant's discovery prefix (default homeassistant)")
+    run.add_argument("--metrics", dest="metrics_listen", metavar="HOST:PORT",
+                     help="serve Prometheus metrics on http://HOST:PORT/metrics (e.g. 127.0.0.1:9108; default off)")
     run.add_argument("--samples", dest="samples_enabled", action="store_true", default=None,
                      help="send hard frames (masked, resized JPEG + metadata) to the broker for the learning loop "
                           "(default off; README: Privacy)")

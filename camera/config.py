@@ -171,6 +171,38 @@ class PublishConfig(_Strict):
         return value
 
 
+class HomeAssistantConfig(_Strict):
+    """Home Assistant MQTT discovery: the camera appears as one device (camera/homeassistant.py, README)."""
+
+    enabled: bool = Field(False, description="publish retained discovery documents so Home Assistant finds the "
+                          "camera's entities by itself")
+    discovery_prefix: str = Field("homeassistant", description="Home Assistant's MQTT discovery prefix (its "
+                                  "birth message is read on <prefix>/status)")
+
+    @field_validator("discovery_prefix")
+    @classmethod
+    def _check_prefix(cls, value: str) -> str:
+        if not value or any(c in value for c in "+#\0") or value.startswith("/") or value.endswith("/"):
+            raise ValueError(f"{value!r} is not an MQTT topic prefix (no + or #, no leading or trailing /)")
+        return value
+
+
+class MetricsConfig(_Strict):
+    """Prometheus metrics of the edge (camera/metrics.py)."""
+
+    listen: str | None = Field(None, description="HOST:PORT to serve /metrics on, e.g. 127.0.0.1:9108; "
+                               "none = off")
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, value: str | None) -> str | None:
+        if value is not None:
+            host, sep, port = value.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"{value!r} must be HOST:PORT, e.g. 127.0.0.1:9108")
+        return value
+
+
 class EdgeConfig(_Strict):
     camera_id: str = Field(description="camera name, one MQTT topic level")
     site: str = Field("default", description="site name, one MQTT topic level")
@@ -191,6 +223,8 @@ class EdgeConfig(_Strict):
     publish: PublishConfig = Field(default_factory=PublishConfig)
     outbox: OutboxConfig = Field(default_factory=OutboxConfig)
     samples: SamplesSpec = Field(default_factory=SamplesSpec)
+    homeassistant: HomeAssistantConfig = Field(default_factory=HomeAssistantConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     events_file: Path | None = Field(None, description="append every event as one JSON line (audit, offline)")
     save_video: Path | None = Field(None, description="annotated video (boxes, ids, zones, lines, counts)")
     tracks_file: Path | None = Field(None, description="every person track's box per processed frame, "
@@ -227,6 +261,9 @@ class EdgeConfig(_Strict):
             dupes = sorted({n for n in names if names.count(n) > 1})
             if dupes:
                 raise ValueError(f"{what}: duplicate name(s) {', '.join(dupes)}")
+        if self.homeassistant.enabled and self.publish.mode == "summary":
+            raise ValueError("homeassistant.enabled needs publish.mode events: summary mode sends no retained "
+                             "count, zone or line topics for Home Assistant to read")
         return self
 
     def motion_enabled(self, live: bool) -> bool:

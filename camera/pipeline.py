@@ -112,7 +112,10 @@ class EdgeRunner:
                          self.outbox.path, self.outbox.depth())
             self.publisher = Publisher(cfg.mqtt.settings(), self.outbox, site=cfg.site, camera_id=cfg.camera_id,
                                        client_id=cfg.mqtt.client_id, window=cfg.mqtt.window,
-                                       batch=cfg.publish.batch, samples=self._open_samples())
+                                       batch=cfg.publish.batch, samples=self._open_samples(),
+                                       retry_s=cfg.outbox.retry_s, max_rejections=cfg.outbox.max_rejections)
+            if cfg.homeassistant.enabled:
+                self._attach_homeassistant()
             summarizer = Summarizer(self.outbox, interval_s=cfg.publish.summary_interval_s,
                                     lateness_s=cfg.tracker.max_age_s + 1.0)
             if cfg.publish.mode == "summary":
@@ -133,6 +136,21 @@ class EdgeRunner:
             self._events_fh = open(cfg.events_file, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
         elif not cfg.mqtt.broker:
             self._events_fh = sys.stdout
+
+    def _attach_homeassistant(self) -> None:
+        """Home Assistant discovery on the publisher's connection; its record of what was announced lives
+        beside the outbox, so entities of zones and lines deleted from the config are removed next time."""
+        from camera.homeassistant import Discovery, discovery_documents
+
+        cfg, ha = self.cfg, self.cfg.homeassistant
+        docs = discovery_documents(site=cfg.site, camera_id=cfg.camera_id, zones=[z.name for z in cfg.zones],
+                                   lines=[ln.name for ln in cfg.lines], prefix=ha.discovery_prefix,
+                                   model_name=self.detector.name)
+        outbox = cfg.outbox_path()
+        discovery = Discovery(docs, prefix=ha.discovery_prefix,
+                              state_file=outbox.with_name(outbox.name + ".homeassistant.json"))
+        self.publisher.connect_hooks.append(discovery.on_connect)
+        log.info("Home Assistant discovery on: %d entities under %s/", len(docs), ha.discovery_prefix)
 
     def _open_samples(self) -> Any:
         """The sampler and its durable queue, when ``samples.enabled`` (only with a broker: they leave through it)."""

@@ -24,8 +24,8 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import paho.mqtt.client as mqtt
 
@@ -88,6 +88,9 @@ class Publisher:
         self.client.on_publish = self._on_publish
         self.client.on_connect_fail = self._on_connect_fail
         self.connect_failures = 0
+        # run on every (re)connect, on paho's network thread, after ``online``: e.g. Home Assistant discovery
+        # (camera/homeassistant.py), which shares this one connection
+        self.connect_hooks: list[Callable[[mqtt.Client], None]] = []
         self.connected = threading.Event()
         self.connects = 0
         self.published = 0  # outbox rows acknowledged by the broker (with batching: events, not messages)
@@ -121,6 +124,11 @@ class Publisher:
         log.info("connected to broker %s%s", self.settings.redacted(),
                  "" if self.connects == 1 else f" (reconnect #{self.connects - 1})")
         client.publish(self.status_topic, ONLINE, qos=1, retain=True)
+        for hook in self.connect_hooks:
+            try:
+                hook(client)
+            except Exception:  # noqa: BLE001 - an add-on must never take the event stream down
+                log.exception("connect hook %r failed", hook)
         self.connected.set()
         self._wake.set()
 

@@ -44,8 +44,11 @@ def build(store: Store, *, since: float, until: float | None = None, site: str |
     """The overview plus hourly rows per camera: everything printed, as one JSON-able dict."""
     until = time.time() if until is None else until
     data = rollups.overview(store, since=since, until=until, site=site, camera_id=camera_id)
+    per_camera: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in rollups.hourly(store, since=since, until=until, site=site, camera_id=camera_id):  # one query
+        per_camera.setdefault((row["site"], row["camera_id"]), []).append(row)
     for cam in data["cameras"]:
-        cam["hourly"] = rollups.hourly(store, since=since, until=until, site=cam["site"], camera_id=cam["camera_id"])
+        cam["hourly"] = per_camera.get((cam["site"], cam["camera_id"]), [])
     return data
 
 

@@ -318,6 +318,8 @@ def _filter(query, table, site: str | None, camera_id: str | None, zone: str | N
         query = query.where(table.c.site == site)
     if camera_id is not None:
         query = query.where(table.c.camera_id == camera_id)
+    if zone == ANY_ZONE:
+        return query
     if zone is None:
         query = query.where(table.c.zone == "")
     elif zone == "*":
@@ -349,10 +351,72 @@ def hourly(store: Store, *, since: Any, until: Any = None, site: str | None = No
     } for r in rows]
 
 
-def daily(store: Store, *, since: Any, until: Any = None, site: str | None = None, camera_id: str | None = None,
-          zone: str | None = None) -> list[dict[str, Any]]:
-    """Hourly rollups (of the hours in range) summed per UTC day; unique_tracks is distinct over the whole day."""
-    t, tr = rollup_hourly, rollup_daily
+ANY_ZONE = "**"  # internal: no zone filter (the whole camera and every zone, told apart by ``zone``)
+
+
+def _hour_bounds(since: Any, until: Any) -> tuple[int | None, int | None]:
+    """The hours in range as ``[first, end)`` hour starts: ``first = floor_hour(since)``, ``end`` the first hour
+    start at or after ``until`` (an hour is in range when it starts before ``until``). None = unbounded."""
+    start, stop = _epoch_s(since), _epoch_s(until)
+    first = None if start is None else start // HOUR * HOUR
+    end = None if stop is None else -(-stop // HOUR) * HOUR
+    return first, end
+
+
+def _full_days(first: int | None, end: int | None) -> tuple[int | None, int | None] | None:
+    """``[d0, d1)``: the UTC days all of whose hours are in ``[first, end)`` (None bounds: open); None if none."""
+    d0 = None if first is None else -(-first // DAY) * DAY
+    d1 = None if end is None else end // DAY * DAY
+    if d0 is not None and d1 is not None and d0 >= d1:
+        return None
+    return d0, d1
+
+
+def _between(column: Any, lo: int | None, hi: int | None) -> Any:
+    cond = sa.true()
+    if lo is not None:
+        cond = sa.and_(cond, column >= lo)
+    if hi is not None:
+        cond = sa.and_(cond, column < hi)
+    return cond
+
+
+def _distinct_tracks(since: Any, until: Any, site: str | None, camera_id: str | None, zone: str | None, *,
+                     per_day: bool) -> Any:
+    """One grouped query: distinct track ids over the hours in range, per (site, camera, zone[, day]).
+
+    Whole days in range are read from the daily track tables (no COUNT DISTINCT over a month of hours), the
+    hours at either end from ``rollup_tracks``; a track seen in both counts once (``UNION`` before counting).
+    """
+    first, end = _hour_bounds(since, until)
+    days = _full_days(first, end)
+    t, dt, dd = rollup_tracks, rollup_day_tracks, rollup_daily
+    edge = _between(t.c.hour, first, end)
+    if days is not None:
+        edge = sa.and_(edge, sa.not_(_between(t.c.hour, *days)))
+    day_of_hour = ((t.c.hour // DAY) * DAY).label("day")
+    if per_day:
+        parts = [_filter(sa.select(t.c.site, t.c.camera_id, t.c.zone, day_of_hour,
+                                   sa.func.count(sa.distinct(t.c.track_id)).label("n")).where(edge), t, site,
+                         camera_id, zone).group_by(t.c.site, t.c.camera_id, t.c.zone, day_of_hour)]
+        if days is not None:
+            parts.append(_filter(sa.select(dd.c.site, dd.c.camera_id, dd.c.zone, dd.c.day,
+                                           dd.c.unique_tracks.label("n")).where(_between(dd.c.day, *days)), dd,
+                                 site, camera_id, zone))
+        return sa.union_all(*parts) if len(parts) > 1 else parts[0]
+    parts = [_filter(sa.select(t.c.site, t.c.camera_id, t.c.zone, t.c.track_id).where(edge), t, site, camera_id,
+                     zone)]
+    if days is not None:
+        parts.append(_filter(sa.select(dt.c.site, dt.c.camera_id, dt.c.zone, dt.c.track_id).where(
+            _between(dt.c.day, *days)), dt, site, camera_id, zone))
+    ids = (sa.union(*parts) if len(parts) > 1 else parts[0].distinct()).subquery()
+    return sa.select(ids.c.site, ids.c.camera_id, ids.c.zone, sa.func.count().label("n")).group_by(
+        ids.c.site, ids.c.camera_id, ids.c.zone)
+
+
+def _daily_rows(conn: Connection, since: Any, until: Any, site: str | None, camera_id: str | None,
+                zone: str | None) -> list[dict[str, Any]]:
+    t = rollup_hourly
     day = (t.c.hour // DAY) * DAY
     query = sa.select(
         t.c.site, t.c.camera_id, t.c.zone, day.label("day"), sa.func.sum(t.c.entries).label("entries"),
@@ -362,24 +426,25 @@ def daily(store: Store, *, since: Any, until: Any = None, site: str | None = Non
         sa.func.sum(t.c.dwell_count).label("dwell_count"), sa.func.sum(t.c.loiters).label("loiters"),
     ).group_by(t.c.site, t.c.camera_id, t.c.zone, day)
     query = _filter(_hour_range(query, t.c.hour, since, until), t, site, camera_id, zone)
-    daily_q = _filter(sa.select(tr), tr, site, camera_id, zone)
-    start, end = _epoch_s(since), _epoch_s(until)
-    if start is not None:
-        daily_q = daily_q.where(tr.c.day >= start // DAY * DAY)
-    if end is not None:
-        daily_q = daily_q.where(tr.c.day < end)
-    with store.engine.connect() as conn:
-        rows = conn.execute(query).mappings().all()
-        uniques = {(r.site, r.camera_id, r.zone, r.day): r.unique_tracks for r in conn.execute(daily_q)}
+    rows = conn.execute(query).mappings().all()
+    uniques = {(r.site, r.camera_id, r.zone, int(r.day)): int(r.n) for r in conn.execute(
+        _distinct_tracks(since, until, site, camera_id, zone, per_day=True))}
     out = [{
         "site": r["site"], "camera_id": r["camera_id"], "zone": r["zone"] or None, "day": format_ts(r["day"])[:10],
         "day_ts": int(r["day"]), "entries": int(r["entries"]), "exits": int(r["exits"]),
-        "unique_tracks": uniques.get((r["site"], r["camera_id"], r["zone"], r["day"]), 0),
+        "unique_tracks": uniques.get((r["site"], r["camera_id"], r["zone"], int(r["day"])), 0),
         "occupancy_max": int(r["occupancy_max"]) if r["occupancy_samples"] else None,
         "occupancy_mean": _mean(float(r["occupancy_sum"]), int(r["occupancy_samples"])),
         "dwell_mean": _mean(float(r["dwell_sum"]), int(r["dwell_count"])), "loiters": int(r["loiters"]),
     } for r in rows]
     return sorted(out, key=lambda r: (r["day_ts"], r["site"], r["camera_id"], r["zone"] or ""))
+
+
+def daily(store: Store, *, since: Any, until: Any = None, site: str | None = None, camera_id: str | None = None,
+          zone: str | None = None) -> list[dict[str, Any]]:
+    """The hours in range summed per UTC day; unique_tracks is distinct over the same hours (one scope)."""
+    with store.engine.connect() as conn:
+        return _daily_rows(conn, since, until, site, camera_id, zone)
 
 
 def _zone_matches(name: str | None, zone: str | None) -> bool:
@@ -458,13 +523,7 @@ def dwell(store: Store, *, since: Any, until: Any = None, site: str | None = Non
     with store.engine.connect() as conn:
         total, n = conn.execute(sums).one()
         bins = {int(b): int(c) for b, c in conn.execute(bins_q)}
-    n = int(n or 0)
-    return {
-        "n": n, "mean": _mean(float(total or 0.0), n), "median": histogram_quantile(bins, 0.5),
-        "p90": histogram_quantile(bins, 0.9),
-        "histogram": [{"lo": round(bin_edges(b)[0], 3), "hi": round(bin_edges(b)[1], 3), "n": bins[b]}
-                      for b in sorted(bins)],
-    }
+    return _dwell_figures(float(total or 0.0), int(n or 0), bins)
 
 
 def peak_hour(store: Store, *, since: Any, until: Any = None, site: str | None = None,
@@ -498,50 +557,88 @@ def lines(store: Store, *, since: Any, until: Any = None, site: str | None = Non
             for r in rows]
 
 
-def _totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    samples = [r for r in rows if r["occupancy_mean"] is not None]
+def _dwell_figures(total: float, n: int, bins: dict[int, int]) -> dict[str, Any]:
     return {
-        "entries": sum(r["entries"] for r in rows), "exits": sum(r["exits"] for r in rows),
-        "unique_tracks": sum(r["unique_tracks"] for r in rows),
-        "occupancy_max": max((r["occupancy_max"] for r in samples), default=None),
-        "loiters": sum(r["loiters"] for r in rows),
+        "n": n, "mean": _mean(total, n), "median": histogram_quantile(bins, 0.5),
+        "p90": histogram_quantile(bins, 0.9),
+        "histogram": [{"lo": round(bin_edges(b)[0], 3), "hi": round(bin_edges(b)[1], 3), "n": bins[b]}
+                      for b in sorted(bins)],
     }
 
 
-def _occupancy_mean(store: Store, since: Any, until: Any, site: str, camera_id: str, zone: str | None) -> float | None:
-    t = rollup_hourly
-    query = _filter(_hour_range(sa.select(sa.func.sum(t.c.occupancy_sum), sa.func.sum(t.c.occupancy_samples)),
-                                t.c.hour, since, until), t, site, camera_id, zone)
-    with store.engine.connect() as conn:
-        total, n = conn.execute(query).one()
-    return _mean(float(total or 0), int(n or 0))
-
-
 def overview(store: Store, *, since: Any, until: Any = None, site: str | None = None,
-            camera_id: str | None = None) -> dict[str, Any]:
-    """Everything the report prints: per camera totals, health, dwell, peak hour, days, zones and lines."""
+             camera_id: str | None = None) -> dict[str, Any]:
+    """Everything the report prints: per camera totals, health, dwell, peak hour, days, zones and lines.
+
+    One grouped query per figure for all the cameras at once (a fixed number of statements however many
+    cameras there are). unique_tracks is distinct over the range, per camera and per zone.
+    """
     until_value = until if until is not None else time.time()
-    cams = [c for c in store.cameras() if (site is None or c["site"] == site)
-            and (camera_id is None or c["camera_id"] == camera_id)]
+    t, d, ln = rollup_hourly, rollup_dwell, rollup_lines
+    key = (t.c.site, t.c.camera_id, t.c.zone)
+    totals_q = _filter(_hour_range(sa.select(
+        *key, sa.func.sum(t.c.entries).label("entries"), sa.func.sum(t.c.exits).label("exits"),
+        sa.func.max(t.c.occupancy_max).label("occupancy_max"), sa.func.sum(t.c.occupancy_sum).label("occ_sum"),
+        sa.func.sum(t.c.occupancy_samples).label("occ_n"), sa.func.sum(t.c.dwell_sum).label("dwell_sum"),
+        sa.func.sum(t.c.dwell_count).label("dwell_n"), sa.func.sum(t.c.loiters).label("loiters"),
+    ).group_by(*key), t.c.hour, since, until_value), t, site, camera_id, ANY_ZONE)
+    bins_q = _filter(_hour_range(sa.select(d.c.site, d.c.camera_id, d.c.zone, d.c.bin, sa.func.sum(d.c.n).label(
+        "n")).group_by(d.c.site, d.c.camera_id, d.c.zone, d.c.bin), d.c.hour, since, until_value), d, site,
+        camera_id, ANY_ZONE)
+    per_hour = sa.func.sum(t.c.entries).label("entries")
+    peaks_q = _filter(_hour_range(sa.select(t.c.site, t.c.camera_id, t.c.hour, per_hour).group_by(
+        t.c.site, t.c.camera_id, t.c.hour), t.c.hour, since, until_value), t, site, camera_id, None)
+    lines_q = _hour_range(sa.select(ln.c.site, ln.c.camera_id, ln.c.line, sa.func.sum(ln.c.in_count).label("in_"),
+                                    sa.func.sum(ln.c.out_count).label("out")).group_by(
+        ln.c.site, ln.c.camera_id, ln.c.line), ln.c.hour, since, until_value)
+    for column, value in ((ln.c.site, site), (ln.c.camera_id, camera_id)):
+        if value is not None:
+            lines_q = lines_q.where(column == value)
+    with store.engine.connect() as conn:
+        totals = conn.execute(totals_q).mappings().all()
+        tracks = {(r.site, r.camera_id, r.zone): int(r.n) for r in conn.execute(
+            _distinct_tracks(since, until_value, site, camera_id, ANY_ZONE, per_day=False))}
+        bins: dict[tuple[str, str, str], dict[int, int]] = {}
+        for r in conn.execute(bins_q):
+            bins.setdefault((r.site, r.camera_id, r.zone), {})[int(r.bin)] = int(r.n)
+        peaks: dict[tuple[str, str], tuple[int, int]] = {}
+        for r in conn.execute(peaks_q):
+            best = peaks.get((r.site, r.camera_id))
+            if r.entries and (best is None or (int(r.entries), -int(r.hour)) > (best[1], -best[0])):
+                peaks[(r.site, r.camera_id)] = (int(r.hour), int(r.entries))
+        days: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        for row in _daily_rows(conn, since, until_value, site, camera_id, None):
+            days.setdefault((row["site"], row["camera_id"]), []).append(row)
+        cam_lines: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        for r in conn.execute(lines_q.order_by(ln.c.site, ln.c.camera_id, ln.c.line)):
+            cam_lines.setdefault((r.site, r.camera_id), []).append(
+                {"site": r.site, "camera_id": r.camera_id, "line": r.line, "in": int(r.in_), "out": int(r.out)})
+    areas: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+    for r in totals:
+        k = (r.site, r.camera_id, r.zone)
+        occ_n = int(r.occ_n or 0)
+        areas.setdefault((r.site, r.camera_id), {})[r.zone] = {
+            "entries": int(r.entries), "exits": int(r.exits), "unique_tracks": tracks.get(k, 0),
+            "occupancy_max": int(r.occupancy_max) if occ_n else None,
+            "occupancy_mean": _mean(float(r.occ_sum or 0), occ_n), "loiters": int(r.loiters),
+            "dwell": _dwell_figures(float(r.dwell_sum or 0.0), int(r.dwell_n or 0), bins.get(k, {})),
+        }
+    empty = {"entries": 0, "exits": 0, "unique_tracks": 0, "occupancy_max": None, "occupancy_mean": None,
+             "loiters": 0}
     out_cams = []
-    for cam in cams:
+    for cam in store.cameras():
         s, c = cam["site"], cam["camera_id"]
-        rows = hourly(store, since=since, until=until_value, site=s, camera_id=c)
-        zone_rows = hourly(store, since=since, until=until_value, site=s, camera_id=c, zone="*")
-        zones = []
-        for name in sorted({r["zone"] for r in zone_rows}):
-            these = [r for r in zone_rows if r["zone"] == name]
-            zones.append({"zone": name, **_totals(these),
-                          "occupancy_mean": _occupancy_mean(store, since, until_value, s, c, name),
-                          "dwell": dwell(store, since=since, until=until_value, site=s, camera_id=c, zone=name)})
+        if (site is not None and s != site) or (camera_id is not None and c != camera_id):
+            continue
+        mine = areas.get((s, c), {})
+        whole = mine.get("", {**empty, "dwell": _dwell_figures(0.0, 0, {})})
+        peak = peaks.get((s, c))
         out_cams.append({
-            **cam, **_totals(rows),
-            "occupancy_mean": _occupancy_mean(store, since, until_value, s, c, None),
-            "dwell": dwell(store, since=since, until=until_value, site=s, camera_id=c),
-            "peak_hour": peak_hour(store, since=since, until=until_value, site=s, camera_id=c),
-            "daily": daily(store, since=since, until=until_value, site=s, camera_id=c),
-            "zones": zones,
-            "lines": lines(store, since=since, until=until_value, site=s, camera_id=c),
+            **cam, **whole,
+            "peak_hour": {"hour": format_ts(peak[0]), "hour_ts": peak[0], "entries": peak[1]} if peak else None,
+            "daily": days.get((s, c), []),
+            "zones": [{"zone": z, **fig} for z, fig in sorted(mine.items()) if z != ""],
+            "lines": cam_lines.get((s, c), []),
         })
     since_s, until_s = _epoch_s(since), _epoch_s(until_value)
     return {

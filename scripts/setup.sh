@@ -16,6 +16,7 @@ if [ "$EXTRAS" = "dev" ]; then
   command -v chromium >/dev/null || need_apt+=(chromium chromium-driver)
   command -v openssl >/dev/null || need_apt+=(openssl)
   command -v ffmpeg >/dev/null || need_apt+=(ffmpeg)
+  command -v prometheus >/dev/null || need_apt+=(prometheus)   # Prometheus 2.42 + promtool: metrics tests
   # network and clock fault tests (tests/netns.py, tests/test_time_faults.py)
   command -v iptables >/dev/null || [ -x /usr/sbin/iptables ] || need_apt+=(iptables)
   command -v faketime >/dev/null || need_apt+=(faketime)
@@ -37,5 +38,17 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   echo "==> pip install -e .[$EXTRAS] (first time with torch/ultralytics takes a few minutes)"
   "$VENV/bin/pip" install -q -e ".[$EXTRAS]"
   touch "$stamp"
+fi
+if [ "$EXTRAS" = "dev" ]; then
+  # Home Assistant for the discovery tests, in its OWN venv: it pins its own SQLAlchemy, pydantic, aiohttp...
+  HA_VENV="${SMARTCAM_HA_VENV:-.venv-ha}"
+  ha_stamp="$HA_VENV/.smartcam-installed"
+  if [ ! -f "$ha_stamp" ] || [ scripts/homeassistant-requirements.txt -nt "$ha_stamp" ]; then
+    echo "==> Home Assistant 2024.3.3 into $HA_VENV (~2 min, ~570 MB, first time only)"
+    [ -x "$HA_VENV/bin/python" ] || "$PY" -m venv "$HA_VENV"
+    "$HA_VENV/bin/pip" install -q --upgrade pip
+    "$HA_VENV/bin/pip" install -q -r scripts/homeassistant-requirements.txt
+    touch "$ha_stamp"
+  fi
 fi
 echo "==> environment ready: $VENV"

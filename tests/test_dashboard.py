@@ -143,6 +143,7 @@ def test_dashboard_renders_the_stored_data(browser, scenario_store, artifacts_di
         kpis = page.eval_on_selector_all("#kpis .kpi", "els => els.map(e => [e.lastChild.textContent,"
                                                        " e.firstChild.textContent])")
         assert dict(kpis)["entries"] == "6" and dict(kpis)["exits"] == "4"
+        assert dict(kpis)["people"] == "6"  # distinct over the window: track 3 (hours 03 and 04) counts once
         assert dict(kpis)["peak hour"] == "03:00 UTC" and dict(kpis)["most in view"] == "3"
 
         page.screenshot(path=str(artifacts_dir / "dashboard.png"), full_page=True)

@@ -6,6 +6,7 @@ import random
 import statistics
 
 import pytest
+import sqlalchemy as sa
 
 from cloud_sink import rollups
 from cloud_sink.rollups import bin_edges
@@ -121,11 +122,12 @@ def test_lines_totals(loaded):
         {"site": "lobby", "camera_id": "cam-1", "line": "gate", "in": 1, "out": 1}]
 
 
-def test_summary_has_everything_the_report_prints(loaded):
+def test_overview_has_everything_the_report_prints(loaded):
     s = rollups.overview(loaded, since=H0, until=H1 + 3600)
     cams = {c["camera_id"]: c for c in s["cameras"]}
     cam = cams["cam-1"]
-    assert (cam["entries"], cam["exits"], cam["unique_tracks"], cam["occupancy_max"]) == (4, 4, 5, 3)
+    # 4 tracks: track 3 is seen in both hours and counts once (this test used to enshrine 5, a per-hour sum)
+    assert (cam["entries"], cam["exits"], cam["unique_tracks"], cam["occupancy_max"]) == (4, 4, 4, 3)
     assert cam["occupancy_mean"] == pytest.approx(10 / 8)
     assert cam["dwell"]["n"] == 4 and cam["peak_hour"]["hour_ts"] == H0
     assert cam["zones"][0]["zone"] == "door" and cam["zones"][0]["dwell"]["mean"] == 40.0
@@ -133,6 +135,72 @@ def test_summary_has_everything_the_report_prints(loaded):
     assert s["events_total"] == 24 and s["dead_letters"] == 0
     only = rollups.overview(loaded, since=H0, until=H1 + 3600, camera_id="cam-2")
     assert [c["camera_id"] for c in only["cameras"]] == ["cam-2"]
+
+
+def test_unique_tracks_are_distinct_over_the_range_asked_for(loaded):
+    """Distinct over [since, until): the overview, and daily rows scoped to the hours of the day in range."""
+    whole = rollups.overview(loaded, since=H0, until=H1 + 3600, camera_id="cam-1")["cameras"][0]
+    assert whole["unique_tracks"] == 4
+    (door,) = whole["zones"]
+    assert door["unique_tracks"] == 1
+    second = rollups.overview(loaded, since=H1, until=H1 + 3600, camera_id="cam-1")["cameras"][0]
+    assert second["unique_tracks"] == 2  # tracks 3 and 4; 1 and 2 were only seen in H0
+    (day,) = rollups.daily(loaded, since=H1, until=H1 + 3600, camera_id="cam-1")
+    assert (day["entries"], day["unique_tracks"]) == (1, 2)  # the same scope for both figures
+    (first,) = rollups.daily(loaded, since=H0, until=H1, camera_id="cam-1")
+    assert (first["entries"], first["unique_tracks"]) == (3, 3)
+    # across days: a day fully in range and part of the next one, the same track in both
+    extra = [make_event(ts=H0 + 86400 + 60, track_id=3), make_event(ts=H0 + 86400 + 120, track_id=50)]
+    loaded.write(Batch(events=extra))
+    two_days = rollups.overview(loaded, since=H0 - 20 * 3600, until=H0 + 86400 + 3600, camera_id="cam-1")
+    assert two_days["cameras"][0]["unique_tracks"] == 5  # 1, 2, 3, 4 and 50
+    days = rollups.daily(loaded, since=H0 - 20 * 3600, until=H0 + 86400 + 3600, camera_id="cam-1")
+    assert [d["unique_tracks"] for d in days] == [4, 2]
+
+
+def _count_queries(target, work) -> int:
+    """How many SQL statements ``work()`` sends to ``target`` (SQLAlchemy ``before_cursor_execute`` events)."""
+    seen: list[str] = []
+
+    def count(*_args) -> None:
+        seen.append("")
+
+    sa.event.listen(target.engine, "before_cursor_execute", count)
+    try:
+        work()
+    finally:
+        sa.event.remove(target.engine, "before_cursor_execute", count)
+    return len(seen)
+
+
+def test_overview_and_report_take_a_fixed_number_of_queries_however_many_cameras(store):  # noqa: F811
+    """One grouped query per figure: 100 cameras cost the same number of statements as one."""
+    from cloud_sink import report
+
+    def fill(n: int) -> None:
+        evs = []
+        for i in range(n):
+            cam = f"cam-{i}"
+            evs += [make_event(ts=H0 + 10, camera_id=cam, track_id=1), make_event(
+                "person.exit", ts=H0 + 70, camera_id=cam, track_id=1, dwell_s=60.0),
+                make_event("zone.enter", ts=H0 + 20, camera_id=cam, zone="door", track_id=1),
+                make_event("line.cross", ts=H0 + 30, camera_id=cam, line="gate", track_id=1, direction="in",
+                           totals={"in": 1, "out": 0}),
+                make_event("count", ts=H0 + 15, camera_id=cam, count=1, previous=0)]
+        store.write(Batch(events=evs))
+
+    fill(1)
+    one = _count_queries(store, lambda: report.build(store, since=H0, until=H1))
+    with store.engine.begin() as conn:
+        for table in rollups.metadata.sorted_tables:
+            conn.execute(table.delete())
+        conn.execute(sa.text("DELETE FROM cameras"))
+    fill(100)
+    data: dict = {}
+    hundred = _count_queries(store, lambda: data.update(report.build(store, since=H0, until=H1)))
+    assert len(data["cameras"]) == 100 and all(c["unique_tracks"] == 1 for c in data["cameras"])
+    assert all(c["zones"][0]["entries"] == 1 and c["lines"][0]["in"] == 1 for c in data["cameras"])
+    assert hundred == one and hundred <= 20
 
 
 def test_median_and_p90_are_within_one_bin_of_exact(store):  # noqa: F811

@@ -264,12 +264,13 @@ async function renderCamera(cam) {
   const since = until - WINDOW_HOURS * HOUR;
   const scope = { site: cam.site, camera: cam.camera_id };
   const range = { ...scope, since: new Date(since * 1000).toISOString(), until: new Date(until * 1000).toISOString() };
-  const [hourly, occupancy, dwell, events, summaries] = await Promise.all([
+  const [hourly, occupancy, dwell, events, summaries, overview] = await Promise.all([
     api("stats/hourly", range),
     api("occupancy", { ...range, bucket: 600 }),
     api("dwell", range),
     api("events", { ...scope, limit: 25 }),
     api("summaries", { ...scope, limit: 1 }),
+    api("overview", range),
   ]);
   document.getElementById("detail").hidden = false;
   document.getElementById("camera-title").textContent = `${cam.site} / ${cam.camera_id}`;
@@ -281,6 +282,8 @@ async function renderCamera(cam) {
   document.getElementById("kpis").replaceChildren(
     kpi("entries", String(sum("entries"))),
     kpi("exits", String(sum("exits"))),
+    kpi("people", String(overview.cameras.length ? overview.cameras[0].unique_tracks : 0),
+      "distinct people (track ids) in this window, each counted once"),
     kpi("peak hour", peak ? `${utcTime(peak.hour_ts)} UTC` : "–", peak ? `${peak.entries} entries` : ""),
     kpi("most in view", occupancy.intervals.length ? String(occMax) : "–"),
     kpi("median stay", fmtSeconds(dwell.median), `mean ${fmtSeconds(dwell.mean)}`),
