@@ -147,6 +147,14 @@ def build_parser() -> argparse.ArgumentParser:
     det.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
     det.add_argument("--json", action="store_true", help="print JSON (the default; kept for scripts)")
     det.add_argument("images", nargs="+", metavar="IMAGE")
+
+    box = sub.add_parser("outbox", help="inspect an outbox: the dead letters the broker kept rejecting",
+                         description="Read an outbox file (also while the edge runs, read-only).")
+    box.add_argument("action", choices=("dead-letters",), help="dead-letters: rows moved out of the queue after "
+                     "the broker rejected them mqtt.max_rejections times (or the MQTT client refused them)")
+    box.add_argument("--outbox", required=True, metavar="FILE.db", help="the outbox file (run --outbox)")
+    box.add_argument("--limit", type=int, metavar="N", help="the oldest N only")
+    box.add_argument("--json", action="store_true", help="one JSON object per line (payload as text)")
     return parser
 
 
@@ -227,11 +235,33 @@ def cmd_detect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_outbox(args: argparse.Namespace) -> int:
+    from camera.outbox import OutboxError, read_dead_letters
+    from contract.timestamps import format_ts
+
+    try:
+        dead = read_dead_letters(args.outbox, limit=args.limit)
+    except OutboxError as exc:
+        print(f"smartcam-edge: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    for d in dead:
+        if args.json:
+            print(json.dumps({"id": d.id, "topic": d.topic, "payload": d.payload.decode("utf-8", "replace"),
+                              "qos": d.qos, "retain": d.retain, "created": format_ts(d.created),
+                              "dead_at": format_ts(d.dead_at), "rejections": d.rejections, "reason": d.reason}))
+        else:
+            print(f"{d.id}\t{format_ts(d.dead_at)}\t{d.topic}\t{d.rejections} rejection(s)\t{d.reason}\t"
+                  f"{len(d.payload)} bytes")
+    if not args.json:
+        print(f"{len(dead)} dead letter(s) in {args.outbox}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return {"run": cmd_run, "detect": cmd_detect}[args.command](args)
+    return {"run": cmd_run, "detect": cmd_detect, "outbox": cmd_outbox}[args.command](args)
 
 
 if __name__ == "__main__":  # pragma: no cover

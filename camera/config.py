@@ -101,6 +101,11 @@ class OutboxConfig(_Strict):
     path: Path | None = Field(None, description="SQLite file; default "
                               "$XDG_STATE_HOME/smartcam/<site>-<camera_id>.outbox.db")
     max_events: int = Field(100_000, ge=1, description="bounded: beyond it the oldest are dropped and counted")
+    max_rejections: int = Field(5, ge=1, le=1000, description="a message the broker rejects (e.g. not authorized) "
+                                "is sent again after a backoff; after this many rejections its rows become dead "
+                                "letters, kept in the outbox file (smartcam-edge outbox dead-letters)")
+    retry_s: float = Field(5.0, gt=0, le=3600, description="first wait before a rejected message is sent again; "
+                           "doubles after each rejection, up to 5 minutes")
 
 
 class BatchConfig(_Strict):

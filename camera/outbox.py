@@ -11,11 +11,19 @@ way an event can be lost, and never silently. Duplicates on replay are allowed (
 ([1, 2, 3], 2, 1)
 >>> [r.payload for r in box.fetch()]
 [b'm1', b'm2']
+
+Rows the broker rejects (an MQTT 5 PUBACK with a failure reason, e.g. "Not authorized") are counted per row
+(:meth:`Outbox.reject`); after ``limit`` rejections they move to the ``dead_letters`` table of the same file:
+kept, counted in ``dead_lettered`` and listed by ``smartcam-edge outbox dead-letters --outbox PATH``.
+
+>>> box.reject([3], "Not authorized", limit=1), box.depth(), box.dead_lettered
+((1, 1), 1, 1)
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import sqlite3
 import threading
@@ -41,7 +49,20 @@ CREATE TABLE IF NOT EXISTS staged (
     payload BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS staged_window ON staged(window_start);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id INTEGER PRIMARY KEY,
+    topic TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    qos INTEGER NOT NULL,
+    retain INTEGER NOT NULL,
+    created REAL NOT NULL,
+    rejections INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    dead_at REAL NOT NULL
+);
 """
+# Added after the first release: an older file gets the column on open (rows keep their ids and order).
+REJECTIONS_COLUMN = "ALTER TABLE outbox ADD COLUMN rejections INTEGER NOT NULL DEFAULT 0"
 
 
 class OutboxError(RuntimeError):
@@ -58,6 +79,21 @@ class Row:
     created: float
 
 
+@dataclass(frozen=True)
+class DeadLetter:
+    """A row taken out of the queue because the broker kept rejecting it (or the MQTT client refused it)."""
+
+    id: int
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    created: float
+    rejections: int
+    reason: str
+    dead_at: float
+
+
 class Outbox:
     """A thread-safe bounded FIFO on disk (one connection, one lock: writes are small and rare)."""
 
@@ -68,6 +104,7 @@ class Outbox:
         self.max_rows = max_rows
         self._lock = threading.Lock()
         self._file_lock = None
+        self._db: sqlite3.Connection | None = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file_lock = _exclusive_lock(self.path)
@@ -75,9 +112,14 @@ class Outbox:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(SCHEMA)
+            columns = {r[1] for r in self._db.execute("PRAGMA table_info(outbox)")}
+            if "rejections" not in columns:
+                self._db.execute(REJECTIONS_COLUMN)
             row = self._db.execute("SELECT value FROM meta WHERE key='dropped'").fetchone()
             self._depth = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+            self.dead_lettered = self._db.execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0]
         except (sqlite3.Error, OSError) as exc:
+            self.close()  # the lock file and the connection of a failed open are not left behind
             raise OutboxError(f"cannot open outbox {self.path}: {exc}") from None
         self.dropped = int(row[0]) if row else 0
 
@@ -173,10 +215,82 @@ class Outbox:
                 raise OutboxError(f"cannot read outbox {self.path}: {exc}") from None
         return [Row(r[0], r[1], bytes(r[2]), r[3], bool(r[4]), r[5]) for r in rows]
 
-    def delete(self, ids: list[int]) -> None:
-        """Forget acknowledged messages (unknown ids are ignored: they may have been dropped meanwhile)."""
+    def fetch_ids(self, ids: list[int]) -> list[Row]:
+        """The rows among ``ids`` that are still queued, in order (a retry after a rejection)."""
+        with self._lock:
+            try:
+                rows = self._db.execute("SELECT id, topic, payload, qos, retain, created FROM outbox WHERE id IN "
+                                        "(SELECT value FROM json_each(?)) ORDER BY id", (_json_ids(ids),)).fetchall()
+            except sqlite3.Error as exc:
+                raise OutboxError(f"cannot read outbox {self.path}: {exc}") from None
+        return [Row(r[0], r[1], bytes(r[2]), r[3], bool(r[4]), r[5]) for r in rows]
+
+    def newer_on_topic(self, topic: str, after_id: int) -> bool:
+        """Whether a row newer than ``after_id`` is queued on ``topic`` (a retained snapshot superseded)."""
+        with self._lock:
+            try:
+                return self._db.execute("SELECT 1 FROM outbox WHERE topic = ? AND id > ? LIMIT 1",
+                                        (topic, after_id)).fetchone() is not None
+            except sqlite3.Error as exc:
+                raise OutboxError(f"cannot read outbox {self.path}: {exc}") from None
+
+    def reject(self, ids: list[int], reason: str, *, limit: int) -> tuple[int, int]:
+        """Count one broker rejection of ``ids``; the rows rejected ``limit`` times move to the dead letters.
+
+        Returns (the highest rejection count among the rows, the rows dead-lettered now).
+        """
+        return self._dead_letter(ids, reason, increment=1, limit=limit)
+
+    def dead_letter(self, ids: list[int], reason: str) -> int:
+        """Move ``ids`` to the dead letters now (a row that can never be sent); returns the rows moved."""
+        return self._dead_letter(ids, reason, increment=0, limit=0)[1]
+
+    def _dead_letter(self, ids: list[int], reason: str, *, increment: int, limit: int) -> tuple[int, int]:
         if not ids:
-            return
+            return 0, 0
+        ids_json = _json_ids(ids)
+        chosen = "id IN (SELECT value FROM json_each(?))"
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.execute(f"UPDATE outbox SET rejections = rejections + ? WHERE {chosen}",
+                                 (increment, ids_json))
+                worst = self._db.execute(f"SELECT MAX(rejections) FROM outbox WHERE {chosen}",
+                                         (ids_json,)).fetchone()[0] or 0
+                moved = self._db.execute(
+                    "INSERT OR REPLACE INTO dead_letters(id, topic, payload, qos, retain, created, rejections, "
+                    f"reason, dead_at) SELECT id, topic, payload, qos, retain, created, rejections, ?, ? FROM outbox "
+                    f"WHERE {chosen} AND rejections >= ?", (reason, time.time(), ids_json, limit)).rowcount
+                self._db.execute(f"DELETE FROM outbox WHERE {chosen} AND rejections >= ?", (ids_json, limit))
+                excess = self.dead_lettered + moved - self.max_rows
+                if excess > 0:  # bounded like the queue: the oldest dead letters go, counted as dropped
+                    self._db.execute("DELETE FROM dead_letters WHERE id IN (SELECT id FROM dead_letters "
+                                     "ORDER BY dead_at, id LIMIT ?)", (excess,))
+                    self._db.execute("INSERT INTO meta(key, value) VALUES ('dropped', ?) ON CONFLICT(key) "
+                                     "DO UPDATE SET value = value + excluded.value", (excess,))
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._rollback()
+                raise OutboxError(f"cannot write outbox {self.path}: {exc}") from None
+            moved = max(moved, 0)
+            self._depth -= moved
+            self.dead_lettered += moved - max(excess, 0)
+            if excess > 0:
+                self.dropped += excess
+                log.warning("outbox dead letters full (%d rows): dropped the %d oldest, %d dropped in total",
+                            self.max_rows, excess, self.dropped)
+        return int(worst), moved
+
+    def dead_letters(self, limit: int | None = None) -> list[DeadLetter]:
+        """The dead letters, oldest first (``limit``: at most that many)."""
+        with self._lock:
+            return read_dead_letters(self.path, limit)
+
+    def delete(self, ids: list[int]) -> int:
+        """Forget acknowledged messages (unknown ids are ignored: they may have been dropped meanwhile); returns
+        how many rows were removed."""
+        if not ids:
+            return 0
         with self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
@@ -186,6 +300,7 @@ class Outbox:
                 self._rollback()
                 raise OutboxError(f"cannot delete from outbox {self.path}: {exc}") from None
             self._depth -= max(removed, 0)
+        return max(removed, 0)
 
     def depth(self) -> int:
         """Messages stored and not yet acknowledged."""
@@ -197,11 +312,17 @@ class Outbox:
 
     def close(self) -> None:
         with self._lock:
-            with contextlib.suppress(sqlite3.Error):
-                self._db.close()
+            if self._db is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.close()
             if self._file_lock is not None:
                 self._file_lock.close()  # releases the flock
                 self._file_lock = None
+
+
+def _json_ids(ids: list[int]) -> str:
+    """Row ids as one JSON array parameter (no SQL built from values, no limit on the number of ids)."""
+    return json.dumps([int(i) for i in ids])
 
 
 def _exclusive_lock(path: Path):
@@ -219,3 +340,25 @@ def _exclusive_lock(path: Path):
         raise OutboxError(f"outbox {path} is in use by another process (two edges with the same site and "
                           "camera id, or the same --outbox?)") from None
     return handle
+
+
+def read_dead_letters(path: str | Path, limit: int | None = None) -> list[DeadLetter]:
+    """The dead letters of an outbox file, read-only and without its lock (the edge may be running)."""
+    path = Path(path)
+    if not path.is_file():
+        raise OutboxError(f"no outbox at {path}")
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    except sqlite3.Error as exc:
+        raise OutboxError(f"cannot open outbox {path}: {exc}") from None
+    try:
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if "dead_letters" not in tables:
+            return []  # an outbox from before dead letters
+        rows = db.execute("SELECT id, topic, payload, qos, retain, created, rejections, reason, dead_at FROM "
+                          "dead_letters ORDER BY dead_at, id LIMIT ?", (-1 if limit is None else limit,)).fetchall()
+    except sqlite3.Error as exc:
+        raise OutboxError(f"cannot read outbox {path}: {exc}") from None
+    finally:
+        db.close()
+    return [DeadLetter(r[0], r[1], bytes(r[2]), r[3], bool(r[4]), r[5], r[6], r[7], r[8]) for r in rows]

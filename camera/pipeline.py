@@ -6,7 +6,8 @@ network. At the end of a file it flushes the tracker (every open track gets its 
 ``drain_timeout_s`` for the broker to acknowledge everything, and reports what is left.
 
 Exit codes: 0 done (or stopped by a signal), 1 events still queued after the drain wait (kept for the next
-start), 3 the outbox failed (disk full, unwritable): nothing is lost silently.
+start), 3 the outbox failed (disk full, unwritable), 5 the publisher stopped (its drain failed again and again):
+nothing is lost silently (camera/cli.py lists every code).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from camera.frame import Frame
 from camera.inference import InferenceQueue, Result
 from camera.motion import MotionGate
 from camera.outbox import Outbox, OutboxError
+from camera.publisher import Publisher, PublisherError
 from camera.sources import Source, open_source
 from camera.stats import RuntimeStats
 from camera.summarizer import Summarizer
@@ -34,7 +36,7 @@ from contract.topics import topic_for, topics_for_event
 
 log = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_UNDRAINED, EXIT_OUTBOX = 0, 1, 3
+EXIT_OK, EXIT_UNDRAINED, EXIT_OUTBOX, EXIT_PUBLISHER = 0, 1, 3, 5
 LATE_FRAME_GRACE_S = 2.0  # summary mode, live source: a frame may reach the event builder this long after capture
 SIGNAL_DRAIN_S = 5.0  # on SIGTERM/SIGINT: how long to try to flush before leaving the rest in the outbox
 
@@ -104,8 +106,6 @@ class EdgeRunner:
                  "thread(s))", self.detector.name, self.detector.sha256[:12], self.detector.imgsz, d.classes, d.conf,
                  self.streams, threads)
         if cfg.mqtt.broker:
-            from camera.publisher import Publisher
-
             self.outbox = Outbox(cfg.outbox_path(), max_rows=cfg.outbox.max_events)
             if self.outbox.depth():
                 log.info("outbox %s holds %d unacknowledged message(s) from a previous run: replaying",
@@ -264,8 +264,8 @@ class EdgeRunner:
                     process(done, result)
                 if self._stop.is_set() or (cfg.max_frames and submitted >= cfg.max_frames):
                     break
-                if self.publisher is not None and self.publisher.error is not None:
-                    raise self.publisher.error
+                if self.publisher is not None:
+                    self.publisher.check()  # a publisher that stopped ends the run, never silently
             for done, result in queue.drain():
                 process(done, result)
             # end of stream, max_frames or signal: every open track ends now
@@ -277,6 +277,9 @@ class EdgeRunner:
         except OutboxError as exc:
             log.error("%s: stopping (events already queued stay in the outbox)", exc)
             return EXIT_OUTBOX
+        except PublisherError as exc:
+            log.error("%s", exc)
+            return EXIT_PUBLISHER
         finally:
             queue.close()
             if tracks_out is not None:
@@ -360,6 +363,9 @@ class EdgeRunner:
             outbox_depth=self.outbox.depth() if self.outbox else 0,
             outbox_dropped=self.outbox.dropped if self.outbox else 0,
             source_state=self.source.state, reconnects=self.source.reconnects)
+        if self.outbox is not None and self.publisher is not None:  # never silent: rows given up, drain restarts
+            payload.update(outbox_dead_letters=self.outbox.dead_lettered,
+                           publisher_restarts=self.publisher.drain_restarts)
         if self.sample_queue is not None:  # the learning loop's cost, visible per camera
             payload.update(samples_queued=self.samples_queued, samples_dropped=self.sample_queue.dropped,
                            samples_sent=self.publisher.samples_sent if self.publisher is not None else 0,
@@ -389,7 +395,7 @@ class EdgeRunner:
         remaining = self.publisher.wait_drained(timeout)
         if self.publisher.error is not None:
             log.error("%s", self.publisher.error)
-            return EXIT_OUTBOX
+            return EXIT_PUBLISHER if isinstance(self.publisher.error, PublisherError) else EXIT_OUTBOX
         if remaining:
             log.error("%d message(s) not acknowledged by the broker after %.0fs; they stay in the outbox %s "
                       "and are replayed on the next start", remaining, timeout, self.outbox.path)

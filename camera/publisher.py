@@ -16,10 +16,21 @@ most every ``retained_interval_s`` per topic: the older ones are superseded snap
 one's PUBACK. The outbox keeps one row per event
 either way; a message's PUBACK deletes all of its rows, a rejection keeps them all. ``linger_s`` = 0 sends one
 message per row, as before.
+
+A rejected message (an MQTT 5 PUBACK with a failure reason, e.g. "Not authorized") is sent again after a backoff
+(``retry_s``, doubling up to ``retry_max_s``) while the process runs; after ``max_rejections`` its rows move to
+the outbox's dead letters (kept, counted, listed by ``smartcam-edge outbox dead-letters``). A row the MQTT client
+refuses outright (a wildcard in its topic, a payload over the MQTT limit) is dead-lettered at once.
+
+The drain thread never dies silently: an unexpected exception is logged with its traceback and the drain starts
+again after a backoff (counted in ``drain_restarts``); after ``max_drain_failures`` failures in a row, or an
+outbox error, it stops and :meth:`Publisher.check` raises :class:`PublisherError` / ``OutboxError`` in the frame
+loop, which ends the run with its exit code.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -41,6 +52,20 @@ log = logging.getLogger(__name__)
 
 ONLINE, OFFLINE = "online", "offline"
 SAMPLES_IN_FLIGHT = 2  # sampled frames unacknowledged at most (tens of KB each: they must not crowd out events)
+
+
+class PublisherError(RuntimeError):
+    """The publisher cannot go on (its drain thread failed repeatedly or stopped); one line for the user."""
+
+
+@dataclass(frozen=True)
+class _Sent:
+    """What one in-flight MQTT message carries: enough to send it again after a rejection."""
+
+    topic: str
+    qos: int
+    retain: bool
+    row_ids: tuple[int, ...]
 
 
 @dataclass
@@ -65,7 +90,9 @@ class Publisher:
 
     def __init__(self, settings: BrokerSettings, outbox: Outbox, *, site: str, camera_id: str,
                  client_id: str | None = None, window: int = 200, reconnect_max_s: int = 30,
-                 batch: BatchConfig | None = None, samples: SampleQueue | None = None) -> None:
+                 batch: BatchConfig | None = None, samples: SampleQueue | None = None, retry_s: float = 5.0,
+                 retry_max_s: float = 300.0, max_rejections: int = 5, drain_backoff_s: float = 1.0,
+                 max_drain_failures: int = 10) -> None:
         self.settings = settings
         self.outbox = outbox
         self.site = site
@@ -94,10 +121,14 @@ class Publisher:
         self.connected = threading.Event()
         self.connects = 0
         self.published = 0  # outbox rows acknowledged by the broker (with batching: events, not messages)
-        self.error: OutboxError | None = None  # set if the outbox failed under the drain thread
+        self.error: OutboxError | PublisherError | None = None  # why the drain thread stopped (check() raises it)
         self._acks: queue.SimpleQueue[tuple[int, str | None]] = queue.SimpleQueue()  # (mid, rejection)
-        self.rejected = 0  # PUBACKs with an MQTT 5 failure reason (e.g. not authorized): kept in the outbox
-        self._inflight: dict[int, list[int]] = {}  # paho mid -> the outbox row ids it carries
+        self.rejected = 0  # PUBACKs with an MQTT 5 failure reason (e.g. not authorized): retried, then dead letters
+        self.retry_s, self.retry_max_s, self.max_rejections = retry_s, retry_max_s, max_rejections
+        self._retries: list[tuple[float, _Sent]] = []  # (monotonic time due, message): sent again when due
+        self.drain_restarts = 0  # unexpected drain failures survived (restarted after a backoff)
+        self.drain_backoff_s, self.max_drain_failures = drain_backoff_s, max_drain_failures
+        self._inflight: dict[int, _Sent] = {}  # paho mid -> what it carries
         self._last_sent = 0
         self.messages = 0  # MQTT messages handed to paho from the outbox (a batch counts once)
         self.batches = 0  # of which batch messages
@@ -153,19 +184,54 @@ class Publisher:
 
     # ------------------------------------------------------------------ drain thread
     def _drain_loop(self) -> None:
+        failures = 0
         while not self._stop.is_set():
             self._wake.wait(0.2)
             self._wake.clear()
             try:
-                self._process_acks()
-                if self.connected.is_set():
-                    self._send_more()
-                    self._send_samples()
+                self._drain_once()
+                failures = 0
             except OutboxError as exc:
                 self.error = exc
                 log.error("%s", exc)
                 return
+            except Exception as exc:  # noqa: BLE001 - seen, counted and restarted: never a silent death
+                failures += 1
+                if failures >= self.max_drain_failures:
+                    self.error = PublisherError(f"the outbox drain failed {failures} times in a row (last: "
+                                                f"{type(exc).__name__}: {exc}); stopping, unsent events stay in "
+                                                "the outbox")
+                    log.exception("%s", self.error)
+                    return
+                self.drain_restarts += 1
+                delay = min(self.drain_backoff_s * 2 ** (failures - 1), 30.0)
+                log.exception("the outbox drain failed (%s: %s); restarting it in %.1f s (restart #%d)",
+                              type(exc).__name__, exc, delay, self.drain_restarts)
+                self._restart_drain()
+                self._stop.wait(delay)
+        with contextlib.suppress(OutboxError):
+            self._process_acks()
+
+    def _drain_once(self) -> None:
+        """One pass of the drain thread: acknowledgements, rejected messages whose backoff is over, new rows."""
         self._process_acks()
+        if self.connected.is_set():
+            self._send_retries()
+            self._send_more()
+            self._send_samples()
+
+    def _restart_drain(self) -> None:
+        """After a failure, start again from the oldest unsent row (one in flight may go twice: the sink
+        dedupes on event_id)."""
+        self._last_sent = 0
+        self._held.clear()
+
+    def check(self) -> None:
+        """Raise why the publisher stopped (the frame loop calls this); nothing while it works."""
+        if self.error is not None:
+            raise self.error
+        if self._drainer.ident is not None and not self._drainer.is_alive() and not self._stop.is_set():
+            raise PublisherError("the outbox drain thread stopped unexpectedly; unsent events stay in the outbox")
 
     def _process_acks(self) -> None:
         done: list[int] = []
@@ -174,21 +240,73 @@ class Publisher:
                 mid, rejection = self._acks.get_nowait()
             except queue.Empty:
                 break
-            row_ids = self._inflight.pop(mid, None)
-            if row_ids is None:
+            sent = self._inflight.pop(mid, None)
+            if sent is None:
                 self._sample_acked(mid, rejection)
                 continue
             if rejection is None:
-                done.extend(row_ids)
-            else:  # not deleted: they stay in the outbox and are retried on the next start
-                self.rejected += 1
-                if self.rejected == 1 or self.rejected % 100 == 0:
-                    log.error("broker rejected outbox row(s) %d..%d (%s; %d messages rejected so far): kept in the "
-                              "outbox, check the broker's ACL for this camera", min(row_ids), max(row_ids),
-                              rejection, self.rejected)
+                done.extend(sent.row_ids)
+            else:
+                self._rejected(sent, rejection)
         if done:
-            self.outbox.delete(done)
-            self.published += len(done)
+            self.published += self.outbox.delete(done)
+
+    def _rejected(self, sent: _Sent, reason: str) -> None:
+        """Count a broker rejection: send again after a backoff, or dead-letter after ``max_rejections``."""
+        self.rejected += 1
+        times, dead = self.outbox.reject(list(sent.row_ids), reason, limit=self.max_rejections)
+        first, last = min(sent.row_ids), max(sent.row_ids)
+        if dead:
+            log.error("broker rejected outbox row(s) %d..%d %d times (%s): moved %d row(s) to the outbox's dead "
+                      "letters (smartcam-edge outbox dead-letters --outbox %s); check the broker's ACL for this "
+                      "camera", first, last, times, reason, dead, self.outbox.path)
+            return
+        delay = min(self.retry_s * 2 ** (max(times, 1) - 1), self.retry_max_s)
+        if self.rejected == 1 or self.rejected % 100 == 0:
+            log.error("broker rejected outbox row(s) %d..%d (%s; %d messages rejected so far): kept in the outbox "
+                      "and sent again in %.1f s (dead letters after %d rejections); check the broker's ACL for "
+                      "this camera", first, last, reason, self.rejected, delay, self.max_rejections)
+        self._retries.append((time.monotonic() + delay, sent))
+
+    def _send_retries(self) -> None:
+        """Send the rejected messages whose backoff is over, rebuilt from their rows still in the outbox."""
+        now = time.monotonic()
+        due = [sent for t, sent in self._retries if t <= now]
+        if not due:
+            return
+        self._retries = [(t, sent) for t, sent in self._retries if t > now]
+        for sent in due:
+            rows = self.outbox.fetch_ids(list(sent.row_ids))
+            if not rows:
+                continue  # acknowledged meanwhile (a copy sent after a reconnect)
+            if sent.retain and self.outbox.newer_on_topic(sent.topic, rows[-1].id):
+                self.published += self.outbox.delete([r.id for r in rows])  # superseded: the newer one goes
+                self.coalesced += len(rows)
+                continue
+            payload = encode_batch([r.payload for r in rows]) if sent.topic == self.batch_topic else rows[-1].payload
+            if not self._publish(_Sent(sent.topic, sent.qos, sent.retain, tuple(r.id for r in rows)), payload):
+                self._retries.append((now + self.retry_s, sent))
+
+    def _publish(self, sent: _Sent, payload: bytes) -> bool:
+        """Hand one message to paho; False if it must be tried again later. A message paho refuses outright
+        (ValueError: a wildcard in the topic, a payload over the MQTT limit) can never go: dead-lettered."""
+        try:
+            info = self.client.publish(sent.topic, payload, qos=sent.qos, retain=sent.retain)
+        except ValueError as exc:
+            moved = self.outbox.dead_letter(list(sent.row_ids), f"the MQTT client refused it: {exc}")
+            log.error("outbox row(s) %d..%d cannot be published (%s): moved %d row(s) to the dead letters",
+                      min(sent.row_ids), max(sent.row_ids), exc, moved)
+            return True
+        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN, mqtt.MQTT_ERR_QUEUE_SIZE):
+            log.warning("publish of outbox row(s) %d..%d failed (%s); will retry", min(sent.row_ids),
+                        max(sent.row_ids), mqtt.error_string(info.rc))
+            return False
+        self.messages += 1
+        if sent.qos == 0:  # no PUBACK will come: a QoS 0 row is done once handed to paho
+            self.outbox.delete(list(sent.row_ids))
+        else:
+            self._inflight[info.mid] = sent
+        return True
 
     def _send_more(self) -> None:
         room = self.window - len(self._inflight)
@@ -198,15 +316,8 @@ class Publisher:
             self._send_batched(room)
             return
         for row in self.outbox.fetch(self._last_sent, room):
-            info = self.client.publish(row.topic, row.payload, qos=row.qos, retain=row.retain)
-            if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN, mqtt.MQTT_ERR_QUEUE_SIZE):
-                log.warning("publish of outbox row %d failed (%s); will retry", row.id, mqtt.error_string(info.rc))
+            if not self._publish(_Sent(row.topic, row.qos, row.retain, (row.id,)), row.payload):
                 break
-            self.messages += 1
-            if row.qos == 0:  # no PUBACK will come: a QoS 0 row is done once handed to paho
-                self.outbox.delete([row.id])
-            else:
-                self._inflight[info.mid] = [row.id]
             self._last_sent = row.id
 
     # ------------------------------------------------------------------ samples
@@ -321,22 +432,14 @@ class Publisher:
                 payload = msg.rows[-1].payload
             # No MQTT 5 content type: 28 bytes per message (~50 KB/h at one batch per 2 s) for what the zlib
             # header's DICTID already says.
-            info = self.client.publish(msg.topic, payload, qos=msg.qos, retain=msg.retain)
-            if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN, mqtt.MQTT_ERR_QUEUE_SIZE):
-                log.warning("publish of outbox row(s) %d..%d failed (%s); will retry", min(msg.row_ids),
-                            max(msg.row_ids), mqtt.error_string(info.rc))
+            if not self._publish(_Sent(msg.topic, msg.qos, msg.retain, tuple(msg.row_ids)), payload):
                 unsent = [i for m in messages[messages.index(msg):] + list(self._held.values()) for i in m.row_ids]
                 # fetch again from the first row not sent (anything after it that went out is a harmless copy)
                 self._last_sent = min(unsent) - 1
                 self._held.clear()
                 return
-            self.messages += 1
             self.batches += msg.topic == self.batch_topic
             self.coalesced += len(msg.superseded)
-            if msg.qos == 0:
-                self.outbox.delete(msg.row_ids)
-            else:
-                self._inflight[info.mid] = msg.row_ids
         self._last_sent = max(self._last_sent, last)
 
     # ------------------------------------------------------------------ public API
@@ -364,13 +467,22 @@ class Publisher:
         self._flush.set()  # nothing lingers while someone waits for the outbox to empty
         try:
             while time.monotonic() < deadline and self.error is None and not self._abort_wait.is_set():
-                if self.outbox.depth() == 0 and (self.samples is None or self.samples.depth() == 0):
+                depth = self.outbox.depth()
+                if depth == 0 and (self.samples is None or self.samples.depth() == 0):
                     return 0  # samples too (best effort: ones still queued at the deadline wait for the next start)
+                if self._only_retries_left(depth, deadline):
+                    return depth
                 self._wake.set()
                 time.sleep(0.05)
             return self.outbox.depth()
         finally:
             self._flush.clear()
+
+    def _only_retries_left(self, depth: int, deadline: float) -> bool:
+        """Every queued row was rejected and waits for a retry due after ``deadline``: waiting cannot help."""
+        retries = list(self._retries)
+        return (not self._inflight and bool(retries) and min(t for t, _ in retries) > deadline
+                and depth <= sum(len(sent.row_ids) for _, sent in retries))
 
     def abort_wait(self) -> None:
         """Make a running :meth:`wait_drained` return now (second Ctrl-C)."""
@@ -390,8 +502,3 @@ class Publisher:
             self._drainer.join(timeout)
         self.client.disconnect()
         self.client.loop_stop()
-
-    def health(self) -> dict[str, Any]:
-        return {"connected": self.connected.is_set(), "connects": self.connects, "published": self.published,
-                "inflight": len(self._inflight), "messages": self.messages, "batches": self.batches,
-                "coalesced": self.coalesced}

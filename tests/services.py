@@ -1,4 +1,6 @@
-"""Start real servers for tests: Mosquitto, PostgreSQL, SeaweedFS (S3). No mocks, no Docker.
+"""Start real servers for tests: Mosquitto, PostgreSQL, SeaweedFS (S3); a real MQTT subscriber; the real edge.
+
+No mocks, no Docker.
 
 Each starter binds 127.0.0.1 on a free port inside a temp dir, waits until the server answers, and returns a
 handle whose ``stop()`` kills it by PID. See ../shared/ENVIRONMENT.md for why the settings are what they are.
@@ -6,14 +8,20 @@ handle whose ``stop()`` kills it by PID. See ../shared/ENVIRONMENT.md for why th
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from contract.batch import decode_batch
+from contract.topics import topic_for
 
 
 def free_port() -> int:
@@ -109,6 +117,13 @@ def start_mosquitto(workdir: Path, extra_conf: str = "", port: int | None = None
     broker = Mosquitto(port=port, conf_path=conf, log_path=workdir / "mosquitto.log")
     broker.start()
     return broker
+
+
+def start_persistent_mosquitto(workdir: Path, port: int | None = None) -> Mosquitto:
+    """A Mosquitto that keeps sessions and queued messages across a restart (saved on SIGTERM)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    conf = f"persistence true\npersistence_location {workdir}/\nuser root\n"  # root: pytest dirs are 0700
+    return start_mosquitto(workdir, extra_conf=conf, port=port)
 
 
 # --------------------------------------------------------------------------------------------- PostgreSQL
@@ -274,3 +289,86 @@ def _wait_s3_ready(server: SeaweedFS, timeout: float = 60.0) -> None:
             if time.monotonic() > deadline or (server.proc and server.proc.poll() is not None):
                 raise
             time.sleep(0.2)
+
+
+# --------------------------------------------------------------------------------------------- MQTT clients, the edge
+
+ROOT = Path(__file__).resolve().parents[1]
+SITE, CAM = "lab", "cam-1"  # the camera the edge tests run as
+
+
+def edge_cmd(*args: str) -> list[str]:
+    """``smartcam-edge run ARGS`` as this interpreter runs it."""
+    return [sys.executable, "-m", "camera", "run", *args]
+
+
+def run_edge(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the real edge to the end; its exit code, stdout and stderr."""
+    return subprocess.run(edge_cmd(*args), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def read_events(path: Path) -> list[dict]:
+    """The events of an --events-file (none if it does not exist)."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class Subscriber:
+    """A real MQTT 5 subscriber on ``smartcam/#`` collecting (topic, payload, retain); optionally persistent."""
+
+    def __init__(self, port: int, client_id: str = "test-sub", *, persistent: bool = False,
+                 topic: str = "smartcam/#") -> None:
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        self.messages: list[tuple[str, bytes, bool]] = []
+        self._lock = threading.Lock()
+        self.subscribed = threading.Event()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+        self.client.on_message = self._on_message
+        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
+        self.client.on_subscribe = lambda *a: self.subscribed.set()
+        props = None
+        if persistent:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = 3600
+        self.client.reconnect_delay_set(0.1, 0.5)
+        self.client.connect("127.0.0.1", port, clean_start=not persistent, properties=props)
+        self.client.loop_start()
+        assert self.subscribed.wait(10), "subscription not acknowledged"
+
+    def _on_message(self, client, userdata, msg) -> None:
+        with self._lock:
+            self.messages.append((msg.topic, bytes(msg.payload), bool(msg.retain)))
+
+    def payloads(self, leaf: str) -> list[bytes]:
+        topic = topic_for(SITE, CAM, leaf)
+        with self._lock:
+            return [p for t, p, _ in self.messages if t == topic]
+
+    def events(self) -> list[dict]:
+        """Every event received, in arrival order: one per ``events`` message, many per ``batch`` message."""
+        events_topic, batch_topic = topic_for(SITE, CAM, "events"), topic_for(SITE, CAM, "batch")
+        with self._lock:
+            messages = list(self.messages)
+        out: list[dict] = []
+        for t, p, _ in messages:
+            if t == events_topic:
+                out.append(json.loads(p))
+            elif t == batch_topic:
+                out += [json.loads(line) for line in decode_batch(p, 8 << 20)]
+        return out
+
+    def wait_for(self, predicate, timeout: float = 30.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return True
+            time.sleep(0.05)
+        return predicate()
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()

@@ -24,9 +24,7 @@ from cloud_sink.store import Store
 from contract.batch import decode_batch
 from contract.broker import BrokerSettings
 from contract.topics import topics_for_event
-from tests.services import free_port
-from tests.test_edge_mqtt import CAM, SITE, Subscriber
-from tests.test_edge_outbox_faults import _persistent_broker
+from tests.services import CAM, SITE, Subscriber, free_port, start_persistent_mosquitto
 from tests.test_sink_store import make_event
 
 pytestmark = pytest.mark.slow
@@ -168,7 +166,7 @@ def test_linger_zero_is_one_message_per_event_as_before(mosquitto, tmp_path):
 
 
 def test_broker_restart_mid_stream_loses_and_duplicates_nothing_in_storage(tmp_path):
-    broker = _persistent_broker(tmp_path / "broker")
+    broker = start_persistent_mosquitto(tmp_path / "broker")
     box = Outbox(tmp_path / "o.db")
     sink = RealSink(broker.url, tmp_path / "sink.db")
     pub = Publisher(BrokerSettings.from_url(broker.url), box, site=SITE, camera_id=CAM, window=10,

@@ -1,7 +1,4 @@
-"""The edge end to end on real footage, a real model and a real Mosquitto: what a subscriber receives.
-
-Helpers here (``Subscriber``, ``edge_cmd``, ``read_events``) are reused by test_edge_outbox_faults.py.
-"""
+"""The edge end to end on real footage, a real model and a real Mosquitto: what a subscriber receives."""
 
 from __future__ import annotations
 
@@ -9,7 +6,6 @@ import json
 import re
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -17,92 +13,15 @@ from pathlib import Path
 import cv2
 import pytest
 
-from contract.batch import decode_batch
 from contract.schema import validate_event, validate_stats
 from contract.topics import topic_for
-from tests.conftest import INDOOR_CLIP, NEGATIVE_CLIP, ONNX_FP32, PERSONS_EVAL
-
-ROOT = Path(__file__).resolve().parents[1]
-SITE, CAM = "lab", "cam-1"
+from tests.conftest import INDOOR_CLIP, NEGATIVE_CLIP, ONNX_FP32, PERSONS_EVAL, ROOT
+from tests.services import CAM, SITE, Subscriber, read_events, run_edge
 
 
 def model_path() -> Path:
     """The shared fp32 ONNX that issue 2's integration test names (fault tests use the INT8 320 fixture)."""
     return ONNX_FP32
-
-
-def edge_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "camera", "run", *args]
-
-
-def run_edge(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(edge_cmd(*args), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-
-
-def read_events(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-class Subscriber:
-    """A real MQTT 5 subscriber on ``smartcam/#`` collecting (topic, payload, retain); optionally persistent."""
-
-    def __init__(self, port: int, client_id: str = "test-sub", *, persistent: bool = False,
-                 topic: str = "smartcam/#") -> None:
-        import paho.mqtt.client as mqtt
-        from paho.mqtt.packettypes import PacketTypes
-        from paho.mqtt.properties import Properties
-
-        self.messages: list[tuple[str, bytes, bool]] = []
-        self._lock = threading.Lock()
-        self.subscribed = threading.Event()
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
-        self.client.on_message = self._on_message
-        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
-        self.client.on_subscribe = lambda *a: self.subscribed.set()
-        props = None
-        if persistent:
-            props = Properties(PacketTypes.CONNECT)
-            props.SessionExpiryInterval = 3600
-        self.client.reconnect_delay_set(0.1, 0.5)
-        self.client.connect("127.0.0.1", port, clean_start=not persistent, properties=props)
-        self.client.loop_start()
-        assert self.subscribed.wait(10), "subscription not acknowledged"
-
-    def _on_message(self, client, userdata, msg) -> None:
-        with self._lock:
-            self.messages.append((msg.topic, bytes(msg.payload), bool(msg.retain)))
-
-    def payloads(self, leaf: str) -> list[bytes]:
-        topic = topic_for(SITE, CAM, leaf)
-        with self._lock:
-            return [p for t, p, _ in self.messages if t == topic]
-
-    def events(self) -> list[dict]:
-        """Every event received, in arrival order: one per ``events`` message, many per ``batch`` message."""
-        events_topic, batch_topic = topic_for(SITE, CAM, "events"), topic_for(SITE, CAM, "batch")
-        with self._lock:
-            messages = list(self.messages)
-        out: list[dict] = []
-        for t, p, _ in messages:
-            if t == events_topic:
-                out.append(json.loads(p))
-            elif t == batch_topic:
-                out += [json.loads(line) for line in decode_batch(p, 8 << 20)]
-        return out
-
-    def wait_for(self, predicate, timeout: float = 30.0) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if predicate():
-                return True
-            time.sleep(0.05)
-        return predicate()
-
-    def close(self) -> None:
-        self.client.loop_stop()
-        self.client.disconnect()
 
 
 def retained(port: int, leaf: str, timeout: float = 5.0) -> bytes | None:

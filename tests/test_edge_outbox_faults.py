@@ -16,8 +16,18 @@ import pytest
 
 from camera.outbox import Outbox
 from tests.conftest import INDOOR_CLIP, NEGATIVE_CLIP, ONNX_FP32
-from tests.services import free_port, start_mosquitto
-from tests.test_edge_mqtt import CAM, ROOT, SITE, Subscriber, edge_cmd, read_events, run_edge
+from tests.services import (
+    CAM,
+    ROOT,
+    SITE,
+    Subscriber,
+    edge_cmd,
+    free_port,
+    read_events,
+    run_edge,
+    start_mosquitto,
+    start_persistent_mosquitto,
+)
 
 
 def _wait(predicate, timeout: float = 60.0) -> bool:
@@ -27,13 +37,6 @@ def _wait(predicate, timeout: float = 60.0) -> bool:
             return True
         time.sleep(0.1)
     return predicate()
-
-
-def _persistent_broker(workdir: Path, port: int | None = None):
-    """Mosquitto that keeps sessions and queued messages across a restart (saved on SIGTERM)."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    conf = f"persistence true\npersistence_location {workdir}/\nuser root\n"  # root: pytest dirs are 0700
-    return start_mosquitto(workdir, extra_conf=conf, port=port)
 
 
 def _start_edge(tmp_path: Path, model: Path, broker_url: str, *extra: str) -> tuple[subprocess.Popen, Path, Path]:
@@ -62,7 +65,7 @@ def _ids(events: list[dict]) -> set[str]:
 
 @pytest.mark.slow
 def test_broker_outage_mid_run_loses_nothing(tmp_path, int8_model_320):
-    broker = _persistent_broker(tmp_path / "broker")
+    broker = start_persistent_mosquitto(tmp_path / "broker")
     sub = Subscriber(broker.port, client_id="sink-like", persistent=True)
     proc = None
     try:

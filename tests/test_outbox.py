@@ -115,3 +115,64 @@ def test_one_process_per_outbox(tmp_path):
     first.close()
     again = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert again.returncode == 0 and "opened" in again.stdout
+
+
+# ---------------------------------------------------------------------------- rejections and dead letters (issue 12)
+
+
+def test_rejections_are_counted_and_dead_lettered_after_the_limit(tmp_path):
+    """A row the broker keeps rejecting leaves the queue after ``limit`` rejections and is kept, with its reason."""
+    path = tmp_path / "o.db"
+    box = Outbox(path)
+    ids = box.put_many([("smartcam/s/c/events", f"m{i}", 1, False) for i in range(3)])
+    assert box.reject(ids[:2], "Not authorized", limit=2) == (1, 0)  # first rejection: still queued
+    assert box.depth() == 3 and box.dead_lettered == 0
+    box.close()
+    box = Outbox(path)  # the count survives a restart
+    assert box.reject(ids[:2], "Not authorized", limit=2) == (2, 2)
+    assert box.depth() == 1 and [r.payload for r in box.fetch()] == [b"m2"]
+    dead = box.dead_letters()
+    assert [(d.id, d.payload, d.reason, d.rejections) for d in dead] == [
+        (ids[0], b"m0", "Not authorized", 2), (ids[1], b"m1", "Not authorized", 2)]
+    assert box.dead_lettered == 2
+    box.close()
+    assert Outbox(path).dead_lettered == 2
+
+
+def test_dead_letter_now_keeps_the_row_and_its_reason(tmp_path):
+    box = Outbox(tmp_path / "o.db")
+    [rid] = box.put_many([("smartcam/s/c/#", "x", 1, False)])
+    assert box.dead_letter([rid], "the MQTT client refused it: wildcard in topic") == 1
+    assert box.depth() == 0
+    [d] = box.dead_letters()
+    assert d.topic == "smartcam/s/c/#" and "wildcard" in d.reason
+
+
+def test_an_outbox_from_before_dead_letters_opens_and_keeps_its_rows(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    db.executescript("CREATE TABLE outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL, "
+                     "payload BLOB NOT NULL, qos INTEGER NOT NULL, retain INTEGER NOT NULL, created REAL NOT NULL);"
+                     "INSERT INTO outbox(topic, payload, qos, retain, created) VALUES ('t', X'6f6c64', 1, 0, 1.0);")
+    db.close()
+    box = Outbox(path)
+    [row] = box.fetch()
+    assert row.payload == b"old"
+    assert box.reject([row.id], "Not authorized", limit=1) == (1, 1)
+
+
+def test_failed_open_releases_the_lock_file(tmp_path):
+    """A file that is not a database: the error is clear and the lock is released, so a retry can take it."""
+    path = tmp_path / "o.db"
+    path.write_bytes(b"this is not an SQLite database" * 100)
+    with pytest.raises(OutboxError, match="cannot open outbox") as caught:
+        Outbox(path)
+    path.unlink()  # ``caught`` keeps the failed __init__'s frame alive, as a caller logging the error would
+    Outbox(path).close()  # the same process may open it now: the lock of the failed attempt is gone
+    import fcntl
+
+    with open(path.with_name(path.name + ".lock"), "a+") as fh:  # and nobody holds the lock any more
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    assert "not a database" in str(caught.value)
