@@ -114,6 +114,13 @@ class EventBuilder:
         self._line_px: dict[str, np.ndarray] = {}
         self._travel_px: dict[str, float] = {}
 
+    def set_model(self, model_name: str, model_sha256: str) -> None:
+        """Events from now on carry this model (an over-the-air swap between two frames; tracks carry on)."""
+        sha = model_sha256.lower()[:12]
+        if len(sha) != 12 or any(c not in "0123456789abcdef" for c in sha):
+            raise ValueError(f"model_sha256 must be hex (at least 12 digits), got {model_sha256!r}")
+        self._base = {**self._base, "model": {"name": model_name, "sha256": sha}}
+
     @property
     def counts(self) -> dict[str, Any]:
         """``{"people": n, "zones": {zone: n}, "lines": {line: {"in": a, "out": b}}}``, as of the last update."""

@@ -144,7 +144,17 @@ def create_app(store: Store, *, token: str | None = None) -> FastAPI:
     def cameras(site: Site = None) -> dict[str, Any]:
         """Every camera seen, with its health (state, last seen, fps, inference ms, events total)."""
         rows = store.cameras()
+        models = {(m["site"], m["camera_id"]): m for m in store.camera_models()}
+        for c in rows:  # the model it runs and whether its latest update failed (over-the-air models)
+            c["model"] = models.get((c["site"], c["camera_id"]))
         return {"cameras": [c for c in rows if site is None or c["site"] == site]}
+
+    @api.get("/models")
+    def camera_models(site: Site = None) -> dict[str, Any]:
+        """Per camera: the model it runs (registry version, name, sha256) and its latest update's outcome
+        (state, version, reason; ``failed`` when it was rejected or rolled back), from the model/reported
+        documents (docs/models-ota.md)."""
+        return {"cameras": [m for m in store.camera_models() if site is None or m["site"] == site]}
 
     @api.get("/events")
     def events(site: Site = None, camera: Camera = None,

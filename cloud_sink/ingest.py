@@ -50,6 +50,7 @@ SUBSCRIPTIONS = (
     "smartcam/+/+/stats",
     "smartcam/+/+/zones/+/count",
     "smartcam/+/+/lines/+/totals",
+    "smartcam/+/+/model/reported",  # retained: the model each camera runs, the outcome of its latest update
 )
 
 
@@ -64,6 +65,7 @@ class BatchResult:
     dead: int = 0
     status: int = 0
     stats: int = 0
+    model: int = 0  # model/reported documents
     summaries: int = 0  # summaries stored for the first time
     summary_duplicates: int = 0
     new_events: list[dict[str, Any]] = field(default_factory=list)
@@ -175,6 +177,8 @@ def _batch(checked: list[tuple[Checked, bytes]], now: float) -> Batch:
             batch.statuses.append((c.site, c.camera_id, c.value))
         elif c.kind == "stats":
             batch.stats.append((c.site, c.camera_id, c.value))
+        elif c.kind == "model":
+            batch.models.append((c.site, c.camera_id, c.value))
         else:
             batch.dead_letters.append({"topic": c.topic, "reason": c.reason, "payload": payload, "received_at": now})
     return batch

@@ -118,6 +118,31 @@ summaries_table = sa.Table(  # migration 3: summary messages, stored once (their
 
 
 
+camera_models_table = sa.Table(  # migration 4: each camera's latest model/reported document (over-the-air models)
+    "camera_models", metadata,
+    sa.Column("site", NAME, primary_key=True),
+    sa.Column("camera_id", NAME, primary_key=True),
+    sa.Column("state", sa.String(16), nullable=False),  # of the latest update: active, rejected, rolled_back, ...
+    sa.Column("version", sa.String(64)),  # the version that state is about
+    sa.Column("reason", sa.Text),  # why it was rejected / rolled back
+    sa.Column("active_version", sa.String(64)),  # what detects now (null: the camera's configured model)
+    sa.Column("active_name", sa.String(128)),
+    sa.Column("active_sha256", sa.String(64)),
+    sa.Column("reported_at", sa.BigInteger, nullable=False),  # epoch ms, edge clock (the document's ts)
+    sa.Column("received_at", sa.BigInteger, nullable=False),  # epoch ms, sink clock
+    sa.Column("payload", sa.Text, nullable=False),  # the document as validated
+)
+
+archive_cursors_table = sa.Table(  # migration 5: how far each archive has followed the events (archive_follower)
+    "archive_cursors", metadata,
+    sa.Column("archive", sa.String(500), primary_key=True),  # the archive's URL
+    sa.Column("position", sa.BigInteger, nullable=False),  # every event before it (rowid / stored_xid) is archived
+    sa.Column("owner", sa.String(200)),  # the follower holding the lease (one writer per archive)
+    sa.Column("lease_until", sa.BigInteger),  # epoch ms
+    sa.Column("updated_at", sa.BigInteger),  # epoch ms
+)
+
+
 def _migration_1(conn: Connection) -> None:
     metadata.create_all(conn, tables=[events_table, dead_letters_table, cameras_table])
     rollups.metadata.create_all(conn, tables=rollups.HOURLY_TABLES)
@@ -143,11 +168,29 @@ def _migration_3(conn: Connection) -> None:
     metadata.create_all(conn, tables=[summaries_table])
 
 
+def _migration_4(conn: Connection) -> None:
+    """The model each camera runs and its latest update's outcome (model/reported documents)."""
+    metadata.create_all(conn, tables=[camera_models_table])
+
+
+def _migration_5(conn: Connection) -> None:
+    """Archive cursors; on PostgreSQL each event also records the transaction that stored it (``stored_xid``),
+    the commit order the archive follows (SQLite commits one writer at a time: its ``rowid`` is that order).
+    The column stays out of ``events_table`` (SQLite has no such default); a rebuild of ``events`` must keep it."""
+    metadata.create_all(conn, tables=[archive_cursors_table])
+    if conn.dialect.name == "postgresql":
+        conn.execute(sa.text("ALTER TABLE events ADD COLUMN IF NOT EXISTS stored_xid BIGINT NOT NULL "
+                             "DEFAULT (pg_current_xact_id()::text::bigint)"))
+        conn.execute(sa.text("CREATE INDEX IF NOT EXISTS ix_events_stored_xid ON events (stored_xid)"))
+
+
 #: (version, description, apply). Append only; never edit an applied migration.
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "events, dead letters, cameras, hourly rollups", _migration_1),
     (2, "daily distinct tracks", _migration_2),
     (3, "summaries", _migration_3),
+    (4, "camera models (over-the-air model reports)", _migration_4),
+    (5, "archive cursors (and events.stored_xid on PostgreSQL)", _migration_5),
 ]
 
 
@@ -216,6 +259,7 @@ class Batch:
     dead_letters: list[dict[str, Any]] = field(default_factory=list)  # topic, reason, payload (bytes), received_at?
     statuses: list[tuple[str, str, str]] = field(default_factory=list)  # (site, camera_id, online|offline)
     stats: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)  # (site, camera_id, stats doc)
+    models: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)  # (site, camera_id, model-reported)
 
 
 @dataclass
@@ -343,7 +387,36 @@ class Store:
                 "fps": _number(doc.get("processed_fps")), "inference_ms_p50": _number(doc.get("inference_ms_p50")),
                 "inference_ms_p95": _number(doc.get("inference_ms_p95")), "stats": json.dumps(doc, separators=(",", ":")),
                 "stats_at": now_ms}, seen_ms=to_ms(doc.get("ts")))
+        for site, camera_id, doc in _last_per_camera(batch.models):
+            self._upsert_model(conn, site, camera_id, doc, now_ms)
         return Written(new_events, [d["summary_id"] for d in new_docs])
+
+    def _upsert_model(self, conn: Connection, site: str, camera_id: str, doc: dict[str, Any], now_ms: int) -> None:
+        """Keep the newest report per camera (by the edge's ts: a retained copy re-delivered later never wins)."""
+        active = doc["active"]
+        values = {"state": doc["state"], "version": doc["version"], "reason": doc["reason"],
+                  "active_version": active["version"], "active_name": active["name"],
+                  "active_sha256": active["sha256"], "reported_at": ts_ms(doc["ts"]), "received_at": now_ms,
+                  "payload": json.dumps(doc, separators=(",", ":"))}
+        ins = self._insert(camera_models_table).values(site=site, camera_id=camera_id, **values)
+        conn.execute(ins.on_conflict_do_update(
+            index_elements=["site", "camera_id"], set_={k: ins.excluded[k] for k in values},
+            where=ins.excluded.reported_at >= camera_models_table.c.reported_at))
+        self._upsert_camera(conn, site, camera_id, {})
+
+    def camera_models(self) -> list[dict[str, Any]]:
+        """Per camera: the model it runs and the outcome of its latest update (``failed`` when refused or rolled
+        back)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(camera_models_table).order_by(
+                camera_models_table.c.site, camera_models_table.c.camera_id)).mappings().all()
+        return [{
+            "site": r["site"], "camera_id": r["camera_id"],
+            "active": {"version": r["active_version"], "name": r["active_name"], "sha256": r["active_sha256"]},
+            "update": {"state": r["state"], "version": r["version"], "reason": r["reason"]},
+            "failed": r["state"] in ("rejected", "rolled_back"),
+            "reported_at": ms_iso(r["reported_at"]), "received_at": ms_iso(r["received_at"]),
+        } for r in rows]
 
     def _insert_summaries(self, conn: Connection, docs: list[dict[str, Any]], now_ms: int) -> list[dict[str, Any]]:
         """Insert summaries idempotently; return the ones stored for the first time (duplicates are dropped)."""

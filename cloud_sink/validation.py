@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 from cloud_sink.rollups import summary_deltas
 from contract.batch import BATCH_LEAF, BatchError, decode_batch
+from contract.model_docs import REPORTED_LEAF, REPORTED_SCHEMA_FILE
 from contract.rollup import SUMMARY_LEAF
 from contract.schema import (
     EVENT_SCHEMA_FILE,
@@ -37,7 +38,7 @@ from contract.schema import (
 from contract.timestamps import ts_ms
 from contract.topics import is_valid_name, parse_topic, topic_for
 
-Kind = Literal["event", "summary", "status", "stats", "dead"]
+Kind = Literal["event", "summary", "status", "stats", "model", "dead"]
 STATUS_VALUES = ("online", "offline")
 
 
@@ -242,6 +243,8 @@ def _leaf_kind(leaf: str) -> Kind | None:
         return leaf  # type: ignore[return-value]
     if leaf == SUMMARY_LEAF:
         return "summary"
+    if leaf == REPORTED_LEAF:
+        return "model"  # the camera's model/reported document (over-the-air models)
     if len(parts) == 3 and ((parts[0], parts[2]) in (("zones", "count"), ("lines", "totals"))):
         return "event"
     return None
@@ -271,7 +274,8 @@ def check_message(topic: str, payload: bytes, *, now: float | None = None, limit
                 raise _Reject("topic site/camera are not valid names")
             return Checked("status", topic, site, camera_id, text)
         doc = parse_json(bytes(payload), limits)
-        schema = {"stats": STATS_SCHEMA_FILE, "summary": SUMMARY_SCHEMA_FILE}.get(kind, EVENT_SCHEMA_FILE)
+        schema = {"stats": STATS_SCHEMA_FILE, "summary": SUMMARY_SCHEMA_FILE,
+                  "model": REPORTED_SCHEMA_FILE}.get(kind, EVENT_SCHEMA_FILE)
         doc = _check_document(doc, schema, site, camera_id, now, limits)
         if kind == "event":
             _check_event_leaf(doc, leaf)
