@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from camera.detections import ANCHORS, box_anchors
 from camera.tracker import Track, TrackUpdate
 from camera.zones import LineSpec, ZoneSpec, box_anchor, line_side, points_in_polygon, segments_intersect
 from contract.ids import new_event_id
@@ -104,6 +105,10 @@ class EventBuilder:
             "camera_id": camera_id,
             "model": {"name": model_name, "sha256": sha},
         }
+        # camera/clock.py: added to every time (a file's frames were stamped from a clock that was not set yet),
+        # and whether the times come from a clock that was not set (events carry time_uncertain: true)
+        self.clock_offset_s = 0.0
+        self.time_uncertain = False
         self._people: dict[int, _Person] = {}  # track_id -> person state (tracks that passed the threshold)
         self._orphans: list[_Orphan] = []
         self._count = 0
@@ -161,7 +166,7 @@ class EventBuilder:
         if visible:
             # Geometry for everyone at once (one numpy call per zone and line), then each person's state machine.
             boxes = np.stack([p.track.xyxy for p in visible]).astype(np.float64)
-            anchors = {rule: _anchors(boxes, rule) for rule in ("bottom_center", "center")}
+            anchors = {rule: box_anchors(boxes, rule) for rule in ANCHORS}
             inside = {z.name: points_in_polygon(anchors[z.anchor], self._zone_px[z.name]) for z in self.zones}
             dist = {ln.name: line_side(self._line_px[ln.name], anchors[ln.anchor]) for ln in self.lines}
             for k, person in enumerate(visible):
@@ -181,7 +186,7 @@ class EventBuilder:
         return [
             self._event(
                 "person.enter", ts, frame, track_id=t.track_id, box=self._box(t.xyxy, frame),
-                score=_unit(t.median_score), first_seen=format_ts(t.first_seen),
+                score=_unit(t.median_score), first_seen=format_ts(t.first_seen + self.clock_offset_s),
             )
         ]
 
@@ -201,7 +206,7 @@ class EventBuilder:
         best = t.best_xyxy if t.best_xyxy is not None else t.xyxy
         events.append(self._event(
             "person.exit", t.last_seen, frame, track_id=t.track_id, box=self._box(best, frame),
-            first_seen=format_ts(t.first_seen), dwell_s=_seconds(t.last_seen - t.first_seen),
+            first_seen=format_ts(t.first_seen + self.clock_offset_s), dwell_s=_seconds(t.last_seen - t.first_seen),
             score_max=_unit(t.score_max), score_mean=_unit(t.score_mean),
         ))
         return events
@@ -345,9 +350,10 @@ class EventBuilder:
             "model": dict(self._base["model"]),
             "event_id": new_event_id(),
             "type": type_,
-            "ts": format_ts(ts),
+            "ts": format_ts(ts + self.clock_offset_s),
             "frame": dict(frame),
             **fields,
+            **({"time_uncertain": True} if self.time_uncertain else {}),
         }
 
     def _at_border(self, xyxy: np.ndarray) -> bool:
@@ -364,13 +370,6 @@ class EventBuilder:
         w, h = frame["width"], frame["height"]
         scale = np.array([w, h, w, h], dtype=np.float64)
         return [round(float(v), 5) for v in np.clip(np.asarray(xyxy, dtype=np.float64) / scale, 0.0, 1.0)]
-
-
-def _anchors(boxes: np.ndarray, rule: str) -> np.ndarray:
-    """(N, 2) anchor points of (N, 4) boxes, as :func:`camera.zones.box_anchor`."""
-    x = (boxes[:, 0] + boxes[:, 2]) / 2
-    y = boxes[:, 3] if rule == "bottom_center" else (boxes[:, 1] + boxes[:, 3]) / 2
-    return np.stack([x, y], axis=1)
 
 
 def _unit(value: float) -> float:

@@ -28,6 +28,7 @@ import logging
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -301,6 +302,22 @@ class Outbox:
                 raise OutboxError(f"cannot delete from outbox {self.path}: {exc}") from None
             self._depth -= max(removed, 0)
         return max(removed, 0)
+
+    def rewrite(self, change: Callable[[bytes], bytes | None]) -> int:
+        """Replace, in one transaction, the payload of every queued row for which ``change`` returns new bytes
+        (None: keep it); returns how many changed. Used once the clock is set, to correct the times of events
+        stamped before (camera/clock.py). Row ids and order do not change."""
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                rows = self._db.execute("SELECT id, payload FROM outbox ORDER BY id").fetchall()
+                updates = [(new, rid) for rid, old in rows if (new := change(bytes(old))) is not None]
+                self._db.executemany("UPDATE outbox SET payload = ? WHERE id = ?", updates)
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._rollback()
+                raise OutboxError(f"cannot write outbox {self.path}: {exc}") from None
+        return len(updates)
 
     def depth(self) -> int:
         """Messages stored and not yet acknowledged."""

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
+from camera.clock import SystemClock, shift_event_times
 from camera.config import EdgeConfig
 from camera.frame import Frame
 from camera.inference import InferenceQueue, Result
@@ -32,6 +33,7 @@ from camera.sources import Source, open_source
 from camera.stats import RuntimeStats
 from camera.summarizer import Summarizer
 from contract.rollup import SUMMARY_LEAF
+from contract.timestamps import format_ts
 from contract.topics import topic_for, topics_for_event
 
 log = logging.getLogger(__name__)
@@ -79,6 +81,7 @@ class EdgeRunner:
         self.outbox: Outbox | None = None
         self.summarizer: Summarizer | None = None  # summary mode only
         self.publisher: Any = None
+        self.clock = SystemClock()  # is the wall clock set? (camera/clock.py: a Pi before NTP is not)
         self.sampler: Any = None  # samples.enabled with a broker: hard frames for the learning loop
         self.sample_queue: Any = None
         self.samples_queued = 0
@@ -124,6 +127,8 @@ class EdgeRunner:
                          cfg.publish.summary_interval_s, topic_for(cfg.site, cfg.camera_id, SUMMARY_LEAF))
             elif summarizer.close_all():  # staged by an earlier run in summary mode: sent, not stranded
                 log.info("sent the summaries of windows an earlier summary-mode run left staged")
+            if not self.clock.plausible:
+                self._hold_for_clock()
             self.publisher.start()
         else:
             log.info("no broker configured: offline mode, events go to %s",
@@ -245,6 +250,7 @@ class EdgeRunner:
                 else:
                     stats.motion_skipped += 1
                     update = tracker.hold(frame.ts)
+                self._follow_clock(builder)
                 self._emit(builder.update(update, frame.ts, w, h))
                 if tracks_out is not None:
                     tracks_out.write(frame.index + 1, builder.people(update.active))
@@ -320,6 +326,28 @@ class EdgeRunner:
             except Exception:  # noqa: BLE001 - health reporting must never take the camera down
                 log.exception("stats report failed")
 
+    def _hold_for_clock(self) -> None:
+        log.warning("the system clock says %s, before %s: it is not set (no real-time clock, no NTP yet?). Events "
+                    "are kept in the outbox, flagged time_uncertain, and sent once it is set, their times corrected",
+                    format_ts(time.time()), format_ts(self.clock.floor))
+        self.publisher.paused.set()
+
+    def _follow_clock(self, builder: Any) -> None:
+        """Per frame (camera/clock.py): once the wall clock is set, shift what was stamped before and send it."""
+        check = self.clock.check()
+        if check.fixed_by_s is not None:
+            if not self.source.live and self.cfg.start_time is None:  # a file's times run on from its start
+                builder.clock_offset_s += check.fixed_by_s
+            if self.outbox is not None:
+                fixed = self.outbox.rewrite(lambda p: shift_event_times(p, check.fixed_by_s, self.clock.floor))
+                log.info("corrected the times of %d queued message(s) by %+.0f s", fixed, check.fixed_by_s)
+            if self.publisher is not None:
+                self.publisher.paused.clear()
+                self.publisher.notify()
+        elif not check.plausible and self.publisher is not None and not self.publisher.paused.is_set():
+            self._hold_for_clock()
+        builder.time_uncertain = not check.plausible or builder.clock_offset_s != 0.0
+
     def _emit(self, events: list[dict]) -> None:
         if not events:
             return
@@ -379,7 +407,7 @@ class EdgeRunner:
                  "source %s, cpu %.0f%%", payload["input_fps"], payload["processed_fps"],
                  payload["inference_ms_p50"], payload["people"], payload["outbox_depth"],
                  payload["source_state"], payload["cpu_percent"])
-        if self.publisher is not None:
+        if self.publisher is not None and self.clock.plausible:  # a 1970 ts would only be dead-lettered
             self.publisher.publish_now("stats", json.dumps(payload, separators=(",", ":")), qos=0)
 
     # ------------------------------------------------------------------ wind-down

@@ -137,6 +137,7 @@ class Publisher:
         self._stop = threading.Event()
         self._abort_wait = threading.Event()
         self._wake = threading.Event()
+        self.paused = threading.Event()  # set while the wall clock is not set (camera/clock.py): nothing is sent
         self._drainer = threading.Thread(target=self._drain_loop, name="outbox-drain", daemon=True)
         # sampled frames (learning loop): a second, byte-bounded queue sent after the events, never ahead of them
         self.samples = samples
@@ -309,6 +310,8 @@ class Publisher:
         return True
 
     def _send_more(self) -> None:
+        if self.paused.is_set():  # rows stamped with a clock that is not set wait, durably, for their correction
+            return
         room = self.window - len(self._inflight)
         if room <= 0:
             return

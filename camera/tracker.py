@@ -1,11 +1,19 @@
-"""ByteTrack-style multi-object tracker in plain numpy: stable ids across frames, cheap enough for every frame.
+"""ByteTrack-class multi-object tracker in plain numpy: stable ids across frames, cheap enough for every frame.
 
-Why ByteTrack: low-score detections (a person half hidden behind another) are not thrown away but used, in a
-second association stage, to keep existing tracks alive (here tentative ones too); only confident detections
-may start new tracks.
-Boxes are predicted forward with a constant-velocity alpha-beta filter on (cx, cy, w, h), matched by IoU
-with a greedy assignment (tens of boxes: no scipy/lap needed), confirmed after ``min_hits`` and ended after
-``max_age_s`` without a match. Track ids are handed out at confirmation, so they count 1, 2, 3, ...
+- **Motion**: a Kalman filter per track, constant velocity in image space on (cx, cy, w, h), with the time
+  between frames as its step, so 5 fps, 30 fps and motion-gated gaps are one model. Noise scales with the
+  box height (ByteTrack's rule): a small far person and a large near one are equally easy to follow.
+- **Association** (ByteTrack, plus one round): (1) confident detections against every confirmed track by IoU
+  with the predicted box; (2) weak detections (down to ``low_score``) keep still-visible tracks alive
+  (occlusion, motion blur); (3) *re-identification by motion*: confirmed tracks left unmatched (lost up to
+  ``max_age_s``, or missed by IoU because the person turned, or jumped at 5 fps) take a confident detection
+  inside their Kalman gate (Mahalanobis distance of the position, similar height), so a person who walked on
+  behind an obstacle keeps the id; (4)-(5) tentative tracks take the remaining confident, then weak, detections.
+- **Confirmation**: a track is confirmed after ``min_hits`` matched frames; only detections of at least
+  ``new_track_score`` start one, so a lower threshold continues tracks than starts them. Ids are handed out at
+  confirmation, so they count 1, 2, 3, ...
+- **Motion gate** (:meth:`Tracker.hold`): frames without inference keep the tracks alive; the Kalman state is
+  not touched, so the next detection is matched against where the person would be after the whole gap.
 
 >>> import numpy as np
 >>> from camera.detections import Detections
@@ -26,11 +34,16 @@ from dataclasses import dataclass, field
 import numpy as np
 from pydantic import BaseModel, Field, model_validator
 
-from camera.detections import Detections
+from camera.detections import Detections, iou_matrix
 
 SCORE_HISTORY = 30  # scores kept per track for the median threshold (Frigate keeps a short history too)
-ALPHA = 0.6  # weight of a new measurement in the position estimate
-BETA = 0.15  # weight of the innovation in the velocity estimate
+CHI2_4DOF_95 = 9.4877  # Mahalanobis gate on (cx, cy, w, h): the 95 % quantile of chi-square with 4 dof
+# Kalman noise, as fractions of the box height (ByteTrack's 1/20 and 1/160 per frame at 30 fps, restated per
+# second so that any frame rate gives the same model).
+MEASURE_STD = 1 / 20  # detector noise on each box coordinate
+POS_STD_PER_S = 1 / 20 * np.sqrt(30)  # random walk of the position, per sqrt(second)
+VEL_STD_PER_S = 1 / 160 * 30 * np.sqrt(30)  # random walk of the velocity (px/s), per sqrt(second)
+INIT_VEL_STD = 1.0  # a new track's velocity is unknown: about one box height per second
 
 
 class TrackerSpec(BaseModel, extra="forbid"):
@@ -44,6 +57,8 @@ class TrackerSpec(BaseModel, extra="forbid"):
     high_score: float = Field(0.4, ge=0, le=1, description="detections at or above: first association stage")
     low_score: float = Field(0.1, ge=0, le=1, description="detections below are ignored")
     new_track_score: float = Field(0.5, ge=0, le=1, description="minimum score to start a new track")
+    reid_gate: float = Field(CHI2_4DOF_95, ge=0, description="re-identification by motion: the largest Mahalanobis "
+                             "distance (squared) of a detection from a lost track's Kalman prediction; 0 = off")
 
     @model_validator(mode="after")
     def _ordered(self) -> TrackerSpec:
@@ -52,16 +67,70 @@ class TrackerSpec(BaseModel, extra="forbid"):
         return self
 
 
+class KalmanBox:
+    """Constant-velocity Kalman filter on (cx, cy, w, h) with velocities per second; steps are in seconds.
+
+    >>> kf = KalmanBox(np.array([100.0, 50.0, 20.0, 40.0]), t=0.0)
+    >>> for k in range(1, 6):
+    ...     kf.update(np.array([100.0 + 10 * k, 50.0, 20.0, 40.0]), t=k * 0.2)
+    >>> round(float(kf.predict(1.2)[0][0]))  # 50 px/s to the right
+    160
+    """
+
+    def __init__(self, z: np.ndarray, t: float) -> None:
+        h = max(float(z[3]), 1.0)
+        self.mean = np.concatenate([np.asarray(z, dtype=np.float64), np.zeros(4)])
+        std = np.array([2 * MEASURE_STD * h] * 4 + [INIT_VEL_STD * h] * 4)
+        self.cov = np.diag(std**2)
+        self.t = t  # time of the estimate (s)
+
+    @staticmethod
+    def _transition(dt: float) -> np.ndarray:
+        f = np.eye(8)
+        f[:4, 4:] = np.eye(4) * dt
+        return f
+
+    def predict(self, t: float) -> tuple[np.ndarray, np.ndarray]:
+        """(mean, covariance) expected at time ``t`` (never before the estimate); the filter is not changed."""
+        dt = max(t - self.t, 0.0)
+        if dt == 0:
+            return self.mean.copy(), self.cov.copy()
+        f = self._transition(dt)
+        h = max(float(self.mean[3]), 1.0)
+        q = np.diag(np.array([POS_STD_PER_S * h] * 4 + [VEL_STD_PER_S * h] * 4) ** 2 * dt)
+        mean = f @ self.mean
+        mean[2:4] = np.maximum(mean[2:4], 1.0)
+        return mean, f @ self.cov @ f.T + q
+
+    def update(self, z: np.ndarray, t: float) -> None:
+        """Fold in a measured box (cx, cy, w, h) taken at time ``t``."""
+        mean, cov = self.predict(t)
+        r = np.diag((MEASURE_STD * max(float(mean[3]), 1.0) * np.ones(4)) ** 2)
+        s = cov[:4, :4] + r
+        gain = np.linalg.solve(s, cov[:4, :]).T  # cov H^T S^-1, with H = [I 0]
+        self.mean = mean + gain @ (np.asarray(z, dtype=np.float64) - mean[:4])
+        self.mean[2:4] = np.maximum(self.mean[2:4], 1.0)
+        self.cov = cov - gain @ s @ gain.T
+        self.t = max(t, self.t)
+
+    def gating_distance(self, t: float, zs: np.ndarray) -> np.ndarray:
+        """(N,) squared Mahalanobis distance of measured boxes ``zs`` (N, 4) from the prediction at ``t``."""
+        mean, cov = self.predict(t)
+        s = cov[:4, :4] + np.diag((MEASURE_STD * max(float(mean[3]), 1.0) * np.ones(4)) ** 2)
+        d = np.asarray(zs, dtype=np.float64).reshape(-1, 4) - mean[:4]
+        return np.einsum("ni,ni->n", d, np.linalg.solve(s, d.T).T)
+
+
 @dataclass(eq=False)
 class Track:
-    """One tracked object. ``xyxy`` is the filtered box in source pixels at ``last_seen``."""
+    """One tracked object. ``xyxy`` is the filtered box in source pixels at the last matched detection."""
 
     track_id: int  # 0 while tentative; >= 1 once confirmed
     xyxy: np.ndarray  # (4,) float32 source pixels
     score: float  # score of the last matched detection
     class_id: int
     first_seen: float  # capture time of the first detection (s)
-    last_seen: float  # capture time of the last matched detection (s)
+    last_seen: float  # capture time of the last matched detection, or of the last motion-gated frame (s)
     hits: int = 1
     scores: list[float] = field(default_factory=list)  # last SCORE_HISTORY scores, oldest first
     visible: bool = True  # False while coasting (unmatched, not yet ended)
@@ -70,9 +139,12 @@ class Track:
     best_xyxy: np.ndarray | None = None  # the box with the highest score: the representative box
     score_sum: float = 0.0  # over the whole life, for the mean
     first_xyxy: np.ndarray | None = None  # the box of the first detection (where the track came from)
-    _state: np.ndarray = field(default_factory=lambda: np.zeros(4), repr=False)  # cx, cy, w, h
-    _velocity: np.ndarray = field(default_factory=lambda: np.zeros(4), repr=False)  # per second
+    kalman: KalmanBox | None = field(default=None, repr=False)
     _history: deque = field(default_factory=lambda: deque(maxlen=SCORE_HISTORY), repr=False)
+
+    def __post_init__(self) -> None:
+        if self.kalman is None:
+            self.kalman = KalmanBox(_to_cxcywh(self.xyxy), self.last_seen)
 
     @property
     def score_mean(self) -> float:
@@ -82,26 +154,21 @@ class Track:
     def median_score(self) -> float:
         return float(np.median(self.scores)) if self.scores else 0.0
 
-    def predict(self, ts: float, horizon_s: float) -> np.ndarray:
-        """The (4,) xyxy box expected at ``ts`` (velocity extrapolated at most ``horizon_s`` seconds)."""
-        dt = min(max(ts - self.last_seen, 0.0), horizon_s)
-        return _to_xyxy(self._state + self._velocity * dt)
+    @property
+    def velocity(self) -> np.ndarray:
+        """(2,) estimated motion of the box centre, pixels per second."""
+        return self.kalman.mean[4:6].copy()
+
+    def predict(self, ts: float) -> np.ndarray:
+        """The (4,) xyxy box expected at ``ts``."""
+        return _to_xyxy(self.kalman.predict(ts)[0][:4])
 
     def observe(self, xyxy: np.ndarray, score: float, ts: float) -> None:
-        """Fold a matched detection into the estimate (alpha-beta filter) and the score statistics."""
-        z = _to_cxcywh(xyxy)
-        dt = ts - self.last_seen
-        if dt > 0:
-            predicted = self._state + self._velocity * dt
-            residual = z - predicted
-            self._state = predicted + ALPHA * residual
-            self._velocity = self._velocity + (BETA / dt) * residual
-        else:
-            self._state = z
-        self._state[2:] = np.maximum(self._state[2:], 1.0)
-        self.xyxy = _to_xyxy(self._state).astype(np.float32)
+        """Fold a matched detection into the Kalman estimate and the score statistics."""
+        self.kalman.update(_to_cxcywh(xyxy), ts)
+        self.xyxy = _to_xyxy(self.kalman.mean[:4]).astype(np.float32)
         self.score = float(score)
-        self.last_seen = ts
+        self.last_seen = max(self.last_seen, ts)
         self.hits += 1
         self.visible = True
         self._add_score(score, xyxy)
@@ -131,33 +198,21 @@ def _to_cxcywh(xyxy: np.ndarray) -> np.ndarray:
 
 
 def _to_xyxy(s: np.ndarray) -> np.ndarray:
-    cx, cy, w, h = s
+    cx, cy, w, h = (float(v) for v in s[:4])
     w, h = max(w, 1.0), max(h, 1.0)
     return np.array([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2])
 
 
-def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """(len(a), len(b)) IoU of two sets of xyxy boxes."""
-    a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
-    b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
-    if len(a) == 0 or len(b) == 0:
-        return np.zeros((len(a), len(b)))
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    wh = np.clip(rb - lt, 0, None)
-    inter = wh[..., 0] * wh[..., 1]
-    area_a = np.prod(np.clip(a[:, 2:] - a[:, :2], 0, None), axis=1)
-    area_b = np.prod(np.clip(b[:, 2:] - b[:, :2], 0, None), axis=1)
-    union = area_a[:, None] + area_b[None, :] - inter
-    return np.where(union > 0, inter / np.maximum(union, 1e-9), 0.0)
+def greedy_match(cost_ok: np.ndarray, threshold: float) -> list[tuple[int, int]]:
+    """Pairs (row, col) taken in order of decreasing score, each row and column at most once, score >= threshold.
 
-
-def greedy_match(iou: np.ndarray, threshold: float) -> list[tuple[int, int]]:
-    """Pairs (row, col) taken in order of decreasing IoU, each row and column at most once, IoU >= threshold."""
-    if iou.size == 0:
+    >>> greedy_match(np.array([[0.5, 0.9], [0.8, 0.1]]), 0.3)
+    [(0, 1), (1, 0)]
+    """
+    if cost_ok.size == 0:
         return []
-    rows, cols = np.nonzero(iou >= threshold)
-    order = np.argsort(-iou[rows, cols], kind="stable")
+    rows, cols = np.nonzero(cost_ok >= threshold)
+    order = np.argsort(-cost_ok[rows, cols], kind="stable")
     used_r: set[int] = set()
     used_c: set[int] = set()
     pairs = []
@@ -195,18 +250,22 @@ class Tracker:
         confirmed = [t for t in self._tracks if t.confirmed]
         tentative = [t for t in self._tracks if not t.confirmed]
         matched: set[int] = set()  # id() of tracks matched in this step
+        args = (boxes, scores, classes, ts, matched)
 
-        # Stage 1: confident detections against every confirmed track (visible or coasting).
-        rest_high = self._associate(confirmed, high, boxes, scores, classes, ts, spec.match_iou, matched)
-        # Stage 2: weak detections keep visible confirmed tracks alive (occlusion, motion blur).
+        # 1: confident detections against every confirmed track (visible or coasting), by IoU.
+        rest_high = self._by_iou(confirmed, high, *args, threshold=spec.match_iou)
+        # 2: weak detections keep visible confirmed tracks alive (occlusion, motion blur).
         visible_left = [t for t in confirmed if id(t) not in matched and t.visible]
-        rest_low = self._associate(visible_left, low, boxes, scores, classes, ts, spec.low_match_iou, matched)
-        # Stage 3: the remaining confident detections against tentative tracks.
-        rest_high = self._associate(tentative, rest_high, boxes, scores, classes, ts, spec.match_iou, matched)
-        # Stage 4: weak detections keep tentative tracks alive too (small people flicker around 0.3-0.5);
-        # they never start one, and the EventBuilder's median-score threshold still judges the track.
+        rest_low = self._by_iou(visible_left, low, *args, threshold=spec.low_match_iou)
+        # 3: re-identification by motion: confirmed tracks still unmatched take a confident detection in their gate.
+        if spec.reid_gate > 0:
+            left = [t for t in confirmed if id(t) not in matched]
+            rest_high = self._by_motion(left, rest_high, *args)
+        # 4-5: tentative tracks take the remaining confident detections, then weak ones (small people flicker
+        # around 0.3-0.5); weak ones never start a track, and the EventBuilder's median score still judges it.
+        rest_high = self._by_iou(tentative, rest_high, *args, threshold=spec.match_iou)
         tentative_left = [t for t in tentative if id(t) not in matched]
-        self._associate(tentative_left, rest_low, boxes, scores, classes, ts, spec.low_match_iou, matched)
+        self._by_iou(tentative_left, rest_low, *args, threshold=spec.low_match_iou)
 
         started: list[Track] = []
         ended: list[Track] = []
@@ -236,7 +295,9 @@ class Tracker:
         return TrackUpdate(self._active(), started, ended)
 
     def hold(self, ts: float) -> TrackUpdate:
-        """No inference this frame because nothing moved: visible tracks are still there, coasting ones age."""
+        """No inference this frame because nothing moved: visible tracks are still there (``last_seen`` moves on),
+        coasting ones age. The motion state is left alone: the next detection is compared with the Kalman
+        prediction over the whole gap, so a person who moved slowly meanwhile keeps the id."""
         ended: list[Track] = []
         survivors: list[Track] = []
         for t in self._tracks:
@@ -268,42 +329,42 @@ class Tracker:
         self._next_id += 1
 
     def _new_track(self, box: np.ndarray, score: float, class_id: int, ts: float) -> Track:
-        t = Track(
-            track_id=0,
-            xyxy=np.asarray(box, dtype=np.float32).copy(),
-            score=score,
-            class_id=class_id,
-            first_seen=ts,
-            last_seen=ts,
-            hits=1,
-        )
-        t._state = _to_cxcywh(box)
+        t = Track(track_id=0, xyxy=np.asarray(box, dtype=np.float32).copy(), score=score, class_id=class_id,
+                  first_seen=ts, last_seen=ts, hits=1)
         t.first_xyxy = t.xyxy.copy()
         t._add_score(score, box)
         return t
 
-    def _associate(
-        self,
-        tracks: list[Track],
-        det_idx: np.ndarray,
-        boxes: np.ndarray,
-        scores: np.ndarray,
-        classes: np.ndarray,
-        ts: float,
-        threshold: float,
-        matched: set[int],
-    ) -> np.ndarray:
-        """Match ``tracks`` to detections ``det_idx``; update matched tracks; return unmatched detection indices."""
-        if len(tracks) == 0 or len(det_idx) == 0:
-            return det_idx
-        predicted = np.stack([t.predict(ts, self.spec.max_age_s) for t in tracks])
-        iou = iou_matrix(predicted, boxes[det_idx])
-        same_class = np.array([t.class_id for t in tracks])[:, None] == classes[det_idx][None, :]
-        iou = np.where(same_class, iou, 0.0)
+    def _observe(self, pairs: list[tuple[int, int]], tracks: list[Track], det_idx: np.ndarray, boxes: np.ndarray,
+                 scores: np.ndarray, ts: float, matched: set[int]) -> np.ndarray:
+        """Apply matched pairs (track row, detection column); the detection indices left unmatched."""
         used = set()
-        for r, c in greedy_match(iou, threshold):
+        for r, c in pairs:
             d = int(det_idx[c])
             tracks[r].observe(boxes[d], float(scores[d]), ts)
             matched.add(id(tracks[r]))
             used.add(c)
         return np.array([d for k, d in enumerate(det_idx) if k not in used], dtype=np.int64)
+
+    def _by_iou(self, tracks: list[Track], det_idx: np.ndarray, boxes: np.ndarray, scores: np.ndarray,
+                classes: np.ndarray, ts: float, matched: set[int], threshold: float) -> np.ndarray:
+        """Match ``tracks`` to detections ``det_idx`` by IoU with the predicted box."""
+        if len(tracks) == 0 or len(det_idx) == 0:
+            return det_idx
+        predicted = np.stack([t.predict(ts) for t in tracks])
+        iou = iou_matrix(predicted, boxes[det_idx])
+        same_class = np.array([t.class_id for t in tracks])[:, None] == classes[det_idx][None, :]
+        iou = np.where(same_class, iou, 0.0)
+        return self._observe(greedy_match(iou, threshold), tracks, det_idx, boxes, scores, ts, matched)
+
+    def _by_motion(self, tracks: list[Track], det_idx: np.ndarray, boxes: np.ndarray, scores: np.ndarray,
+                   classes: np.ndarray, ts: float, matched: set[int]) -> np.ndarray:
+        """Match unmatched confirmed tracks to detections inside their Kalman gate, nearest first."""
+        if len(tracks) == 0 or len(det_idx) == 0:
+            return det_idx
+        zs = np.stack([_to_cxcywh(b) for b in boxes[det_idx]])
+        dist = np.stack([t.kalman.gating_distance(ts, zs) for t in tracks])
+        same_class = np.array([t.class_id for t in tracks])[:, None] == classes[det_idx][None, :]
+        ok = same_class & (dist <= self.spec.reid_gate)
+        closeness = np.where(ok, 1.0 / (1.0 + dist), 0.0)  # larger = nearer, for the greedy match
+        return self._observe(greedy_match(closeness, 1e-12), tracks, det_idx, boxes, scores, ts, matched)

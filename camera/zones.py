@@ -19,9 +19,8 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, Field, field_validator
 
+from camera.detections import Anchor, box_anchors
 from contract.topics import is_valid_name
-
-Anchor = Literal["bottom_center", "center"]
 
 
 def _check_name(value: str) -> str:
@@ -169,10 +168,5 @@ def segments_intersect(p0: np.ndarray, p1: np.ndarray, q0: np.ndarray, q1: np.nd
 
 
 def box_anchor(xyxy: np.ndarray, rule: Anchor = "bottom_center") -> np.ndarray:
-    """The (2,) anchor point of one box (x1, y1, x2, y2)."""
-    x1, y1, x2, y2 = (float(v) for v in xyxy)
-    if rule == "center":
-        return np.array([(x1 + x2) / 2, (y1 + y2) / 2])
-    if rule == "bottom_center":
-        return np.array([(x1 + x2) / 2, y2])
-    raise ValueError(f"unknown anchor rule {rule!r} (use bottom_center or center)")
+    """The (2,) anchor point of one box (x1, y1, x2, y2), by :func:`camera.detections.box_anchors`."""
+    return box_anchors(np.asarray(xyxy)[None], rule)[0]

@@ -54,6 +54,26 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--camera", help="only this camera id")
     report.add_argument("--site", help="only this site")
     report.add_argument("--json", action="store_true", help="machine-readable JSON instead of tables")
+
+    dead = sub.add_parser("dead-letters", help="list or replay what the sink refused (cloud_sink/dead_letters.py)",
+                          description="Dead letters are kept, never silently dropped. Replay re-validates those "
+                                      "whose reason matches (e.g. events refused by the time window from a "
+                                      "camera whose clock was wrong) and stores what passes, once.")
+    dead_sub = dead.add_subparsers(dest="action", required=True)
+    for name, text in (("list", "show dead letters, oldest first"),
+                       ("replay", "re-validate and store the matching dead letters; delete those stored")):
+        p = dead_sub.add_parser(name, help=text, description=text)
+        p.add_argument("--db", required=True, help="sqlite:///path.db or postgresql://user@host/db")
+        p.add_argument("--reason", required=name == "replay",
+                       help="only dead letters whose reason contains this text, e.g. 'days in the past'")
+        p.add_argument("--json", action="store_true", help="machine-readable JSON")
+    dead_sub.choices["list"].add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+    replay = dead_sub.choices["replay"]
+    replay.add_argument("--max-past-days", type=float, default=400.0,
+                        help="accept events up to this many days old (default 400, as ingest)")
+    replay.add_argument("--max-future-s", type=float, default=3600.0,
+                        help="accept events up to this many seconds ahead of now (default 3600, as ingest)")
+    replay.add_argument("--dry-run", action="store_true", help="count what would be stored; change nothing")
     return parser
 
 
@@ -213,6 +233,38 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dead_letters(args: argparse.Namespace) -> int:
+    import json
+
+    from cloud_sink import dead_letters
+    from cloud_sink.validation import Limits
+
+    store = _open_store(args.db)
+    try:
+        if args.action == "list":
+            rows = dead_letters.list_dead_letters(store, reason=args.reason, limit=args.limit)
+            total = dead_letters.count_dead_letters(store, reason=args.reason)
+            if args.json:
+                print(json.dumps({"total": total, "dead_letters": rows}, default=str))
+            else:
+                print(f"{total} dead letter(s){f' whose reason contains {args.reason!r}' if args.reason else ''}"
+                      f"{f', the first {len(rows)}' if len(rows) < total else ''}:")
+                for r in rows:
+                    print(f"  #{r['id']} {r['topic']}: {r['reason']} ({r['payload_bytes']} bytes)")
+            return 0
+        limits = Limits(max_past_s=args.max_past_days * 86400.0, max_future_s=args.max_future_s)
+        result = dead_letters.replay(store, reason=args.reason, limits=limits, dry_run=args.dry_run)
+        if args.json:
+            print(json.dumps(result.__dict__))
+        else:
+            print(f"{'would replay' if args.dry_run else 'replayed'} {result.replayed} of {result.matched} matching "
+                  f"dead letter(s): {result.stored} stored, {result.already_stored} already stored, "
+                  f"{result.still_dead} still refused, {result.truncated} cut at 4 KiB (kept)")
+        return 0
+    finally:
+        store.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -220,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:
         logging.getLogger("paho").setLevel(logging.WARNING)
     try:
-        return cmd_run(args) if args.command == "run" else cmd_report(args)
+        return {"run": cmd_run, "report": cmd_report, "dead-letters": cmd_dead_letters}[args.command](args)
     except (ValueError, OSError) as exc:  # ConfigError, bad URL, unreadable file, database unavailable
         print(f"smartcam-sink: error: {exc}", file=sys.stderr)
         return 2

@@ -39,8 +39,9 @@ from sqlalchemy.engine import Connection, Engine
 
 from cloud_sink import rollups
 from cloud_sink.rollups import merge_deltas, summary_deltas
-from contract.rollup import Deltas, deltas
+from contract.rollup import SUMMARY_LEAF, Deltas, deltas
 from contract.timestamps import format_ts, ts_ms
+from contract.topics import topic_for
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -59,7 +60,7 @@ migrations_table = sa.Table(
 
 events_table = sa.Table(
     "events", metadata,
-    sa.Column("event_id", sa.String(32), primary_key=True),
+    sa.Column("event_id", sa.String(32), nullable=False),
     sa.Column("site", NAME, nullable=False),
     sa.Column("camera_id", NAME, nullable=False),
     sa.Column("type", sa.String(16), nullable=False),
@@ -72,6 +73,7 @@ events_table = sa.Table(
     sa.Column("dwell_s", sa.Float),
     sa.Column("payload", sa.Text, nullable=False),  # the event exactly as validated, JSON
     sa.Column("received_at", sa.BigInteger, nullable=False),  # epoch ms, sink clock
+    sa.PrimaryKeyConstraint("site", "camera_id", "event_id"),  # migration 6: ids are unique per camera
     sa.Index("ix_events_camera_ts", "site", "camera_id", "ts"),
     sa.Index("ix_events_type_ts", "type", "ts"),
 )
@@ -105,7 +107,7 @@ cameras_table = sa.Table(
 
 summaries_table = sa.Table(  # migration 3: summary messages, stored once (their increments are in the rollups)
     "summaries", metadata,
-    sa.Column("summary_id", sa.String(32), primary_key=True),
+    sa.Column("summary_id", sa.String(32), nullable=False),
     sa.Column("site", NAME, nullable=False),
     sa.Column("camera_id", NAME, nullable=False),
     sa.Column("start", sa.BigInteger, nullable=False),  # epoch ms, window start (inclusive), capture time
@@ -113,6 +115,7 @@ summaries_table = sa.Table(  # migration 3: summary messages, stored once (their
     sa.Column("events", sa.Integer, nullable=False),  # how many events it stands for
     sa.Column("received_at", sa.BigInteger, nullable=False),  # epoch ms, sink clock
     sa.Column("payload", sa.Text, nullable=False),  # the summary as validated, compact JSON
+    sa.PrimaryKeyConstraint("site", "camera_id", "summary_id"),  # migration 6
     sa.Index("ix_summaries_camera_start", "site", "camera_id", "start"),
 )
 
@@ -184,6 +187,32 @@ def _migration_5(conn: Connection) -> None:
         conn.execute(sa.text("CREATE INDEX IF NOT EXISTS ix_events_stored_xid ON events (stored_xid)"))
 
 
+def _migration_6(conn: Connection) -> None:
+    """Idempotency per camera: events and summaries are keyed by (site, camera_id, id), so one camera's ids can
+    never suppress another's. PostgreSQL swaps the primary key in place (every other column, e.g. ``stored_xid``,
+    stays); SQLite cannot, so the table is rebuilt with its rows and their ``rowid`` (the archive's order)."""
+    for table, id_name in ((events_table, "event_id"), (summaries_table, "summary_id")):
+        pk = sa.inspect(conn).get_pk_constraint(table.name)
+        if set(pk["constrained_columns"]) == {"site", "camera_id", id_name}:
+            continue  # created by migration 1 or 3 from today's definition
+        if conn.dialect.name == "postgresql":
+            conn.execute(sa.text(f'ALTER TABLE {table.name} DROP CONSTRAINT "{pk["name"]}", '
+                                 f"ADD PRIMARY KEY (site, camera_id, {id_name})"))
+            continue
+        old = f"{table.name}_before_6"
+        kept = [c["name"] for c in sa.inspect(conn).get_columns(table.name) if c["name"] in table.c]
+        for index in table.indexes:
+            conn.execute(sa.text(f'DROP INDEX IF EXISTS "{index.name}"'))
+        conn.execute(sa.text(f'ALTER TABLE {table.name} RENAME TO "{old}"'))
+        table.create(conn)
+        cols = ", ".join(f'"{c}"' for c in kept)
+        conn.execute(sa.text(f'INSERT INTO {table.name} (rowid, {cols}) SELECT rowid, {cols} FROM "{old}"'))
+        conn.execute(sa.text(f'DROP TABLE "{old}"'))
+
+
+
+
+
 #: (version, description, apply). Append only; never edit an applied migration.
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "events, dead letters, cameras, hourly rollups", _migration_1),
@@ -191,6 +220,7 @@ MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (3, "summaries", _migration_3),
     (4, "camera models (over-the-air model reports)", _migration_4),
     (5, "archive cursors (and events.stored_xid on PostgreSQL)", _migration_5),
+    (6, "event and summary ids unique per camera", _migration_6),
 ]
 
 
@@ -268,6 +298,8 @@ class Written:
 
     new_events: list[dict[str, Any]] = field(default_factory=list)  # in arrival order
     new_summaries: list[str] = field(default_factory=list)  # summary ids
+    conflicts: int = 0  # event ids already stored (or twice in the batch) with other content: dead-lettered
+    summary_conflicts: int = 0  # the same for summary ids
 
 
 class Store:
@@ -353,18 +385,17 @@ class Store:
     def _write(self, conn: Connection, batch: Batch, now_ms: int) -> Written:
         new_events: list[dict[str, Any]] = []
         delta = Deltas()
-        new_docs = self._insert_summaries(conn, batch.summaries, now_ms) if batch.summaries else []
+        conflicts: list[dict[str, Any]] = []
+        summary_conflicts: list[dict[str, Any]] = []
+        new_docs: list[dict[str, Any]] = []
+        if batch.summaries:
+            new_docs, summary_conflicts = self._insert_once(conn, summaries_table, "summary_id", SUMMARY_LEAF, summary_row,
+                                                    batch.summaries, now_ms)
         for doc in new_docs:  # validated on ingest; the limit on named tracks was applied there
             merge_deltas(delta, summary_deltas(doc, max_tracks=sys.maxsize))
         if batch.events:
-            unique: dict[str, dict[str, Any]] = {}
-            for ev in batch.events:
-                unique.setdefault(ev["event_id"], ev)
-            rows = [event_row(ev, now_ms) for ev in unique.values()]
-            rows.sort(key=lambda r: r["event_id"])
-            inserted = set(self.bulk_insert(conn, events_table, rows, lambda ins: ins.on_conflict_do_nothing(
-                index_elements=["event_id"]).returning(events_table.c.event_id)).scalars())
-            new_events = [ev for ev in unique.values() if ev["event_id"] in inserted]
+            new_events, conflicts = self._insert_once(conn, events_table, "event_id", "events", event_row,
+                                                      batch.events, now_ms)
             if new_events:  # the summaries' increments (usually none) added to the events', not the other way round
                 delta = merge_deltas(deltas(new_events), delta)
                 self._touch_cameras(conn, new_events)
@@ -372,14 +403,15 @@ class Store:
         for doc in sorted(new_docs, key=lambda d: (d["site"], d["camera_id"])):
             self._upsert_camera(conn, doc["site"], doc["camera_id"], {}, seen_ms=min(ts_ms(doc["end"]), now_ms),
                                 add_events=int(doc["events"]))
-        if batch.dead_letters:
+        dead = batch.dead_letters + conflicts + summary_conflicts
+        if dead:
             conn.execute(dead_letters_table.insert(), [{
                 "received_at": to_ms(d["received_at"]) if d.get("received_at") is not None else now_ms,
                 "topic": _safe_text(d.get("topic") or "", 512)[:512],
                 "reason": _safe_text(d.get("reason") or "unknown", 500)[:500],
                 "payload": _safe_text(d.get("payload") or b"", DEAD_LETTER_PAYLOAD_BYTES),
                 "payload_bytes": len(d.get("payload") or b""),
-            } for d in batch.dead_letters])
+            } for d in dead])
         for site, camera_id, state in _last_per_camera(batch.statuses):
             self._upsert_camera(conn, site, camera_id, {"state": state, "status_at": now_ms})
         for site, camera_id, doc in _last_per_camera(batch.stats):
@@ -389,7 +421,7 @@ class Store:
                 "stats_at": now_ms}, seen_ms=to_ms(doc.get("ts")))
         for site, camera_id, doc in _last_per_camera(batch.models):
             self._upsert_model(conn, site, camera_id, doc, now_ms)
-        return Written(new_events, [d["summary_id"] for d in new_docs])
+        return Written(new_events, [d["summary_id"] for d in new_docs], len(conflicts), len(summary_conflicts))
 
     def _upsert_model(self, conn: Connection, site: str, camera_id: str, doc: dict[str, Any], now_ms: int) -> None:
         """Keep the newest report per camera (by the edge's ts: a retained copy re-delivered later never wins)."""
@@ -418,15 +450,34 @@ class Store:
             "reported_at": ms_iso(r["reported_at"]), "received_at": ms_iso(r["received_at"]),
         } for r in rows]
 
-    def _insert_summaries(self, conn: Connection, docs: list[dict[str, Any]], now_ms: int) -> list[dict[str, Any]]:
-        """Insert summaries idempotently; return the ones stored for the first time (duplicates are dropped)."""
-        unique: dict[str, dict[str, Any]] = {}
+    def _insert_once(self, conn: Connection, table: sa.Table, id_name: str, leaf: str,
+                     to_row: Callable[[dict[str, Any], int], dict[str, Any]], docs: list[dict[str, Any]],
+                     now_ms: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Insert documents keyed by (site, camera_id, ``id_name``) once; return (stored now, dead letters).
+
+        A key already stored (or earlier in ``docs``) with the same content is a redelivery and dropped; with
+        other content it is a conflict: the first copy stays, the other becomes a dead letter (with the reason).
+        """
+        unique: dict[tuple[str, str, str], dict[str, Any]] = {}
+        conflicts: list[dict[str, Any]] = []
         for doc in docs:
-            unique.setdefault(doc["summary_id"], doc)
-        rows = sorted((summary_row(d, now_ms) for d in unique.values()), key=lambda r: r["summary_id"])
-        inserted = set(self.bulk_insert(conn, summaries_table, rows, lambda ins: ins.on_conflict_do_nothing(
-            index_elements=["summary_id"]).returning(summaries_table.c.summary_id)).scalars())
-        return [d for d in unique.values() if d["summary_id"] in inserted]
+            first = unique.setdefault((doc["site"], doc["camera_id"], doc[id_name]), doc)
+            if first is not doc and first != doc:
+                conflicts.append(doc)
+        c = table.c
+        rows = sorted((to_row(d, now_ms) for d in unique.values()), key=lambda r: (r["site"], r["camera_id"],
+                                                                                  r[id_name]))
+        inserted = {tuple(r) for r in self.bulk_insert(conn, table, rows, lambda ins: ins.on_conflict_do_nothing(
+            index_elements=["site", "camera_id", id_name]).returning(c.site, c.camera_id, c[id_name]))}
+        seen = [k for k in unique if k not in inserted]
+        for start in range(0, len(seen), 500):  # what the copies already stored say
+            keys = seen[start:start + 500]
+            query = sa.select(c.site, c.camera_id, c[id_name], c.payload).where(
+                sa.tuple_(c.site, c.camera_id, c[id_name]).in_(keys))
+            conflicts += [unique[(site, cam, i)] for site, cam, i, payload in conn.execute(query)
+                          if json.loads(payload) != unique[(site, cam, i)]]
+        dead = [_conflict(doc, id_name, leaf, now_ms) for doc in conflicts]
+        return [d for k, d in unique.items() if k in inserted], dead
 
     def bulk_insert(self, conn: Connection, table: sa.Table, rows: list[dict[str, Any]],
               finish: Callable[[Any], Any]) -> Any:
@@ -559,6 +610,14 @@ def _last_per_camera(items: Iterable[tuple[str, str, T]]) -> list[tuple[str, str
     for site, camera_id, value in items:
         latest[(site, camera_id)] = value
     return [(s, c, v) for (s, c), v in sorted(latest.items())]
+
+
+def _conflict(doc: dict[str, Any], id_name: str, leaf: str, now_ms: int) -> dict[str, Any]:
+    """The dead letter of a document whose id the camera already used for other content."""
+    return {"topic": topic_for(doc["site"], doc["camera_id"], leaf), "received_at": now_ms / 1000.0,
+            "reason": f"conflict: {id_name} {doc[id_name]} is already stored for {doc['site']}/{doc['camera_id']} "
+                      "with different content (the first copy is kept)",
+            "payload": json.dumps(doc, separators=(",", ":")).encode()}
 
 
 def _number(value: Any) -> float | None:

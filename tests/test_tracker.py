@@ -62,7 +62,7 @@ def test_ids_stable_for_two_walkers_crossing_paths():
         b = (400 - 10 * i, 110, 440 - 10 * i, 210, 0.8)
         up = tr.update(dets(a, b), i / 10)
         for t in up.active:
-            moving_right = t._velocity[0] > 0 if i > 5 else None
+            moving_right = t.velocity[0] > 0 if i > 5 else None
             if moving_right is not None:
                 ids_by_side.setdefault(t.track_id, set()).add(bool(moving_right))
     assert sorted(ids_by_side) == [1, 2]
