@@ -35,6 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--http", metavar="HOST:PORT", help="serve the read-only API and dashboard, e.g. 127.0.0.1:8080")
     run.add_argument("--http-token", help="API bearer token (required off-loopback; or $SMARTCAM_API_TOKEN)")
     run.add_argument("--archive", help="archive new events as JSON Lines to a directory or s3://bucket/prefix")
+    run.add_argument("--samples-store", help="store sampled frames (learning loop) under samples/ in a directory or "
+                                             "s3://bucket/prefix (default: the --archive root; none: dead-lettered)")
+    run.add_argument("--max-sample-bytes", type=int, help="largest sample message accepted (default 2 MiB)")
     run.add_argument("--share-group", help="MQTT 5 shared subscription group: workers in a group split the load")
     run.add_argument("--client-id", help="fixed MQTT client id (default smartcam-sink); one per worker")
     run.add_argument("--tls-ca", help="CA file that signed the broker's certificate (mqtts://)")
@@ -54,6 +57,25 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--camera", help="only this camera id")
     report.add_argument("--site", help="only this site")
     report.add_argument("--json", action="store_true", help="machine-readable JSON instead of tables")
+
+    samples = sub.add_parser("samples", help="sampled frames from the edge (the learning loop)",
+                             description="Export the frames cameras sent (samples.enabled) for labeling: "
+                                         "DIR/images/*.jpg and DIR/samples.jsonl (their sample.v1 headers).")
+    samples_sub = samples.add_subparsers(dest="action", required=True)
+    export = samples_sub.add_parser("export", help="write one camera's samples to a folder",
+                                    description="DIR/images/<sample_id>.jpg + DIR/samples.jsonl, oldest first; the "
+                                                "input of smartcam-model label.")
+    export.add_argument("--db", required=True, help="sqlite:///path.db or postgresql://user@host/db")
+    export.add_argument("--store", required=True, help="the sink's --samples-store (or --archive): directory or "
+                                                       "s3://bucket/prefix")
+    export.add_argument("--camera", required=True, help="camera id")
+    export.add_argument("--site", help="only this site")
+    export.add_argument("--since", default="7d", help="7d, 24h, 30m ago or an ISO time (default 7d)")
+    export.add_argument("--until", help="end (default now)")
+    export.add_argument("--out", required=True, help="output folder")
+    export.add_argument("--quiet", action="store_true", help="no progress bar")
+    samples_sub.add_parser("list", help="recent samples per camera").add_argument(
+        "--db", required=True, help="sqlite:///path.db or postgresql://user@host/db")
 
     dead = sub.add_parser("dead-letters", help="list or replay what the sink refused (cloud_sink/dead_letters.py)",
                           description="Dead letters are kept, never silently dropped. Replay re-validates those "
@@ -165,7 +187,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     overrides = {k: getattr(args, k, None) for k in (
         "broker", "db", "http", "http_token", "archive", "share_group", "client_id", "tls_ca", "username",
-        "session_expiry_s", "batch_size", "batch_wait_ms", "max_past_days", "log_every_s")}
+        "session_expiry_s", "batch_size", "batch_wait_ms", "max_past_days", "log_every_s", "samples_store",
+        "max_sample_bytes")}
     cfg = load_config(args.config, overrides)
     settings = BrokerSettings.from_url(cfg.broker, ca_file=cfg.tls_ca, username=cfg.username)
     http = cfg.http_address()
@@ -185,7 +208,17 @@ def cmd_run(args: argparse.Namespace) -> int:
             archive = open_archive(cfg.archive)
         except Exception as exc:  # bucket missing, bad credentials, unwritable directory
             raise ValueError(f"archive {cfg.archive}: {exc}") from None
-    subscriber = Subscriber(Ingestor(store, limits=cfg.limits(), archive=archive), settings,
+    samples = None
+    if cfg.samples_store or cfg.archive:
+        from cloud_sink.samples import SampleSink, SampleStorage
+
+        where = cfg.samples_store or cfg.archive
+        try:
+            samples = SampleSink(store, SampleStorage(where), max_bytes=cfg.max_sample_bytes)
+        except Exception as exc:  # bucket missing, bad credentials, unwritable directory
+            raise ValueError(f"samples store {where}: {exc}") from None
+        log.info("sampled frames go to %s/samples/", samples.storage.url)
+    subscriber = Subscriber(Ingestor(store, limits=cfg.limits(), archive=archive, samples=samples), settings,
                             client_id=cfg.client_id, share_group=cfg.share_group,
                             session_expiry_s=cfg.session_expiry_s, batch_size=cfg.batch_size,
                             batch_wait_s=cfg.batch_wait_ms / 1000.0, log_every_s=cfg.log_every_s)
@@ -265,6 +298,32 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
         store.close()
 
 
+def cmd_samples(args: argparse.Namespace) -> int:
+    from cloud_sink.samples import SampleStorage, export_samples, parse_since, recent_samples
+
+    store = _open_store(args.db)
+    try:
+        if args.action == "list":
+            seen: dict[tuple[str, str], list[dict]] = {}
+            for row in recent_samples(store):
+                seen.setdefault((row["site"], row["camera_id"]), []).append(row)
+            for (site, cam), rows in sorted(seen.items()):
+                reasons: dict[str, int] = {}
+                for r in rows:
+                    reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
+                print(f"{site}/{cam}: {len(rows)} samples, {sum(r['bytes'] for r in rows)} bytes, "
+                      + ", ".join(f"{k} {v}" for k, v in sorted(reasons.items())))
+            return 0
+        storage = SampleStorage(args.store)
+        n = export_samples(store, storage, args.out, camera_id=args.camera, site=args.site,
+                           since_ms=parse_since(args.since),
+                           until_ms=parse_since(args.until) if args.until else None, progress=not args.quiet)
+        print(f"exported {n} samples of {args.camera} to {args.out} (images/ and samples.jsonl)")
+        return 0 if n else 1
+    finally:
+        store.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -272,7 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:
         logging.getLogger("paho").setLevel(logging.WARNING)
     try:
-        return {"run": cmd_run, "report": cmd_report, "dead-letters": cmd_dead_letters}[args.command](args)
+        return {"run": cmd_run, "report": cmd_report, "dead-letters": cmd_dead_letters,
+                "samples": cmd_samples}[args.command](args)
     except (ValueError, OSError) as exc:  # ConfigError, bad URL, unreadable file, database unavailable
         print(f"smartcam-sink: error: {exc}", file=sys.stderr)
         return 2

@@ -250,10 +250,7 @@ class Subscriber:
     # ----------------------------------------------------------------------------------------- loop
     def start(self) -> None:
         """Connect (non-blocking; paho retries in its network thread)."""
-        from paho.mqtt.packettypes import PacketTypes
-        from paho.mqtt.properties import Properties
-
-        from contract.broker import make_client
+        from contract.broker import make_client, persistent_connect_kwargs
 
         # MQTT 5 unless the broker URL says ?protocol=3.1.1 (e.g. the demo's embedded broker); both keep a
         # persistent session (3.1.1: clean_session=False, set by make_client).
@@ -262,13 +259,9 @@ class Subscriber:
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.reconnect_delay_set(min_delay=1, max_delay=10)
-        connect_kwargs: dict[str, Any] = {}
-        if self.settings.mqtt5:
-            props = Properties(PacketTypes.CONNECT)
-            props.SessionExpiryInterval = self.session_expiry_s
-            props.ReceiveMaximum = min(65535, max(self.batch_size * 2, 20))
-            connect_kwargs = {"clean_start": False, "properties": props}
-        elif self.share_group:
+        connect_kwargs = persistent_connect_kwargs(client, self.session_expiry_s,
+                                                   receive_maximum=min(65535, max(self.batch_size * 2, 20)))
+        if not self.settings.mqtt5 and self.share_group:
             raise ValueError("--share-group needs MQTT 5 (shared subscriptions); drop ?protocol=3.1.1")
         client.connect_async(self.settings.host, self.settings.port, keepalive=self.settings.keepalive,
                              **connect_kwargs)

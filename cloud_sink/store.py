@@ -213,6 +213,13 @@ def _migration_6(conn: Connection) -> None:
 
 
 
+def _migration_7(conn: Connection) -> None:
+    """Sampled frames from the edge (the learning loop): their index; images and headers are objects."""
+    from cloud_sink.samples import create_tables
+
+    create_tables(conn)
+
+
 #: (version, description, apply). Append only; never edit an applied migration.
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "events, dead letters, cameras, hourly rollups", _migration_1),
@@ -221,6 +228,7 @@ MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (4, "camera models (over-the-air model reports)", _migration_4),
     (5, "archive cursors (and events.stored_xid on PostgreSQL)", _migration_5),
     (6, "event and summary ids unique per camera", _migration_6),
+    (7, "samples (sampled frames for the learning loop)", _migration_7),
 ]
 
 

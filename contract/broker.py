@@ -3,10 +3,16 @@
 A broker is one URL: ``mqtt://[user[:password]@]host[:port]`` or ``mqtts://...`` for TLS (default ports 1883 /
 8883). The password may instead come from ``$SMARTCAM_MQTT_PASSWORD`` so it stays out of process listings.
 MQTT 5 is used unless the URL ends in ``?protocol=3.1.1`` (e.g. for the embedded demo broker, which only speaks
-3.1.1); ``persistent_connect_kwargs`` gives the right persistent-session arguments for either.
+3.1.1); ``persistent_connect_kwargs`` gives the right persistent-session arguments for either (the sink's
+subscription, the tests' persistent subscribers).
+
+Anything MQTT has no place for is refused rather than dropped: a path, a fragment, a space in the host, port 0.
 
 >>> BrokerSettings.from_url("mqtts://cam1:secret@broker.local").port
 8883
+>>> BrokerSettings.from_url("mqtt://broker.local/smartcam")
+Traceback (most recent call last):
+ValueError: broker URL 'mqtt://broker.local/smartcam': no path allowed (MQTT has none; topics are not part of the URL)
 """
 
 from __future__ import annotations
@@ -43,10 +49,21 @@ class BrokerSettings:
             raise ValueError(f"broker URL {url!r}: scheme must be mqtt:// or mqtts://")
         if not parts.hostname:
             raise ValueError(f"broker URL {url!r}: no host")
+        host = unquote(parts.hostname)
+        if any(c.isspace() for c in host) or any(c in host for c in "/?#@"):
+            raise ValueError(f"broker URL {url!r}: a space or / ? # @ in the host {host!r}")
+        if parts.path:
+            raise ValueError(f"broker URL {url!r}: no path allowed (MQTT has none; topics are not part of the URL)")
+        if parts.fragment or url.endswith("#"):
+            raise ValueError(f"broker URL {url!r}: no fragment allowed")
         try:
-            port = parts.port or DEFAULT_PORTS[parts.scheme]
+            port = parts.port
         except ValueError:
             raise ValueError(f"broker URL {url!r}: bad port") from None
+        if port is None:
+            port = DEFAULT_PORTS[parts.scheme]
+        elif not 0 < port < 65536:
+            raise ValueError(f"broker URL {url!r}: port must be 1-65535")
         query = dict(q.split("=", 1) for q in parts.query.split("&") if "=" in q)
         protocol = query.pop("protocol", "5")
         if protocol not in ("5", "3.1.1") or query:
@@ -57,7 +74,7 @@ class BrokerSettings:
         for path, what in ((ca_file, "CA file"), (cert_file, "client certificate"), (key_file, "client key")):
             if path and not os.path.isfile(path):
                 raise ValueError(f"{what} not found: {path}")
-        return cls(host=parts.hostname, port=port, tls=parts.scheme == "mqtts", username=user, password=pw,
+        return cls(host=host, port=port, tls=parts.scheme == "mqtts", username=user, password=pw,
                    ca_file=ca_file, cert_file=cert_file, key_file=key_file, insecure=insecure,
                    mqtt5=protocol == "5")
 
@@ -100,8 +117,11 @@ def make_client(settings: BrokerSettings, client_id: str, *, mqtt5: bool | None 
     return client
 
 
-def persistent_connect_kwargs(client, session_expiry_s: int = 7 * 24 * 3600) -> dict:
-    """Extra ``client.connect(...)`` arguments for a persistent session on MQTT 5 (empty for 3.1.1)."""
+def persistent_connect_kwargs(client, session_expiry_s: int = 7 * 24 * 3600,
+                              receive_maximum: int | None = None) -> dict:
+    """Extra ``client.connect(...)`` arguments for a persistent session on MQTT 5 (empty for 3.1.1, where
+    :func:`make_client` sets ``clean_session=False``). ``receive_maximum``: unacknowledged messages the broker may
+    send at once (MQTT 5's flow control)."""
     import paho.mqtt.client as mqtt
     from paho.mqtt.packettypes import PacketTypes
     from paho.mqtt.properties import Properties
@@ -110,6 +130,8 @@ def persistent_connect_kwargs(client, session_expiry_s: int = 7 * 24 * 3600) -> 
         return {}
     props = Properties(PacketTypes.CONNECT)
     props.SessionExpiryInterval = session_expiry_s
+    if receive_maximum is not None:
+        props.ReceiveMaximum = receive_maximum
     return {"clean_start": False, "properties": props}
 
 

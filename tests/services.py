@@ -320,8 +320,8 @@ class Subscriber:
     def __init__(self, port: int, client_id: str = "test-sub", *, persistent: bool = False,
                  topic: str = "smartcam/#") -> None:
         import paho.mqtt.client as mqtt
-        from paho.mqtt.packettypes import PacketTypes
-        from paho.mqtt.properties import Properties
+
+        from contract.broker import persistent_connect_kwargs
 
         self.messages: list[tuple[str, bytes, bool]] = []
         self._lock = threading.Lock()
@@ -330,12 +330,9 @@ class Subscriber:
         self.client.on_message = self._on_message
         self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
         self.client.on_subscribe = lambda *a: self.subscribed.set()
-        props = None
-        if persistent:
-            props = Properties(PacketTypes.CONNECT)
-            props.SessionExpiryInterval = 3600
         self.client.reconnect_delay_set(0.1, 0.5)
-        self.client.connect("127.0.0.1", port, clean_start=not persistent, properties=props)
+        self.client.connect("127.0.0.1", port, **(persistent_connect_kwargs(self.client, 3600) if persistent
+                                                   else {"clean_start": True}))
         self.client.loop_start()
         assert self.subscribed.wait(10), "subscription not acknowledged"
 

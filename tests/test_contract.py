@@ -82,6 +82,21 @@ def test_broker_urls():
         BrokerSettings.from_url("mqtts://h", ca_file="/nonexistent/ca.pem")
 
 
+@pytest.mark.parametrize(("url", "reason"), [
+    ("mqtt://broker.local/smartcam", "no path"),
+    ("mqtt://broker.local:1883/", "no path"),
+    ("mqtt://broker.local#frag", "no fragment"),
+    ("mqtt://broker local:1883", "space"),
+    ("mqtt://%20broker:1883", "space"),
+    ("mqtt://broker.local:0", "port must be 1-65535"),
+    ("mqtt://broker.local:65536", "bad port"),
+])
+def test_broker_urls_that_would_be_misread_are_refused(url, reason):
+    """A path, a fragment, a space in the host or port 0 were accepted silently (issue 12)."""
+    with pytest.raises(ValueError, match=reason):
+        BrokerSettings.from_url(url)
+
+
 def test_a_trailing_newline_never_passes_a_pattern():
     """Python's ``$`` matches before a final newline; the contract must not (a name is one topic level)."""
     from contract.topics import is_valid_name
