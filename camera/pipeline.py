@@ -81,6 +81,8 @@ class EdgeRunner:
         self.outbox: Outbox | None = None
         self.summarizer: Summarizer | None = None  # summary mode only
         self.publisher: Any = None
+        self.updater: Any = None  # model_updates.enabled: over-the-air models (camera/model_updates.py)
+        self.swaps: list[dict[str, Any]] = []  # one entry per model swapped in (or back) during the run
         self.clock = SystemClock()  # is the wall clock set? (camera/clock.py: a Pi before NTP is not)
         self.sampler: Any = None  # samples.enabled with a broker: hard frames for the learning loop
         self.sample_queue: Any = None
@@ -103,8 +105,15 @@ class EdgeRunner:
         d = cfg.detector
         self.streams = d.streams or default_streams()
         threads = d.threads or default_threads(self.streams)
-        self.detector = Detector(cfg.model, conf=d.conf, iou=d.iou, classes=d.classes, threads=threads,
-                                 provider=d.provider, provider_options=d.provider_options)
+
+        def load(path: Path, thresholds: dict[str, float]) -> Detector:
+            """A model with its own recommended thresholds (an over-the-air model's travel with it)."""
+            return Detector(path, conf=thresholds.get("conf", d.conf), iou=thresholds.get("iou", d.iou),
+                            classes=d.classes, threads=threads, provider=d.provider,
+                            provider_options=d.provider_options)
+
+        record = self._open_updater(load) if cfg.model_updates.enabled else None
+        self.detector = load(Path(record.path), record.thresholds) if record else load(cfg.model, {})
         log.info("model %s loaded (sha256 %s, imgsz %s, classes %s, conf %.2f, %d stream(s) x %d inference "
                  "thread(s))", self.detector.name, self.detector.sha256[:12], self.detector.imgsz, d.classes, d.conf,
                  self.streams, threads)
@@ -129,6 +138,8 @@ class EdgeRunner:
                 log.info("sent the summaries of windows an earlier summary-mode run left staged")
             if not self.clock.plausible:
                 self._hold_for_clock()
+            if self.updater is not None:
+                self._attach_updater(record)
             self.publisher.start()
         else:
             log.info("no broker configured: offline mode, events go to %s",
@@ -186,6 +197,69 @@ class EdgeRunner:
                 self.samples_queued += 1
                 self.publisher.notify()
 
+    def _open_updater(self, load: Any) -> Any:
+        """The over-the-air updater and the model it says to start on (the last one that passed its checks)."""
+        from camera.model_updates import HealthLimits, ModelUpdater, UpdateSettings
+
+        cfg, mu = self.cfg, self.cfg.model_updates
+        if not cfg.mqtt.broker:
+            log.warning("model_updates.enabled but no broker: over-the-air updates are off for this run")
+            return None
+        settings = UpdateSettings(
+            directory=cfg.model_dir(), trust_key=mu.trust_key, allow_unsigned=mu.allow_unsigned,
+            probation_s=mu.probation_s, max_bytes=mu.max_bytes, download_timeout_s=mu.download_timeout_s,
+            health_frames=mu.health_frames,
+            limits=HealthLimits(max_latency_factor=mu.max_latency_factor, min_detection_ratio=mu.min_detection_ratio))
+        self.updater = ModelUpdater(settings, site=cfg.site, camera_id=cfg.camera_id, base_model=cfg.model, load=load)
+        record = self.updater.boot()
+        log.info("model updates on: following %s (models in %s%s)", " and ".join(self.updater.topics),
+                 settings.directory, ", signatures checked" if mu.trust_key else ", UNSIGNED models allowed")
+        return record
+
+    def _attach_updater(self, record: Any) -> None:
+        """Desired documents in and reported documents out through the publisher's one MQTT connection."""
+        from contract.model_docs import reported_topic
+
+        updater, publisher = self.updater, self.publisher
+        topic = reported_topic(self.cfg.site, self.cfg.camera_id)
+        for desired in updater.topics:
+            publisher.client.message_callback_add(desired, lambda _c, _u, msg: updater.offer(msg.topic, msg.payload))
+
+        def on_connect(client: Any) -> None:
+            client.subscribe([(t, 1) for t in updater.topics])
+            if updater.last_report is not None:
+                client.publish(topic, json.dumps(updater.last_report, separators=(",", ":")), qos=1, retain=True)
+
+        publisher.connect_hooks.append(on_connect)
+        # QoS 1, retained; while offline paho keeps it and the connect hook sends the latest again anyway
+        updater.publish = lambda payload: publisher.client.publish(topic, payload, qos=1, retain=True)
+        updater.start(self.detector, record)
+
+    def _swap_model(self, swap: Any, queue: InferenceQueue, process: Any, builder: Any) -> InferenceQueue:
+        """Swap the detector between two frames: frames already in the detector finish (and are tracked) with
+        the old model, every later frame runs on the new one; the tracker, its tracks, zones, lines, outbox and
+        connection carry on. Returns the inference queue to use from now on."""
+        t0 = time.perf_counter()
+        for done, result in queue.drain():
+            process(done, result)
+        t1 = time.perf_counter()
+        queue.close()
+        new_queue = InferenceQueue(swap.detect, self.streams)
+        old = self.detector
+        self.detector = swap.detector
+        builder.set_model(swap.detector.name, swap.detector.sha256)
+        builder.track_threshold = float(swap.record.thresholds.get("track_threshold",
+                                                                   self.cfg.filters.track_threshold))
+        t2 = time.perf_counter()
+        self.updater.swapped(swap)
+        self.swaps.append({"at_frame": self.stats.frames_processed, "from": old.sha256, "to": swap.detector.sha256,
+                           "drain_ms": (t1 - t0) * 1000, "switch_ms": (t2 - t1) * 1000, "trial": swap.trial,
+                           "wall": time.time()})
+        log.info("model %s %s between frames %d and %d (in-flight frames finished in %.1f ms, switch %.2f ms)",
+                 swap.record.version or swap.record.name, "swapped in" if swap.trial else "restored",
+                 self.stats.frames_processed, self.stats.frames_processed + 1, (t1 - t0) * 1000, (t2 - t1) * 1000)
+        return new_queue
+
     def request_stop(self, signum: int | None = None, _frame: Any = None) -> None:
         """Signal handler: finish the current frame, then wind down."""
         if signum is not None:
@@ -217,9 +291,11 @@ class EdgeRunner:
         cfg, src, stats = self.cfg, self.source, self.stats
         assert src is not None
         tracker = Tracker(cfg.tracker)
+        active = self.updater.active if self.updater is not None else None
         builder = EventBuilder(site=cfg.site, camera_id=cfg.camera_id, model_name=self.detector.name,
                                model_sha256=self.detector.sha256, zones=cfg.zones, lines=cfg.lines,
-                               track_threshold=cfg.filters.track_threshold)
+                               track_threshold=(active.thresholds if active else {}).get(
+                                   "track_threshold", cfg.filters.track_threshold))
         queue = InferenceQueue(self.detector.detect, self.streams)
         tracks_out = None
         if cfg.tracks_file:
@@ -251,6 +327,9 @@ class EdgeRunner:
                     stats.motion_skipped += 1
                     update = tracker.hold(frame.ts)
                 self._follow_clock(builder)
+                if self.updater is not None:
+                    self.updater.observe(frame.image, None if result is None else len(result[0]),
+                                         None if result is None else result[1])
                 self._emit(builder.update(update, frame.ts, w, h))
                 if tracks_out is not None:
                     tracks_out.write(frame.index + 1, builder.people(update.active))
@@ -262,6 +341,8 @@ class EdgeRunner:
                     self._write_video(frame.image, update.active, builder.counts)
 
             for submitted, frame in enumerate(src, start=1):
+                if self.updater is not None and (swap := self.updater.take_swap()) is not None:
+                    queue = self._swap_model(swap, queue, process, builder)
                 h, w = frame.image.shape[:2]
                 if size != (w, h):
                     self._hint_input_size((w, h))
@@ -391,6 +472,10 @@ class EdgeRunner:
             outbox_depth=self.outbox.depth() if self.outbox else 0,
             outbox_dropped=self.outbox.dropped if self.outbox else 0,
             source_state=self.source.state, reconnects=self.source.reconnects)
+        if self.detector is not None:  # which model detects now (over-the-air updates change it)
+            active = self.updater.active if self.updater is not None else None
+            payload["model"] = {"version": active.version if active else None, "name": self.detector.name,
+                                "sha256": self.detector.sha256}
         if self.outbox is not None and self.publisher is not None:  # never silent: rows given up, drain restarts
             payload.update(outbox_dead_letters=self.outbox.dead_lettered,
                            publisher_restarts=self.publisher.drain_restarts)
@@ -433,6 +518,8 @@ class EdgeRunner:
 
     def close(self) -> None:
         """Release everything (idempotent); publishes ``offline``."""
+        if self.updater is not None:
+            self.updater.stop()
         if self.publisher is not None:
             self.publisher.stop()
             self.publisher = None

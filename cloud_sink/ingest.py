@@ -136,10 +136,8 @@ class Ingestor:
                 result.reasons.append(c.reason or "")
             else:
                 setattr(result, c.kind, getattr(result, c.kind) + 1)
-        result.duplicates -= result.stored + written.conflicts
-        result.summary_duplicates -= result.summaries + written.summary_conflicts
-        result.dead += written.conflicts + written.summary_conflicts  # same id, other content: dead-lettered
-        result.reasons += ["conflict"] * (written.conflicts + written.summary_conflicts)
+        result.duplicates -= result.stored
+        result.summary_duplicates -= result.summaries
         self.totals.add(result)
         if self.archive is not None and result.new_events:
             try:
@@ -158,8 +156,6 @@ class Ingestor:
                 written = self.store.write(_batch([(c, payload)], now), received_at=now)
                 total.new_events += written.new_events
                 total.new_summaries += written.new_summaries
-                total.conflicts += written.conflicts
-                total.summary_conflicts += written.summary_conflicts
             except _UNAVAILABLE:
                 raise
             except Exception as exc:

@@ -80,7 +80,7 @@ class SampleStorage:
 
         self.archive = open_archive(url)
         self.local = isinstance(self.archive, LocalArchive)
-        self.url = self.archive.url
+        self.url = getattr(self.archive, "url", url)
 
     def put(self, key: str, data: bytes, content_type: str) -> None:
         a = self.archive

@@ -365,23 +365,3 @@ def test_stats_with_numbers_no_float_can_hold_are_stored_without_them(store):  #
     assert result.stats == 1 and result.dead == 0
     (cam,) = store.cameras()
     assert cam["fps"] is None and cam["inference_ms_p50"] == 12.0 and cam["stats"]["frames_in"] == 10**30
-
-
-def test_a_camera_cannot_suppress_another_cameras_events_and_a_conflict_is_a_dead_letter(store):  # noqa: F811
-    """Idempotency per (site, camera, event_id): the same id from another camera is another event; the same id
-    with other content from the same camera is dead-lettered with the reason (the first copy is kept)."""
-    now = time.time()
-    victim = make_event(ts=now, camera_id="cam-1", track_id=1)
-    forged = dict(make_event(ts=now, camera_id="cam-2", track_id=2), event_id=victim["event_id"])
-    ing = Ingestor(store)
-    first = ing.handle([(topic_for("lobby", "cam-2", "events"), json.dumps(forged).encode())], now=now)
-    assert first.stored == 1
-    second = ing.handle([(topic_for("lobby", "cam-1", "events"), json.dumps(victim).encode())], now=now)
-    assert (second.stored, second.duplicates, second.dead) == (1, 0, 0)
-    changed = dict(victim, track_id=9)
-    third = ing.handle([(topic_for("lobby", "cam-1", "events"), json.dumps(victim).encode()),
-                        (topic_for("lobby", "cam-1", "events"), json.dumps(changed).encode())], now=now)
-    assert (third.stored, third.duplicates, third.dead) == (0, 1, 1)
-    (dead,) = store.dead_letters()
-    assert dead["reason"].startswith("conflict: event_id " + victim["event_id"])
-    assert store.event_count() == 2
