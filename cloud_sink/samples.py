@@ -85,7 +85,7 @@ class SampleStorage:
     def put(self, key: str, data: bytes, content_type: str) -> None:
         a = self.archive
         if self.local:
-            a._write_file(a.root / key, data)
+            _write_atomic(a.root / key, data)
         else:
             a._call("write", lambda: a.client.put_object(Bucket=a.bucket, Key=a._full(key), Body=data,
                                                          ContentType=content_type))
@@ -95,6 +95,24 @@ class SampleStorage:
         if self.local:
             return (a.root / key).read_bytes()
         return a._call("read", lambda: a.client.get_object(Bucket=a.bucket, Key=a._full(key))["Body"].read())
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Temp file in the same directory, fsync, rename: a reader never sees half an image."""
+    import os
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".sample-", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def sample_keys(header: dict[str, Any]) -> tuple[str, str]:
