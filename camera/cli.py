@@ -3,8 +3,10 @@
     smartcam-edge run --source clip.mp4 --model person-int8.onnx --camera-id door [--broker mqtt://host:1883]
     smartcam-edge detect --model person-int8.onnx --json image.jpg ...
 
-Exit codes: 0 ok, 1 events left in the outbox after the drain wait, 2 bad configuration / source / model,
-3 storage failure (outbox or events file: disk full, unwritable).
+Exit codes (README, Troubleshooting): 0 ok, 1 events left in the outbox after the drain wait, 2 bad configuration
+or source (a missing model file included), 3 storage failure (outbox or events file: disk full, unwritable), 4 the
+model cannot be used (unreadable, not a detector ONNX), 5 the publisher stopped (its outbox drain failed again and
+again).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from datetime import datetime
 log = logging.getLogger("camera")
 
 EXIT_USAGE = 2
+EXIT_MODEL = 4
 
 
 def _iso_time(value: str) -> str:
@@ -203,16 +206,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"smartcam-edge: invalid configuration:\n{exc}", file=sys.stderr)
         return EXIT_USAGE
-    if args.no_broker:
-        cfg.mqtt.broker = None
+    if args.no_broker:  # a copy: the validated config is never changed in place
+        cfg = cfg.model_copy(update={"mqtt": cfg.mqtt.model_copy(update={"broker": None})})
     runner = EdgeRunner(cfg)
     signal.signal(signal.SIGTERM, runner.request_stop)
     signal.signal(signal.SIGINT, runner.request_stop)
     try:
         return runner.run()
-    except (SourceError, ModelError) as exc:
+    except SourceError as exc:
         print(f"smartcam-edge: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except ModelError as exc:
+        print(f"smartcam-edge: {exc}", file=sys.stderr)
+        return EXIT_MODEL
     except OutboxError as exc:
         print(f"smartcam-edge: {exc}", file=sys.stderr)
         return EXIT_OUTBOX

@@ -188,7 +188,10 @@ class Detector:
         self.conf = float(conf)
         self.iou = float(iou)
         self.max_det = int(max_det)
-        self.sha256 = file_sha256(path)
+        try:
+            self.sha256 = file_sha256(path)
+        except OSError as exc:  # permissions, an I/O error: the model's problem, not an output's
+            raise ModelError(f"cannot read model file {path}: {exc.strerror or exc}") from None
 
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

@@ -102,6 +102,7 @@ class EdgeRunner:
                                       loop=cfg.loop)
         log.info("source %s opened (%s%s)", self.source.name, self.source.kind,
                  f", {self.source.fps:.1f} fps" if self.source.fps else "")
+        self._warn_old_start_time()
         d = cfg.detector
         self.streams = d.streams or default_streams()
         threads = d.threads or default_threads(self.streams)
@@ -375,6 +376,20 @@ class EdgeRunner:
             stats_thread.join()
         self._sync_source_counters()
         return self._finish()
+
+    def _warn_old_start_time(self) -> None:
+        """Say at start when --start-time stamps events older than a sink accepts by default (it would
+        dead-letter every one as too old while this run reports success)."""
+        from contract.timestamps import DEFAULT_MAX_PAST_DAYS, format_ts
+
+        start = self.cfg.start_epoch()
+        if start is None:
+            return
+        age_days = (time.time() - start) / 86400.0
+        if age_days > DEFAULT_MAX_PAST_DAYS:
+            log.warning("--start-time %s is %.0f days ago: a sink with its default window (%.0f days) dead-letters "
+                        "these events as too old; raise the sink's max_past_days (smartcam-sink --max-past-days) "
+                        "or replay with a later --start-time", format_ts(start), age_days, DEFAULT_MAX_PAST_DAYS)
 
     def _hint_input_size(self, frame_wh: tuple[int, int]) -> None:
         """Say when the model's input shape wastes much of the network on letterbox padding for this source."""

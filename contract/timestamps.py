@@ -10,6 +10,10 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
+#: How old an event may be for the sink by default (``cloud_sink`` ``max_past_days``): older ones are
+#: dead-lettered as too old. The edge warns at start when ``--start-time`` stamps events older than this.
+DEFAULT_MAX_PAST_DAYS = 400.0
+
 
 def format_ts(epoch_s: float) -> str:
     """UTC RFC 3339 with milliseconds and a Z, the only timestamp form in the contract."""

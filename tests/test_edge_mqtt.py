@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import cv2
@@ -184,13 +185,42 @@ def test_detect_command_prints_boxes_as_json():
     (["--source", str(NEGATIVE_CLIP), "--model", "/nonexistent.onnx", "--camera-id", CAM], "model file not found"),
     (["--source", str(NEGATIVE_CLIP), "--model", str(ONNX_FP32), "--camera-id", CAM, "--broker", "tcp://x"],
      "scheme must be mqtt:// or mqtts://"),
-    (["--source", str(NEGATIVE_CLIP), "--model", str(INDOOR_CLIP), "--camera-id", CAM], "cannot load model"),
 ])
 def test_bad_input_is_a_clear_error_and_exit_2(args, message):
     proc = run_edge(*args, timeout=120)
     assert proc.returncode == 2
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+# /proc/self/mem is a regular file that fails every read at offset 0 (EIO): unreadable even for root, which
+# ignores a chmod 000 (CI runs as root).
+@pytest.mark.parametrize(("model", "message"), [
+    ("/proc/self/mem", "cannot read model file /proc/self/mem"),
+    (str(INDOOR_CLIP), "cannot load model"),
+])
+def test_a_model_that_cannot_be_used_is_reported_as_such_with_exit_4(model, message):
+    """An unreadable model said "cannot write" and exited 3, the outbox's code (issue 12). A missing one is a
+    configuration error (exit 2, above)."""
+    proc = run_edge("--source", str(NEGATIVE_CLIP), "--model", model, "--camera-id", CAM, timeout=120)
+    assert proc.returncode == 4, proc.stderr[-2000:]
+    assert message in proc.stderr and "cannot write" not in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_start_time_older_than_the_sink_accepts_is_warned_about_at_start(tmp_path):
+    """--start-time 2020-01-01 made the edge report success while the sink dead-letters every event as too old."""
+    proc = run_edge("--source", str(NEGATIVE_CLIP), "--model", str(ONNX_FP32), "--camera-id", CAM,
+                    "--start-time", "2020-01-01T00:00:00Z", "--max-frames", "2", "--events-file",
+                    str(tmp_path / "e.jsonl"), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    warning = next((line for line in proc.stderr.splitlines() if "--start-time" in line and "WARNING" in line), "")
+    assert "days ago" in warning and "400 days" in warning and "max_past_days" in warning, proc.stderr[-2000:]
+    ten_days_ago = (datetime.now(timezone.utc) - timedelta(days=10)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    recent = run_edge("--source", str(NEGATIVE_CLIP), "--model", str(ONNX_FP32), "--camera-id", CAM,
+                      "--start-time", ten_days_ago, "--max-frames", "1", "--events-file",
+                      str(tmp_path / "e2.jsonl"), timeout=120)
+    assert recent.returncode == 0 and "days ago" not in recent.stderr, recent.stderr[-2000:]
 
 
 def test_topics_for_event_routes_retained_summaries():
