@@ -302,7 +302,7 @@ class ModelUpdater:
         self._trust = None
         if settings.trust_key is not None:
             self._trust = load_public_key(settings.trust_key)  # SignatureError at start-up, not at deploy time
-        self.dir = settings.directory
+        self.dir = Path(settings.directory).absolute()  # records stay valid whatever the working directory
         self.downloads = self.dir / ".downloads"
         self._docs: dict[str, bytes] = {}
         self._docs_lock = threading.Lock()

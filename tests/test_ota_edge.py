@@ -146,8 +146,8 @@ def test_bad_updates_are_refused_with_a_reason_and_the_old_model_serves_on(mosqu
                 n = len(watch.reports(SITE, CAM))
                 frames = edge.runner.stats.frames_processed
                 push(mosquitto.port, payload)
-                got = watch.wait_report(SITE, CAM, lambda d, n=n: d["state"] == "rejected"
-                                        and len(watch.reports(SITE, CAM)) > n, timeout=30, what=reason)
+                wait_until(lambda n=n: any(d["state"] == "rejected" for d in watch.reports(SITE, CAM)[n:]), 30,
+                           f"a refusal ({reason})")
                 got = [d for d in watch.reports(SITE, CAM)[n:] if d["state"] == "rejected"][0]
                 assert reason in got["reason"], (reason, got)
                 assert got["active"]["sha256"] == old_sha and edge.detector.sha256 == old_sha
@@ -155,7 +155,6 @@ def test_bad_updates_are_refused_with_a_reason_and_the_old_model_serves_on(mosqu
 
             # the disk fills up in the middle of a download (another program writes): refused, old model serves
             registry_server.throttle_bps = 1_000_000  # ~3.5 s for the model
-            n = len(watch.reports(SITE, CAM))
             push(mosquitto.port, doc(9, good, url))
             watch.wait_report(SITE, CAM, lambda d: d["state"] == "downloading" and d["deployment"] == "bad-9")
             time.sleep(0.5)
