@@ -197,6 +197,7 @@ def _overrides(args: argparse.Namespace) -> dict:
 def cmd_run(args: argparse.Namespace) -> int:
     from camera.config import ConfigError, load_config
     from camera.detector import ModelError
+    from camera.metrics import MetricsError
     from camera.outbox import OutboxError
     from camera.pipeline import EXIT_OUTBOX, EdgeRunner
     from camera.sources import SourceError
@@ -213,7 +214,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, runner.request_stop)
     try:
         return runner.run()
-    except SourceError as exc:
+    except (SourceError, MetricsError) as exc:
         print(f"smartcam-edge: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except ModelError as exc:

@@ -81,6 +81,7 @@ class EdgeRunner:
         self.outbox: Outbox | None = None
         self.summarizer: Summarizer | None = None  # summary mode only
         self.publisher: Any = None
+        self._metrics_server: Any = None  # camera/metrics.py, when metrics.listen is set
         self.updater: Any = None  # model_updates.enabled: over-the-air models (camera/model_updates.py)
         self.swaps: list[dict[str, Any]] = []  # one entry per model swapped in (or back) during the run
         self.clock = SystemClock()  # is the wall clock set? (camera/clock.py: a Pi before NTP is not)
@@ -97,6 +98,10 @@ class EdgeRunner:
         from camera.detector import Detector
 
         cfg = self.cfg
+        if cfg.metrics.listen and self._metrics_server is None:  # first: a port we cannot have stops the start
+            from camera.metrics import serve_metrics
+
+            self._metrics_server = serve_metrics(self, cfg.metrics.listen)
         if self.source is None:
             self.source = open_source(cfg.source, fps=cfg.fps, realtime=cfg.realtime, start_time=cfg.start_epoch(),
                                       loop=cfg.loop)
@@ -533,6 +538,9 @@ class EdgeRunner:
 
     def close(self) -> None:
         """Release everything (idempotent); publishes ``offline``."""
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server = None
         if self.updater is not None:
             self.updater.stop()
         if self.publisher is not None:

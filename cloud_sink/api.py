@@ -23,7 +23,7 @@ from typing import Annotated, Any, Literal
 
 import sqlalchemy as sa
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 
@@ -115,8 +115,9 @@ def _static_dir() -> str:
 
 
 # ------------------------------------------------------------------------------------------ the app
-def create_app(store: Store, *, token: str | None = None) -> FastAPI:
-    """The read-only API and dashboard over ``store``; ``token`` (if set) is required on ``/api/*``."""
+def create_app(store: Store, *, token: str | None = None, metrics: Any = None) -> FastAPI:
+    """The read-only API and dashboard over ``store``; ``token`` (if set) is required on ``/api/*`` and
+    ``/metrics``. ``metrics``: this process's ingest counters (cloud_sink.metrics.SinkMetrics), if it ingests."""
     app = FastAPI(title="smartcam sink", version="1", docs_url=None, redoc_url=None,  # /docs would need a CDN
                   description="Read-only review API: cameras, events, hourly rollups, occupancy, dwell.")
     api = APIRouter(prefix="/api", dependencies=[Depends(BearerToken(token or None))])
@@ -220,6 +221,19 @@ def create_app(store: Store, *, token: str | None = None) -> FastAPI:
                      offset: Annotated[int, Query(ge=0, le=10**9)] = 0) -> dict[str, Any]:
         """Refused payloads, newest first, with the reason (payloads truncated to 4 KiB)."""
         return {"total": store.dead_letter_count(), "dead_letters": store.dead_letters(limit=limit, offset=offset)}
+
+    from prometheus_client.exposition import choose_encoder
+
+    from cloud_sink.metrics import registry_for
+
+    registry = registry_for(store, metrics)
+
+    @app.get("/metrics", tags=["health"], dependencies=[Depends(BearerToken(token or None))])
+    def prometheus_metrics(request: Request) -> Response:
+        """Prometheus exposition (text, or OpenMetrics when asked for): ingest counters and per-camera gauges
+        (cloud_sink/metrics.py)."""
+        encode, content_type = choose_encoder(request.headers.get("accept", ""))
+        return Response(encode(registry), headers={"Content-Type": content_type})
 
     app.include_router(api)
     app.mount("/", StaticFiles(directory=_static_dir(), html=True), name="dashboard")

@@ -58,6 +58,13 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--site", help="only this site")
     report.add_argument("--json", action="store_true", help="machine-readable JSON instead of tables")
 
+    serve = sub.add_parser("serve", help="serve the API and dashboard over a database, without ingesting",
+                           description="The read-only API, dashboard and /metrics over --db, no MQTT: several "
+                                       "`run` workers can feed one database while one `serve` answers.")
+    serve.add_argument("--db", required=True, help="sqlite:///path.db or postgresql://user@host/db")
+    serve.add_argument("--http", required=True, metavar="HOST:PORT", help="where to listen, e.g. 127.0.0.1:8080")
+    serve.add_argument("--http-token", help="API bearer token (required off-loopback; or $SMARTCAM_API_TOKEN)")
+
     samples = sub.add_parser("samples", help="sampled frames from the edge (the learning loop)",
                              description="Export the frames cameras sent (samples.enabled) for labeling: "
                                          "DIR/images/*.jpg and DIR/samples.jsonl (their sample.v1 headers).")
@@ -144,7 +151,7 @@ def bind_http(host: str, port: int) -> socket.socket:
 
 
 def start_http(store: Any, host: str, port: int, token: str | None, *, sock: socket.socket | None = None,
-               on_failure: Callable[[], None] | None = None) -> tuple[Any, threading.Thread]:
+               on_failure: Callable[[], None] | None = None, metrics: Any = None) -> tuple[Any, threading.Thread]:
     """Serve the API and dashboard from a thread until ``should_exit``, on ``sock`` or a socket bound now.
 
     Returns once uvicorn is accepting requests (a bind that fails raises ValueError). Should the server stop
@@ -156,7 +163,7 @@ def start_http(store: Any, host: str, port: int, token: str | None, *, sock: soc
 
     api.check_bind(host, token)
     sock = sock or bind_http(host, port)
-    app = api.create_app(store, token=token)
+    app = api.create_app(store, token=token, metrics=metrics)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
 
     def serve() -> None:
@@ -208,6 +215,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             archive = open_archive(cfg.archive)
         except Exception as exc:  # bucket missing, bad credentials, unwritable directory
             raise ValueError(f"archive {cfg.archive}: {exc}") from None
+    from cloud_sink.metrics import SinkMetrics
+
+    metrics = SinkMetrics()
     samples = None
     if cfg.samples_store or cfg.archive:
         from cloud_sink.samples import SampleSink, SampleStorage
@@ -218,7 +228,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         except Exception as exc:  # bucket missing, bad credentials, unwritable directory
             raise ValueError(f"samples store {where}: {exc}") from None
         log.info("sampled frames go to %s/samples/", samples.storage.url)
-    subscriber = Subscriber(Ingestor(store, limits=cfg.limits(), archive=archive, samples=samples), settings,
+    subscriber = Subscriber(Ingestor(store, limits=cfg.limits(), archive=archive, metrics=metrics,
+                                     samples=samples), settings,
                             client_id=cfg.client_id, share_group=cfg.share_group,
                             session_expiry_s=cfg.session_expiry_s, batch_size=cfg.batch_size,
                             batch_wait_s=cfg.batch_wait_ms / 1000.0, log_every_s=cfg.log_every_s)
@@ -230,7 +241,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         subscriber.stop()
 
     if http:
-        server, _ = start_http(store, http[0], http[1], token, sock=sock, on_failure=on_api_failure)
+        server, _ = start_http(store, http[0], http[1], token, sock=sock, on_failure=on_api_failure,
+                               metrics=metrics)
 
     def on_signal(signum: int, _frame: Any) -> None:
         log.info("%s: finishing the current batch and stopping", signal.Signals(signum).name)
@@ -250,6 +262,28 @@ def cmd_run(args: argparse.Namespace) -> int:
                   "next run", subscriber.unstored)
         return 1
     return 1 if api_failed.is_set() else 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """API + dashboard + /metrics over the database until SIGTERM/SIGINT; nothing is ingested here."""
+    from cloud_sink.api import check_bind
+    from cloud_sink.config import SinkConfig
+
+    host, port = SinkConfig(http=args.http).http_address()
+    token = args.http_token or os.environ.get("SMARTCAM_API_TOKEN")
+    check_bind(host, token)
+    sock = bind_http(host, port)
+    store = _open_store(args.db)
+    done, failed = threading.Event(), threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    signal.signal(signal.SIGINT, lambda *_: done.set())
+    server, thread = start_http(store, host, port, token, sock=sock,
+                                on_failure=lambda: (failed.set(), done.set()))
+    done.wait()
+    server.should_exit = True
+    thread.join(10)
+    store.close()
+    return 1 if failed.is_set() else 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -331,8 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:
         logging.getLogger("paho").setLevel(logging.WARNING)
     try:
-        return {"run": cmd_run, "report": cmd_report, "dead-letters": cmd_dead_letters,
-                "samples": cmd_samples}[args.command](args)
+        return {"run": cmd_run, "serve": cmd_serve, "report": cmd_report,
+                "dead-letters": cmd_dead_letters, "samples": cmd_samples}[args.command](args)
     except (ValueError, OSError) as exc:  # ConfigError, bad URL, unreadable file, database unavailable
         print(f"smartcam-sink: error: {exc}", file=sys.stderr)
         return 2

@@ -98,11 +98,13 @@ class Totals:
 class Ingestor:
     """Classify and store batches of raw messages; never raises on bad input (only on storage failure)."""
 
-    def __init__(self, store: Store, *, limits: Limits | None = None, archive: Any = None):
+    def __init__(self, store: Store, *, limits: Limits | None = None, archive: Any = None,
+                 metrics: Any = None):
         self.store = store
         self.limits = limits or Limits()
         self.archive = archive
         self.totals = Totals()
+        self.metrics = metrics  # cloud_sink.metrics.SinkMetrics: what /metrics serves (optional)
 
     def handle(self, messages: Iterable[tuple[str, bytes]], *, now: float | None = None) -> BatchResult:
         """Validate and commit one batch; then hand the new events to the archive (if any).
@@ -115,6 +117,7 @@ class Ingestor:
         now = time.time() if now is None else now
         checked = [item for topic, payload in messages
                    for item in check_messages(topic, payload, now=now, limits=self.limits)]
+        started = time.perf_counter()
         try:
             written = self.store.write(_batch(checked, now), received_at=now)
         except _UNAVAILABLE:
@@ -122,6 +125,8 @@ class Ingestor:
         except Exception as exc:
             log.warning("database rejected a batch of %d (%s); storing one by one", len(checked),
                         str(exc).splitlines()[0][:200])
+            if self.metrics is not None:
+                self.metrics.db_errors.labels("rejected").inc()
             checked, written = self._one_by_one(checked, now)
         new_events = written.new_events
         result = BatchResult(received=len(checked), new_events=new_events, stored=len(new_events),
@@ -139,11 +144,19 @@ class Ingestor:
         result.duplicates -= result.stored
         result.summary_duplicates -= result.summaries
         self.totals.add(result)
+        if self.metrics is not None:
+            self.metrics.batch(result, time.perf_counter() - started)
+            if result.new_events:
+                self.metrics.stored(now, archive=self.archive is not None)
         if self.archive is not None and result.new_events:
             try:
                 self.archive.write(result.new_events)
+                if self.metrics is not None:
+                    self.metrics.archive_done(len(result.new_events), now)
             except Exception as exc:  # the database is the record; the archive is a copy (logged, counted)
                 self.totals.archive_errors += 1
+                if self.metrics is not None:
+                    self.metrics.archive_errors.inc()
                 log.error("archive write failed for %d events: %s", len(result.new_events), exc)
         return result
 
@@ -294,8 +307,13 @@ class Subscriber:
                 return True
             except Exception as exc:  # storage down / disk full: keep the batch unacked and retry
                 log.error("storing a batch of %d failed (nothing acknowledged): %s", len(batch), str(exc)[:300])
+                metrics = self.ingestor.metrics
+                if metrics is not None:
+                    metrics.db_errors.labels("unavailable").inc()
                 if self.stop_event.wait(delay):
                     return False
+                if metrics is not None:
+                    metrics.db_retries.inc()
                 delay = min(delay * 2, 10.0)
 
     def _ack(self, batch: list[_Message]) -> None:
