@@ -257,6 +257,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if server is not None:
         server.should_exit = True
     store.close()
+    if subscriber.failure:
+        log.error("stopped: %s; %d messages not acknowledged (the broker keeps them)", subscriber.failure,
+                  subscriber.unstored)
+        return 3
     if subscriber.unstored:
         log.error("stopped with %d messages not stored (database unavailable); the broker keeps them for the "
                   "next run", subscriber.unstored)

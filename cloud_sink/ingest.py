@@ -31,15 +31,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-import sqlalchemy as sa
-
-from cloud_sink.store import Batch, Store, Written
+from cloud_sink.store import Batch, Store, Written, is_transient
 from cloud_sink.validation import Checked, Limits, check_messages
 
 log = logging.getLogger(__name__)
 
-#: The database cannot be used right now (down, locked, disk full): keep the batch unacked and retry.
-_UNAVAILABLE = (sa.exc.OperationalError, sa.exc.InterfaceError)
 
 SUBSCRIPTIONS = (
     "smartcam/+/+/events",
@@ -120,9 +116,9 @@ class Ingestor:
         started = time.perf_counter()
         try:
             written = self.store.write(_batch(checked, now), received_at=now)
-        except _UNAVAILABLE:
-            raise
         except Exception as exc:
+            if is_transient(exc):  # down, locked, disk full: the caller keeps the batch unacked and retries
+                raise
             log.warning("database rejected a batch of %d (%s); storing one by one", len(checked),
                         str(exc).splitlines()[0][:200])
             if self.metrics is not None:
@@ -141,8 +137,10 @@ class Ingestor:
                 result.reasons.append(c.reason or "")
             else:
                 setattr(result, c.kind, getattr(result, c.kind) + 1)
-        result.duplicates -= result.stored
-        result.summary_duplicates -= result.summaries
+        result.duplicates -= result.stored + written.conflicts
+        result.summary_duplicates -= result.summaries + written.summary_conflicts
+        result.dead += written.conflicts + written.summary_conflicts  # same id, other content: dead-lettered
+        result.reasons += ["conflict"] * (written.conflicts + written.summary_conflicts)
         self.totals.add(result)
         if self.metrics is not None:
             self.metrics.batch(result, time.perf_counter() - started)
@@ -169,9 +167,11 @@ class Ingestor:
                 written = self.store.write(_batch([(c, payload)], now), received_at=now)
                 total.new_events += written.new_events
                 total.new_summaries += written.new_summaries
-            except _UNAVAILABLE:
-                raise
+                total.conflicts += written.conflicts
+                total.summary_conflicts += written.summary_conflicts
             except Exception as exc:
+                if is_transient(exc):
+                    raise
                 c = Checked("dead", c.topic, c.site, c.camera_id,
                             reason=f"database rejected it: {str(exc).splitlines()[0][:200]}")
                 self.store.write(_batch([(c, payload)], now), received_at=now)
@@ -228,6 +228,9 @@ class Subscriber:
         self._generation = 0
         self._client: Any = None
         self.unstored = 0  # messages received but not stored when stopped (database unavailable at the end)
+        self.failure: str | None = None  # why the sink stopped by itself (a deterministic storage failure)
+        self._unreachable_since: float | None = None  # monotonic time of the first failed connection attempt
+        self._unreachable_logged = 0.0
 
     # ----------------------------------------------------------------------------------------- MQTT callbacks
     def topics(self) -> list[str]:
@@ -242,6 +245,10 @@ class Subscriber:
             return
         with self._lock:
             self._generation += 1
+        if self._unreachable_since is not None:
+            log.info("broker %s reachable again after %.0f s", self.settings.redacted(),
+                     time.monotonic() - self._unreachable_since)
+        self._unreachable_since = None
         log.info("connected to %s as %s (session present: %s)", self.settings.redacted(), self.client_id,
                  flags.session_present)
         if self.settings.mqtt5:
@@ -257,6 +264,22 @@ class Subscriber:
         if not self.stop_event.is_set():
             log.warning("disconnected from broker (%s); reconnecting", reason_code)
 
+    def _on_connect_fail(self, _client: Any, _userdata: Any) -> None:
+        """paho could not open the connection (refused, unreachable, TLS, DNS): say so, not only 'received 0'."""
+        now = time.monotonic()
+        if self._unreachable_since is None:
+            self._unreachable_since = now
+        self._report_unreachable(now, force=self._unreachable_logged == 0.0)
+
+    def _report_unreachable(self, now: float, *, force: bool = False) -> None:
+        if self._unreachable_since is None or self.stop_event.is_set():
+            return
+        if force or now - self._unreachable_logged >= self.log_every_s:
+            self._unreachable_logged = now
+            log.warning("cannot reach broker %s (%s:%d) for %.0f s: connection failed; retrying every <= 10 s",
+                        self.settings.redacted(), self.settings.host, self.settings.port,
+                        now - self._unreachable_since)
+
     def _on_message(self, _client: Any, _userdata: Any, msg: Any) -> None:
         self._queue.put(_Message(msg.topic, bytes(msg.payload), msg.mid, msg.qos, self._generation))
 
@@ -270,6 +293,7 @@ class Subscriber:
         client = make_client(self.settings, self.client_id, manual_ack=True, persistent=True)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
+        client.on_connect_fail = self._on_connect_fail
         client.on_message = self._on_message
         client.reconnect_delay_set(min_delay=1, max_delay=10)
         connect_kwargs = persistent_connect_kwargs(client, self.session_expiry_s,
@@ -299,14 +323,22 @@ class Subscriber:
         return batch
 
     def _commit(self, batch: list[_Message]) -> bool:
-        """Store the batch, retrying while the database is unavailable; True once committed."""
+        """Store the batch, retrying while the database is unavailable; True once committed.
+
+        Only an unavailable database is retried (``store.is_transient``). Any other failure is deterministic:
+        retrying would stall the subscription forever, so the batch's messages are dead-lettered with the
+        reason; if even that fails, :attr:`failure` says why and False stops the sink (nothing acked).
+        """
         delay = 0.5
         while True:
             try:
                 self.ingestor.handle([(m.topic, m.payload) for m in batch])
                 return True
-            except Exception as exc:  # storage down / disk full: keep the batch unacked and retry
-                log.error("storing a batch of %d failed (nothing acknowledged): %s", len(batch), str(exc)[:300])
+            except Exception as exc:
+                if not is_transient(exc):
+                    return self._dead_letter_batch(batch, exc)
+                log.error("storing a batch of %d failed, database unavailable (nothing acknowledged; retrying): %s",
+                          len(batch), str(exc)[:300])
                 metrics = self.ingestor.metrics
                 if metrics is not None:
                     metrics.db_errors.labels("unavailable").inc()
@@ -315,6 +347,22 @@ class Subscriber:
                 if metrics is not None:
                     metrics.db_retries.inc()
                 delay = min(delay * 2, 10.0)
+
+    def _dead_letter_batch(self, batch: list[_Message], exc: Exception) -> bool:
+        reason = f"sink error: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+        log.error("storing a batch of %d failed deterministically (%s); dead-lettering it", len(batch), reason)
+        try:
+            self.ingestor.store.write(Batch(dead_letters=[
+                {"topic": m.topic, "reason": reason, "payload": m.payload} for m in batch]))
+        except Exception as again:
+            if is_transient(again):  # the database went away meanwhile: retry the batch as usual
+                return self._commit(batch)
+            self.failure = (f"cannot store or dead-letter a batch of {len(batch)}: {reason}; then "
+                            f"{type(again).__name__}: {str(again).splitlines()[0][:300]}")
+            log.error("stopping: %s", self.failure)
+            return False
+        self.ingestor.totals.dead += len(batch)
+        return True
 
     def _ack(self, batch: list[_Message]) -> None:
         with self._lock:
@@ -338,6 +386,7 @@ class Subscriber:
                 self._ack(batch)
             elif stopping:
                 break
+            self._report_unreachable(time.monotonic())
             if time.monotonic() - last_log >= self.log_every_s:
                 t = self.ingestor.totals
                 rate = (t.received - logged) / (time.monotonic() - last_log)

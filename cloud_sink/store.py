@@ -210,9 +210,6 @@ def _migration_6(conn: Connection) -> None:
         conn.execute(sa.text(f'DROP TABLE "{old}"'))
 
 
-
-
-
 def _migration_7(conn: Connection) -> None:
     """Sampled frames from the edge (the learning loop): their index; images and headers are objects."""
     from cloud_sink.samples import create_tables
@@ -635,6 +632,34 @@ def _number(value: Any) -> float | None:
     except (TypeError, ValueError, OverflowError):
         return None
     return number if abs(number) < 1e300 else None
+
+
+#: PostgreSQL SQLSTATE classes of a database that cannot be used right now: connection (08), serialisation /
+#: deadlock (40), insufficient resources such as a full disk (53), operator intervention e.g. shutdown (57), lock
+#: not available (55P03). Anything else (no such table, a constraint, a bug) fails the same way on every retry.
+_TRANSIENT_SQLSTATE = ("08", "40", "53", "57", "55P03")
+_TRANSIENT_SQLITE = ("database is locked", "database table is locked", "disk i/o error", "database or disk is full",
+                     "unable to open database file")
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True when ``exc`` says the database is unavailable right now (retry later), not that this write is wrong.
+
+    >>> is_transient(ValueError("a bug"))
+    False
+    """
+    if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
+        return True
+    if not isinstance(exc, (sa.exc.OperationalError, sa.exc.InterfaceError)):
+        return False
+    orig = getattr(exc, "orig", None)
+    sqlstate = getattr(orig, "sqlstate", None)
+    if sqlstate:
+        return sqlstate.startswith(_TRANSIENT_SQLSTATE)
+    text = str(orig or exc).lower()
+    if type(orig).__module__.startswith("sqlite3"):
+        return any(words in text for words in _TRANSIENT_SQLITE)
+    return True  # psycopg without a SQLSTATE: the connection itself failed (server gone, refused, closed)
 
 
 def _retryable(exc: sa.exc.OperationalError) -> bool:

@@ -365,3 +365,118 @@ def test_stats_with_numbers_no_float_can_hold_are_stored_without_them(store):  #
     assert result.stats == 1 and result.dead == 0
     (cam,) = store.cameras()
     assert cam["fps"] is None and cam["inference_ms_p50"] == 12.0 and cam["stats"]["frames_in"] == 10**30
+
+
+def test_a_camera_cannot_suppress_another_cameras_events_and_a_conflict_is_a_dead_letter(store):  # noqa: F811
+    """Idempotency per (site, camera, event_id): the same id from another camera is another event; the same id
+    with other content from the same camera is dead-lettered with the reason (the first copy is kept)."""
+    now = time.time()
+    victim = make_event(ts=now, camera_id="cam-1", track_id=1)
+    forged = dict(make_event(ts=now, camera_id="cam-2", track_id=2), event_id=victim["event_id"])
+    ing = Ingestor(store)
+    first = ing.handle([(topic_for("lobby", "cam-2", "events"), json.dumps(forged).encode())], now=now)
+    assert first.stored == 1
+    second = ing.handle([(topic_for("lobby", "cam-1", "events"), json.dumps(victim).encode())], now=now)
+    assert (second.stored, second.duplicates, second.dead) == (1, 0, 0)
+    changed = dict(victim, track_id=9)
+    third = ing.handle([(topic_for("lobby", "cam-1", "events"), json.dumps(victim).encode()),
+                        (topic_for("lobby", "cam-1", "events"), json.dumps(changed).encode())], now=now)
+    assert (third.stored, third.duplicates, third.dead) == (0, 1, 1)
+    (dead,) = store.dead_letters()
+    assert dead["reason"].startswith("conflict: event_id " + victim["event_id"])
+    assert store.event_count() == 2
+
+
+# ------------------------------------------------------------------------------------------ what is retried
+def test_only_an_unavailable_database_is_transient(tmp_path):
+    """Retry is for a database that cannot be used right now (locked, down); a deterministic error is not."""
+    import sqlite3
+
+    import sqlalchemy as sa
+
+    from cloud_sink.store import is_transient
+
+    url = f"sqlite:///{tmp_path / 'sink.db'}"
+    s = Store.open(url)
+    with pytest.raises(sa.exc.OperationalError) as missing, s.engine.connect() as conn:
+        conn.execute(sa.text("SELECT * FROM no_such_table"))
+    assert not is_transient(missing.value)
+    holder = sqlite3.connect(tmp_path / "sink.db")
+    holder.execute("BEGIN EXCLUSIVE")
+    impatient = sa.create_engine(url, connect_args={"timeout": 0.05})
+    with pytest.raises(sa.exc.OperationalError) as locked, impatient.begin() as conn:
+        conn.execute(sa.text("INSERT INTO dead_letters (received_at, topic, reason, payload, payload_bytes) "
+                             "VALUES (1, 't', 'r', 'p', 1)"))
+    assert is_transient(locked.value)
+    holder.rollback()
+    holder.close()
+    impatient.dispose()
+    s.close()
+
+
+def test_a_deterministic_database_error_dead_letters_the_message_instead_of_retrying_forever(store):  # noqa: F811
+    """A table gone (an operator's mistake) is not 'unavailable': the messages become dead letters with the
+    reason, the sink goes on (it used to raise, and the subscriber retried the batch forever)."""
+    import sqlalchemy as sa
+
+    with store.engine.begin() as conn:
+        conn.execute(sa.text("DROP TABLE rollup_lines"))
+    ing = Ingestor(store)
+    crossing = now_event("line.cross", line="gate", track_id=1, direction="in", totals={"in": 1, "out": 0})
+    fine = now_event(track_id=2, camera_id="cam-2")
+    result = ing.handle([raw(crossing), raw(fine)])
+    assert (result.stored, result.dead) == (1, 1)
+    (dead,) = store.dead_letters()
+    assert "rollup_lines" in dead["reason"] and json.loads(dead["payload"]) == crossing
+
+
+def test_the_subscriber_stops_non_zero_when_it_cannot_even_dead_letter(mosquitto, tmp_path):
+    """A database that refuses every write for its content (here a real trigger) cannot be retried into
+    working: the subscriber stops with the reason (nothing acked, the broker keeps the message)."""
+    import sqlalchemy as sa
+
+    s = Store.open(f"sqlite:///{tmp_path / 'sink.db'}")
+    with s.engine.begin() as conn:
+        for table in ("events", "dead_letters"):
+            conn.execute(sa.text(f"CREATE TRIGGER refuse_{table} BEFORE INSERT ON {table} "
+                                 "BEGIN SELECT RAISE(ABORT, 'refused by policy'); END"))
+    sub = Subscriber(Ingestor(s), BrokerSettings.from_url(mosquitto.url), client_id="sink-refused")
+    thread = threading.Thread(target=sub.run)
+    sub.start()
+    thread.start()
+    try:
+        assert sub.connected.wait(10)
+        time.sleep(0.3)  # SUBACK
+        publish(mosquitto.url, [raw(now_event())])
+        thread.join(30)
+        assert not thread.is_alive(), "the subscriber retried a deterministic failure forever"
+        assert sub.failure is not None and "refused by policy" in sub.failure
+        assert sub.unstored == 1
+    finally:
+        sub.stop()
+        thread.join(10)
+        s.close()
+
+
+def test_the_sink_says_when_its_broker_is_unreachable(store, caplog):  # noqa: F811
+    """Not only 'received 0' forever: a clear line naming the broker, and again while it stays unreachable."""
+    import logging
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    sub = Subscriber(Ingestor(store), BrokerSettings.from_url(f"mqtt://127.0.0.1:{port}"), client_id="sink-alone",
+                     log_every_s=0.5)
+    thread = threading.Thread(target=sub.run)
+    with caplog.at_level(logging.WARNING, logger="cloud_sink.ingest"):
+        sub.start()
+        thread.start()
+        try:
+            wait_for(lambda: sum("cannot reach broker" in r.getMessage() for r in caplog.records) >= 2,
+                     what="two 'cannot reach broker' lines", timeout=20)
+        finally:
+            sub.stop()
+            thread.join(10)
+    line = next(r.getMessage() for r in caplog.records if "cannot reach broker" in r.getMessage())
+    assert f"127.0.0.1:{port}" in line

@@ -179,3 +179,100 @@ def test_concurrent_readers_while_writing(store):
     reader.join()
     assert store.event_count() == 200
     assert seen == sorted(seen) and all(n % 10 == 0 for n in seen)
+
+
+# ------------------------------------------------------------------------------------------ idempotency scope
+def test_the_same_event_id_on_two_cameras_is_two_events(store):
+    """Idempotency is per (site, camera, event_id): one camera cannot suppress another's events."""
+    from cloud_sink import rollups
+
+    victim = make_event(camera_id="cam-1", track_id=1)
+    attacker = dict(make_event(camera_id="cam-2", track_id=7), event_id=victim["event_id"])
+    other_site = dict(make_event(site="garage", camera_id="cam-1", track_id=3), event_id=victim["event_id"])
+    assert len(store.write(Batch(events=[attacker])).new_events) == 1
+    assert len(store.write(Batch(events=[victim, other_site])).new_events) == 2
+    assert store.event_count() == 3 and store.dead_letter_count() == 0
+    assert {(r["site"], r["camera_id"]) for r in rollups.hourly(store, since=T0 - 3600)} == {
+        ("lobby", "cam-1"), ("lobby", "cam-2"), ("garage", "cam-1")}
+
+
+def test_the_same_event_id_with_different_content_is_a_conflict_dead_letter(store):
+    from cloud_sink import rollups
+
+    first = make_event(track_id=1)
+    changed = dict(first, track_id=2)
+    written = store.write(Batch(events=[first]))
+    assert len(written.new_events) == 1 and written.conflicts == 0
+    again = store.write(Batch(events=[dict(first), changed]))  # a true redelivery, and a conflicting copy
+    assert again.new_events == [] and again.conflicts == 1
+    (dead,) = store.dead_letters()
+    assert "conflict" in dead["reason"] and first["event_id"] in dead["reason"]
+    assert dead["topic"] == "smartcam/lobby/cam-1/events" and json.loads(dead["payload"]) == changed
+    (row,) = rollups.hourly(store, since=T0 - 3600)
+    assert row["entries"] == 1 and row["unique_tracks"] == 1  # the first copy counts, the conflict does not
+    within = make_event(track_id=5)  # both copies in one batch: the first is stored, the second dead-lettered
+    one = store.write(Batch(events=[within, dict(within, track_id=6)]))
+    assert [e["event_id"] for e in one.new_events] == [within["event_id"]] and one.conflicts == 1
+
+
+def _summary(site: str = "lobby", camera_id: str = "cam-1", entries: int = 1) -> dict[str, Any]:
+    from contract.rollup import summary_document
+
+    events = [make_event(ts=T0 // 60 * 60 + 1 + i, site=site, camera_id=camera_id, track_id=i)
+              for i in range(entries)]
+    return summary_document(events, summary_id=new_event_id(), start_s=int(T0) // 60 * 60, interval_s=60)
+
+
+def test_summary_ids_are_scoped_to_the_camera_and_conflicts_are_dead_letters(store):
+    doc = _summary()
+    twin = dict(_summary(camera_id="cam-2"), summary_id=doc["summary_id"])
+    assert len(store.write(Batch(summaries=[doc, twin])).new_summaries) == 2
+    changed = _summary(entries=2)
+    changed["summary_id"] = doc["summary_id"]
+    written = store.write(Batch(summaries=[dict(doc), changed]))
+    assert written.new_summaries == [] and written.summary_conflicts == 1
+    (dead,) = store.dead_letters()
+    assert "conflict" in dead["reason"] and dead["topic"] == "smartcam/lobby/cam-1/summary"
+    assert store.summary_count() == 2
+
+
+def test_a_version_3_database_migrates_to_camera_scoped_ids(db_url):
+    """An existing database (event_id / summary_id the whole key) keeps its rows and gains the scoped key."""
+    s = Store.open(db_url)
+    kept = make_event(track_id=1)
+    doc = _summary()
+    s.write(Batch(events=[kept], summaries=[doc]))
+    old = sa.MetaData()
+    old_events = sa.Table("events", old, *[sa.Column(c.name, c.type, primary_key=c.name == "event_id",
+                                                    nullable=c.nullable) for c in s_events()])
+    old_summaries = sa.Table("summaries", old, *[sa.Column(c.name, c.type, primary_key=c.name == "summary_id",
+                                                          nullable=c.nullable) for c in s_summaries()])
+    with s.engine.begin() as conn:  # rebuild both tables the way migrations 1 and 3 made them
+        rows = [dict(r) for r in conn.execute(sa.text("SELECT * FROM events")).mappings()]
+        srows = [dict(r) for r in conn.execute(sa.text("SELECT * FROM summaries")).mappings()]
+        conn.execute(sa.text("DROP TABLE events"))
+        conn.execute(sa.text("DROP TABLE summaries"))
+        old.create_all(conn)
+        conn.execute(old_events.insert(), rows)
+        conn.execute(old_summaries.insert(), srows)
+        conn.execute(sa.text("DELETE FROM schema_migrations WHERE version >= 4"))
+    s.close()
+    upgraded = Store.open(db_url)
+    assert upgraded.schema_version() == MIGRATIONS[-1][0]
+    assert upgraded.events()[0]["payload"] == kept and upgraded.summary_count() == 1
+    twin = dict(make_event(camera_id="cam-2", track_id=9), event_id=kept["event_id"])
+    assert len(upgraded.write(Batch(events=[kept, twin])).new_events) == 1  # the redelivery is still a duplicate
+    assert upgraded.event_count() == 2
+    upgraded.close()
+
+
+def s_events() -> list[sa.Column]:
+    from cloud_sink.store import events_table
+
+    return list(events_table.columns)
+
+
+def s_summaries() -> list[sa.Column]:
+    from cloud_sink.store import summaries_table
+
+    return list(summaries_table.columns)
