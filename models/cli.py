@@ -95,6 +95,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
     _ota_parsers(sub)
+    from models.loop_cli import add_parsers as _loop_parsers  # label, finetune, loop (the learning loop)
+
+    _loop_parsers(sub)
     return p
 
 
@@ -352,6 +355,9 @@ def main(argv: list[str] | None = None) -> int:
 
     commands = {"build": _cmd_build, "eval": _cmd_eval, "keygen": _cmd_keygen, "publish": _cmd_publish,
                 "registry": _cmd_registry, "deploy": _cmd_deploy, "rollback": _cmd_rollback}
+    from models.loop_cli import COMMANDS as loop_commands
+
+    commands.update(loop_commands)
     try:
         return commands[args.command](args)
     except (ModelError, CalibrationError, FileNotFoundError, ValueError, RegistryError, SignatureError,

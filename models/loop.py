@@ -1,0 +1,171 @@
+"""``smartcam-model loop``: one whole turn of the learning loop for one camera, with a before/after report.
+
+export the camera's samples from the sink -> label them with the teacher -> fine-tune -> build INT8 (calibrated
+on the camera's own frames, at the input of the model the camera runs) -> evaluate the new and the current model
+on (a) the latest time slice of the camera's frames (labeled by the teacher, never trained on) and (b)
+persons-eval -> gate -> publish to the registry and deploy to the camera (issue 14), only if the gate passed.
+
+Each step writes into ``--work`` and is skipped when its output is already there, so an interrupted turn goes on
+where it stopped (``finetune`` also resumes its own run).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from models.gate import AP, Decision, GateSpec, decide
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TurnSettings:
+    camera: str
+    work: Path
+    current: Path  # the INT8 ONNX the camera runs now
+    base: Path  # the checkpoint to fine-tune (yolov8n-coco-trainable.pt)
+    teacher: Path  # fp32 ONNX
+    general_labels: Path  # persons-eval labels.json: the regression guard
+    samples: Path | None = None  # an exported folder (images/ + samples.jsonl); else exported from the sink
+    site: str | None = None
+    db: str | None = None
+    store: str | None = None
+    since: str = "7d"
+    teacher_imgsz: int = 960
+    teacher_conf: float = 0.35
+    val_share: float = 0.2
+    epochs: int = 10
+    imgsz: int | None = None  # training input (default: the current model's longer side)
+    freeze: int = 10
+    general_data: Path | None = None  # a YOLO data.yaml of other scenes to mix in
+    general_share: float = 0.0
+    batch: int = 16
+    calib_frames: int = 64
+    gate: GateSpec = field(default_factory=GateSpec)
+    publish: dict[str, Any] | None = None  # registry, signing_key[, name, notes]
+    deploy: dict[str, Any] | None = None  # broker, site[, canary, watch_s]
+
+
+@dataclass
+class TurnReport:
+    decision: Decision
+    rows: list[dict[str, Any]]
+    seconds: dict[str, float]
+    samples: int
+    candidate: Path
+    version: str | None = None
+    deployed: bool = False
+
+    def table(self) -> str:
+        lines = ["| model | camera AP50 (held-out slice) | persons-eval AP50 |", "|---|---:|---:|"]
+        for r in self.rows:
+            lines.append(f"| {r['model']} | {r['camera']:.4f} | {r['general']:.4f} |")
+        d = self.decision
+        lines.append(f"| change | {(d.after.camera - d.before.camera) * 100:+.1f} pt | "
+                     f"{(d.after.general - d.before.general) * 100:+.1f} pt |")
+        return "\n".join(lines)
+
+
+def run_turn(s: TurnSettings, say: Callable[[str], None] = print) -> TurnReport:
+    from camera.detector import Detector
+    from models.build import build_model
+    from models.evaluate import evaluate_accuracy, load_labels
+    from models.finetune import finetune
+    from models.label import Teacher, label_images
+
+    s.work.mkdir(parents=True, exist_ok=True)
+    seconds: dict[str, float] = {}
+
+    def step(name: str) -> Callable[[], None]:
+        t0 = time.perf_counter()
+        say(f"[{name}] ...")
+        return lambda: seconds.__setitem__(name, round(time.perf_counter() - t0, 1))
+
+    samples = s.samples or s.work / "samples"
+    if s.samples is None and not (samples / "samples.jsonl").is_file():
+        done = step("export")
+        if not (s.db and s.store):
+            raise ValueError("loop needs --samples DIR, or --db and --store to export the camera's samples")
+        from cloud_sink.samples import SampleStorage, export_samples, parse_since
+        from cloud_sink.store import Store
+
+        store = Store.open(s.db)
+        try:
+            n = export_samples(store, SampleStorage(s.store), samples, camera_id=s.camera, site=s.site,
+                               since_ms=parse_since(s.since))
+        finally:
+            store.close()
+        done()
+        if n == 0:
+            raise ValueError(f"no samples of camera {s.camera} since {s.since}: enable samples on it first")
+    n_samples = sum(1 for line in (samples / "samples.jsonl").read_text().splitlines() if line.strip()) \
+        if (samples / "samples.jsonl").is_file() else len(list((samples / "images").glob("*.jpg")))
+
+    dataset = s.work / "dataset"
+    if not (dataset / "data.yaml").is_file():
+        done = step("label")
+        label_images(samples, Teacher(s.teacher, s.teacher_imgsz, workdir=s.work / "teacher"), dataset,
+                     conf=s.teacher_conf, val_share=s.val_share)
+        done()
+    camera_labels = dataset / "val.labels.json"
+    if not json.loads(camera_labels.read_text()):
+        raise ValueError("the held-out slice is empty: the camera needs more samples (or a larger --val-share)")
+
+    current = Detector(s.current, classes=("person",))
+    imgsz = s.imgsz or max(current.imgsz)
+    candidate_pt = s.work / "candidate.pt"
+    if not candidate_pt.is_file():
+        done = step("finetune")
+        finetune(dataset / "data.yaml", s.base, candidate_pt, imgsz=imgsz, epochs=s.epochs, freeze=s.freeze,
+                 general=s.general_data, general_share=s.general_share, batch=s.batch, resume=True)
+        done()
+    candidate = s.work / f"candidate-{current.imgsz[0]}x{current.imgsz[1]}-int8.onnx"
+    if not candidate.is_file():
+        done = step("build")
+        build_model(str(candidate_pt), current.imgsz, [str(dataset / "images" / "train")], candidate,
+                    calib_frames=s.calib_frames, keep_classes=["person"], labels=None, latency_runs=0,
+                    progress=False)
+        done()
+
+    done = step("eval")
+    cam, gen = load_labels(camera_labels), load_labels(s.general_labels)
+    scores = {}
+    for name, path in (("current", s.current), ("candidate", candidate)):
+        scores[name] = AP(evaluate_accuracy(path, cam).ap50, evaluate_accuracy(path, gen).ap50)
+    done()
+    decision = decide(scores["current"], scores["candidate"], s.gate)
+    report = TurnReport(decision, [{"model": f"current ({s.current.name})", "camera": scores["current"].camera,
+                                    "general": scores["current"].general},
+                                   {"model": f"candidate ({candidate.name})", "camera": scores["candidate"].camera,
+                                    "general": scores["candidate"].general}],
+                        seconds, n_samples, candidate)
+    (s.work / "eval.json").write_text(json.dumps({"decision": decision.as_dict(), "rows": report.rows,
+                                                  "seconds": seconds}, indent=2, default=str))
+    say(f"gate {decision.reason}")
+    if decision.passed and s.publish:
+        done = step("publish")
+        from models.registry import open_registry, publish
+        from models.signing import load_private_key
+
+        manifest = publish(open_registry(s.publish["registry"]), candidate, load_private_key(s.publish["signing_key"]),
+                           name=s.publish.get("name"), notes=f"learning loop for {s.camera}: {decision.reason}")
+        report.version = manifest["version"]
+        done()
+        say(f"published {report.version}")
+        if s.deploy:
+            done = step("deploy")
+            from contract.broker import BrokerSettings
+            from models.deploy import deploy
+
+            rc = deploy(open_registry(s.publish["registry"]), report.version,
+                        BrokerSettings.from_url(s.deploy["broker"]), s.deploy["site"], [s.camera],
+                        canary=s.deploy.get("canary", 0), watch_s=s.deploy.get("watch_s", 60.0), say=say)
+            report.deployed = rc == 0
+            done()
+    return report

@@ -1,0 +1,134 @@
+"""The learning-loop commands of ``smartcam-model``: ``label``, ``finetune``, ``loop`` (docs/learning-loop.md)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+SHARED = Path(os.environ.get("SMARTCAM_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
+TEACHER = SHARED / "models" / "yolov8n-coco.onnx"
+BASE = SHARED / "models" / "yolov8n-coco-trainable.pt"
+PERSONS_EVAL = SHARED / "data" / "persons-eval" / "labels.json"
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    lab = sub.add_parser(
+        "label", help="sampled frames -> YOLO dataset labeled by a strong teacher (fp32, large input, TTA)",
+        description="Labels every frame in --images (a `smartcam-sink samples export` folder, or any folder of "
+        "images) with the teacher: the fp32 model at --imgsz on the frame and its mirror image, plus tiles "
+        "for frames larger than the input, boxes fused by weighted box fusion. Writes OUT/data.yaml, "
+        "OUT/images/{train,val}, OUT/labels/{train,val} (YOLO format: correct them in Label Studio or CVAT "
+        "if you like) and OUT/val.labels.json; the last --val-share of the frames by time is validation.")
+    lab.add_argument("--images", required=True, help="folder with images/ + samples.jsonl, or plain images")
+    lab.add_argument("--teacher", default=str(TEACHER), help=f"fp32 ONNX (default {TEACHER})")
+    lab.add_argument("--out", required=True, help="dataset folder")
+    lab.add_argument("--imgsz", type=int, default=960, help="teacher input, longer side (default 960)")
+    lab.add_argument("--conf", type=float, default=0.35, help="fused score a box needs to become a label")
+    lab.add_argument("--val-share", type=float, default=0.2, help="latest share of frames kept for validation")
+    lab.add_argument("--no-flip", action="store_true", help="no mirror-image view")
+    lab.add_argument("--no-tiles", action="store_true", help="no tiles for frames larger than the input")
+    lab.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    ft = sub.add_parser(
+        "finetune", help="fine-tune a YOLO checkpoint on a dataset (Ultralytics; resumable)",
+        description="Trains --base on --data at --imgsz and writes the best checkpoint to --out (+ OUT.json, the "
+        "recipe). Keep general person knowledge with --freeze (first N modules fixed; 10 = the backbone) "
+        "and/or --general DATA.yaml --general-share S (other scenes mixed in). Needs smartcam[ultralytics].")
+    ft.add_argument("--data", required=True, help="data.yaml from `smartcam-model label`")
+    ft.add_argument("--base", default=str(BASE), help=f"checkpoint to start from (default {BASE})")
+    ft.add_argument("--imgsz", type=int, default=320, help="training input size (default 320)")
+    ft.add_argument("--epochs", type=int, default=10)
+    ft.add_argument("--freeze", type=int, default=10, help="modules kept fixed (default 10: the backbone)")
+    ft.add_argument("--general", help="data.yaml of general frames to mix in")
+    ft.add_argument("--general-share", type=float, default=0.0, help="share of training images from --general")
+    ft.add_argument("--batch", type=int, default=16)
+    ft.add_argument("--lr0", type=float, default=0.002, help="initial learning rate (AdamW)")
+    ft.add_argument("--resume", action="store_true", help="continue an interrupted run of the same --out")
+    ft.add_argument("--device", help="cpu, 0, ... (default: the first GPU, else the CPU)")
+    ft.add_argument("--out", required=True, help="output .pt")
+
+    lp = sub.add_parser(
+        "loop", help="one turn of the learning loop for one camera, with a before/after table",
+        description="export samples -> label -> finetune -> build INT8 (calibrated on the camera's frames) -> "
+        "eval new vs current on the camera's held-out slice and persons-eval -> gate -> publish -> deploy. "
+        "Steps already done in --work are skipped.")
+    lp.add_argument("--camera", required=True, help="camera id")
+    lp.add_argument("--site", help="site (export filter; required with --deploy-broker)")
+    lp.add_argument("--current", required=True, help="the INT8 ONNX the camera runs now")
+    lp.add_argument("--work", required=True, help="working folder for this turn")
+    lp.add_argument("--samples", help="an exported samples folder (else exported with --db and --store)")
+    lp.add_argument("--db", help="the sink's database URL")
+    lp.add_argument("--store", help="the sink's --samples-store (or --archive)")
+    lp.add_argument("--since", default="7d", help="samples since (default 7d)")
+    lp.add_argument("--teacher", default=str(TEACHER))
+    lp.add_argument("--teacher-imgsz", type=int, default=960)
+    lp.add_argument("--base", default=str(BASE))
+    lp.add_argument("--imgsz", type=int, help="training input (default: the current model's longer side)")
+    lp.add_argument("--epochs", type=int, default=10)
+    lp.add_argument("--freeze", type=int, default=10)
+    lp.add_argument("--general", help="data.yaml of general frames to mix in")
+    lp.add_argument("--general-share", type=float, default=0.0)
+    lp.add_argument("--batch", type=int, default=16)
+    lp.add_argument("--val-share", type=float, default=0.2)
+    lp.add_argument("--labels", default=str(PERSONS_EVAL), help="the regression guard (persons-eval labels.json)")
+    lp.add_argument("--min-gain", type=float, default=1.0, help="camera AP50 points the new model must gain")
+    lp.add_argument("--max-drop", type=float, default=1.0, help="persons-eval AP50 points it may lose")
+    lp.add_argument("--registry", help="publish there when the gate passes (DIR or s3://...)")
+    lp.add_argument("--signing-key", help="ed25519 private key for publish")
+    lp.add_argument("--deploy-broker", help="deploy the published version to the camera through this broker")
+    lp.add_argument("--canary-watch", type=float, default=60.0, help="seconds to watch the camera's report")
+
+
+def cmd_label(args: argparse.Namespace) -> int:
+    from models.label import Teacher, label_images
+
+    teacher = Teacher(args.teacher, args.imgsz, flip=not args.no_flip, tiles=not args.no_tiles,
+                      workdir=Path(args.out) / ".teacher")
+    r = label_images(args.images, teacher, args.out, conf=args.conf, val_share=args.val_share,
+                     progress=not args.quiet)
+    print(f"wrote {r.data_yaml}: {r.train} train + {r.val} val frames, {r.boxes} person boxes")
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from models.finetune import finetune
+
+    out = finetune(args.data, args.base, args.out, imgsz=args.imgsz, epochs=args.epochs, freeze=args.freeze,
+                   general=args.general, general_share=args.general_share, batch=args.batch, lr0=args.lr0,
+                   resume=args.resume, device=args.device)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_loop(args: argparse.Namespace) -> int:
+    from models.gate import GateSpec
+    from models.loop import TurnSettings, run_turn
+
+    publish = deploy = None
+    if args.registry:
+        if not args.signing_key:
+            raise ValueError("--registry needs --signing-key to publish")
+        publish = {"registry": args.registry, "signing_key": args.signing_key, "name": f"{args.camera}-loop"}
+        if args.deploy_broker:
+            if not args.site:
+                raise ValueError("--deploy-broker needs --site")
+            deploy = {"broker": args.deploy_broker, "site": args.site, "watch_s": args.canary_watch}
+    s = TurnSettings(camera=args.camera, work=Path(args.work), current=Path(args.current), base=Path(args.base),
+                     teacher=Path(args.teacher), general_labels=Path(args.labels),
+                     samples=Path(args.samples) if args.samples else None, site=args.site, db=args.db,
+                     store=args.store, since=args.since, teacher_imgsz=args.teacher_imgsz,
+                     val_share=args.val_share, epochs=args.epochs, imgsz=args.imgsz, freeze=args.freeze,
+                     general_data=Path(args.general) if args.general else None, general_share=args.general_share,
+                     batch=args.batch, gate=GateSpec(args.min_gain / 100, args.max_drop / 100),
+                     publish=publish, deploy=deploy)
+    report = run_turn(s, say=lambda text: print(text, flush=True))
+    print(report.table())
+    print("steps (s): " + ", ".join(f"{k} {v}" for k, v in report.seconds.items()))
+    print(report.decision.reason)
+    if report.version:
+        print(report.version)
+    return 0 if report.decision.passed else 1
+
+
+COMMANDS = {"label": cmd_label, "finetune": cmd_finetune, "loop": cmd_loop}
