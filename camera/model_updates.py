@@ -510,10 +510,10 @@ class ModelUpdater:
             return
         self._handled.add(key)
         if serving is not None and serving.sha256 == manifest["sha256"]:
-            log.info("desired model %s is the one serving", version)
-            if serving.version == version:
-                serving.deployment = deployment
-                self._report("active", version, manifest["sha256"], deployment, None)
+            log.info("desired model %s is the one serving (same sha256)", version)
+            serving.version = serving.version or version  # the configured file, now known by its registry name
+            serving.deployment = deployment
+            self._report("active", version, manifest["sha256"], deployment, None)
             return
         failed = self.state.get("failed") or {}
         if failed.get("deployment") == deployment and failed.get("version") == version:

@@ -197,11 +197,12 @@ class Watch:
         with self.sub._lock:
             return [json.loads(p) for t, p, _ in self.sub.messages if t == topic and p]
 
-    def wait_report(self, site: str, camera: str, pred, timeout: float = 60.0, what: str = "report") -> dict:
-        """The first reported document matching ``pred`` (fails with every state seen)."""
+    def wait_report(self, site: str, camera: str, pred, timeout: float = 60.0, what: str = "report",
+                    since: int = 0) -> dict:
+        """The first reported document (from the ``since``-th on) matching ``pred`` (fails with every state seen)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            for doc in self.reports(site, camera):
+            for doc in self.reports(site, camera)[since:]:
                 if pred(doc):
                     return doc
             time.sleep(0.1)
