@@ -14,7 +14,8 @@ from tqdm import tqdm
 
 from camera.detector import ModelError
 from models.calibration import CalibrationError
-from models.evaluate import evaluate_accuracy, load_labels, measure_latency
+from models.evaluate import evaluate_accuracy, load_labels, measure_latency, scoring_detector
+from models.imgsz import imgsz_problem
 from models.quantize import METHODS, TYPES, QuantSettings
 
 log = logging.getLogger("smartcam.model")
@@ -24,15 +25,18 @@ DEFAULT_LABELS = SHARED / "data" / "persons-eval" / "labels.json"
 
 
 def parse_imgsz(text: str) -> tuple[int, int]:
-    """``320`` or ``384x640`` (h x w)."""
+    """``320`` or ``384x640`` (h x w), within :func:`models.imgsz.imgsz_problem`'s bounds."""
     try:
         parts = [int(p) for p in text.lower().split("x")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"bad --imgsz {text!r}: use e.g. 320 or 384x640") from None
     if len(parts) == 1:
         parts *= 2
-    if len(parts) != 2 or min(parts) < 32 or parts[0] % 32 or parts[1] % 32:
-        raise argparse.ArgumentTypeError(f"bad --imgsz {text!r}: sides must be multiples of 32")
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError(f"bad --imgsz {text!r}: use e.g. 320 or 384x640")
+    problem = imgsz_problem((parts[0], parts[1]))
+    if problem:
+        raise argparse.ArgumentTypeError(f"bad --imgsz {text!r}: {problem}")
     return (parts[0], parts[1])
 
 
@@ -50,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--weights", required=True, help="Ultralytics .pt (needs smartcam[ultralytics]) or fp32 .onnx"
     )
-    b.add_argument("--imgsz", type=parse_imgsz, default=(640, 640), help="input size: 320, 480, 640 (square) or HxW. For a 16:9 camera use 192x320, 288x480 "
+    b.add_argument("--imgsz", type=parse_imgsz, default=(640, 640), help="input size: 320, 480, 640 (square) or HxW, sides multiples of 32 from 32 to 1920. For a 16:9 camera use 192x320, 288x480 "
                         "or 384x640: the same pixels as the square size without letterbox padding (what "
                         "Ultralytics' own predict runs), about 1.7x less work; the edge says at start-up which "
                         "shape fits its source")
@@ -227,16 +231,15 @@ def _table(rows: list[dict], threads: list[int]) -> str:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from camera.detector import Detector
 
     labels = load_labels(args.labels)
     if not labels:
         raise ValueError(f"no labeled images in {args.labels}")
     rows = []
-    for model in args.model:
-        det = Detector(model, classes=("person",))  # fail fast with a clear error before the long runs
+    detectors = [scoring_detector(model, args.iou) for model in args.model]  # every model loads before the runs
+    for model, det in zip(args.model, detectors, strict=True):
         with tqdm(total=len(labels), desc=f"eval {Path(model).name}", disable=args.quiet, leave=False) as bar:
-            s = evaluate_accuracy(model, labels, conf=args.conf, iou=args.iou, progress=bar)
+            s = evaluate_accuracy(det, labels, conf=args.conf, progress=bar)
         rows.append(
             {
                 "model": Path(model).name,

@@ -186,15 +186,21 @@ def predict(detector: Detector, labels: Sequence[LabeledImage], progress=None) -
     return preds
 
 
+def scoring_detector(model_path: str | os.PathLike, iou: float = 0.45) -> Detector:
+    """The detector accuracy is scored with: persons at conf 0.001 (the whole PR curve), the edge's NMS IoU."""
+    return Detector(model_path, conf=0.001, iou=iou, classes=("person",))
+
+
 def evaluate_accuracy(
-    model_path: str | os.PathLike,
+    model: str | os.PathLike | Detector,
     labels: Sequence[LabeledImage],
     conf: float = 0.25,
     iou: float = 0.45,
     progress=None,
 ) -> Scores:
-    """Person AP of one model: detections at conf 0.001 (for the PR curve) with the edge's NMS IoU."""
-    detector = Detector(model_path, conf=0.001, iou=iou, classes=("person",))
+    """Person AP of one model (a path, or a :func:`scoring_detector` already loaded); ``conf`` is the operating
+    threshold for precision/recall."""
+    detector = model if isinstance(model, Detector) else scoring_detector(model, iou)
     return score(labels, predict(detector, labels, progress), conf)
 
 

@@ -2,7 +2,8 @@
 existing fp32 ONNX resized by graph surgery (no torch needed).
 
 Ultralytics writes its export beside the checkpoint, so the checkpoint is copied into a private work folder
-first: shared weights (e.g. ``../shared/models``) are never written to.
+first (a hub name such as ``yolo11n.pt`` is downloaded there): shared weights (e.g. ``../shared/models``) are
+never written to, and the process's working directory is never changed.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from google.protobuf.message import DecodeError
 
 from camera.detector import ModelError
 from models.head import check_layout, fast_dfl, retarget
+from models.imgsz import imgsz_problem
 
 log = logging.getLogger(__name__)
 
@@ -41,27 +43,20 @@ def export_pt(weights: str, imgsz: tuple[int, int], workdir: Path) -> onnx.Model
         shutil.copyfile(src, local)
         target = str(local)
     elif _is_hub_name(weights):
-        target = weights  # ultralytics downloads it into the work folder (needs internet)
+        target = str(workdir / weights)  # ultralytics downloads a known asset to this path (needs internet)
     else:
         raise ModelError(f"checkpoint not found: {src}")
-    cwd = Path.cwd()
+    # ultralytics logs its own export progress (to stdout)
     try:
-        os.chdir(workdir)
-        # ultralytics logs its own export progress (to stdout)
-        try:
-            model = YOLO(target)
-        except Exception as exc:
-            raise ModelError(
-                f"cannot load checkpoint {weights}: {str(exc).strip().splitlines()[0]}"
-            ) from None
-        if getattr(model, "task", "detect") != "detect":
-            raise ModelError(f"unsupported model: {weights} is a {model.task} model, not a detector")
-        try:
-            out = model.export(format="onnx", imgsz=list(imgsz), dynamic=False, simplify=True, nms=False)
-        except Exception as exc:
-            raise ModelError(f"ONNX export of {weights} failed: {str(exc).strip().splitlines()[0]}") from None
-    finally:
-        os.chdir(cwd)
+        model = YOLO(target)
+    except Exception as exc:
+        raise ModelError(f"cannot load checkpoint {weights}: {str(exc).strip().splitlines()[0]}") from None
+    if getattr(model, "task", "detect") != "detect":
+        raise ModelError(f"unsupported model: {weights} is a {model.task} model, not a detector")
+    try:
+        out = model.export(format="onnx", imgsz=list(imgsz), dynamic=False, simplify=True, nms=False)
+    except Exception as exc:
+        raise ModelError(f"ONNX export of {weights} failed: {str(exc).strip().splitlines()[0]}") from None
     return onnx.load(str(out))
 
 
@@ -80,13 +75,14 @@ def load_onnx(path: Path) -> onnx.ModelProto:
 def fp32_model(weights: str | os.PathLike, imgsz: tuple[int, int], workdir: Path) -> onnx.ModelProto:
     """The fp32 detection ONNX for ``weights`` at ``imgsz`` (h, w), checked to be an Ultralytics layout."""
     w = str(weights)
+    problem = imgsz_problem(imgsz)
+    if problem:
+        raise ModelError(f"bad imgsz: {problem}")
     if w.endswith(".onnx"):
         model = load_onnx(Path(w))
         check_layout(model)
         return fast_dfl(retarget(model, imgsz))
     if w.endswith(".pt"):
-        if imgsz[0] % 32 or imgsz[1] % 32:
-            raise ModelError(f"--imgsz must be a multiple of 32, got {imgsz}")
         model = export_pt(w, imgsz, workdir)
         check_layout(model)
         return fast_dfl(model)

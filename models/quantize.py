@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -84,12 +84,13 @@ def quantize_model(
     out_path: Path,
     settings: QuantSettings,
     progress=None,
-) -> onnx.ModelProto:
-    """Pre-process, calibrate on ``frames`` and write the QDQ INT8 model to ``out_path``; return it."""
+) -> tuple[onnx.ModelProto, QuantSettings]:
+    """Pre-process, calibrate on ``frames`` and write the QDQ INT8 model to ``out_path``; returns it and the
+    settings it used (``auto`` resolved, the excluded nodes filled in); ``settings`` itself is not changed."""
     if not frames:
         raise ModelError("empty calibration set")
     if settings.method == "auto":
-        settings.method = "percentile" if len(frames) >= AUTO_PERCENTILE_MIN else "minmax"
+        settings = replace(settings, method="percentile" if len(frames) >= AUTO_PERCENTILE_MIN else "minmax")
     if settings.method not in METHODS:
         raise ValueError(f"unknown calibration method {settings.method!r} (use {', '.join(METHODS)})")
     if settings.types not in TYPES:
@@ -107,7 +108,7 @@ def quantize_model(
         _name_nodes(pre_model)
         onnx.save(pre_model, pre)
         decode, branch_convs = decode_nodes(pre_model)
-        settings.excluded_nodes = decode + (branch_convs if settings.float_head_convs else [])
+        settings = replace(settings, excluded_nodes=decode + (branch_convs if settings.float_head_convs else []))
         reader = FrameReader(frames, imgsz, pre_model.graph.input[0].name, progress=progress)
         extra = {
             "CalibStridedMinMax": _chunk_for(len(frames), settings.chunk),
@@ -131,4 +132,4 @@ def quantize_model(
     # quantize_static drops metadata_props: the edge needs names/imgsz from the model itself.
     set_metadata(quantized, {**metadata, "quantization": f"int8 QDQ {settings.types} {settings.method}"})
     onnx.save(quantized, out_path)
-    return quantized
+    return quantized, settings

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -326,3 +327,59 @@ def test_cli_eval_side_by_side_json(int8_model_320, capsys, tmp_path):
     assert code == 0 and len(lines) == 3
     assert lines[0].count("|") == lines[2].count("|") == 10  # model, imgsz, 4 scores, infer, detect, MB
     assert "infer ms 1T" in lines[0] and "detect ms 1T" in lines[0] and " - " not in lines[2]
+
+
+# ---- inputs and outputs checked before the work; a failed build changes nothing (issue 12) -------------------
+def test_imgsz_is_bounded_and_a_multiple_of_32():
+    import argparse
+
+    from models.cli import parse_imgsz
+
+    assert parse_imgsz("32") == (32, 32) and parse_imgsz("1920x1088") == (1920, 1088)
+    for bad in ("100000", "1952", "16", "320x0", "300"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_imgsz(bad)
+    with pytest.raises(ModelError, match="imgsz"):  # the library call is bounded too, not only the flag
+        build_model(ONNX_FP32, (100000, 100000), [INDOOR_CLIP], "o.onnx", progress=False)
+
+
+@pytest.mark.parametrize("which", ["out", "fp32_out"])
+def test_an_unwritable_output_fails_before_the_work(tmp_path, monkeypatch, which):
+    """/proc refuses new files even to root: the build says so at once, not after minutes of export and
+    calibration (a tripwire on the export, the first step of the work, proves the order)."""
+    import models.build
+
+    def tripwire(*args, **kwargs):
+        raise AssertionError("the build started its work before refusing an unwritable output")
+
+    monkeypatch.setattr(models.build, "fp32_model", tripwire)
+    outs = {"out": tmp_path / "o.onnx", "fp32_out": tmp_path / "o-fp32.onnx", which: "/proc/smartcam-x.onnx"}
+    with pytest.raises(ModelError, match=r"cannot write .*/proc/smartcam-x"):
+        build_model(ONNX_FP32, (64, 64), [INDOOR_CLIP], outs["out"], fp32_out=outs["fp32_out"], calib_frames=2,
+                    latency_runs=0, progress=False)
+    assert not list(tmp_path.iterdir())
+
+
+def test_cli_unwritable_out_is_one_line(capsys):
+    code = main(["build", "--weights", str(ONNX_FP32), "--imgsz", "64", "--calib", str(INDOOR_CLIP),
+                 "--out", "/proc/smartcam-x.onnx", "--quiet", "--no-eval", "--latency-runs", "0"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "cannot write" in err and "\n" not in err
+
+
+@pytest.mark.slow
+def test_a_build_that_fails_late_keeps_the_good_model_and_its_manifest(tmp_path):
+    """The measurement step fails (a labeled image is missing) after quantization: the model and manifest
+    already at --out stay as they were, and no temporary file is left beside them."""
+    out = tmp_path / "good-int8.onnx"
+    out.write_bytes(b"the good model")
+    out.with_suffix(".json").write_text('{"good": true}')
+    labels = json.loads(Path(_labels_subset(tmp_path)).read_text())
+    labels[0]["image"] = str(tmp_path / "gone.jpg")
+    (tmp_path / "labels-subset.json").write_text(json.dumps(labels))
+    with pytest.raises(ValueError, match="cannot read image"):
+        build_model(ONNX_FP32, (64, 64), [INDOOR_CLIP], out, calib_frames=2, labels=str(tmp_path / "labels-subset.json"),
+                    latency_runs=0, progress=False)
+    assert out.read_bytes() == b"the good model"
+    assert out.with_suffix(".json").read_text() == '{"good": true}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["good-int8.json", "good-int8.onnx", "labels-subset.json"]
