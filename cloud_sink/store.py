@@ -24,6 +24,7 @@ dicts with timestamps formatted by ``contract.timestamps.format_ts``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import sys
@@ -86,7 +87,18 @@ dead_letters_table = sa.Table(
     sa.Column("reason", sa.String(500), nullable=False),
     sa.Column("payload", sa.Text, nullable=False),  # first 4 KiB, undecodable bytes as \\x.. escapes
     sa.Column("payload_bytes", sa.Integer, nullable=False),  # original size
+    # migration 8: sha256 of topic, reason and the whole payload: a redelivered (or second sink's) copy of the same
+    # refused message is stored once (NULL for rows written before)
+    sa.Column("digest", sa.String(64)),
     sa.Index("ix_dead_letters_received", "received_at"),
+    sa.Index("ux_dead_letters_digest", "digest", unique=True),
+)
+
+sink_state_table = sa.Table(  # migration 8: counters and settings the sink reports (sink_state())
+    "sink_state", metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("value", sa.BigInteger, nullable=False),
+    sa.Column("updated_at", sa.BigInteger, nullable=False),  # epoch ms
 )
 
 cameras_table = sa.Table(
@@ -217,6 +229,14 @@ def _migration_7(conn: Connection) -> None:
     create_tables(conn)
 
 
+def _migration_8(conn: Connection) -> None:
+    """Bounded, idempotent dead letters: a digest per dead letter (unique), and the sink's counters."""
+    if "digest" not in {c["name"] for c in sa.inspect(conn).get_columns("dead_letters")}:
+        conn.execute(sa.text("ALTER TABLE dead_letters ADD COLUMN digest VARCHAR(64)"))
+    conn.execute(sa.text("CREATE UNIQUE INDEX IF NOT EXISTS ux_dead_letters_digest ON dead_letters (digest)"))
+    metadata.create_all(conn, tables=[sink_state_table])
+
+
 #: (version, description, apply). Append only; never edit an applied migration.
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "events, dead letters, cameras, hourly rollups", _migration_1),
@@ -226,6 +246,7 @@ MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (5, "archive cursors (and events.stored_xid on PostgreSQL)", _migration_5),
     (6, "event and summary ids unique per camera", _migration_6),
     (7, "samples (sampled frames for the learning loop)", _migration_7),
+    (8, "dead letter digests (stored once) and sink counters", _migration_8),
 ]
 
 
@@ -265,6 +286,21 @@ def _safe_text(raw: bytes | str, limit: int) -> str:
     return raw[:limit].decode("utf-8", errors="backslashreplace").replace("\x00", "\\x00")
 
 
+def dead_letter_row(d: dict[str, Any], now_ms: int) -> dict[str, Any]:
+    """The columns of one dead letter (``topic``, ``reason``, ``payload`` bytes or str, optional ``received_at``)."""
+    raw = d.get("payload") or b""
+    raw_bytes = raw.encode("utf-8", errors="backslashreplace") if isinstance(raw, str) else bytes(raw)
+    topic, reason = str(d.get("topic") or ""), str(d.get("reason") or "unknown")
+    digest = hashlib.sha256(b"\0".join([topic.encode("utf-8", "backslashreplace"),
+                                         reason.encode("utf-8", "backslashreplace"), raw_bytes])).hexdigest()
+    return {
+        "received_at": to_ms(d["received_at"]) if d.get("received_at") is not None else now_ms,
+        "topic": _safe_text(topic, 512)[:512], "reason": _safe_text(reason, 500)[:500],
+        "payload": _safe_text(raw_bytes, DEAD_LETTER_PAYLOAD_BYTES), "payload_bytes": len(raw_bytes),
+        "digest": digest,
+    }
+
+
 def event_row(event: dict[str, Any], received_ms: int) -> dict[str, Any]:
     """The columns of one validated contract event."""
     return {
@@ -294,6 +330,7 @@ class Batch:
     dead_letters: list[dict[str, Any]] = field(default_factory=list)  # topic, reason, payload (bytes), received_at?
     statuses: list[tuple[str, str, str]] = field(default_factory=list)  # (site, camera_id, online|offline)
     stats: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)  # (site, camera_id, stats doc)
+    counters: dict[str, int] = field(default_factory=dict)  # sink_state increments (e.g. rate-limited dead letters)
     models: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)  # (site, camera_id, model-reported)
 
 
@@ -310,8 +347,10 @@ class Written:
 class Store:
     """One database. Thread-safe: each method takes its own connection from the engine's pool."""
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, *, dead_letter_cap: int = 100_000, dead_letter_days: float = 30.0):
         self.engine = engine
+        self.dead_letter_cap = dead_letter_cap  # rows kept at most (the oldest go first)
+        self.dead_letter_days = dead_letter_days  # and none older than this
         self.dialect = engine.dialect.name
         if self.dialect == "postgresql":
             from sqlalchemy.dialects.postgresql import insert
@@ -321,8 +360,8 @@ class Store:
 
     # ------------------------------------------------------------------------------------------ lifecycle
     @classmethod
-    def open(cls, url: str) -> Store:
-        """Connect, create or migrate the schema, and return the store."""
+    def open(cls, url: str, *, dead_letter_cap: int = 100_000, dead_letter_days: float = 30.0) -> Store:
+        """Connect, create or migrate the schema, and return the store (dead letters capped in rows and age)."""
         url = database_url(url)
         if url.startswith("sqlite"):
             kwargs: dict[str, Any] = {"connect_args": {"check_same_thread": False, "timeout": 30}}
@@ -332,7 +371,7 @@ class Store:
             sa.event.listen(engine, "connect", _sqlite_pragmas)
         else:
             engine = sa.create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
-        store = cls(engine)
+        store = cls(engine, dead_letter_cap=dead_letter_cap, dead_letter_days=dead_letter_days)
         store.migrate()
         return store
 
@@ -408,15 +447,20 @@ class Store:
         for doc in sorted(new_docs, key=lambda d: (d["site"], d["camera_id"])):
             self._upsert_camera(conn, doc["site"], doc["camera_id"], {}, seen_ms=min(ts_ms(doc["end"]), now_ms),
                                 add_events=int(doc["events"]))
+        counters = dict(batch.counters)
         dead = batch.dead_letters + conflicts + summary_conflicts
         if dead:
-            conn.execute(dead_letters_table.insert(), [{
-                "received_at": to_ms(d["received_at"]) if d.get("received_at") is not None else now_ms,
-                "topic": _safe_text(d.get("topic") or "", 512)[:512],
-                "reason": _safe_text(d.get("reason") or "unknown", 500)[:500],
-                "payload": _safe_text(d.get("payload") or b"", DEAD_LETTER_PAYLOAD_BYTES),
-                "payload_bytes": len(d.get("payload") or b""),
-            } for d in dead])
+            rows = {}
+            for d in dead:
+                row = dead_letter_row(d, now_ms)
+                rows.setdefault(row["digest"], row)
+            conn.execute(self._insert(dead_letters_table).on_conflict_do_nothing(index_elements=["digest"]),
+                         sorted(rows.values(), key=lambda r: r["digest"]))
+            pruned = self._prune_dead_letters(conn, now_ms)
+            if pruned:
+                counters["dead_letters_pruned"] = counters.get("dead_letters_pruned", 0) + pruned
+        for name, n in sorted(counters.items()):
+            self._bump(conn, name, n, now_ms)
         for site, camera_id, state in _last_per_camera(batch.statuses):
             self._upsert_camera(conn, site, camera_id, {"state": state, "status_at": now_ms})
         for site, camera_id, doc in _last_per_camera(batch.stats):
@@ -424,7 +468,11 @@ class Store:
                 "fps": _number(doc.get("processed_fps")), "inference_ms_p50": _number(doc.get("inference_ms_p50")),
                 "inference_ms_p95": _number(doc.get("inference_ms_p95")), "stats": json.dumps(doc, separators=(",", ":")),
                 "stats_at": now_ms}, seen_ms=to_ms(doc.get("ts")))
-        for site, camera_id, doc in _last_per_camera(batch.models):
+        newest: dict[tuple[str, str], dict[str, Any]] = {}  # by the edge's ts: arrival order may differ
+        for site, camera_id, doc in batch.models:
+            if (site, camera_id) not in newest or doc["ts"] >= newest[(site, camera_id)]["ts"]:
+                newest[(site, camera_id)] = doc
+        for (site, camera_id), doc in sorted(newest.items()):
             self._upsert_model(conn, site, camera_id, doc, now_ms)
         return Written(new_events, [d["summary_id"] for d in new_docs], len(conflicts), len(summary_conflicts))
 
@@ -454,6 +502,36 @@ class Store:
             "failed": r["state"] in ("rejected", "rolled_back"),
             "reported_at": ms_iso(r["reported_at"]), "received_at": ms_iso(r["received_at"]),
         } for r in rows]
+
+    def _prune_dead_letters(self, conn: Connection, now_ms: int) -> int:
+        """Keep at most ``dead_letter_cap`` dead letters, none older than ``dead_letter_days``; return how many
+        went. Ids grow with insertion, so the cap is one indexed range delete."""
+        d = dead_letters_table.c
+        gone = conn.execute(dead_letters_table.delete().where(
+            d.received_at < now_ms - int(self.dead_letter_days * 86400 * 1000))).rowcount
+        newest = conn.execute(sa.select(sa.func.max(d.id))).scalar()
+        if newest is not None and newest > self.dead_letter_cap:
+            gone += conn.execute(dead_letters_table.delete().where(d.id <= newest - self.dead_letter_cap)).rowcount
+        return max(0, gone)
+
+    def _bump(self, conn: Connection, name: str, n: int, now_ms: int, *, set_to: bool = False) -> None:
+        ins = self._insert(sink_state_table).values(name=name, value=n, updated_at=now_ms)
+        value = ins.excluded.value if set_to else sink_state_table.c.value + ins.excluded.value
+        conn.execute(ins.on_conflict_do_update(index_elements=["name"],
+                                               set_={"value": value, "updated_at": ins.excluded.updated_at}))
+
+    def set_time_window(self, *, max_past_s: float, max_future_s: float) -> None:
+        """Record the event-time window this sink accepts (shown by the report and /health)."""
+        now_ms = int(time.time() * 1000)
+        with self.engine.begin() as conn:
+            self._bump(conn, "window_max_past_s", int(max_past_s), now_ms, set_to=True)
+            self._bump(conn, "window_max_future_s", int(max_future_s), now_ms, set_to=True)
+
+    def sink_state(self) -> dict[str, int]:
+        """The sink's counters (dead letters rate-limited / pruned) and its time window, by name."""
+        with self.engine.connect() as conn:
+            return {name: int(value) for name, value in conn.execute(
+                sa.select(sink_state_table.c.name, sink_state_table.c.value))}
 
     def _insert_once(self, conn: Connection, table: sa.Table, id_name: str, leaf: str,
                      to_row: Callable[[dict[str, Any], int], dict[str, Any]], docs: list[dict[str, Any]],
