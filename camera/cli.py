@@ -63,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--publish-mode", dest="publish_mode", choices=("events", "summary"),
                      help="events (default): every event; summary: one message per window with the hourly "
                           "figures' increments, for metered links (no per-person records; docs/mqtt.md)")
+    run.add_argument("--confirm", choices=("sink", "broker"),
+                     help="keep each event in the outbox until the sink confirms it committed it (sink), or only "
+                          "until the broker acknowledges it (broker, the default: works with any consumer)")
+    run.add_argument("--confirm-timeout", dest="confirm_timeout_s", type=float, metavar="S",
+                     help="confirm sink: send an event again when unconfirmed S seconds after the broker's ack "
+                          "(default 30)")
     run.add_argument("--summary-interval", dest="summary_interval_s", type=int, metavar="S",
                      help="summary mode: window length in seconds, a divisor of 3600 (default 60)")
     run.add_argument("--outbox", metavar="FILE.db", help="durable outbox path "
@@ -169,6 +175,7 @@ def _overrides(args: argparse.Namespace) -> dict:
         "mqtt.tls_ca": args.tls_ca, "mqtt.tls_insecure": args.tls_insecure, "mqtt.client_id": args.client_id,
         "mqtt.stats_interval_s": args.stats_interval_s, "publish.batch.linger_s": args.batch_linger_s,
         "publish.mode": args.publish_mode, "publish.summary_interval_s": args.summary_interval_s,
+        "publish.confirm": args.confirm, "publish.confirm_timeout_s": args.confirm_timeout_s,
         "outbox.path": args.outbox,
         "outbox.max_events": args.outbox_max, "events_file": args.events_file, "save_video": args.save_video,
         "tracks_file": args.tracks_file,

@@ -165,6 +165,12 @@ class PublishConfig(_Strict):
     summary_interval_s: int = Field(60, description="summary mode: window length in seconds; must divide 3600 "
                                     "(10, 15, 20, 30, 60, 120, 300, 600, 900, 1800, 3600, ...)")
     batch: BatchConfig = Field(default_factory=BatchConfig)
+    confirm: Literal["sink", "broker"] = Field(
+        "broker", description="when an event leaves the outbox: broker = on the broker's PUBACK (works with any "
+        "consumer); sink = only once smartcam-sink confirms it committed it (on .../ack), re-sent if that does not "
+        "come within confirm_timeout_s: nothing is lost even if the broker crashes (camera/confirm.py)")
+    confirm_timeout_s: float = Field(30.0, gt=0, description="confirm: sink: send an event again if the sink has "
+                                     "not confirmed it this long after the broker's PUBACK")
 
     @field_validator("summary_interval_s")
     @classmethod

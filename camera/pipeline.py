@@ -24,6 +24,7 @@ from typing import IO, Any
 
 from camera.clock import SystemClock, shift_event_times
 from camera.config import EdgeConfig
+from camera.confirm import SinkConfirmations
 from camera.frame import Frame
 from camera.inference import InferenceQueue, Result
 from camera.motion import MotionGate
@@ -131,7 +132,12 @@ class EdgeRunner:
             self.publisher = Publisher(cfg.mqtt.settings(), self.outbox, site=cfg.site, camera_id=cfg.camera_id,
                                        client_id=cfg.mqtt.client_id, window=cfg.mqtt.window,
                                        batch=cfg.publish.batch, samples=self._open_samples(),
-                                       retry_s=cfg.outbox.retry_s, max_rejections=cfg.outbox.max_rejections)
+                                       retry_s=cfg.outbox.retry_s, max_rejections=cfg.outbox.max_rejections,
+                                       confirm=SinkConfirmations(cfg.publish.confirm_timeout_s)
+                                       if cfg.publish.confirm == "sink" else None)
+            if cfg.publish.confirm == "sink":
+                log.info("publish.confirm sink: events stay in the outbox until the sink confirms them (re-sent "
+                         "after %.0f s without)", cfg.publish.confirm_timeout_s)
             if cfg.homeassistant.enabled:
                 self._attach_homeassistant()
             summarizer = Summarizer(self.outbox, interval_s=cfg.publish.summary_interval_s,
@@ -533,7 +539,8 @@ class EdgeRunner:
             log.error("%d message(s) not acknowledged by the broker after %.0fs; they stay in the outbox %s "
                       "and are replayed on the next start", remaining, timeout, self.outbox.path)
             return EXIT_OK if self.stopped_by_signal else EXIT_UNDRAINED
-        log.info("outbox drained: every event acknowledged by the broker")
+        log.info("outbox drained: every event %s", "confirmed by the sink" if self.cfg.publish.confirm == "sink"
+                 else "acknowledged by the broker")
         return EXIT_OK
 
     def close(self) -> None:

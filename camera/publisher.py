@@ -41,10 +41,12 @@ from dataclasses import dataclass, field
 import paho.mqtt.client as mqtt
 
 from camera.config import BatchConfig
+from camera.confirm import ACK_LEAF, SinkConfirmations
 from camera.outbox import Outbox, OutboxError, Row
 from camera.sample_queue import SampleQueue
 from contract.batch import BATCH_LEAF, encode_batch
 from contract.broker import BrokerSettings, diagnose, make_client
+from contract.rollup import SUMMARY_LEAF
 from contract.sample import SAMPLE_LEAF
 from contract.topics import topic_for
 
@@ -92,7 +94,7 @@ class Publisher:
                  client_id: str | None = None, window: int = 200, reconnect_max_s: int = 30,
                  batch: BatchConfig | None = None, samples: SampleQueue | None = None, retry_s: float = 5.0,
                  retry_max_s: float = 300.0, max_rejections: int = 5, drain_backoff_s: float = 1.0,
-                 max_drain_failures: int = 10) -> None:
+                 max_drain_failures: int = 10, confirm: SinkConfirmations | None = None) -> None:
         self.settings = settings
         self.outbox = outbox
         self.site = site
@@ -138,6 +140,13 @@ class Publisher:
         self._abort_wait = threading.Event()
         self._wake = threading.Event()
         self.paused = threading.Event()  # set while the wall clock is not set (camera/clock.py): nothing is sent
+        # publish.confirm: sink (camera/confirm.py): event rows stay until the sink confirms them on .../ack
+        self.confirm = confirm
+        self.ack_topic = topic_for(site, camera_id, ACK_LEAF)
+        self._sink_topics = {self.events_topic, self.batch_topic, topic_for(site, camera_id, SUMMARY_LEAF)}
+        if confirm is not None:
+            self.client.message_callback_add(self.ack_topic, self._on_sink_ack)
+            self.connect_hooks.append(lambda client: client.subscribe(self.ack_topic, qos=1))
         self._drainer = threading.Thread(target=self._drain_loop, name="outbox-drain", daemon=True)
         # sampled frames (learning loop): a second, byte-bounded queue sent after the events, never ahead of them
         self.samples = samples
@@ -234,8 +243,36 @@ class Publisher:
         if self._drainer.ident is not None and not self._drainer.is_alive() and not self._stop.is_set():
             raise PublisherError("the outbox drain thread stopped unexpectedly; unsent events stay in the outbox")
 
+    def _on_sink_ack(self, _client, _userdata, msg) -> None:
+        self.confirm.on_ack(msg.payload)  # parsed and queued: the drain thread does the rest
+        self._wake.set()
+
+    def _sink_confirmed(self, waiting: list[int]) -> list[int]:
+        """confirm: sink: rows to delete now (confirmed by the sink, or nothing to wait for); overdue rows are
+        sent again from the oldest (the cursor goes back; rows still waiting are skipped, see :meth:`_fresh`)."""
+        assert self.confirm is not None
+        now = time.monotonic()
+        done = self.confirm.take_confirmed()
+        if waiting:
+            done += self.confirm.broker_acked({r.id: r.payload for r in self.outbox.fetch_ids(waiting)}, now)
+        late = self.confirm.take_expired(now)
+        if late:
+            self._last_sent = min(self._last_sent, min(late) - 1)
+            log.warning("%d event(s) acknowledged by the broker but not confirmed by the sink within %.0f s: sending "
+                        "them again (%d re-sent so far; is smartcam-sink running? a third-party consumer needs "
+                        "publish.confirm: broker)", len(late), self.confirm.timeout_s, self.confirm.resent)
+        return done
+
+    def _fresh(self, rows: list[Row]) -> list[Row]:
+        """confirm: sink: leave out rows the broker already has (in flight, or waiting for the sink)."""
+        if self.confirm is None:
+            return rows
+        flying = {i for sent in self._inflight.values() for i in sent.row_ids}
+        return [r for r in rows if r.id not in flying and not self.confirm.waits(r.id)]
+
     def _process_acks(self) -> None:
         done: list[int] = []
+        waiting: list[int] = []
         while True:
             try:
                 mid, rejection = self._acks.get_nowait()
@@ -246,9 +283,14 @@ class Publisher:
                 self._sample_acked(mid, rejection)
                 continue
             if rejection is None:
-                done.extend(sent.row_ids)
+                if self.confirm is not None and sent.topic in self._sink_topics:
+                    waiting.extend(sent.row_ids)  # the broker has them; the sink has not said so yet
+                else:
+                    done.extend(sent.row_ids)
             else:
                 self._rejected(sent, rejection)
+        if self.confirm is not None:
+            done.extend(self._sink_confirmed(waiting))
         if done:
             self.published += self.outbox.delete(done)
 
@@ -318,7 +360,11 @@ class Publisher:
         if self.batch is not None:
             self._send_batched(room)
             return
-        for row in self.outbox.fetch(self._last_sent, room):
+        fetched = self.outbox.fetch(self._last_sent, room)
+        fresh = self._fresh(fetched)
+        if fetched and not fresh:
+            self._last_sent = fetched[-1].id  # all with the broker already: look further
+        for row in fresh:
             if not self._publish(_Sent(row.topic, row.qos, row.retain, (row.id,)), row.payload):
                 break
             self._last_sent = row.id
@@ -419,7 +465,10 @@ class Publisher:
     def _send_batched(self, room: int) -> None:
         assert self.batch is not None
         limit = max(2 * self.batch.max_events, 2 * self.window, 100)
-        rows = self.outbox.fetch(self._last_sent, limit)
+        fetched = self.outbox.fetch(self._last_sent, limit)
+        rows = self._fresh(fetched)
+        if fetched and not rows:
+            self._last_sent = fetched[-1].id  # all with the broker already: look further
         messages: list[_Message] = []
         last = self._last_sent
         if rows and self._due(rows, fetched_all=len(rows) < limit):

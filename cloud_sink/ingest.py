@@ -23,6 +23,7 @@ increments applied to the rollups in the same transaction; they are counted in :
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
@@ -33,8 +34,13 @@ from typing import Any
 
 from cloud_sink.store import Batch, Store, Written, is_transient
 from cloud_sink.validation import Checked, Limits, check_messages
+from contract.timestamps import format_ts
+from contract.topics import topic_for
 
 log = logging.getLogger(__name__)
+
+ACK_LEAF = "ack"  # smartcam/<site>/<camera>/ack: what the sink has committed (contract/schemas/ack.v1.schema.json)
+ACK_MAX_IDS = 1000  # ids per ack message (~35 KB)
 
 
 SUBSCRIPTIONS = (
@@ -66,6 +72,9 @@ class BatchResult:
     summary_duplicates: int = 0
     new_events: list[dict[str, Any]] = field(default_factory=list)
     reasons: list[str] = field(default_factory=list)
+    # per (site, camera): the event/summary ids now committed (stored, already stored, or dead-lettered),
+    # confirmed back to the camera on .../ack (Subscriber._confirm; camera/confirm.py)
+    committed: dict[tuple[str, str], list[str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -141,6 +150,7 @@ class Ingestor:
         result.summary_duplicates -= result.summaries + written.summary_conflicts
         result.dead += written.conflicts + written.summary_conflicts  # same id, other content: dead-lettered
         result.reasons += ["conflict"] * (written.conflicts + written.summary_conflicts)
+        result.committed = committed_ids(checked)
         self.totals.add(result)
         if self.metrics is not None:
             self.metrics.batch(result, time.perf_counter() - started)
@@ -177,6 +187,30 @@ class Ingestor:
                 self.store.write(_batch([(c, payload)], now), received_at=now)
             out.append((c, payload))
         return out, total
+
+
+def committed_ids(checked: list[tuple[Checked, bytes]]) -> dict[tuple[str, str], list[str]]:
+    """The ids a committed batch holds, per camera: events and summaries by their id, dead letters by the
+    ``event_id`` in their payload when it has one (kept by the sink, replayable: the camera need not resend)."""
+    out: dict[tuple[str, str], list[str]] = {}
+    for c, payload in checked:
+        if not (c.site and c.camera_id):
+            continue
+        if c.kind == "event":
+            key = c.value.get("event_id")
+        elif c.kind == "summary":
+            key = c.value.get("summary_id")
+        elif c.kind == "dead":
+            try:
+                doc = json.loads(payload)
+                key = doc.get("event_id", doc.get("summary_id")) if isinstance(doc, dict) else None
+            except ValueError:
+                key = None
+        else:
+            continue
+        if isinstance(key, str):
+            out.setdefault((c.site, c.camera_id), []).append(key)
+    return out
 
 
 def _batch(checked: list[tuple[Checked, bytes]], now: float) -> Batch:
@@ -332,7 +366,7 @@ class Subscriber:
         delay = 0.5
         while True:
             try:
-                self.ingestor.handle([(m.topic, m.payload) for m in batch])
+                self._confirm(self.ingestor.handle([(m.topic, m.payload) for m in batch]))
                 return True
             except Exception as exc:
                 if not is_transient(exc):
@@ -363,6 +397,18 @@ class Subscriber:
             return False
         self.ingestor.totals.dead += len(batch)
         return True
+
+    def _confirm(self, result: BatchResult) -> None:
+        """Tell each camera what is committed now, on smartcam/<site>/<camera>/ack (QoS 1, ack.v1): an edge with
+        publish.confirm sink deletes those events only then. A lost confirmation costs the edge one re-send,
+        which is a duplicate here and is confirmed again."""
+        ts = format_ts(time.time())
+        for (site, camera_id), ids in sorted(result.committed.items()):
+            for i in range(0, len(ids), ACK_MAX_IDS):
+                doc = {"schema_version": 1, "site": site, "camera_id": camera_id, "ts": ts,
+                       "ids": ids[i:i + ACK_MAX_IDS]}
+                self._client.publish(topic_for(site, camera_id, ACK_LEAF), json.dumps(doc, separators=(",", ":")),
+                                     qos=1)
 
     def _ack(self, batch: list[_Message]) -> None:
         with self._lock:
