@@ -12,11 +12,3 @@ class Frame:
     image: np.ndarray  # HxWx3 uint8, BGR (OpenCV order)
     ts: float  # capture time, epoch seconds (UTC); for files: start time + position in the file
     index: int  # position in the source, counting from 0 (gaps = frames dropped to keep up)
-
-    @property
-    def width(self) -> int:
-        return int(self.image.shape[1])
-
-    @property
-    def height(self) -> int:
-        return int(self.image.shape[0])

@@ -284,7 +284,7 @@ class EdgeRunner:
             self.stopped_by_signal = True
         self._stop.set()
         if self.source is not None:
-            self.source._closed.set()  # wakes a live source's iterator; the reader thread exits by itself
+            self.source.interrupt()  # wakes a live source's iterator; the reader thread exits by itself
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> int:

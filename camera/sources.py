@@ -65,8 +65,12 @@ class Source:
     def frames(self) -> Iterator[Frame]:  # pragma: no cover - overridden
         raise NotImplementedError
 
+    def interrupt(self) -> None:
+        """End an iteration in progress after its current frame; safe from a signal handler (no join, no I/O)."""
+        self._closed.set()
+
     def close(self) -> None:
-        """Stop reading; an iterator in progress ends after its current frame."""
+        """Stop reading and release the device or file; an iterator in progress ends after its current frame."""
         self._closed.set()
 
     def __enter__(self) -> Source:
@@ -128,6 +132,7 @@ class VideoFileSource(Source):
         self.realtime = realtime
         self.limiter = RateLimiter(fps, tolerance=0.5 / self.fps)
         self.start_time = time.time() if start_time is None else start_time
+        self._decoder: threading.Thread | None = None
 
     def _decode(self, out: queue.Queue) -> None:
         """Decoder thread: decodes ahead (bounded) so decoding overlaps inference; frames stay in order."""
@@ -176,7 +181,8 @@ class VideoFileSource(Source):
 
     def frames(self) -> Iterator[Frame]:
         out: queue.Queue = queue.Queue(maxsize=PREFETCH_FRAMES)
-        decoder = threading.Thread(target=self._decode, args=(out,), name="source-decode", daemon=True)
+        decoder = self._decoder = threading.Thread(target=self._decode, args=(out,), name="source-decode",
+                                                   daemon=True)
         decoder.start()
         started = time.monotonic()
         try:
@@ -198,6 +204,16 @@ class VideoFileSource(Source):
             self._closed.set()
             decoder.join(timeout=5)
 
+    def close(self) -> None:
+        """Stop reading and release the file: the decoder thread releases it when it runs, this otherwise (a
+        run that fails before its first frame never starts the decoder)."""
+        super().close()
+        decoder = self._decoder
+        if decoder is not None:
+            decoder.join(timeout=5)
+        if decoder is None or not decoder.is_alive():
+            self.cap.release()
+
 
 class ImageFolderSource(Source):
     """Every image in a folder, in name order, as if it were a video at ``fps`` (default 1) frames/s."""
@@ -209,7 +225,7 @@ class ImageFolderSource(Source):
         super().__init__(str(path))
         if loop < 0:
             raise SourceError(f"loop must be >= 0 (0 = forever), got {loop}")
-        self.loop = loop  # plays of the file; time keeps running across plays (a kiosk demo, a long benchmark)
+        self.loop = loop  # plays of the folder; time keeps running across plays (a kiosk demo, a long benchmark)
         self.paths = sorted(p for p in Path(path).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not self.paths:
             raise SourceError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in folder: {path}")
@@ -217,12 +233,20 @@ class ImageFolderSource(Source):
         self.realtime = realtime
         self.start_time = time.time() if start_time is None else start_time
 
+    def _plays(self) -> Iterator[Path]:
+        """The paths once per play: ``loop`` times, or forever for 0."""
+        play = 0
+        while self.loop == 0 or play < self.loop:
+            play += 1
+            yield from self.paths
+
     def frames(self) -> Iterator[Frame]:
         started = time.monotonic()
         try:
-            for index, path in enumerate(self.paths):
-                if self._closed.is_set():
-                    break
+            yielded = 0
+            for index, path in enumerate(self._plays()):
+                if self._closed.is_set() or (index == len(self.paths) and not yielded):
+                    break  # stopped, or a whole play without one readable image (loop 0 would spin forever)
                 image = cv2.imread(str(path), cv2.IMREAD_COLOR)
                 self.frames_read += 1
                 if image is None:
@@ -232,6 +256,7 @@ class ImageFolderSource(Source):
                 pos = index / self.fps
                 if self.realtime:
                     _sleep_until(started + pos)
+                yielded += 1
                 yield Frame(image=image, ts=self.start_time + pos, index=index)
         finally:
             self.state = "ended"
@@ -406,7 +431,7 @@ def open_source(spec: str, *, fps: float | None = None, realtime: bool = False, 
                           f"(use one of {', '.join(s[:-3] for s in STREAM_SCHEMES)})")
     path = Path(spec).expanduser()
     if path.is_dir():
-        return ImageFolderSource(path, fps=fps, realtime=realtime, start_time=start_time)
+        return ImageFolderSource(path, fps=fps, realtime=realtime, start_time=start_time, loop=loop)
     if not path.exists():
         raise SourceError(f"source not found: {spec}")
     if not os.access(path, os.R_OK):

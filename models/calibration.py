@@ -17,10 +17,10 @@ import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
 
 from camera.detector import letterbox, preprocess
+from camera.sources import IMAGE_SUFFIXES  # what the edge reads from a folder is what calibrates
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 VIDEO_SUFFIXES = {".mp4", ".m4v", ".avi", ".mkv", ".mov", ".webm", ".mpg", ".mpeg", ".ts"}
 
 

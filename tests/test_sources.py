@@ -74,7 +74,7 @@ def test_real_clip_frame_count_and_size():
             break
     src.close()
     assert [f.index for f in frames] == [0, 6, 12, 18, 24]
-    assert (frames[0].width, frames[0].height) == (320, 240)
+    assert frames[0].image.shape[1::-1] == (320, 240)
 
 
 def test_image_folder_in_name_order_skipping_unreadable(tmp_path):
@@ -88,6 +88,46 @@ def test_image_folder_in_name_order_skipping_unreadable(tmp_path):
     assert [int(f.image[0, 0, 0]) for f in frames] == [pytest.approx(100, abs=3), 50, 150]
     assert src.dropped == 1  # broken.jpg, logged and counted
     assert [f.ts for f in frames] == [0.0, 1.0, 3.0]  # name order: a, b, broken (skipped), c
+
+
+def test_image_folder_loop_plays_again_with_time_running_on(tmp_path):
+    """--loop was accepted and ignored for folders (issue 12)."""
+    for name, value in (("a.png", 10), ("b.png", 20)):
+        cv2.imwrite(str(tmp_path / name), np.full((40, 60, 3), value, np.uint8))
+    src = open_source(str(tmp_path), start_time=0.0, fps=2.0, loop=3)
+    frames = list(src)
+    assert [int(f.image[0, 0, 0]) for f in frames] == [10, 20] * 3
+    assert [f.index for f in frames] == list(range(6)) and src.frames_read == 6
+    assert [f.ts for f in frames] == [0.0, 0.5, 1.0, 1.5, 2.0, 2.5]
+    forever = open_source(str(tmp_path), start_time=0.0, loop=0)
+    taken = [f for _, f in zip(range(7), forever, strict=False)]
+    forever.close()
+    assert [f.index for f in taken] == list(range(7))
+    with pytest.raises(SourceError, match="loop must be >= 0"):
+        open_source(str(tmp_path), loop=-1)
+
+
+def test_a_video_file_closed_before_reading_releases_its_capture(tmp_path):
+    """The capture was released only by the decoder thread, which never starts when the run fails before the
+    first frame (e.g. the model cannot be loaded)."""
+    src = open_source(str(_write_video(tmp_path / "c.avi", n=5)))
+    assert src.cap.isOpened()
+    src.close()
+    assert not src.cap.isOpened()
+    read = open_source(str(_write_video(tmp_path / "d.avi", n=5)))
+    assert len(list(read)) == 5
+    read.close()  # after a full read too (the decoder thread released it; a second release is harmless)
+    assert not read.cap.isOpened()
+
+
+def test_interrupt_ends_iteration_after_the_current_frame(tmp_path):
+    src = open_source(str(_write_video(tmp_path / "c.avi", n=20)))
+    frames = []
+    for frame in src:
+        frames.append(frame)
+        if len(frames) == 3:
+            src.interrupt()  # what a signal handler calls: no join, no release
+    assert len(frames) == 3
 
 
 @pytest.mark.parametrize(("spec", "message"), [
