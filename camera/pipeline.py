@@ -243,8 +243,9 @@ class EdgeRunner:
                 client.publish(topic, json.dumps(updater.last_report, separators=(",", ":")), qos=1, retain=True)
 
         publisher.connect_hooks.append(on_connect)
-        # QoS 1, retained; while offline paho keeps it and the connect hook sends the latest again anyway
-        updater.publish = lambda payload: publisher.client.publish(topic, payload, qos=1, retain=True)
+        # QoS 1, retained; while offline the connect hook sends the latest one when the connection is back
+        updater.publish = lambda payload: publisher.connected.is_set() and publisher.client.publish(
+            topic, payload, qos=1, retain=True)
         updater.start(self.detector, record)
 
     def _swap_model(self, swap: Any, queue: InferenceQueue, process: Any, builder: Any) -> InferenceQueue:
