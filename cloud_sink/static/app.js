@@ -213,7 +213,10 @@ function renderCameras(cameras) {
     const facts = el("dl", { class: "facts" });
     for (const [k, v] of [["last seen", ago(c.last_seen)], ["fps", fmt(c.fps)],
       ["inference", c.inference_ms_p50 == null ? "–" : `${fmt(c.inference_ms_p50)} ms`],
-      ["events", (c.events_total || 0).toLocaleString("en")]]) {
+      ["events", (c.events_total || 0).toLocaleString("en")],
+      // over-the-air models (docs/models-ota.md): what runs, and whether the latest update failed
+      ["model", !c.model ? "–" : (c.model.active.version || c.model.active.name)
+        + (c.model.failed ? ` · update ${c.model.update.version} ${c.model.update.state.replace("_", " ")}` : "")]]) {
       facts.append(el("dt", {}, k), el("dd", {}, v));
     }
     card.append(head, status, facts);
