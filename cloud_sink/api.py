@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import json
 import logging
 from datetime import datetime, timezone
 from importlib import resources
@@ -40,7 +41,7 @@ ZONE_PATTERN = r"^(\*|[A-Za-z0-9][A-Za-z0-9_.-]{0,63})$"
 
 #: The dashboard loads nothing from elsewhere; this keeps it that way (and blocks injected inline script).
 SECURITY_HEADERS = {
-    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
                                "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
@@ -115,7 +116,7 @@ def _static_dir() -> str:
 
 
 # ------------------------------------------------------------------------------------------ the app
-def create_app(store: Store, *, token: str | None = None, metrics: Any = None) -> FastAPI:
+def create_app(store: Store, *, token: str | None = None, metrics: Any = None, samples: Any = None) -> FastAPI:
     """The read-only API and dashboard over ``store``; ``token`` (if set) is required on ``/api/*`` and
     ``/metrics``. ``metrics``: this process's ingest counters (cloud_sink.metrics.SinkMetrics), if it ingests."""
     app = FastAPI(title="smartcam sink", version="1", docs_url=None, redoc_url=None,  # /docs would need a CDN
@@ -215,6 +216,34 @@ def create_app(store: Store, *, token: str | None = None, metrics: Any = None) -
         """What ``smartcam-sink report --json`` prints: per camera totals, health, dwell, peak hour, zones, lines."""
         since, until = _range(since, until)
         return rollups.overview(store, since=since, until=until, site=site, camera_id=camera)
+
+    @api.get("/samples")
+    def sample_list(site: Site = None, camera: Camera = None,
+                    limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 24) -> dict[str, Any]:
+        """Recent sampled frames (the learning loop), newest first: why each was sent, size, detections; the
+        image is at ``/api/samples/<sample_id>.jpg`` (cloud_sink/samples.py)."""
+        from cloud_sink.samples import recent_samples
+
+        rows = recent_samples(store, site=site, camera_id=camera, limit=limit)
+        for r in rows:
+            r["reasons"] = json.loads(r.pop("header"))["reasons"]
+            r["ts"] = datetime.fromtimestamp(r["ts"] / 1000, tz=timezone.utc).isoformat().replace("+00:00", "Z")
+            del r["image_key"]
+        return {"samples": rows}
+
+    @api.get("/samples/{sample_id}.jpg", response_class=Response)
+    def sample_image(sample_id: str) -> Response:
+        """One sample's JPEG (masked on the edge before it left), from the sink's samples store."""
+        from cloud_sink.samples import samples_table
+
+        if samples is None:
+            raise HTTPException(404, detail="this sink serves no sample images (no --samples-store)")
+        with store.engine.connect() as conn:
+            key = conn.execute(sa.select(samples_table.c.image_key)
+                               .where(samples_table.c.sample_id == sample_id)).scalar()
+        if key is None:
+            raise HTTPException(404, detail=f"no sample {sample_id[:40]!r}")
+        return Response(samples.get(key), media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
 
     @api.get("/dead-letters")
     def dead_letters(limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 50,

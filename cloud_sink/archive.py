@@ -1,28 +1,36 @@
-"""The event archive: hourly-partitioned JSON Lines per site and camera, in a local directory or S3.
+"""The event archive: JSON Lines per site, camera and UTC hour, in a local directory or S3 — written as
+immutable parts, compacted once the hour is over.
 
 Layout (Hive-style, so Spark/DuckDB/Athena read it as partitioned data)::
 
-    <root>/site=<site>/camera=<camera_id>/date=YYYY-MM-DD/hour=HH/events.jsonl
+    <root>/site=<site>/camera=<camera_id>/date=YYYY-MM-DD/hour=HH/events.jsonl       the compacted hour
+    <root>/site=<site>/camera=<camera_id>/date=YYYY-MM-DD/hour=HH/part-<name>.jsonl  parts not compacted yet
 
-The hour is the event's own ``ts`` in UTC (not the time it was archived), so replays land in the right file.
-Each line is one event exactly as stored (compact JSON, sorted keys), lines ordered by (ts, event_id).
+The hour is the event's own ``ts`` in UTC (not the time it was archived), so replays land in the right hour.
+Each line is one event exactly as stored (compact JSON, sorted keys); a file's lines are ordered by
+(ts, event_id). A partition's events are the union of its files, each event once (:meth:`Archive.read`): a
+reader that globs ``*.jsonl`` and keeps the first line per ``event_id`` sees the same.
 
-Idempotent: a write reads the partition's file, merges the new events keyed by ``event_id`` and replaces the
-whole object (S3 has no append; a local write goes to a temp file and is renamed over). Writing the same event
-twice therefore leaves it in the file once, and a batch with nothing new writes nothing.
-
-Several writers (sink workers in one ``--share-group``) may share an archive: on S3 the replace is a
-conditional PUT (``If-Match`` the ETag that was read, ``If-None-Match: *`` for a new object), and a writer that
-loses the race re-reads and merges again; a local directory serialises writers with ``flock`` on
-``<root>/.archive.lock``. So no writer ever overwrites another's events.
+Why parts: S3 has no append, so adding to one hourly object means rewriting it whole, once per batch (900x the
+bytes of the file over an hour, with the rewrite on the ingest's ack path). A part is written once and never
+changed; :meth:`Archive.compact` folds a partition's parts into ``events.jsonl`` (merged by ``event_id``) and
+deletes them, once the hour is closed. Each event is so written about twice (part + compacted file). Parts are
+named by whoever writes them (:class:`cloud_sink.archive_follower.ArchiveFollower`: the database positions
+they cover), so two writers never write the same object with different content. The compacted file is replaced
+with a conditional PUT on S3 (``If-Match`` the ETag read, ``If-None-Match: *`` when new) or under ``flock`` on
+``<root>/.archive.lock`` locally, so two compactions never lose each other's events.
 
 >>> import tempfile
 >>> archive = open_archive(tempfile.mkdtemp())
 >>> ev = {"event_id": "0" * 32, "ts": "2026-01-02T03:04:05.000Z", "site": "lobby", "camera_id": "cam-1"}
->>> archive.write([ev, ev])
+>>> archive.write([ev, ev], name="1-1")
 1
 >>> archive.partitions()
 ['site=lobby/camera=cam-1/date=2026-01-02/hour=03']
+>>> archive.compact('site=lobby/camera=cam-1/date=2026-01-02/hour=03')
+1
+>>> [e["event_id"] == ev["event_id"] for e in archive.read(archive.partitions()[0])]
+[True]
 """
 
 from __future__ import annotations
@@ -31,10 +39,11 @@ import contextlib
 import json
 import logging
 import os
+import re
 import tempfile
 import threading
+import uuid
 from abc import ABC, abstractmethod
-from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -46,9 +55,13 @@ from contract.topics import is_valid_name
 log = logging.getLogger(__name__)
 
 FILE_NAME = "events.jsonl"
+PART_PREFIX = "part-"
+SUFFIX = ".jsonl"
 ENDPOINT_ENV = ("SMARTCAM_S3_ENDPOINT", "AWS_ENDPOINT_URL")
-_CACHE_PARTITIONS = 64  # recently written partitions kept in memory so a batch does not re-read the file
-_MAX_CONFLICTS = 50  # concurrent writers on one partition: re-read and merge again this many times at most
+_MAX_CONFLICTS = 50  # concurrent compactions of one partition: re-read and merge again this many times at most
+_PART_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
+_PREFIX_SEGMENT = re.compile(r"^[A-Za-z0-9_.=-]{1,200}$")
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")  # S3 bucket naming rules
 
 
 class ArchiveError(RuntimeError):
@@ -76,34 +89,41 @@ def partition_of(event: dict[str, Any]) -> str:
     return f"site={site}/camera={camera}/date={ts[:10]}/hour={ts[11:13]}"
 
 
+def partition_end(partition: str) -> float:
+    """Epoch seconds at which a partition's hour ends (its events are older than that).
+
+    >>> partition_end("site=a/camera=b/date=1970-01-01/hour=01")
+    7200.0
+    """
+    fields = dict(part.split("=", 1) for part in partition.split("/"))
+    return parse_ts(f"{fields['date']}T{fields['hour']}:00:00.000Z") + 3600.0
+
+
 def _line(event: dict[str, Any]) -> str:
     return json.dumps(event, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
-class _Partition:
-    """One partition's lines keyed by event_id; lines we cannot parse are kept verbatim (never dropped)."""
+class _Lines:
+    """Events keyed by event_id (first copy wins); lines that cannot be parsed are kept verbatim (never dropped)."""
 
-    def __init__(self, text: str) -> None:
+    def __init__(self) -> None:
         self.rows: dict[str, tuple[str, str]] = {}  # event_id -> (ts, line)
         self.unparsed: list[str] = []
+
+    def add_text(self, text: str) -> None:
         for line in text.splitlines():
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
-                self.rows[str(obj["event_id"])] = (str(obj.get("ts", "")), line)
+                self.rows.setdefault(str(obj["event_id"]), (str(obj.get("ts", "")), line))
             except (ValueError, KeyError, TypeError):
                 self.unparsed.append(line)
-        if self.unparsed:
-            log.warning("archive: %d unreadable line(s) kept as they are", len(self.unparsed))
+                log.warning("archive: an unreadable line is kept as it is")
 
-    def merge(self, events: list[dict[str, Any]]) -> int:
-        added = 0
+    def add_events(self, events: list[dict[str, Any]]) -> None:
         for ev in events:
-            if ev["event_id"] not in self.rows:
-                self.rows[ev["event_id"]] = (ev["ts"], _line(ev))
-                added += 1
-        return added
+            self.rows.setdefault(ev["event_id"], (ev["ts"], _line(ev)))
 
     def text(self) -> str:
         ordered = sorted(self.rows.items(), key=lambda kv: (kv[1][0], kv[0]))
@@ -111,55 +131,87 @@ class _Partition:
 
 
 class Archive(ABC):
-    """Hourly JSON Lines partitions; subclasses only move whole objects (get, put, list)."""
+    """Hourly JSON Lines partitions; subclasses only move whole objects (get, put, list, delete)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._cache: OrderedDict[str, tuple[Any, _Partition]] = OrderedDict()
-        self.conflicts = 0  # times another writer got there first (re-read and merged again)
+        self.conflicts = 0  # times another compaction got there first (re-read and merged again)
 
-    def write(self, events: list[dict[str, Any]]) -> int:
-        """Archive newly stored events; returns how many were not already there. Checks every event first."""
-        groups: dict[str, list[dict[str, Any]]] = {}
+    @property
+    @abstractmethod
+    def url(self) -> str:
+        """Where the archive is (``s3://bucket/prefix`` or the absolute directory): its identity."""
+
+    def write(self, events: list[dict[str, Any]], *, name: str | None = None) -> int:
+        """Write ``events`` as one new immutable part per partition; returns how many distinct events.
+
+        ``name`` (letters, digits, ``_ . -``) names the parts; give each batch its own (the follower uses the
+        database positions it covers). Every event is checked before anything is written.
+        """
+        name = name or uuid.uuid4().hex
+        if not _PART_NAME.match(name):
+            raise ValueError(f"archive: bad part name {name!r}")
+        groups: dict[str, _Lines] = {}
         for ev in events:
-            groups.setdefault(partition_of(ev), []).append(ev)
-        added = 0
+            groups.setdefault(partition_of(ev), _Lines()).add_events([ev])
+        with self._lock:
+            for partition, lines in sorted(groups.items()):
+                self._put_new(f"{partition}/{PART_PREFIX}{name}{SUFFIX}", lines.text())
+        return sum(len(lines.rows) for lines in groups.values())
+
+    def compact(self, partition: str) -> int:
+        """Fold the partition's parts into its ``events.jsonl`` and delete them; returns how many parts.
+
+        Safe to repeat and to interrupt: the parts are deleted only after the merged file is in place, and a
+        part written meanwhile is left for the next compaction.
+        """
+        key = f"{partition}/{FILE_NAME}"
         with self._lock, self._writers_lock():
-            for partition, batch in sorted(groups.items()):
-                added += self._merge_into(partition, batch)
-        return added
-
-    def read(self, partition: str) -> list[dict[str, Any]]:
-        """The events stored in one partition (``site=../camera=../date=../hour=..``), in file order."""
-        _, text = self._get(self._key(partition), None)
-        return [json.loads(line) for line in (text or "").splitlines() if line.strip()]
-
-    def partitions(self) -> list[str]:
-        """Every partition that holds a file, sorted."""
-        suffix = "/" + FILE_NAME
-        return sorted(k[: -len(suffix)] for k in self._list() if k.endswith(suffix))
-
-    def _key(self, partition: str) -> str:
-        return f"{partition}/{FILE_NAME}"
-
-    def _merge_into(self, partition: str, batch: list[dict[str, Any]]) -> int:
-        key = self._key(partition)
-        for _ in range(_MAX_CONFLICTS):
-            cached = self._cache.pop(key, None)
-            version, text = self._get(key, cached[0] if cached else None)
-            part = cached[1] if cached and text is None and version == cached[0] else _Partition(text or "")
-            added = part.merge(batch)
-            if added:
+            for _ in range(_MAX_CONFLICTS):
+                parts = self._parts_in(partition)
+                if not parts:
+                    return 0
+                version, text = self._get(key)
+                merged = _Lines()
+                merged.add_text(text or "")
+                for part in parts:
+                    merged.add_text(self._get(part)[1] or "")
                 try:
-                    version = self._put(key, part.text(), expect=version)
+                    self._put(key, merged.text(), expect=version)
                 except _Conflict:
                     self.conflicts += 1
-                    continue  # the cached copy is dropped: read the winner's version and merge into it
-            self._cache[key] = (version, part)
-            while len(self._cache) > _CACHE_PARTITIONS:
-                self._cache.popitem(last=False)
-            return added
+                    continue
+                self._delete(parts)
+                return len(parts)
         raise ArchiveError(f"archive {partition}: still conflicting after {_MAX_CONFLICTS} attempts")
+
+    def read(self, partition: str) -> list[dict[str, Any]]:
+        """A partition's events, compacted file and parts together, each once, ordered by (ts, event_id)."""
+        lines = _Lines()
+        for key in [f"{partition}/{FILE_NAME}", *self._parts_in(partition)]:
+            lines.add_text(self._get(key)[1] or "")
+        return [json.loads(line) for line in lines.text().splitlines()]
+
+    def partitions(self) -> list[str]:
+        """Every partition that holds a compacted file or parts, sorted."""
+        return sorted({key.rsplit("/", 1)[0] for key in self._data_keys()})
+
+    def parts(self) -> dict[str, list[str]]:
+        """Partition -> its parts' keys (relative to the root), for partitions not fully compacted."""
+        found: dict[str, list[str]] = {}
+        for key in self._data_keys():
+            partition, leaf = key.rsplit("/", 1)
+            if leaf != FILE_NAME:
+                found.setdefault(partition, []).append(key)
+        return found
+
+    def _data_keys(self) -> list[str]:
+        return [k for k in self._list("site=") if k.endswith(SUFFIX) and k.count("/") == 4 and k.startswith("site=")
+                and (k.endswith("/" + FILE_NAME) or k.rsplit("/", 1)[1].startswith(PART_PREFIX))]
+
+    def _parts_in(self, partition: str) -> list[str]:
+        return sorted(k for k in self._list(partition + "/")
+                      if k.rsplit("/", 1)[1].startswith(PART_PREFIX) and k.endswith(SUFFIX))
 
     @contextlib.contextmanager
     def _writers_lock(self) -> Iterator[None]:
@@ -167,8 +219,8 @@ class Archive(ABC):
         yield
 
     @abstractmethod
-    def _get(self, key: str, known_version: Any) -> tuple[Any, str | None]:
-        """(version, text); text None when missing, or when unchanged since ``known_version``."""
+    def _get(self, key: str) -> tuple[Any, str | None]:
+        """(version, text); (None, None) when missing."""
 
     @abstractmethod
     def _put(self, key: str, text: str, expect: Any) -> Any:
@@ -178,12 +230,20 @@ class Archive(ABC):
         """
 
     @abstractmethod
-    def _list(self) -> list[str]:
-        """Every key under the root, relative to it."""
+    def _put_new(self, key: str, text: str) -> None:
+        """Write an immutable object (a part); the same key is only ever written with the same events."""
+
+    @abstractmethod
+    def _list(self, prefix: str) -> list[str]:
+        """Every key under the root that starts with ``prefix``, relative to the root."""
+
+    @abstractmethod
+    def _delete(self, keys: list[str]) -> None:
+        """Remove objects (missing ones are fine)."""
 
 
 class LocalArchive(Archive):
-    """A directory tree; each partition file is replaced atomically (temp file + rename)."""
+    """A directory tree; every file is written to a temp file, synced and renamed into place."""
 
     def __init__(self, root: str | Path) -> None:
         super().__init__()
@@ -198,16 +258,17 @@ class LocalArchive(Archive):
     def __repr__(self) -> str:
         return f"LocalArchive({str(self.root)!r})"
 
-    def _get(self, key: str, known_version: Any) -> tuple[Any, str | None]:
+    @property
+    def url(self) -> str:
+        return str(self.root.resolve())
+
+    def _get(self, key: str) -> tuple[Any, str | None]:
         path = self.root / key
         try:
             st = path.stat()
+            return (st.st_mtime_ns, st.st_size, st.st_ino), path.read_text(encoding="utf-8")
         except FileNotFoundError:
             return None, None
-        version = (st.st_mtime_ns, st.st_size, st.st_ino)
-        if version == known_version:
-            return version, None
-        return version, path.read_text(encoding="utf-8")
 
     @contextlib.contextmanager
     def _writers_lock(self) -> Iterator[None]:
@@ -227,15 +288,14 @@ class LocalArchive(Archive):
             finally:
                 fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
-    def _put(self, key: str, text: str, expect: Any) -> Any:
-        # Under the writers' flock nobody else can have changed the file since _get: expect always holds.
-        path = self.root / key
+    def _write_file(self, path: Path, data: bytes) -> None:
+        """The one place bytes reach the disk: temp file in the same directory, fsync, rename."""
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".events-", suffix=".tmp", dir=path.parent)
+            fd, tmp = tempfile.mkstemp(prefix=".archive-", suffix=".tmp", dir=path.parent)
             try:
-                with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                    fh.write(text)
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(data)
                     fh.flush()
                     os.fsync(fh.fileno())
                 os.replace(tmp, path)
@@ -244,27 +304,55 @@ class LocalArchive(Archive):
                 raise
         except OSError as exc:
             raise ArchiveError(f"archive write to {path} failed: {exc.strerror or exc}") from None
+
+    def _put(self, key: str, text: str, expect: Any) -> Any:
+        # Under the writers' flock nobody else compacts meanwhile: expect always holds.
+        path = self.root / key
+        self._write_file(path, text.encode("utf-8"))
         st = path.stat()
         return (st.st_mtime_ns, st.st_size, st.st_ino)
 
-    def _list(self) -> list[str]:
-        return sorted(p.relative_to(self.root).as_posix() for p in self.root.rglob(FILE_NAME))
+    def _put_new(self, key: str, text: str) -> None:
+        self._write_file(self.root / key, text.encode("utf-8"))
+
+    def _list(self, prefix: str) -> list[str]:
+        folder, _, start = prefix.rpartition("/")
+        base = self.root / folder if folder else self.root
+        if not base.is_dir():
+            return []
+        tops = [p for p in base.iterdir() if p.name.startswith(start)]
+        files = [f for top in tops for f in ([top] if top.is_file() else top.rglob(f"*{SUFFIX}"))]
+        return sorted(p.relative_to(self.root).as_posix() for p in files if p.is_file() and p.name.endswith(SUFFIX))
+
+    def _delete(self, keys: list[str]) -> None:
+        for key in keys:
+            try:
+                (self.root / key).unlink(missing_ok=True)
+            except OSError as exc:
+                raise ArchiveError(f"archive delete of {self.root / key} failed: {exc.strerror or exc}") from None
 
 
 class S3Archive(Archive):
-    """An S3-compatible bucket (AWS, SeaweedFS, MinIO...); each partition is one object, replaced by PUT."""
+    """An S3-compatible bucket (AWS, SeaweedFS, MinIO...): parts are PUT once, the hour replaced by a
+    conditional PUT when compacted."""
 
     def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None, client: Any = None) -> None:
         super().__init__()
         self.bucket = bucket
-        self.prefix = prefix.strip("/")
+        self.prefix = check_prefix(prefix)
+        if not _BUCKET.match(bucket) or ".." in bucket:
+            raise ArchiveError(f"archive bucket {bucket!r}: not a valid S3 bucket name (3-63 of a-z 0-9 . -)")
         self.endpoint_url = endpoint_url or next((os.environ[v] for v in ENDPOINT_ENV if os.environ.get(v)), None)
         self.client = client or self._make_client()
         self.conditional_writes = True  # If-Match / If-None-Match on PUT (AWS, MinIO, SeaweedFS support them)
         self._call("open", lambda: self.client.head_bucket(Bucket=self.bucket))
 
     def __repr__(self) -> str:
-        return f"S3Archive('s3://{self.bucket}/{self.prefix}', endpoint={self.endpoint_url!r})"
+        return f"S3Archive({self.url!r}, endpoint={self.endpoint_url!r})"
+
+    @property
+    def url(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
 
     def _make_client(self) -> Any:
         import boto3
@@ -291,7 +379,7 @@ class S3Archive(Archive):
     def _error(self, what: str, exc: Exception) -> ArchiveError:
         from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
 
-        where = f"s3://{self.bucket}/{self.prefix} at {self.endpoint_url or 'AWS'}"
+        where = f"{self.url} at {self.endpoint_url or 'AWS'}"
         if isinstance(exc, NoCredentialsError):
             return ArchiveError(f"archive {where}: no credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)")
         if isinstance(exc, EndpointConnectionError):
@@ -309,19 +397,14 @@ class S3Archive(Archive):
             return ArchiveError(f"archive {where}: {what} failed: {code} {err.get('Message', '')}".strip())
         return ArchiveError(f"archive {where}: {what} failed: {exc}")
 
-    def _get(self, key: str, known_version: Any) -> tuple[Any, str | None]:
+    def _get(self, key: str) -> tuple[Any, str | None]:
         from botocore.exceptions import BotoCoreError, ClientError
 
-        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": self._full(key)}
-        if known_version:
-            kwargs["IfNoneMatch"] = known_version
         try:
-            resp = self.client.get_object(**kwargs)
+            resp = self.client.get_object(Bucket=self.bucket, Key=self._full(key))
         except ClientError as exc:
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             code = str(exc.response.get("Error", {}).get("Code", ""))
-            if status == 304 or code == "304":
-                return known_version, None
             if code in ("NoSuchKey", "404") and status == 404:
                 return None, None
             raise self._error("read", exc) from None
@@ -344,8 +427,8 @@ class S3Archive(Archive):
             if status in (409, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict"):
                 raise _Conflict(key) from None
             if condition and (status == 501 or code == "NotImplemented"):
-                log.warning("archive s3://%s: conditional PUT not supported by this server; one writer per "
-                            "prefix from now on", self.bucket)
+                log.warning("archive %s: conditional PUT not supported by this server; one compactor per "
+                            "prefix from now on", self.url)
                 self.conditional_writes = False
                 return self._put(key, text, expect)
             raise self._error("write", exc) from None
@@ -353,29 +436,48 @@ class S3Archive(Archive):
             raise self._error("write", exc) from None
         return resp.get("ETag")
 
-    def _list(self) -> list[str]:
+    def _put_new(self, key: str, text: str) -> None:
+        self._call("write", lambda: self.client.put_object(
+            Bucket=self.bucket, Key=self._full(key), Body=text.encode("utf-8"), ContentType="application/x-ndjson"))
+
+    def _list(self, prefix: str) -> list[str]:
         base = f"{self.prefix}/" if self.prefix else ""
-        keys: list[str] = []
         paginator = self.client.get_paginator("list_objects_v2")
-        pages = self._call("list", lambda: list(paginator.paginate(Bucket=self.bucket, Prefix=base)))
-        for page in pages:
-            keys += [obj["Key"][len(base):] for obj in page.get("Contents", [])]
-        return sorted(keys)
+        pages = self._call("list", lambda: list(paginator.paginate(Bucket=self.bucket, Prefix=base + prefix)))
+        return sorted(obj["Key"][len(base):] for page in pages for obj in page.get("Contents", []))
+
+    def _delete(self, keys: list[str]) -> None:
+        for start in range(0, len(keys), 1000):  # DeleteObjects takes at most 1,000 keys
+            chunk = keys[start:start + 1000]
+            resp = self._call("delete", lambda chunk=chunk: self.client.delete_objects(
+                Bucket=self.bucket, Delete={"Objects": [{"Key": self._full(k)} for k in chunk], "Quiet": True}))
+            if resp.get("Errors"):
+                first = resp["Errors"][0]
+                raise ArchiveError(f"archive {self.url}: delete of {first.get('Key')} failed: {first.get('Code')}")
 
 
-def backfill(store: Any, archive: Archive, *, since: Any = None, until: Any = None, site: str | None = None,
-             camera_id: str | None = None, page: int = 1000) -> int:
-    """Archive stored events again from the database (e.g. after a crash between commit and archive write).
+def check_prefix(prefix: str) -> str:
+    """An S3 key prefix made of plain path segments (no ``.``/``..``, no empty segment); stripped of slashes.
 
-    Safe to repeat: the archive keeps each event once. Returns how many events were missing from the archive.
+    Some S3 servers (and every tool that mirrors a bucket to disk) resolve ``..``: ``s3://b/../../x`` would
+    write outside the prefix the operator gave.
+
+    >>> check_prefix("/smartcam/archive/")
+    'smartcam/archive'
+    >>> check_prefix("../../x")
+    Traceback (most recent call last):
+    ...
+    cloud_sink.archive.ArchiveError: archive prefix '../../x': segment '..' is not allowed (use plain names: \
+A-Z a-z 0-9 _ . = -)
     """
-    added = offset = 0
-    while True:
-        rows = store.events(site=site, camera_id=camera_id, since=since, until=until, limit=page, offset=offset)
-        if not rows:
-            return added
-        added += archive.write([row["payload"] for row in rows])
-        offset += len(rows)
+    stripped = prefix.strip("/")
+    if not stripped:
+        return ""
+    for segment in stripped.split("/"):
+        if segment in ("", ".", "..") or not _PREFIX_SEGMENT.match(segment):
+            raise ArchiveError(f"archive prefix {prefix!r}: segment {segment!r} is not allowed (use plain names: "
+                               "A-Z a-z 0-9 _ . = -)")
+    return stripped
 
 
 def open_archive(url: str, *, endpoint_url: str | None = None) -> Archive:
@@ -384,6 +486,8 @@ def open_archive(url: str, *, endpoint_url: str | None = None) -> Archive:
     if parsed.scheme == "s3":
         if not parsed.netloc:
             raise ArchiveError(f"archive URL {url!r} has no bucket (want s3://bucket/prefix)")
+        if parsed.query or parsed.fragment or parsed.params:
+            raise ArchiveError(f"archive URL {url!r}: no ?query or #fragment (want s3://bucket/prefix)")
         return S3Archive(parsed.netloc, parsed.path, endpoint_url=endpoint_url)
     if parsed.scheme == "file":
         return LocalArchive(parsed.path)

@@ -34,7 +34,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--db", help="sqlite:///path.db (default sqlite:///smartcam.db) or postgresql://user@host/db")
     run.add_argument("--http", metavar="HOST:PORT", help="serve the read-only API and dashboard, e.g. 127.0.0.1:8080")
     run.add_argument("--http-token", help="API bearer token (required off-loopback; or $SMARTCAM_API_TOKEN)")
-    run.add_argument("--archive", help="archive new events as JSON Lines to a directory or s3://bucket/prefix")
+    run.add_argument("--archive", help="archive stored events as JSON Lines to a directory or s3://bucket/prefix "
+                                       "(follows the database from a cursor: catches up after an outage)")
+    run.add_argument("--archive-interval", type=float, dest="archive_interval_s",
+                     help="seconds between archive rounds (default 5; each round writes one part per hour and "
+                          "camera with new events, so raise it to cut S3 PUT requests)")
     run.add_argument("--samples-store", help="store sampled frames (learning loop) under samples/ in a directory or "
                                              "s3://bucket/prefix (default: the --archive root; none: dead-lettered)")
     run.add_argument("--max-sample-bytes", type=int, help="largest sample message accepted (default 2 MiB)")
@@ -193,7 +197,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from contract.broker import BrokerSettings
 
     overrides = {k: getattr(args, k, None) for k in (
-        "broker", "db", "http", "http_token", "archive", "share_group", "client_id", "tls_ca", "username",
+        "broker", "db", "http", "http_token", "archive", "archive_interval_s", "share_group", "client_id", "tls_ca", "username",
         "session_expiry_s", "batch_size", "batch_wait_ms", "max_past_days", "log_every_s", "samples_store",
         "max_sample_bytes")}
     cfg = load_config(args.config, overrides)
@@ -207,14 +211,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         check_bind(http[0], token)
         sock = bind_http(*http)
     store = _open_store(cfg.db)
-    archive = None
-    if cfg.archive:
+    follower = None
+    if cfg.archive:  # off the ack path: a thread copies committed events from the database's cursor
         from cloud_sink.archive import open_archive
+        from cloud_sink.archive_follower import ArchiveFollower
 
         try:
             archive = open_archive(cfg.archive)
-        except Exception as exc:  # bucket missing, bad credentials, unwritable directory
+        except Exception as exc:  # bucket missing, bad credentials, unwritable directory, unsafe prefix
             raise ValueError(f"archive {cfg.archive}: {exc}") from None
+        follower = ArchiveFollower(store, archive, interval_s=cfg.archive_interval_s)
     from cloud_sink.metrics import SinkMetrics
 
     metrics = SinkMetrics()
@@ -228,7 +234,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         except Exception as exc:  # bucket missing, bad credentials, unwritable directory
             raise ValueError(f"samples store {where}: {exc}") from None
         log.info("sampled frames go to %s/samples/", samples.storage.url)
-    subscriber = Subscriber(Ingestor(store, limits=cfg.limits(), archive=archive, metrics=metrics,
+    subscriber = Subscriber(Ingestor(store, limits=cfg.limits(), metrics=metrics,
                                      samples=samples), settings,
                             client_id=cfg.client_id, share_group=cfg.share_group,
                             session_expiry_s=cfg.session_expiry_s, batch_size=cfg.batch_size,
@@ -252,8 +258,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     log.info("sink %s: broker %s, db %s%s", cfg.client_id, settings.redacted(), cfg.db.split("@")[-1],
              f", share group {cfg.share_group}" if cfg.share_group else "")
+    if follower is not None:
+        follower.start()
+        log.info("archiving to %s every %.0f s (%d stored events not archived yet)", follower.archive.url,
+                 follower.interval_s, follower.pending())
     subscriber.start()
     subscriber.run()
+    if follower is not None:
+        follower.stop()  # one last round: what this run stored is archived before it exits
     if server is not None:
         server.should_exit = True
     store.close()

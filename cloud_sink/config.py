@@ -30,6 +30,7 @@ class SinkConfig(BaseModel):
     http: str | None = None  # host:port for the read-only API and dashboard
     http_token: str | None = None  # bearer token; required off-loopback (also $SMARTCAM_API_TOKEN)
     archive: str | None = None  # directory or s3://bucket/prefix
+    archive_interval_s: float = Field(5.0, gt=0, le=3600)  # between archive rounds (one part per hour/camera each)
     samples_store: str | None = None  # sampled frames: directory or s3://bucket/prefix (default: archive)
     max_sample_bytes: int = Field(2 * 1024 * 1024, ge=1024)  # a larger sample is dead-lettered
     share_group: str | None = None  # MQTT 5 shared subscription group: several workers split the load

@@ -205,10 +205,23 @@ class SeaweedFS:
     secret_key: str
     log_path: Path
     proc: subprocess.Popen | None = None
+    args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
 
     @property
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.s3_port}"
+
+    def start(self) -> None:
+        """(Re)start on the same ports and data directory (an S3 outage in tests); waits until it answers."""
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.args, stdout=log, stderr=log, cwd=self.workdir, env=self.env)
+        try:
+            wait_for_port(self.s3_port, timeout=60)
+            _wait_s3_ready(self)
+        except Exception:
+            self.stop()
+            raise RuntimeError(f"seaweedfs did not start:\n{self.log_path.read_text()[-2000:]}") from None
 
     def client(self, access_key: str | None = None, secret_key: str | None = None):
         """A boto3 S3 client for this server (the right credentials unless told otherwise)."""
@@ -259,15 +272,8 @@ def start_seaweedfs(workdir: Path, access_key: str = "smartcam-test", secret_key
     env = {**os.environ, "AWS_ACCESS_KEY_ID": access_key, "AWS_SECRET_ACCESS_KEY": secret_key}
     log_path = workdir / "weed.log"
     server = SeaweedFS(workdir=workdir, s3_port=ports["s3"], access_key=access_key, secret_key=secret_key,
-                       log_path=log_path)
-    with open(log_path, "ab") as log:
-        server.proc = subprocess.Popen(args, stdout=log, stderr=log, cwd=workdir, env=env)
-    try:
-        wait_for_port(server.s3_port, timeout=60)
-        _wait_s3_ready(server)
-    except Exception:
-        server.stop()
-        raise RuntimeError(f"seaweedfs did not start:\n{log_path.read_text()[-2000:]}") from None
+                       log_path=log_path, args=args, env=env)
+    server.start()
     for bucket in buckets:  # after start-up, so a bad name fails at once with S3's own message
         try:
             server.client().create_bucket(Bucket=bucket)

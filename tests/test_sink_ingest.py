@@ -322,9 +322,11 @@ def test_run_serves_the_api_and_archives_new_events(mosquitto, tmp_path):
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/events?limit=50", timeout=10) as resp:
             body = json.loads(resp.read())
         assert {e["event_id"] for e in body["events"]} == {e["event_id"] for e in evs}
-        archived = "".join(p.read_text() for p in (tmp_path / "archive").rglob("*.jsonl"))
-        assert sorted(json.loads(line)["event_id"] for line in archived.splitlines()) == sorted(
-            e["event_id"] for e in evs)
+        def archived() -> list[str]:  # the archive follows the database (every 5 s by default)
+            text = "".join(p.read_text() for p in (tmp_path / "archive").rglob("*.jsonl"))
+            return sorted(json.loads(line)["event_id"] for line in text.splitlines())
+
+        wait_for(lambda: archived() == sorted(e["event_id"] for e in evs), what="5 events archived")
     finally:
         assert stop_process(proc) == 0
 

@@ -304,6 +304,31 @@ async function renderCamera(cam) {
     ? `This camera sends summaries (summary mode): the figures above come from them; there are no per-person ` +
       `records. Latest window ${utcTime(epoch(latest.start), true)} UTC, ${latest.events} events.`
     : "No events stored yet.");
+  renderSamples(cam).catch(() => { document.getElementById("samples-card").hidden = true; });
+}
+
+// Thumbnails come through fetch (with the token), not <img src>, which could not send the Authorization header.
+const sampleUrls = [];
+async function renderSamples(cam) {
+  const { samples } = await api("samples", { site: cam.site, camera: cam.camera_id, limit: 12 });
+  const card = document.getElementById("samples-card");
+  card.hidden = samples.length === 0;
+  document.getElementById("samples-scope").textContent = `· ${cam.site}/${cam.camera_id}`;
+  while (sampleUrls.length) URL.revokeObjectURL(sampleUrls.pop());
+  const headers = state.token ? { Authorization: `Bearer ${state.token}` } : {};
+  const tiles = await Promise.all(samples.map(async (s) => {
+    const fig = el("figure", { class: "sample" });
+    const response = await fetch(`api/samples/${encodeURIComponent(s.sample_id)}.jpg`, { headers });
+    if (response.ok) {
+      const url = URL.createObjectURL(await response.blob());
+      sampleUrls.push(url);
+      fig.append(el("img", { src: url, alt: `sample ${s.sample_id}`, width: 160 }));
+    }
+    fig.append(el("figcaption", {}, `${s.ts.slice(0, 19).replace("T", " ")} · ${s.reasons.join(", ")} · ` +
+      `${s.detections} det · ${Math.round(s.bytes / 1024)} KB`));
+    return fig;
+  }));
+  document.getElementById("samples").replaceChildren(...tiles);
 }
 
 // ------------------------------------------------------------------------------------------ main loop
