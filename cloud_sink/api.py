@@ -31,13 +31,14 @@ from fastapi.staticfiles import StaticFiles
 from cloud_sink import rollups
 from cloud_sink.store import Store
 from contract.schema import EVENT_TYPES
+from contract.topics import NAME_RE
 
 log = logging.getLogger(__name__)
 
 TOKEN_ENV = "SMARTCAM_API_TOKEN"
 MAX_LIMIT = 1000
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
-ZONE_PATTERN = r"^(\*|[A-Za-z0-9][A-Za-z0-9_.-]{0,63})$"
+NAME_PATTERN = NAME_RE.pattern  # contract.topics: the one name rule
+ZONE_PATTERN = rf"^(\*|{NAME_RE.pattern[1:-1]})$"  # a zone name, or * for every zone
 
 #: The dashboard loads nothing from elsewhere; this keeps it that way (and blocks injected inline script).
 SECURITY_HEADERS = {

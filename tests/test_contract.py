@@ -106,3 +106,25 @@ def test_a_trailing_newline_never_passes_a_pattern():
         bad = dict(event, **{field: value})
         assert any(field in e for e in validation_errors(bad)), field
     assert not is_valid_name("cam-1\n") and is_valid_name("cam-1")
+
+
+def test_every_copy_of_the_name_rule_is_contract_topics_name_re():
+    """JSON Schemas and the credentials script cannot import Python: their copies must match NAME_RE exactly."""
+    import json
+    import re
+    from pathlib import Path
+
+    from contract.topics import NAME_RE
+
+    root = Path(__file__).resolve().parents[1]
+    body = NAME_RE.pattern[1:-1]  # without ^ and $
+    schema_copies = []
+    for path in sorted((root / "contract" / "schemas").glob("*.schema.json")):
+        for pattern in re.findall(r'"pattern": "((?:[^"\\]|\\.)*)"', path.read_text()):
+            pattern = json.loads(f'"{pattern}"')
+            if "A-Za-z0-9][A-Za-z0-9_.-]" in pattern:
+                schema_copies.append((path.name, pattern))
+    assert schema_copies and all(p == f"^{body}(?!\\n)$" for _, p in schema_copies), schema_copies
+    script = (root / "deploy" / "make-credentials.sh").read_text()
+    assert f"NAME_RE='{NAME_RE.pattern}'" in script
+
