@@ -32,6 +32,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from cloud_sink.samples import is_sample_topic
 from cloud_sink.store import Batch, Store, Written, is_transient
 from cloud_sink.validation import Checked, Limits, check_messages
 from contract.timestamps import format_ts
@@ -53,6 +54,7 @@ SUBSCRIPTIONS = (
     "smartcam/+/+/zones/+/count",
     "smartcam/+/+/lines/+/totals",
     "smartcam/+/+/model/reported",  # retained: the model each camera runs, the outcome of its latest update
+    "smartcam/+/+/sample",  # sampled frames for the learning loop (sample.v1: JSON header + JPEG), samples.py
 )
 
 
@@ -70,6 +72,7 @@ class BatchResult:
     model: int = 0  # model/reported documents
     summaries: int = 0  # summaries stored for the first time
     summary_duplicates: int = 0
+    samples: int = 0  # sampled frames stored for the first time (cloud_sink/samples.py)
     new_events: list[dict[str, Any]] = field(default_factory=list)
     reasons: list[str] = field(default_factory=list)
     # per (site, camera): the event/summary ids now committed (stored, already stored, or dead-lettered),
@@ -104,8 +107,9 @@ class Ingestor:
     """Classify and store batches of raw messages; never raises on bad input (only on storage failure)."""
 
     def __init__(self, store: Store, *, limits: Limits | None = None, archive: Any = None,
-                 metrics: Any = None):
+                 metrics: Any = None, samples: Any = None):
         self.store = store
+        self.samples = samples  # cloud_sink.samples.SampleSink; None: samples are dead-lettered with the reason
         self.limits = limits or Limits()
         self.archive = archive
         self.totals = Totals()
@@ -120,6 +124,10 @@ class Ingestor:
         message can never stall the stream.
         """
         now = time.time() if now is None else now
+        messages = list(messages)
+        sampled = [m for m in messages if is_sample_topic(m[0])]
+        if sampled:
+            messages = [m for m in messages if not is_sample_topic(m[0])]
         checked = [item for topic, payload in messages
                    for item in check_messages(topic, payload, now=now, limits=self.limits)]
         started = time.perf_counter()
@@ -150,6 +158,8 @@ class Ingestor:
         result.summary_duplicates -= result.summaries + written.summary_conflicts
         result.dead += written.conflicts + written.summary_conflicts  # same id, other content: dead-lettered
         result.reasons += ["conflict"] * (written.conflicts + written.summary_conflicts)
+        if sampled:
+            self._store_samples(sampled, now, result)
         result.committed = committed_ids(checked)
         self.totals.add(result)
         if self.metrics is not None:
@@ -167,6 +177,16 @@ class Ingestor:
                     self.metrics.archive_errors.inc()
                 log.error("archive write failed for %d events: %s", len(result.new_events), exc)
         return result
+
+    def _store_samples(self, sampled: list[tuple[str, bytes]], now: float, result: BatchResult) -> None:
+        """Sampled frames go to object storage + their index, not through the event path (samples.py)."""
+        from cloud_sink.samples import SampleSink
+
+        done = (self.samples or SampleSink(self.store, None)).handle(sampled, now)
+        result.received += len(sampled)
+        result.samples += done.stored
+        result.dead += done.dead
+        result.reasons += done.reasons
 
     def _one_by_one(self, checked: list[tuple[Checked, bytes]], now: float
                     ) -> tuple[list[tuple[Checked, bytes]], Written]:
