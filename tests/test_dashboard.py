@@ -208,3 +208,26 @@ def test_dashboard_of_a_summary_mode_camera_shows_the_same_charts_and_says_why_n
             page.close()
     finally:
         store.close()
+
+
+def test_camera_cards_show_the_model_and_a_failed_update(browser, scenario_store):
+    """Over-the-air models (docs/models-ota.md): each card says which model runs and that an update failed."""
+    from cloud_sink.api import create_app
+    from cloud_sink.store import Batch
+    from contract.model_docs import reported_document
+
+    store, events = scenario_store
+    site, camera = events[0]["site"], events[0]["camera_id"]
+    doc = reported_document(site=site, camera_id=camera, ts_s=time.time(), state="rolled_back",
+                            version="person-0123456789ab", sha256="ab" * 32, deployment="d-1",
+                            reason="probation: people on 0% of frames", previous=None,
+                            active={"version": None, "name": "yolov8n-int8", "sha256": "cd" * 32})
+    store.write(Batch(models=[(site, camera, doc)]))
+    with serve(create_app(store)) as url:
+        page, watch = open_dashboard(browser, url)
+        card = page.inner_text(f'#cameras [data-camera="{site}/{camera}"]')
+        assert "yolov8n-int8 · update person-0123456789ab rolled back" in card, card
+        others = page.inner_text("#cameras")
+        assert others.count("update person-0123456789ab") == 1  # only that camera
+        assert not watch.errors, watch.errors
+        page.close()
