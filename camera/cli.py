@@ -89,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "default 1)")
     run.add_argument("--start-time", dest="start_time", type=_iso_time, metavar="ISO",
                      help="files: capture time of the first frame (replay footage as of a date; default now)")
-    run.add_argument("--conf", type=float, help="detection confidence threshold (default 0.25)")
+    run.add_argument("--conf", type=float, help="detection confidence threshold (default 0.1: weak detections "
+                                                "continue tracks, only confident ones start them)")
     run.add_argument("--iou", type=float, help="NMS IoU threshold (default 0.45)")
     run.add_argument("--classes", help="comma-separated class names to detect (default person)")
     run.add_argument("--threads", type=int, help="inference threads per stream (default: the cores shared out "

@@ -36,7 +36,9 @@ class _Strict(BaseModel):
 
 
 class DetectorConfig(_Strict):
-    conf: float = Field(0.25, gt=0, lt=1, description="minimum detection confidence")
+    conf: float = Field(0.1, gt=0, lt=1, description="minimum detection confidence; low on purpose: the tracker "
+                        "continues tracks with detections from tracker.low_score and starts them only from "
+                        "tracker.new_track_score (docs/counting.md)")
     iou: float = Field(0.45, gt=0, le=1, description="NMS IoU threshold")
     classes: list[str] = Field(default_factory=lambda: ["person"], min_length=1,
                                description="class names to detect (the model's names)")

@@ -33,7 +33,8 @@ from contract.schema import SCHEMA_VERSION
 from contract.timestamps import format_ts
 from contract.topics import is_valid_name
 
-HANDOVER_DISTANCE = 1.0  # a successor must start within this many box heights of where the lost track was
+HANDOVER_DISTANCE = 1.0  # a successor must start within this many box heights of where the lost track was, or of
+# where it would be by now at its last velocity (a walker lost at the line at 5 fps is found a stride further on)
 ORPHAN_GRACE_S = 5.0  # how long after handover_s a successor may still get confirmed and claim an orphan
 
 
@@ -66,6 +67,7 @@ class _Orphan:
     anchor: np.ndarray  # bottom-centre at last sighting
     height: float
     last_seen: float
+    velocity: np.ndarray  # (2,) px/s of the box centre at last sighting (the tracker's motion estimate)
 
 
 class EventBuilder:
@@ -117,7 +119,6 @@ class EventBuilder:
         self._geometry_size: tuple[int, int] | None = None
         self._zone_px: dict[str, np.ndarray] = {}
         self._line_px: dict[str, np.ndarray] = {}
-        self._travel_px: dict[str, float] = {}
 
     def set_model(self, model_name: str, model_sha256: str) -> None:
         """Events from now on carry this model (an over-the-air swap between two frames; tracks carry on)."""
@@ -273,7 +274,8 @@ class EventBuilder:
             anchor = anchors[line.anchor]
             seg = self._line_px[line.name]
             d = dist[line.name]
-            if abs(d) < self._travel_px[line.name] or d == 0:
+            band = line.travel_px(*self._geometry_size, box_height=float(t.xyxy[3] - t.xyxy[1]))
+            if abs(d) < band or d == 0:
                 continue  # inside the hysteresis band: nothing settles here
             side = 1 if d > 0 else -1
             crossed = (
@@ -300,7 +302,8 @@ class EventBuilder:
         for line in self.lines:
             anchor = box_anchor(first, line.anchor)
             d = float(line_side(self._line_px[line.name], anchor[None])[0])
-            if abs(d) >= self._travel_px[line.name] and d != 0:
+            band = line.travel_px(*self._geometry_size, box_height=float(first[3] - first[1]))
+            if abs(d) >= band and d != 0:
                 person.lines[line.name] = _LineState(1 if d > 0 else -1, anchor)
 
     def _offer_as_orphan(self, person: _Person) -> None:
@@ -310,7 +313,8 @@ class EventBuilder:
         t = person.track
         if any(o.lines is person.lines for o in self._orphans) or self._at_border(t.xyxy):
             return  # lost at the edge of the picture: the person left, this is no id switch
-        self._orphans.append(_Orphan(person.lines, box_anchor(t.xyxy), float(t.xyxy[3] - t.xyxy[1]), t.last_seen))
+        self._orphans.append(_Orphan(person.lines, box_anchor(t.xyxy), float(t.xyxy[3] - t.xyxy[1]), t.last_seen,
+                                     t.velocity))
 
     def _adopt_orphan(self, person: _Person) -> None:
         """A new person continues the line state of one lost/ended just before, close to where it starts."""
@@ -324,7 +328,8 @@ class EventBuilder:
         for o in self._orphans:
             if o.last_seen > t.first_seen or t.first_seen - o.last_seen > self.handover_s:
                 continue  # both visible at once: two people, not one id switch
-            dist = float(np.hypot(*(start - o.anchor)))
+            moved = o.anchor + o.velocity * (t.first_seen - o.last_seen)  # where it would be by now
+            dist = min(float(np.hypot(*(start - o.anchor))), float(np.hypot(*(start - moved))))
             if dist <= HANDOVER_DISTANCE * max(height, o.height) and dist < best_dist:
                 best, best_dist = o, dist
         if best is None:
@@ -342,7 +347,6 @@ class EventBuilder:
         self._geometry_size = (frame_w, frame_h)
         self._zone_px = {z.name: z.pixel_points(frame_w, frame_h) for z in self.zones}
         self._line_px = {ln.name: ln.pixel_points(frame_w, frame_h) for ln in self.lines}
-        self._travel_px = {ln.name: ln.travel_px(frame_w, frame_h) for ln in self.lines}
 
     def _event(self, type_: str, ts: float, frame: dict, **fields: Any) -> dict:
         return {

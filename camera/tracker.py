@@ -8,7 +8,8 @@
   (occlusion, motion blur); (3) *re-identification by motion*: confirmed tracks left unmatched (lost up to
   ``max_age_s``, or missed by IoU because the person turned, or jumped at 5 fps) take a confident detection
   inside their Kalman gate (Mahalanobis distance of the position, similar height), so a person who walked on
-  behind an obstacle keeps the id; (4)-(5) tentative tracks take the remaining confident, then weak, detections.
+  behind an obstacle keeps the id; (4)-(5) tentative tracks take the remaining confident, then weak, detections
+  by IoU, and (6) a confident one inside their (wide, velocity unknown) gate: a fast walker at 5 fps.
 - **Confirmation**: a track is confirmed after ``min_hits`` matched frames; only detections of at least
   ``new_track_score`` start one, so a lower threshold continues tracks than starts them. Ids are handed out at
   confirmation, so they count 1, 2, 3, ...
@@ -38,20 +39,25 @@ from camera.detections import Detections, iou_matrix
 
 SCORE_HISTORY = 30  # scores kept per track for the median threshold (Frigate keeps a short history too)
 CHI2_4DOF_95 = 9.4877  # Mahalanobis gate on (cx, cy, w, h): the 95 % quantile of chi-square with 4 dof
-# Kalman noise, as fractions of the box height (ByteTrack's 1/20 and 1/160 per frame at 30 fps, restated per
-# second so that any frame rate gives the same model).
+# Kalman noise, as fractions of the box height. ByteTrack's are 1/20 (position) and 1/160 (velocity) per frame at
+# 30 fps; restated per second that is 0.27 h/sqrt(s) and 1.0 h/s/sqrt(s). Measured on PETS09 (bench/accuracy.py)
+# half the position noise and a fifth of the velocity noise keep ids far better at 5-7 fps (walkers keep their
+# pace; IDF1 +0.05-0.1 at every input size), so those are used.
 MEASURE_STD = 1 / 20  # detector noise on each box coordinate
-POS_STD_PER_S = 1 / 20 * np.sqrt(30)  # random walk of the position, per sqrt(second)
-VEL_STD_PER_S = 1 / 160 * 30 * np.sqrt(30)  # random walk of the velocity (px/s), per sqrt(second)
+POS_STD_PER_S = 0.5 * (1 / 20) * np.sqrt(30)  # random walk of the position, per sqrt(second)
+VEL_STD_PER_S = 0.2 * (1 / 160) * 30 * np.sqrt(30)  # random walk of the velocity (px/s), per sqrt(second)
 INIT_VEL_STD = 1.0  # a new track's velocity is unknown: about one box height per second
 
 
 class TrackerSpec(BaseModel, extra="forbid"):
     """Tracker settings. ByteTrack's defaults (high 0.5, new track 0.6, low 0.1) lowered by 0.1 after measuring
-    on the street and plaza clips (docs/counting.md): small, overhead people score 0.3-0.6 with YOLOv8n."""
+    on the street and plaza clips (docs/counting.md): small, overhead people score 0.3-0.6 with YOLOv8n.
+    ``max_age_s`` 2 (was 1): on PETS09 it halves the tracks per person at 5-7 fps (bench/accuracy.py), because
+    people hidden by another for a second are found again by motion instead of getting a new id."""
 
     min_hits: int = Field(3, ge=1, description="matched detections before a track is confirmed")
-    max_age_s: float = Field(1.0, gt=0, description="seconds without a match before a track ends")
+    max_age_s: float = Field(2.0, gt=0, description="seconds without a match before a track ends (a lost track "
+                             "can be re-identified by motion until then)")
     match_iou: float = Field(0.3, gt=0, le=1, description="minimum IoU to match a high-score detection")
     low_match_iou: float = Field(0.5, gt=0, le=1, description="minimum IoU to match a low-score detection")
     high_score: float = Field(0.4, ge=0, le=1, description="detections at or above: first association stage")
@@ -265,7 +271,11 @@ class Tracker:
         # around 0.3-0.5); weak ones never start a track, and the EventBuilder's median score still judges it.
         rest_high = self._by_iou(tentative, rest_high, *args, threshold=spec.match_iou)
         tentative_left = [t for t in tentative if id(t) not in matched]
-        self._by_iou(tentative_left, rest_low, *args, threshold=spec.low_match_iou)
+        rest_low = self._by_iou(tentative_left, rest_low, *args, threshold=spec.low_match_iou)
+        # 6: a tentative track that moved too far for IoU (a fast walker at 5 fps) takes a confident detection in
+        # its gate; its unknown velocity keeps the gate wide, confirmation (min_hits) still has to follow.
+        if spec.reid_gate > 0:
+            rest_high = self._by_motion([t for t in tentative if id(t) not in matched], rest_high, *args)
 
         started: list[Track] = []
         ended: list[Track] = []

@@ -84,6 +84,8 @@ class LineSpec(BaseModel, extra="forbid"):
     points: list[list[float]]
     in_side: Literal["left", "right"] = "left"
     min_travel: float = Field(0.02, ge=0)
+    min_travel_heights: float = Field(0.1, ge=0, description="the hysteresis is also at least this many heights of "
+                                      "the person's box: a detector's jitter grows with the box")
     anchor: Anchor = "bottom_center"
 
     _name = field_validator("name")(_check_name)
@@ -101,8 +103,15 @@ class LineSpec(BaseModel, extra="forbid"):
     def pixel_points(self, frame_w: int, frame_h: int) -> np.ndarray:
         return to_pixels(self.points, frame_w, frame_h)
 
-    def travel_px(self, frame_w: int, frame_h: int) -> float:
-        """The hysteresis distance in pixels for this frame size."""
+    def travel_px(self, frame_w: int, frame_h: int, box_height: float = 0.0) -> float:
+        """The hysteresis distance in pixels for this frame size and a person box this tall.
+
+        >>> LineSpec(name="a", points=[[0, 0], [10, 0]], min_travel=10).travel_px(640, 480, box_height=100)
+        10.0
+        """
+        return max(self._frame_travel_px(frame_w, frame_h), self.min_travel_heights * float(box_height))
+
+    def _frame_travel_px(self, frame_w: int, frame_h: int) -> float:
         if self.min_travel < 1:
             return float(self.min_travel * np.hypot(frame_w, frame_h))
         return float(self.min_travel)

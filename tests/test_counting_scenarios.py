@@ -102,7 +102,8 @@ def test_box_jittering_across_the_line_while_crossing_counts_once(seed: int):
 
 def test_jitter_scenario_needs_hysteresis():
     """Control: without hysteresis the same jittery crossings are counted several times."""
-    bare = LineSpec(name="door", points=[[100, 240], [540, 240]], in_side="right", min_travel=0)
+    bare = LineSpec(name="door", points=[[100, 240], [540, 240]], in_side="right", min_travel=0,
+                    min_travel_heights=0)
     counts = [len(crossings(run(jittery_crossing(seed), lines=(bare,)))) for seed in range(5)]
     assert max(counts) > 1
 
