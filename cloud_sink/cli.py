@@ -51,6 +51,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--batch-size", type=int, help="messages per commit (default 500)")
     run.add_argument("--batch-wait-ms", type=float, help="longest wait to fill a batch (default 50)")
     run.add_argument("--max-past-days", type=float, help="reject events older than this (default 400)")
+    run.add_argument("--max-future", type=float, dest="max_future_s", metavar="SECONDS",
+                     help="reject events this far ahead of the sink's clock (default 3600)")
+    run.add_argument("--dead-letter-rate", type=float, dest="dead_letters_per_minute", metavar="PER_MINUTE",
+                     help="dead letters stored per camera and minute; more are counted, not stored (default 60)")
+    run.add_argument("--dead-letter-burst", type=int, help="dead letters a camera may send at once (default 100)")
+    run.add_argument("--dead-letter-cap", type=int, help="dead letters kept at most, oldest pruned (default 100000)")
+    run.add_argument("--dead-letter-days", type=float, help="dead letters kept at most this long (default 30)")
     run.add_argument("--log-every", type=float, dest="log_every_s", help="seconds between count logs (default 10)")
 
     report = sub.add_parser("report", help="print entries, exits, occupancy, dwell, peak hour per camera",
@@ -110,13 +117,13 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _open_store(url: str):
+def _open_store(url: str, **options: Any):
     from sqlalchemy.exc import SQLAlchemyError
 
     from cloud_sink.store import Store
 
     try:
-        return Store.open(url)
+        return Store.open(url, **options)
     except ValueError:
         raise
     except SQLAlchemyError as exc:
@@ -198,7 +205,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     overrides = {k: getattr(args, k, None) for k in (
         "broker", "db", "http", "http_token", "archive", "archive_interval_s", "share_group", "client_id", "tls_ca", "username",
-        "session_expiry_s", "batch_size", "batch_wait_ms", "max_past_days", "log_every_s", "samples_store",
+        "session_expiry_s", "batch_size", "batch_wait_ms", "max_past_days", "max_future_s", "dead_letters_per_minute",
+        "dead_letter_burst", "dead_letter_cap", "dead_letter_days", "log_every_s", "samples_store",
         "max_sample_bytes")}
     cfg = load_config(args.config, overrides)
     settings = BrokerSettings.from_url(cfg.broker, ca_file=cfg.tls_ca, username=cfg.username)
@@ -210,7 +218,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         check_bind(http[0], token)
         sock = bind_http(*http)
-    store = _open_store(cfg.db)
+    store = _open_store(cfg.db, dead_letter_cap=cfg.dead_letter_cap, dead_letter_days=cfg.dead_letter_days)
+    store.set_time_window(max_past_s=cfg.max_past_days * 86400.0, max_future_s=cfg.max_future_s)
+    log.info("accepting event times from %g days before to %g s after this clock (--max-past-days, "
+             "--max-future); dead letters: %g per camera and minute (burst %d), at most %d rows and %g days",
+             cfg.max_past_days, cfg.max_future_s, cfg.dead_letters_per_minute, cfg.dead_letter_burst,
+             cfg.dead_letter_cap, cfg.dead_letter_days)
     follower = None
     if cfg.archive:  # off the ack path: a thread copies committed events from the database's cursor
         from cloud_sink.archive import open_archive

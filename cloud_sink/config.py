@@ -42,8 +42,12 @@ class SinkConfig(BaseModel):
     batch_wait_ms: float = Field(50.0, gt=0, le=10000)
     max_payload_bytes: int = Field(64 * 1024, ge=1024)
     max_depth: int = Field(16, ge=2, le=256)
-    max_future_s: float = Field(3600.0, ge=0)
-    max_past_days: float = Field(400.0, gt=0)
+    max_future_s: float = Field(3600.0, ge=0)  # event times later than the sink's clock + this are dead letters
+    max_past_days: float = Field(400.0, gt=0)  # ... and earlier than its clock - this
+    dead_letters_per_minute: float = Field(60.0, gt=0)  # per camera, sustained (more: counted, not stored)
+    dead_letter_burst: int = Field(100, ge=1)  # per camera, at once
+    dead_letter_cap: int = Field(100_000, ge=100)  # rows kept at most (the oldest go first)
+    dead_letter_days: float = Field(30.0, gt=0)  # and none older than this
     log_every_s: float = Field(10.0, gt=0)
 
     @field_validator("share_group", "client_id")
@@ -55,7 +59,8 @@ class SinkConfig(BaseModel):
 
     def limits(self) -> Limits:
         return Limits(max_bytes=self.max_payload_bytes, max_depth=self.max_depth, max_future_s=self.max_future_s,
-                      max_past_s=self.max_past_days * 86400.0)
+                      max_past_s=self.max_past_days * 86400.0, dead_letters_per_minute=self.dead_letters_per_minute,
+                      dead_letter_burst=self.dead_letter_burst)
 
     def http_address(self) -> tuple[str, int] | None:
         """``host:port`` → (host, port); None when the API is off."""

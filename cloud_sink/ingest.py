@@ -28,8 +28,8 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from cloud_sink.samples import is_sample_topic
@@ -60,8 +60,10 @@ SUBSCRIPTIONS = (
 
 @dataclass
 class BatchResult:
-    """What one batch did. ``new_events`` are the events stored for the first time. The counts are per item: a
-    ``.../batch`` message counts once per event line it carries (or once, dead, if it cannot be decoded)."""
+    """What ingest did: one call of :meth:`Ingestor.handle`, or everything since start (:attr:`Ingestor.totals`,
+    which keeps the counts only). ``new_events`` are the events stored for the first time. The counts are per
+    item: a ``.../batch`` message counts once per event line it carries (once, dead, if it cannot be decoded or
+    has more than ``Limits.max_dead_lines`` bad lines)."""
 
     received: int = 0
     stored: int = 0
@@ -73,34 +75,46 @@ class BatchResult:
     summaries: int = 0  # summaries stored for the first time
     summary_duplicates: int = 0
     samples: int = 0  # sampled frames stored for the first time (cloud_sink/samples.py)
+    dead_dropped: int = 0  # dead letters over their camera's rate: counted (sink_state), not stored
+    batches: int = 0  # database transactions
+    archive_errors: int = 0
     new_events: list[dict[str, Any]] = field(default_factory=list)
     reasons: list[str] = field(default_factory=list)
     # per (site, camera): the event/summary ids now committed (stored, already stored, or dead-lettered),
     # confirmed back to the camera on .../ack (Subscriber._confirm; camera/confirm.py)
     committed: dict[tuple[str, str], list[str]] = field(default_factory=dict)
 
+    def add(self, other: BatchResult, *, items: bool = True) -> BatchResult:
+        """Add ``other``'s counts (and, with ``items``, its events, reasons and ids) to this one."""
+        for f in fields(self):
+            mine, theirs = getattr(self, f.name), getattr(other, f.name)
+            if isinstance(mine, int):
+                setattr(self, f.name, mine + theirs)
+            elif items and isinstance(mine, list):
+                mine.extend(theirs)
+            elif items:
+                for key, ids in theirs.items():
+                    mine.setdefault(key, []).extend(ids)
+        return self
 
-@dataclass
-class Totals:
-    """Running counters since start (logged periodically)."""
 
-    received: int = 0
-    stored: int = 0
-    duplicates: int = 0
-    dead: int = 0
-    summaries: int = 0
-    summary_duplicates: int = 0
-    batches: int = 0
-    archive_errors: int = 0
+class _DeadLetterRate:
+    """A token bucket per camera (``site/camera``; one for unparseable topics): dead letters over the rate are
+    dropped and counted, so one camera's junk can neither fill the table nor crowd out another's."""
 
-    def add(self, result: BatchResult) -> None:
-        self.received += result.received
-        self.stored += result.stored
-        self.duplicates += result.duplicates
-        self.dead += result.dead
-        self.summaries += result.summaries
-        self.summary_duplicates += result.summary_duplicates
-        self.batches += 1
+    def __init__(self, per_minute: float, burst: int):
+        self.rate = per_minute / 60.0
+        self.burst = float(burst)
+        self._buckets: dict[tuple[str | None, str | None], tuple[float, float]] = {}  # key -> (tokens, at)
+
+    def allow(self, key: tuple[str | None, str | None], now: float) -> bool:
+        tokens, at = self._buckets.get(key, (self.burst, now))
+        tokens = min(self.burst, tokens + max(0.0, now - at) * self.rate)
+        ok = tokens >= 1.0
+        self._buckets[key] = (tokens - 1.0 if ok else tokens, now)
+        if len(self._buckets) > 100_000:  # bounded: forget the fullest buckets (they would be full again)
+            self._buckets = {k: v for k, v in self._buckets.items() if v[0] < self.burst - 1}
+        return ok
 
 
 class Ingestor:
@@ -112,27 +126,57 @@ class Ingestor:
         self.samples = samples  # cloud_sink.samples.SampleSink; None: samples are dead-lettered with the reason
         self.limits = limits or Limits()
         self.archive = archive
-        self.totals = Totals()
+        self.totals = BatchResult()
+        self._dead_rate = _DeadLetterRate(self.limits.dead_letters_per_minute, self.limits.dead_letter_burst)
         self.metrics = metrics  # cloud_sink.metrics.SinkMetrics: what /metrics serves (optional)
 
     def handle(self, messages: Iterable[tuple[str, bytes]], *, now: float | None = None) -> BatchResult:
         """Validate and commit one batch; then hand the new events to the archive (if any).
 
-        Raises only when the database is unavailable (``OperationalError``/``InterfaceError``: locked, down, disk
-        full) so the caller keeps the batch unacknowledged and retries. If the database *rejects* the batch for
-        its content, the messages are stored one by one and the rejected ones dead-lettered, so one poison
-        message can never stall the stream.
+        Raises only when the database is unavailable (``store.is_transient``: locked, down, disk full) so the
+        caller keeps the batch unacknowledged and retries. If the database *rejects* the batch for its content,
+        the messages are stored one by one and the rejected ones dead-lettered, so one poison message can never
+        stall the stream. Bounded: messages are checked as they come and committed in transactions of at most
+        ``Limits.max_transaction_lines`` items and ``max_transaction_bytes`` payload bytes, and dead letters over
+        a camera's rate are dropped and counted, so a flood of junk costs neither memory nor table space.
         """
         now = time.time() if now is None else now
         messages = list(messages)
         sampled = [m for m in messages if is_sample_topic(m[0])]
         if sampled:
             messages = [m for m in messages if not is_sample_topic(m[0])]
-        checked = [item for topic, payload in messages
-                   for item in check_messages(topic, payload, now=now, limits=self.limits)]
+        result: BatchResult | None = None
+        for checked, dropped in self._parts(messages, now):
+            part = self._store_part(checked, now, sampled if result is None else [], dropped)
+            result = part if result is None else result.add(part)
+        assert result is not None
+        return result
+
+    def _parts(self, messages: list[tuple[str, bytes]], now: float
+               ) -> Iterator[tuple[list[tuple[Checked, bytes]], int]]:
+        """The verdicts on ``messages`` in transaction-sized parts (at least one, maybe empty), each with the
+        number of dead letters dropped by the rate limit; checked lazily, so only one part is held at a time."""
+        part: list[tuple[Checked, bytes]] = []
+        size = dropped = 0
+        for topic, payload in messages:
+            for c, raw in check_messages(topic, payload, now=now, limits=self.limits):
+                if c.kind == "dead" and not self._dead_rate.allow((c.site, c.camera_id), now):
+                    dropped += 1
+                    continue
+                if part and (len(part) >= self.limits.max_transaction_lines
+                             or size + len(raw) > self.limits.max_transaction_bytes):
+                    yield part, dropped
+                    part, size, dropped = [], 0, 0
+                part.append((c, raw))
+                size += len(raw)
+        yield part, dropped
+
+    def _store_part(self, checked: list[tuple[Checked, bytes]], now: float, sampled: list[tuple[str, bytes]],
+                    dropped: int) -> BatchResult:
+        """One transaction: store ``checked`` (and ``sampled``), count what happened, then archive."""
         started = time.perf_counter()
         try:
-            written = self.store.write(_batch(checked, now), received_at=now)
+            written = self.store.write(_batch(checked, now, dropped=dropped), received_at=now)
         except Exception as exc:
             if is_transient(exc):  # down, locked, disk full: the caller keeps the batch unacked and retries
                 raise
@@ -141,9 +185,11 @@ class Ingestor:
             if self.metrics is not None:
                 self.metrics.db_errors.labels("rejected").inc()
             checked, written = self._one_by_one(checked, now)
+            if dropped:
+                self.store.write(Batch(counters={"dead_letters_rate_limited": dropped}), received_at=now)
         new_events = written.new_events
-        result = BatchResult(received=len(checked), new_events=new_events, stored=len(new_events),
-                             summaries=len(written.new_summaries))
+        result = BatchResult(received=len(checked) + dropped, new_events=new_events, stored=len(new_events),
+                             summaries=len(written.new_summaries), dead_dropped=dropped, batches=1)
         for c, _ in checked:
             if c.kind == "event":
                 result.duplicates += 1
@@ -161,7 +207,7 @@ class Ingestor:
         if sampled:
             self._store_samples(sampled, now, result)
         result.committed = committed_ids(checked)
-        self.totals.add(result)
+        self.totals.add(result, items=False)
         if self.metrics is not None:
             self.metrics.batch(result, time.perf_counter() - started)
             if result.new_events:
@@ -233,8 +279,8 @@ def committed_ids(checked: list[tuple[Checked, bytes]]) -> dict[tuple[str, str],
     return out
 
 
-def _batch(checked: list[tuple[Checked, bytes]], now: float) -> Batch:
-    batch = Batch()
+def _batch(checked: list[tuple[Checked, bytes]], now: float, *, dropped: int = 0) -> Batch:
+    batch = Batch(counters={"dead_letters_rate_limited": dropped} if dropped else {})
     for c, payload in checked:
         if c.kind == "event":
             batch.events.append(c.value)
@@ -365,13 +411,15 @@ class Subscriber:
         except queue.Empty:
             return []
         batch = [first]
+        size = len(first.payload)
         deadline = time.monotonic() + self.batch_wait_s
-        while len(batch) < self.batch_size:
+        while len(batch) < self.batch_size and size < self.ingestor.limits.max_transaction_bytes:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
             try:
                 batch.append(self._queue.get(timeout=min(remaining, self.idle_gap_s)))
+                size += len(batch[-1].payload)
             except queue.Empty:
                 break
         return batch

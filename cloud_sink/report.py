@@ -52,6 +52,23 @@ def build(store: Store, *, since: float, until: float | None = None, site: str |
     return data
 
 
+def _span(seconds: int) -> str:
+    return f"{seconds / 86400:g} days" if seconds >= 86400 else f"{seconds} s"
+
+
+def sink_lines(state: dict[str, int]) -> list[str]:
+    """What the sink itself reports (``Store.sink_state``): its time window and what it did not store."""
+    out = []
+    if "window_max_past_s" in state:
+        out.append(f"the sink accepts event times from {_span(state['window_max_past_s'])} before to "
+                   f"{_span(state.get('window_max_future_s', 0))} after its clock (older/newer: dead letters)")
+    if state.get("dead_letters_rate_limited"):
+        out.append(f"{state['dead_letters_rate_limited']} dead letters not stored (rate limit per camera)")
+    if state.get("dead_letters_pruned"):
+        out.append(f"{state['dead_letters_pruned']} dead letters pruned (size/age cap)")
+    return out
+
+
 def _fmt(value: Any) -> str:
     if value is None:
         return "-"
@@ -79,7 +96,8 @@ def render(data: dict[str, Any]) -> str:
     summaries = data.get("summaries_total") or 0
     out = [f"smartcam report  {data['since']} .. {data['until']}   events stored: {data['events_total']}   "
            + (f"summaries stored: {summaries}   " if summaries else "")
-           + f"dead letters: {data['dead_letters']}", ""]
+           + f"dead letters: {data['dead_letters']}"]
+    out += sink_lines(data.get("sink") or {}) + [""]
     cams = data["cameras"]
     if not cams:
         out.append("no cameras in this database yet")

@@ -645,5 +645,5 @@ def overview(store: Store, *, since: Any, until: Any = None, site: str | None = 
         "since": format_ts(since_s) if since_s is not None else None,
         "until": format_ts(until_s) if until_s is not None else None,
         "cameras": out_cams, "events_total": store.event_count(), "summaries_total": store.summary_count(),
-        "dead_letters": store.dead_letter_count(),
+        "dead_letters": store.dead_letter_count(), "sink": store.sink_state(),
     }

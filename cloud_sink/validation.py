@@ -53,6 +53,11 @@ class Limits:
     max_batch_bytes: int = 8 * 1024 * 1024  # a batch message, compressed and after decompression
     max_batch_events: int = 10_000  # lines in one batch (the edge sends at most 500 by default)
     max_summary_tracks: int = 100_000  # distinct track ids one summary may name (over all its areas)
+    max_dead_lines: int = 10  # a batch with more bad lines than this is one dead letter (the whole payload)
+    dead_letters_per_minute: float = 60.0  # per camera, sustained; more are counted, not stored
+    dead_letter_burst: int = 100  # per camera, at once
+    max_transaction_lines: int = 5000  # checked items (events, dead letters...) per database transaction
+    max_transaction_bytes: int = 16 * 1024 * 1024  # and their payload bytes
 
 
 @dataclass(frozen=True)
@@ -297,7 +302,9 @@ def check_batch(topic: str, payload: bytes, *, now: float | None = None,
                 limits: Limits | None = None) -> list[tuple[Checked, bytes]]:
     """A ``.../batch`` message as one verdict per event line (each checked exactly like a message on the same
     camera's ``.../events``), or a single dead letter for the whole payload if it cannot be decoded within the
-    limits. Never raises. The bytes beside each verdict are what a dead letter keeps (the line, or the payload).
+    limits. More than ``limits.max_dead_lines`` bad lines are one dead letter for the payload (the count and the
+    first reason), beside the good lines' verdicts. Never raises. The bytes beside each verdict are what a dead
+    letter keeps (the line, or the payload).
     """
     limits = limits or Limits()
     now = time.time() if now is None else now
@@ -320,13 +327,20 @@ def check_batch(topic: str, payload: bytes, *, now: float | None = None,
         return [(Checked("dead", topic, site, camera_id, reason=reason), bytes(payload))]
     events_topic = topic_for(site, camera_id, "events")
     out: list[tuple[Checked, bytes]] = []
+    bad = 0
     for number, line in enumerate(lines, 1):
         c = check_message(events_topic, line, now=now, limits=limits)
         if c.kind == "dead":
+            bad += 1
             c = Checked("dead", topic, site, camera_id, reason=f"batch line {number}: {c.reason}")
         else:
             c = replace(c, topic=topic)
         out.append((c, line))
+    if bad > limits.max_dead_lines:  # one dead letter for the payload, not one row per junk line
+        first = next(c.reason or "" for c, _ in out if c.kind == "dead")
+        reason = f"batch: {bad} of {len(lines)} lines rejected (first: {first.removeprefix('batch ')})"
+        out = [item for item in out if item[0].kind != "dead"]
+        out.append((Checked("dead", topic, site, camera_id, reason=reason[:500]), bytes(payload)))
     return out
 
 

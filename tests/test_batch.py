@@ -185,7 +185,7 @@ def test_ingest_stores_a_batch_once_with_its_dead_lines_in_one_commit(store):  #
     assert [e["event_id"] for e in result.new_events] == [e["event_id"] for e in events]
     again = ing.handle([(BATCH, payload)])  # a QoS 1 redelivery of the whole batch
     assert (again.stored, again.duplicates) == (0, 4)
-    assert store.event_count() == 4 and store.dead_letter_count() == 2
+    assert store.event_count() == 4 and store.dead_letter_count() == 1  # the redelivered dead letter: once
     assert all(d["reason"].startswith("batch line 2: ") for d in store.dead_letters())
     bad = ing.handle([(BATCH, b"\x78\x9c garbage")])
     assert bad.dead == 1 and "no preset dictionary" in bad.reasons[0]
@@ -207,10 +207,12 @@ def test_any_bytes_on_the_batch_topic_are_a_dead_letter_never_a_crash(payload):
 @given(st.lists(st.text(alphabet=st.characters(blacklist_characters="\n\r", blacklist_categories=("Cs",)),
                         max_size=200), min_size=1, max_size=20))
 def test_any_lines_in_a_valid_envelope_get_one_verdict_each(lines):
-    checked = check_batch(BATCH, encode_batch(lines))
+    checked = check_batch(BATCH, encode_batch(lines), limits=Limits(max_dead_lines=len(lines)))
     assert len(checked) == len(lines)
     assert all(c.kind == "dead" and c.reason.startswith(f"batch line {i}: ")
                for i, (c, _) in enumerate(checked, 1))
+    collapsed = check_batch(BATCH, encode_batch(lines), limits=Limits(max_dead_lines=0))  # one for the payload
+    assert len(collapsed) == 1 and collapsed[0][0].reason.startswith(f"batch: {len(lines)} of {len(lines)} lines")
 
 
 def test_batch_linger_flag_and_config():
