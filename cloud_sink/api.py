@@ -29,6 +29,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 
 from cloud_sink import rollups
+from cloud_sink.csv_export import DAILY_COLUMNS, HOURLY_COLUMNS, to_csv
 from cloud_sink.store import Store
 from contract.schema import EVENT_TYPES
 from contract.topics import NAME_RE
@@ -94,6 +95,14 @@ def _range(since: datetime | None, until: datetime | None) -> tuple[datetime | N
         raise HTTPException(422, detail=[{"loc": ["query", "until"], "msg": "until must be after since",
                                           "type": "value_error"}])
     return since, until
+
+
+Format = Annotated[Literal["json", "csv"], Query(description="json (default) or csv (a spreadsheet download)")]
+
+
+def _csv(rows: list[dict[str, Any]], columns: list[str], filename: str) -> Response:
+    return Response(to_csv(rows, columns), media_type="text/csv; charset=utf-8",
+                    headers={"Content-Disposition": f'attachment; filename="{filename}"'})
 
 
 class BearerToken(HTTPBearer):
@@ -188,10 +197,21 @@ def create_app(store: Store, *, token: str | None = None, metrics: Any = None, s
 
     @api.get("/stats/hourly")
     def stats_hourly(site: Site = None, camera: Camera = None, zone: Zone = None, since: Since = None,
-                     until: Until = None) -> dict[str, Any]:
-        """Hourly rollups (entries, exits, unique tracks, occupancy, dwell mean), oldest first."""
+                     until: Until = None, format: Format = "json") -> Any:
+        """Hourly rollups (entries, exits, unique tracks, occupancy, dwell mean), oldest first; ``format=csv``
+        for a spreadsheet."""
         since, until = _range(since, until)
-        return {"hours": rollups.hourly(store, since=since, until=until, site=site, camera_id=camera, zone=zone)}
+        rows = rollups.hourly(store, since=since, until=until, site=site, camera_id=camera, zone=zone)
+        return _csv(rows, HOURLY_COLUMNS, "smartcam-hourly.csv") if format == "csv" else {"hours": rows}
+
+    @api.get("/stats/daily")
+    def stats_daily(site: Site = None, camera: Camera = None, zone: Zone = None, since: Since = None,
+                    until: Until = None, format: Format = "json") -> Any:
+        """The hourly rollups summed per UTC day (unique tracks distinct per day), oldest first; ``format=csv``
+        for a spreadsheet."""
+        since, until = _range(since, until)
+        rows = rollups.daily(store, since=since, until=until, site=site, camera_id=camera, zone=zone)
+        return _csv(rows, DAILY_COLUMNS, "smartcam-daily.csv") if format == "csv" else {"days": rows}
 
     @api.get("/occupancy")
     def occupancy(site: Site = None, camera: Camera = None, zone: Zone = None, since: Since = None,

@@ -237,6 +237,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from cloud_sink.metrics import SinkMetrics
 
     metrics = SinkMetrics()
+    if follower is not None:
+        metrics.watch_archive(follower)  # its lag on /metrics
     samples = None
     if cfg.samples_store or cfg.archive:
         from cloud_sink.samples import SampleSink, SampleStorage

@@ -210,17 +210,11 @@ class Ingestor:
         self.totals.add(result, items=False)
         if self.metrics is not None:
             self.metrics.batch(result, time.perf_counter() - started)
-            if result.new_events:
-                self.metrics.stored(now, archive=self.archive is not None)
         if self.archive is not None and result.new_events:
             try:
                 self.archive.write(result.new_events)
-                if self.metrics is not None:
-                    self.metrics.archive_done(len(result.new_events), now)
             except Exception as exc:  # the database is the record; the archive is a copy (logged, counted)
                 self.totals.archive_errors += 1
-                if self.metrics is not None:
-                    self.metrics.archive_errors.inc()
                 log.error("archive write failed for %d events: %s", len(result.new_events), exc)
         return result
 

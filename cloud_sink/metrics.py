@@ -1,7 +1,8 @@
 """Prometheus metrics of the sink, served on ``/metrics`` next to the API (prometheus-client's own exposition).
 
 Two kinds: what ingest counts as it goes (:class:`SinkMetrics`: messages, events, dead letters by reason, commit
-latency, database errors and retries, archive writes) and what the database says at scrape time
+latency, database errors and retries) and what is read at scrape time: the archive follower's lag
+(:class:`ArchiveCollector`) and the database
 (:class:`StoreCollector`: per camera the age of its newest event or stats, online or not, outbox depth and
 fps from its latest stats). A ``smartcam-sink serve`` process has only the second kind; an ingest worker both.
 Each sink has its own registry, so two in one process (tests) never collide.
@@ -22,12 +23,13 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 #: (label, pattern) in order: the first match names the kind of a dead letter's reason.
 REASON_CLASSES = (
+    ("conflict", r"^conflict"),  # an event id already stored with other content
     ("size", r"exceeds|larger than"),
     ("database", r"database"),
     ("batch", r"^batch |zlib"),
@@ -68,13 +70,6 @@ class SinkMetrics:
                                  "unacknowledged and retried) or rejected (stored one by one)", ["kind"], registry=r)
         self.db_retries = Counter("smartcam_sink_database_retries", "Batch commits retried after the database "
                                   "was unavailable", registry=r)
-        self.archived = Counter("smartcam_sink_archive_events", "Events written to the archive", registry=r)
-        self.archive_errors = Counter("smartcam_sink_archive_errors", "Archive writes that failed", registry=r)
-        self.archive_lag = Gauge("smartcam_sink_archive_lag_seconds", "How far the archive trails the database: "
-                                 "receive time of the newest stored event minus that of the newest archived one",
-                                 registry=r)
-        self._newest_stored = 0.0
-        self._newest_archived = 0.0
         # every series exists from the start at 0: increase()/rate() see the first dead letter or error (a
         # counter that appears at 1 has no earlier sample to differ from)
         for kind in ("unavailable", "rejected"):
@@ -92,19 +87,29 @@ class SinkMetrics:
         for reason in result.reasons:
             self.dead_letters.labels(reason_class(reason)).inc()
 
-    def stored(self, received_at: float, archive: bool) -> None:
-        """New events were committed at ``received_at``; ``archive``: an archive is configured."""
-        self._newest_stored = received_at
-        if archive:
-            self.archive_lag.set(max(0.0, self._newest_stored - self._newest_archived))
-
-    def archive_done(self, events: int, received_at: float) -> None:
-        self.archived.inc(events)
-        self._newest_archived = received_at
-        self.archive_lag.set(max(0.0, self._newest_stored - self._newest_archived))
+    def watch_archive(self, follower: Any) -> None:
+        """Export the archive follower's progress (cloud_sink/archive_follower.py) with the ingest counters."""
+        self.registry.register(ArchiveCollector(follower))
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class ArchiveCollector(Collector):
+    """The archive follower at each scrape: how many stored events it has not archived yet (its lag), what it
+    wrote and how often a round failed (each is retried with backoff)."""
+
+    def __init__(self, follower: Any) -> None:
+        self.follower = follower
+
+    def collect(self) -> Iterator[Metric]:
+        lag = GaugeMetricFamily("smartcam_sink_archive_lag_events", "Stored events not in the archive yet")
+        lag.add_metric([], float(self.follower.pending()))
+        archived = CounterMetricFamily("smartcam_sink_archive_events", "Events written to the archive")
+        archived.add_metric([], float(self.follower.stats.archived))
+        failures = CounterMetricFamily("smartcam_sink_archive_failures", "Archive rounds that failed (retried)")
+        failures.add_metric([], float(self.follower.stats.failures))
+        yield from (lag, archived, failures)
 
 
 class StoreCollector(Collector):

@@ -210,6 +210,292 @@ def test_dashboard_of_a_summary_mode_camera_shows_the_same_charts_and_says_why_n
         store.close()
 
 
+# ------------------------------------------------------------------------------------------ issue 17
+DAY = 86400
+
+
+def _today() -> float:
+    return float(int(time.time()) // DAY * DAY)
+
+
+def shop_events() -> list[dict]:
+    """shop/door with zones and a line, events on days chosen so every range picks a different set:
+    today 3 entries, yesterday 2, three days ago 5, seven days ago 1, twenty days ago 7 (all at 01:00-02:00 UTC)."""
+    from tests.test_sink_api import make_event
+
+    out: list[dict] = []
+    track = iter(range(1, 10_000))
+    for days_ago, entries in ((0, 3), (1, 2), (3, 5), (7, 1), (20, 7)):
+        base = _today() - days_ago * DAY + HOUR
+        for i in range(entries):
+            t, ts = next(track), base + 60 * i
+            out += [make_event("person.enter", ts, site="shop", camera="door", track_id=t),
+                    make_event("count", ts + 1, site="shop", camera="door", count=i + 1, previous=i),
+                    make_event("person.exit", ts + 30 + 10 * days_ago, site="shop", camera="door", track_id=t,
+                               dwell_s=30.0 + 10 * days_ago)]
+        out += [make_event("count", base + 1200, site="shop", camera="door", count=0, previous=entries),
+                make_event("zone.enter", base + 5, site="shop", camera="door", zone="till", track_id=1),
+                make_event("count", base + 6, site="shop", camera="door", zone="till", count=entries, previous=0),
+                make_event("zone.exit", base + 65, site="shop", camera="door", zone="till", track_id=1,
+                           dwell_s=60.0),
+                make_event("count", base + 66, site="shop", camera="door", zone="till", count=0, previous=entries),
+                make_event("line.cross", base + 10, site="shop", camera="door", line="entrance", direction="in",
+                           track_id=1, totals={"in": entries, "out": 0}),
+                make_event("line.cross", base + 20, site="shop", camera="door", line="entrance", direction="out",
+                           track_id=2, totals={"in": entries, "out": 1})]
+    # a second camera without zones or lines, and with a backlog in its last stats
+    out.append(make_event("person.enter", _today() + 2 * HOUR, site="shop", camera="back", track_id=1))
+    return out
+
+
+@pytest.fixture
+def shop_store(tmp_path):
+    from cloud_sink.store import Batch, Store
+    from tests.test_sink_api import stats_doc
+
+    store = Store.open(f"sqlite:///{tmp_path / 'shop.db'}")
+    events = shop_events()
+    assert len(store.write(Batch(events=events)).new_events) == len(events)
+    model = {"version": "v7", "name": "yolov8n-int8", "sha256": "ab" * 32}  # stats carry the running model
+    backlog = {**stats_doc("shop", "back", _today() + 2 * HOUR, 4.0), "outbox_depth": 321, "model": model}
+    store.write(Batch(statuses=[("shop", "door", "online"), ("shop", "back", "offline")],
+                      stats=[("shop", "door", {**stats_doc("shop", "door", _today() + HOUR, 9.0), "model": model}),
+                             ("shop", "back", backlog)]))
+    store.write(Batch(dead_letters=[{"topic": "smartcam/shop/door/events", "reason": "invalid JSON", "payload": p,
+                                     "received_at": time.time()} for p in (b"{", b"[")]))
+    yield store, events
+    store.close()
+
+
+def _kpis(page) -> dict[str, str]:
+    return dict(page.eval_on_selector_all("#kpis .kpi", "els => els.map(e => [e.lastChild.textContent, "
+                                                         "e.firstChild.textContent])"))
+
+
+def _pick(page, name: str) -> None:
+    page.click(f'#range-picker button[data-range="{name}"]')
+    page.wait_for_selector(f"body[data-ready=true][data-range='{name}']", timeout=20000)
+
+
+def _entries(page) -> dict[str, int]:
+    rows = _values(page, "#chart-entries rect.bar.entries", "data-hour", "data-day", "data-value")
+    return {(h or d): int(v) for h, d, v in rows}
+
+
+def test_range_picker_changes_every_chart_and_figure(browser, shop_store):
+    from cloud_sink.api import create_app
+
+    store, events = shop_store
+    today = _today()
+    with serve(create_app(store)) as url:
+        page, watch = open_dashboard(browser, url)
+        page.click('button.camera[data-camera="shop/door"]')
+        page.wait_for_selector("body[data-ready=true][data-selected='shop/door']")
+
+        _pick(page, "today")
+        bars = _entries(page)
+        assert len(bars) == 24 and min(bars) == format_ts(today)  # one bar per hour of today (UTC)
+        assert sum(bars.values()) == 3 and bars[format_ts(today + HOUR)] == 3
+        assert _kpis(page)["entries"] == "3"
+        compare = {c: (int(p), int(d)) for c, p, d in _values(page, "#compare .delta", "data-compare",
+                                                                "data-previous", "data-diff")}
+        assert compare == {"day": (2, 1), "week": (1, 2)}  # day-over-day vs yesterday, week-over-week
+        assert page.text_content("#range") == f"{format_ts(today)[:10]} UTC"
+        dwell_today = page.inner_text("#dwell-stats")
+        assert "n 3" in dwell_today
+        rows = [r[0] for r in _values(page, "#events tbody tr", "data-event-id")]
+        in_today = {e["event_id"] for e in events if e["camera_id"] == "door" and
+                    format_ts(today) <= e["ts"] < format_ts(today + DAY)}
+        assert set(rows) == in_today  # the event list follows the range too
+
+        _pick(page, "yesterday")
+        assert sum(_entries(page).values()) == 2 and _kpis(page)["entries"] == "2"
+        assert "n 2" in page.inner_text("#dwell-stats")
+        points = _values(page, "#chart-occupancy circle.pt", "data-t", "data-max")
+        assert points and all(format_ts(today - DAY) <= t < format_ts(today) for t, _ in points)
+        assert max(int(m) for _, m in points) == 2
+
+        _pick(page, "7d")
+        bars = _entries(page)
+        assert list(bars) == [format_ts(today - d * DAY)[:10] for d in range(6, -1, -1)]  # one bar per day
+        assert sum(bars.values()) == 3 + 2 + 5 and page.text_content("#entries-title") == "Entries per day"
+        assert {c for (c,) in _values(page, "#compare .delta", "data-compare")} == {"period"}
+        assert _values(page, "#compare .delta", "data-previous") == [("1",)]  # the 7 days before: 1 entry
+
+        _pick(page, "30d")
+        assert len(_entries(page)) == 30 and sum(_entries(page).values()) == 18
+        site = {r.get_attribute("data-camera"): int(r.query_selector("td:nth-child(6)").text_content())
+                for r in page.query_selector_all("#site-table tbody tr")}
+        assert site == {"shop/door": 18, "shop/back": 1}  # "entries in range" follows the picker
+
+        page.click('#range-picker button[data-range="custom"]')
+        day20 = format_ts(today - 20 * DAY)[:10]
+        page.fill("#custom-from", day20)
+        page.fill("#custom-to", day20)
+        page.click("#custom-range button[type=submit]")
+        page.wait_for_selector("body[data-ready=true][data-range=custom]")
+        assert sum(_entries(page).values()) == 7 and len(_entries(page)) == 24
+        assert page.text_content("#range") == f"{day20} UTC"
+        assert "n 7" in page.inner_text("#dwell-stats") and "median 3" in page.inner_text("#dwell-stats")
+        assert not watch.errors, watch.errors
+        page.close()
+
+
+def test_a_camera_with_zones_and_lines_shows_their_panels(browser, shop_store, artifacts_dir):
+    from cloud_sink.api import create_app
+
+    store, _ = shop_store
+    with serve(create_app(store)) as url:
+        page, watch = open_dashboard(browser, url)
+        page.click('button.camera[data-camera="shop/door"]')
+        page.wait_for_selector("body[data-ready=true][data-selected='shop/door']")
+        _pick(page, "30d")
+        assert page.locator("#lines-panel").is_visible() and page.locator("#zones-panel").is_visible()
+        lines = {(n, k): int(v) for n, k, v in _values(page, "#chart-lines rect.bar", "data-line", "class",
+                                                       "data-value")}
+        assert lines == {("entrance", "bar in"): 5, ("entrance", "bar out"): 5}  # one in, one out on 5 days
+        assert page.inner_text("#lines-table tbody").split() == ["entrance", "5", "5", "0"]
+        zones = {(n, k): float(v) for n, k, v in _values(page, "#chart-zones rect.bar", "data-zone", "class",
+                                                         "data-value")}
+        assert zones[("till", "bar max")] == 7  # the busiest day had 7 in the zone at once
+        dwell = _values(page, "#chart-zones-dwell rect.bar", "data-zone", "data-value")
+        assert [z for z, _ in dwell] == ["till"] and float(dwell[0][1]) > 0
+        assert "till" in page.inner_text("#zones-table tbody")
+        page.screenshot(path=str(artifacts_dir / "dashboard-zones-lines.png"), full_page=True)
+
+        # a camera without zones and lines: no empty panels
+        page.click('button.camera[data-camera="shop/back"]')
+        page.wait_for_selector("body[data-ready=true][data-selected='shop/back']")
+        assert page.locator("#lines-panel").is_hidden() and page.locator("#zones-panel").is_hidden()
+        assert not watch.errors, watch.errors
+        page.close()
+
+
+def test_site_overview_sorts_and_shows_fleet_health(browser, shop_store):
+    from cloud_sink.api import create_app
+
+    store, _ = shop_store
+    with serve(create_app(store)) as url:
+        page, watch = open_dashboard(browser, url)
+        fleet = dict(_values(page, "#fleet .fleet-item", "id", "data-value"))
+        assert fleet == {"fleet-offline": "1", "fleet-backlog": "321", "fleet-dead": "2"}
+        assert "1 / 2" in page.inner_text("#fleet-offline")
+
+        def order() -> list[str]:
+            return [r[0] for r in _values(page, "#site-table tbody tr", "data-camera")]
+
+        assert order() == ["shop/back", "shop/door"]  # by camera name at first
+        table = page.inner_text("#site-table tbody")
+        assert "yolov8n-int8 v7" in table and "offline" in table and "321" in table
+        page.click('#site-table th[data-sort="entries_today"] button')
+        assert order() == ["shop/door", "shop/back"]  # most entries today first (3 vs 1)
+        assert page.get_attribute('#site-table th[data-sort="entries_today"]', "aria-sort") == "descending"
+        page.click('#site-table th[data-sort="entries_today"] button')
+        assert order() == ["shop/back", "shop/door"]
+        page.click('#site-table th[data-sort="outbox"] button')
+        assert order()[0] == "shop/back"  # the backlog first
+        page.click('#site-table tbody tr[data-camera="shop/door"]')  # a row selects its camera
+        page.wait_for_selector("body[data-ready=true][data-selected='shop/door']")
+        assert page.text_content("#camera-title") == "shop / door"
+        assert not watch.errors, watch.errors
+        page.close()
+
+
+def test_csv_downloads_follow_the_camera_and_range(browser, shop_store):
+    from cloud_sink.api import create_app
+
+    store, _ = shop_store
+    today = _today()
+    with serve(create_app(store, token="csv-token")) as url:
+        page = browser.new_page(accept_downloads=True)
+        page.goto(url + "#token=csv-token")
+        page.wait_for_selector("body[data-ready=true]")
+        page.click('button.camera[data-camera="shop/door"]')
+        page.wait_for_selector("body[data-ready=true][data-selected='shop/door']")
+        _pick(page, "7d")
+        with page.expect_download() as info:
+            page.click("#csv-daily")
+        download = info.value
+        assert download.suggested_filename == "smartcam-shop-door-daily.csv"
+        lines = Path(download.path()).read_text().splitlines()
+        assert lines[0].startswith("site,camera_id,zone,day,entries,exits")
+        whole = [ln.split(",") for ln in lines[1:] if ln.split(",")[2] == ""]
+        assert [(r[3], int(r[4])) for r in whole] == [(format_ts(today - d * DAY)[:10], n)
+                                                        for d, n in ((3, 5), (1, 2), (0, 3))]
+        with page.expect_download() as info:
+            page.click("#csv-hourly")
+        hourly = Path(info.value.path()).read_text().splitlines()
+        assert hourly[0].startswith("site,camera_id,zone,hour,entries")
+        assert sum(int(r.split(",")[4]) for r in hourly[1:] if r.split(",")[2] == "") == 10
+        page.close()
+
+
+def test_the_dashboard_fits_a_phone(browser, shop_store, artifacts_dir):
+    from cloud_sink.api import create_app
+
+    store, _ = shop_store
+    with serve(create_app(store)) as url:
+        page = browser.new_page(viewport={"width": 390, "height": 844}, device_scale_factor=2, is_mobile=True,
+                                has_touch=True)
+        watch = PageWatch(page)
+        page.goto(url)
+        page.wait_for_selector("body[data-ready=true]")
+        page.tap('button.camera[data-camera="shop/door"]')
+        page.wait_for_selector("body[data-ready=true][data-selected='shop/door']")
+        page.tap('#range-picker button[data-range="30d"]')
+        page.wait_for_selector("body[data-ready=true][data-range='30d']")
+        # nothing wider than the screen: the page never scrolls sideways (wide tables scroll in their own box)
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390
+        for chart in ("#chart-entries", "#chart-occupancy", "#chart-dwell", "#chart-lines", "#chart-zones"):
+            box = page.locator(chart).bounding_box()
+            assert box is not None and 250 <= box["width"] <= 390, (chart, box)
+        assert page.locator("#range-picker").bounding_box()["width"] <= 390
+        page.screenshot(path=str(artifacts_dir / "dashboard-phone.png"), full_page=True)
+        assert not watch.errors, watch.errors
+        page.close()
+
+
+def test_names_from_events_are_never_interpreted_as_html(browser, tmp_path):
+    """Names are validated at ingest, but the page must not trust the database: zone, line, site and camera
+    names written straight into it with markup show as text and run nothing."""
+    from cloud_sink.api import create_app
+    from cloud_sink.store import Batch, Store
+    from tests.test_sink_api import make_event
+
+    t0 = _today() + HOUR
+    zone, line = '<img src=x onerror="window.__pwned=1">', "<b>gate</b>"
+    camera = '<script>window.__pwned=2</script>'
+    events = [make_event("person.enter", t0, site="shop", camera="door", track_id=1),
+              make_event("zone.enter", t0 + 1, site="shop", camera="door", track_id=1),
+              make_event("count", t0 + 2, site="shop", camera="door", zone="door", count=1, previous=0),
+              make_event("line.cross", t0 + 3, site="shop", camera="door", track_id=1),
+              make_event("person.enter", t0 + 4, site="zz", camera="cam", track_id=2)]
+    events[1]["zone"] = events[2]["zone"] = zone
+    events[3]["line"] = line
+    events[4]["camera_id"] = camera
+    store = Store.open(f"sqlite:///{tmp_path / 'hostile.db'}")
+    try:
+        store.write(Batch(events=events))
+        with serve(create_app(store)) as url:
+            page, watch = open_dashboard(browser, url)
+            page.click('button.camera[data-camera="shop/door"]')
+            page.wait_for_selector("body[data-ready=true][data-selected='shop/door']")
+            _pick(page, "today")
+            assert page.locator("#zones-panel").is_visible() and page.locator("#lines-panel").is_visible()
+            assert zone in page.inner_text("#zones-table") and line in page.inner_text("#lines-table")
+            assert [z for (z,) in _values(page, "#chart-zones rect.bar", "data-zone")] == [zone, zone]  # max, mean
+            assert zone in page.inner_text("#events") and line in page.inner_text("#events")
+            assert f"zz/{camera}" in page.inner_text("#site-table")
+            assert camera in page.inner_text("#cameras")
+            assert page.evaluate("window.__pwned") is None
+            assert page.locator("img").count() == 0 and page.locator("main b").count() == 0
+            assert page.locator("script").count() == 1  # app.js only
+            assert not watch.errors, watch.errors
+            page.close()
+    finally:
+        store.close()
+
+
 def test_camera_cards_show_the_model_and_a_failed_update(browser, scenario_store):
     """Over-the-air models (docs/models-ota.md): each card says which model runs and that an update failed."""
     from cloud_sink.api import create_app

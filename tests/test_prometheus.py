@@ -218,8 +218,9 @@ def test_prometheus_scrapes_a_running_sink_and_edge_and_the_series_move(mosquitt
         assert prom.scalar(f"smartcam_camera_last_seen_age_seconds{{{cam}}}") < 60
         wait_until(lambda: prom.scalar(f"smartcam_camera_outbox_depth{{{cam}}}") is not None, 30,
                    "the camera's outbox depth from its stats")
-        assert prom.scalar("smartcam_sink_archive_lag_seconds") is not None
-        assert prom.scalar("smartcam_sink_archive_events_total") > 0
+        wait_until(lambda: prom.scalar("smartcam_sink_archive_events_total"), 30, "the archive follower's events")
+        assert prom.scalar("smartcam_sink_archive_lag_events") is not None
+        assert prom.scalar("smartcam_sink_archive_failures_total") == 0
 
         # a broken payload: the dead-letter series appears with its reason, and the rules' expression sees it
         assert prom.scalar('smartcam_sink_dead_letters_total{reason="json"}') == 0  # exists before the first
