@@ -18,7 +18,8 @@ import hmac
 import ipaddress
 import json
 import logging
-from datetime import datetime, timezone
+import re
+from datetime import datetime, timedelta, timezone
 from importlib import resources
 from typing import Annotated, Any, Literal
 
@@ -27,6 +28,7 @@ from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
+from pydantic import BeforeValidator
 
 from cloud_sink import rollups
 from cloud_sink.csv_export import DAILY_COLUMNS, HOURLY_COLUMNS, to_csv
@@ -65,12 +67,49 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+MIN_TOKEN_CHARS = 32  # ~128 bits from secrets.token_hex(16) / token_urlsafe(24): off loopback it is the only guard
+MIN_TOKEN_DISTINCT = 8  # "x" * 40 is long, not strong
+
+
 def check_bind(host: str, token: str | None) -> None:
-    """Refuse to expose the API on a non-loopback address without a bearer token (call before serving)."""
-    if not token and not is_loopback(host):
+    """Refuse to expose the API on a non-loopback address without a strong bearer token (call before serving)."""
+    if is_loopback(host):
+        return
+    if not token:
         raise InsecureBindError(
-            f"refusing to serve the API on {host} without a token: set {TOKEN_ENV} (or --http-token), "
+            f"refusing to serve the API on {host} without a token: set {TOKEN_ENV} or --http-token-file, "
             "or bind 127.0.0.1")
+    if len(token) < MIN_TOKEN_CHARS or len(set(token)) < MIN_TOKEN_DISTINCT or not token.strip():
+        raise InsecureBindError(
+            f"refusing to serve the API on {host}: the token is too weak ({len(token)} characters, "
+            f"{len(set(token))} distinct; want at least {MIN_TOKEN_CHARS}, ~128 bits): make one with "
+            "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'")
+
+
+def allowed_hosts(host: str, token: str | None, configured: list[str] | None = None) -> list[str]:
+    """``Host`` header names the API answers; ``["*"]`` = any.
+
+    Without a token on loopback, a web page whose name re-binds to 127.0.0.1 (DNS rebinding) could read the API
+    through the operator's browser; it must send its own name as ``Host``, so only the bound host and the
+    loopback names are accepted unless ``configured`` says otherwise. With a token (required off loopback) the
+    page cannot authenticate, and reverse proxies send their own names: any.
+
+    >>> allowed_hosts("127.0.0.1", None)
+    ['127.0.0.1', '[::1]', 'localhost']
+    >>> allowed_hosts("0.0.0.0", "t" * 32)
+    ['*']
+    """
+    if configured:
+        return sorted({_host_name(h) for h in configured if h.strip()})
+    if token or not is_loopback(host):
+        return ["*"]
+    return sorted({_host_name(host), "localhost", "127.0.0.1", "[::1]"})
+
+
+def _host_name(host: str) -> str:
+    """As a ``Host`` header names it: lower case, IPv6 literals in brackets."""
+    name = host.strip().strip("[]").lower()
+    return f"[{name}]" if ":" in name else name
 
 
 # ------------------------------------------------------------------------------------------ query parameters
@@ -78,8 +117,24 @@ Site = Annotated[str | None, Query(pattern=NAME_PATTERN, description="site name"
 Camera = Annotated[str | None, Query(pattern=NAME_PATTERN, description="camera id")]
 Zone = Annotated[str | None, Query(pattern=ZONE_PATTERN, description="zone name, '*' = every zone, "
                                                                      "absent = the whole camera")]
-Since = Annotated[datetime | None, Query(description="RFC 3339 time or epoch seconds (inclusive)")]
-Until = Annotated[datetime | None, Query(description="RFC 3339 time or epoch seconds (exclusive)")]
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_NUMBER = re.compile(r"^\s*[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?\s*$")
+
+
+def _epoch_seconds(value: Any) -> Any:
+    """A number is epoch **seconds**, whatever its size (pydantic alone reads one above 2e10 as milliseconds:
+    year 9999 in seconds became 1978); anything else goes on to ISO 8601 parsing."""
+    if isinstance(value, str) and _NUMBER.match(value):
+        try:
+            return _EPOCH + timedelta(seconds=float(value))
+        except (OverflowError, ValueError):
+            raise ValueError("epoch seconds out of range (years 1-9999)") from None
+    return value
+
+
+_TIME = "ISO 8601 time (e.g. 2026-01-01T03:00:00Z; no offset = UTC) or epoch seconds"
+Since = Annotated[datetime | None, BeforeValidator(_epoch_seconds), Query(description=f"{_TIME} (inclusive)")]
+Until = Annotated[datetime | None, BeforeValidator(_epoch_seconds), Query(description=f"{_TIME} (exclusive)")]
 
 
 def _utc(value: datetime | None) -> datetime | None:

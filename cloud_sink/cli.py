@@ -16,6 +16,7 @@ import socket
 import sys
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("smartcam.sink")
@@ -33,7 +34,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--broker", help="mqtt://[user@]host[:port] or mqtts://... (default mqtt://127.0.0.1:1883)")
     run.add_argument("--db", help="sqlite:///path.db (default sqlite:///smartcam.db) or postgresql://user@host/db")
     run.add_argument("--http", metavar="HOST:PORT", help="serve the read-only API and dashboard, e.g. 127.0.0.1:8080")
-    run.add_argument("--http-token", help="API bearer token (required off-loopback; or $SMARTCAM_API_TOKEN)")
+    run.add_argument("--http-token", help="API bearer token, required off loopback (visible in ps: prefer "
+                                           "--http-token-file or $SMARTCAM_API_TOKEN)")
+    run.add_argument("--http-token-file", help="file holding the API bearer token (at least 32 characters)")
+    run.add_argument("--http-allowed-hosts", type=_names, metavar="NAME,...",
+                     help="Host header names the API answers (default on loopback without a token: the bound "
+                          "host and localhost, against DNS rebinding; '*' = any)")
     run.add_argument("--archive", help="archive stored events as JSON Lines to a directory or s3://bucket/prefix "
                                        "(follows the database from a cursor: catches up after an outage)")
     run.add_argument("--archive-interval", type=float, dest="archive_interval_s",
@@ -74,7 +80,9 @@ def _parser() -> argparse.ArgumentParser:
                                        "`run` workers can feed one database while one `serve` answers.")
     serve.add_argument("--db", required=True, help="sqlite:///path.db or postgresql://user@host/db")
     serve.add_argument("--http", required=True, metavar="HOST:PORT", help="where to listen, e.g. 127.0.0.1:8080")
-    serve.add_argument("--http-token", help="API bearer token (required off-loopback; or $SMARTCAM_API_TOKEN)")
+    serve.add_argument("--http-token", help="API bearer token, required off loopback (visible in ps: prefer "
+                                             "--http-token-file or $SMARTCAM_API_TOKEN)")
+    serve.add_argument("--http-token-file", help="file holding the API bearer token (at least 32 characters)")
 
     samples = sub.add_parser("samples", help="sampled frames from the edge (the learning loop)",
                              description="Export the frames cameras sent (samples.enabled) for labeling: "
@@ -131,6 +139,31 @@ def _open_store(url: str, **options: Any):
         raise ValueError(f"cannot open database {url.split('@')[-1]}: {str(orig).splitlines()[0]}") from None
 
 
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def resolve_token(cfg: Any) -> str | None:
+    """The API token: ``http_token_file``, else ``$SMARTCAM_API_TOKEN``, else ``--http-token`` (warned: any user
+    on the machine reads a flag in ``ps``). ValueError for both flag and file, or a file that cannot be read."""
+    if cfg.http_token and cfg.http_token_file:
+        raise ValueError("give one of --http-token and --http-token-file, not both")
+    if cfg.http_token_file:
+        try:
+            token = Path(cfg.http_token_file).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"cannot read --http-token-file {cfg.http_token_file}: "
+                             f"{getattr(exc, 'strerror', None) or exc}") from None
+        if not token:
+            raise ValueError(f"--http-token-file {cfg.http_token_file} is empty")
+        return token
+    if cfg.http_token:
+        log.warning("--http-token is visible to every user of this machine (ps, /proc): prefer "
+                    "--http-token-file or $SMARTCAM_API_TOKEN")
+        return cfg.http_token
+    return os.environ.get("SMARTCAM_API_TOKEN") or None
+
+
 def bind_http(host: str, port: int) -> socket.socket:
     """The API's listening socket, bound now so a port that cannot be had stops the start (one-line ValueError).
 
@@ -161,7 +194,8 @@ def bind_http(host: str, port: int) -> socket.socket:
     return sock
 
 
-def start_http(store: Any, host: str, port: int, token: str | None, *, sock: socket.socket | None = None,
+def start_http(store: Any, host: str, port: int, token: str | None, *, allowed: list[str] | None = None,
+               sock: socket.socket | None = None,
                on_failure: Callable[[], None] | None = None, metrics: Any = None) -> tuple[Any, threading.Thread]:
     """Serve the API and dashboard from a thread until ``should_exit``, on ``sock`` or a socket bound now.
 
@@ -175,6 +209,11 @@ def start_http(store: Any, host: str, port: int, token: str | None, *, sock: soc
     api.check_bind(host, token)
     sock = sock or bind_http(host, port)
     app = api.create_app(store, token=token, metrics=metrics)
+    hosts = api.allowed_hosts(host, token, allowed)
+    if hosts != ["*"]:
+        from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=hosts, www_redirect=False)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
 
     def serve() -> None:
@@ -204,14 +243,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     from contract.broker import BrokerSettings
 
     overrides = {k: getattr(args, k, None) for k in (
-        "broker", "db", "http", "http_token", "archive", "archive_interval_s", "share_group", "client_id", "tls_ca", "username",
+        "broker", "db", "http", "http_token", "http_token_file", "http_allowed_hosts", "archive", "archive_interval_s", "share_group", "client_id", "tls_ca", "username",
         "session_expiry_s", "batch_size", "batch_wait_ms", "max_past_days", "max_future_s", "dead_letters_per_minute",
         "dead_letter_burst", "dead_letter_cap", "dead_letter_days", "log_every_s", "samples_store",
         "max_sample_bytes")}
     cfg = load_config(args.config, overrides)
     settings = BrokerSettings.from_url(cfg.broker, ca_file=cfg.tls_ca, username=cfg.username)
     http = cfg.http_address()
-    token = cfg.http_token or os.environ.get("SMARTCAM_API_TOKEN")
+    token = resolve_token(cfg)
     sock = None
     if http:  # bind first: a port we cannot have stops the start before anything else is touched
         from cloud_sink.api import check_bind
@@ -262,7 +301,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         subscriber.stop()
 
     if http:
-        server, _ = start_http(store, http[0], http[1], token, sock=sock, on_failure=on_api_failure,
+        server, _ = start_http(store, http[0], http[1], token, allowed=cfg.http_allowed_hosts, sock=sock,
+                               on_failure=on_api_failure,
                                metrics=metrics)
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -301,7 +341,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from cloud_sink.config import SinkConfig
 
     host, port = SinkConfig(http=args.http).http_address()
-    token = args.http_token or os.environ.get("SMARTCAM_API_TOKEN")
+    token = resolve_token(SinkConfig(http_token=args.http_token, http_token_file=args.http_token_file))
     check_bind(host, token)
     sock = bind_http(host, port)
     store = _open_store(args.db)

@@ -29,6 +29,8 @@ class SinkConfig(BaseModel):
     db: str = "sqlite:///smartcam.db"
     http: str | None = None  # host:port for the read-only API and dashboard
     http_token: str | None = None  # bearer token; required off-loopback (also $SMARTCAM_API_TOKEN)
+    http_token_file: str | None = None  # a file holding the token (not visible in ps, unlike http_token)
+    http_allowed_hosts: list[str] | None = None  # Host names the API answers; default: see api.allowed_hosts
     archive: str | None = None  # directory or s3://bucket/prefix
     archive_interval_s: float = Field(5.0, gt=0, le=3600)  # between archive rounds (one part per hour/camera each)
     samples_store: str | None = None  # sampled frames: directory or s3://bucket/prefix (default: archive)

@@ -282,10 +282,13 @@ def test_token_required_accepted_and_refused(filled):
         assert c.get("/").status_code == 200, "the page itself holds no data"
 
 
+STRONG = "Hq3v-9Zx_Lp2Rt7Wn4Ks8Mb6Jc1Yd5Fg0"  # 34 characters, as from secrets.token_urlsafe
+
+
 @pytest.mark.parametrize("host, token, ok", [
     ("127.0.0.1", None, True), ("localhost", None, True), ("::1", None, True), ("127.0.0.2", None, True),
     ("0.0.0.0", None, False), ("::", None, False), ("192.168.1.20", None, False), ("camera-sink.lan", None, False),
-    ("", None, False), ("0.0.0.0", "", False), ("0.0.0.0", "s3cret-token", True),
+    ("", None, False), ("0.0.0.0", "", False), ("0.0.0.0", STRONG, True), ("127.0.0.1", "short", True),
 ])
 def test_check_bind_requires_a_token_off_loopback(host, token, ok):
     from cloud_sink.api import InsecureBindError, check_bind
@@ -295,6 +298,44 @@ def test_check_bind_requires_a_token_off_loopback(host, token, ok):
     else:
         with pytest.raises(InsecureBindError, match="without a token"):
             check_bind(host, token)
+
+
+@pytest.mark.parametrize("token", ["s3cret-token", "x" * 40, "ab" * 20, "0123456789abcdef0123456789abcde", " " * 40])
+def test_a_weak_token_is_refused_off_loopback(token):
+    """Off loopback the token is all that guards the data: at least 32 characters (~128 bits), not repetitive."""
+    from cloud_sink.api import InsecureBindError, check_bind
+
+    with pytest.raises(InsecureBindError, match="too weak.*32"):
+        check_bind("0.0.0.0", token)
+    check_bind("0.0.0.0", STRONG)
+    check_bind("0.0.0.0", "0123456789abcdef0123456789abcdef")  # secrets.token_hex(16): 128 bits
+
+
+# ------------------------------------------------------------------------------------------ since / until
+def test_since_and_until_take_iso_times_and_epoch_seconds_only(client):
+    """One epoch unit (seconds, any size): year 9999 in seconds is year 9999, never milliseconds (1978)."""
+    c, events = client
+    everything = len(events)
+
+    def count(**params) -> int:
+        resp = c.get("/api/events", params={"limit": 1000, **params})
+        assert resp.status_code == 200, (params, resp.text)
+        return len(resp.json()["events"])
+
+    assert count(since=str(int(T0 + HOUR))) == count(since=format_ts(T0 + HOUR)) == 7
+    for same in ("2026-01-01T04:00:00Z", "2026-01-01T04:00:00+00:00", "2026-01-01T05:00:00+01:00",
+                 "2026-01-01T04:00:00", f"{T0 + HOUR:.3f}"):
+        assert count(since=same) == 7, same
+    assert count(since="253402300799") == 0, "9999-12-31T23:59:59Z: nothing is that new"
+    assert count(until="253402300799") == everything
+
+
+@pytest.mark.parametrize("value", ["253402300800", "1767236400000", "1e20", "-1e20", "1e400", "nan", "inf", "10000-01-01T00:00:00Z"])
+def test_times_out_of_range_are_422_with_the_reason(client, value):
+    c, _ = client
+    resp = c.get("/api/events", params={"since": value})
+    assert resp.status_code == 422, (value, resp.status_code, resp.text)
+    assert "since" in resp.text
 
 
 # ------------------------------------------------------------------------------------------ robustness

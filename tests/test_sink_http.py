@@ -21,7 +21,7 @@ import pytest
 from tests.services import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-TOKEN = "k" * 40
+TOKEN = "Hq3v-9Zx_Lp2Rt7Wn4Ks8Mb6Jc1Yd5Fg0"  # strong enough to serve off loopback
 
 
 def _run_sink(broker_url: str, db_dir: Path, http: str, *, prefix: tuple[str, ...] = (),
@@ -112,3 +112,81 @@ def test_bind_returns_a_listening_socket_and_uvicorn_serves_it(tmp_path):
         server.should_exit = True
         _thread.join(10)
         store.close()
+
+
+# ------------------------------------------------------------------------------------------ Host header (DNS rebinding)
+def _get(port: int, path: str, host: str | None = None, token: str | None = None) -> int:
+    headers = {"Host": host} if host else {}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_loopback_without_token_answers_only_its_own_host_names(tmp_path):
+    """A web page on evil.example that re-binds its name to 127.0.0.1 sends ``Host: evil.example``: refused,
+    on the data, the dashboard and health alike; the loopback names the operator types work."""
+    from cloud_sink.cli import start_http
+    from cloud_sink.store import Store
+
+    store = Store.open(f"sqlite:///{tmp_path / 'sink.db'}")
+    port = free_port()
+    server, thread = start_http(store, "127.0.0.1", port, None)
+    try:
+        for host in ("evil.example", f"evil.example:{port}", f"192.168.1.20:{port}", "127.0.0.1.evil.example"):
+            for path in ("/api/events", "/", "/health"):
+                assert _get(port, path, host) == 400, (host, path)
+        for host in (None, f"127.0.0.1:{port}", f"localhost:{port}", "localhost", f"[::1]:{port}"):
+            assert _get(port, "/api/events", host) == 200, host
+    finally:
+        server.should_exit = True
+        thread.join(10)
+    port = free_port()  # configured: a name the operator put in /etc/hosts
+    server, thread = start_http(store, "127.0.0.1", port, None, allowed=["sink.local"])
+    try:
+        assert _get(port, "/api/events", f"sink.local:{port}") == 200
+        assert _get(port, "/api/events", f"evil.example:{port}") == 400
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        store.close()
+
+
+# ------------------------------------------------------------------------------------------ where the token comes from
+def test_token_from_a_file_or_the_environment_and_a_flag_warns(tmp_path, monkeypatch, caplog):
+    from cloud_sink.cli import resolve_token
+    from cloud_sink.config import SinkConfig
+
+    monkeypatch.delenv("SMARTCAM_API_TOKEN", raising=False)
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    assert resolve_token(SinkConfig(http_token_file=str(token_file))) == TOKEN
+    monkeypatch.setenv("SMARTCAM_API_TOKEN", TOKEN[::-1])
+    assert resolve_token(SinkConfig()) == TOKEN[::-1]
+    assert resolve_token(SinkConfig(http_token_file=str(token_file))) == TOKEN, "the file wins over the env"
+    with caplog.at_level("WARNING"):
+        assert resolve_token(SinkConfig(http_token=TOKEN)) == TOKEN
+    assert "visible" in caplog.text and "--http-token-file" in caplog.text
+    with pytest.raises(ValueError, match="one of"):
+        resolve_token(SinkConfig(http_token=TOKEN, http_token_file=str(token_file)))
+    with pytest.raises(ValueError, match="cannot read"):
+        resolve_token(SinkConfig(http_token_file=str(tmp_path / "missing")))
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(ValueError, match="empty"):
+        resolve_token(SinkConfig(http_token_file=str(tmp_path / "empty")))
+
+
+def test_a_weak_token_off_loopback_fails_the_start(mosquitto, tmp_path):
+    (tmp_path / "token").write_text("s3cret-token\n")
+    cmd_env = {k: v for k, v in os.environ.items() if k != "SMARTCAM_API_TOKEN"}
+    proc = subprocess.run([sys.executable, "-m", "cloud_sink", "run", "--broker", mosquitto.url, "--db",
+                           f"sqlite:///{tmp_path / 'sink.db'}", "--http", f"0.0.0.0:{free_port()}",
+                           "--http-token-file", str(tmp_path / "token")], cwd=ROOT, env=cmd_env,
+                          capture_output=True, text=True, timeout=30)
+    line = _one_line_error(subprocess.CompletedProcess(proc.args, proc.returncode, proc.stdout, proc.stderr),
+                           "too weak", "32")
+    assert proc.returncode == 2, line
