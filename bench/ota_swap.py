@@ -84,15 +84,23 @@ def one_run(old: Path, new: Path, clip: Path, realtime: bool, work: Path, stream
         swaps = [s for s in runner.swaps if s["trial"]]
         assert swaps, "the new model was never swapped in"
         first_new = next(i for i, f in enumerate(frames) if f[1] == entry["sha256"])
-        gaps = [b[0] - a[0] for a, b in zip(frames, frames[1:], strict=False)]
-        steady = statistics.median(gaps[max(0, first_new - 200):first_new - 10])
-        around = gaps[first_new - 5:first_new + 5]
+        at_deploy = next(i for i, f in enumerate(frames) if f[0] >= t_deploy)
+        gaps = [b[0] - a[0] for a, b in zip(frames, frames[1:], strict=False)]  # gaps[i]: frame i -> i + 1
+
+        def ms(values: list[float]) -> float:
+            return round(statistics.median(values) * 1000, 2)
+
         return {
             "deploy_to_swap_s": round(frames[first_new][0] - t_deploy, 3),
             "deploy_to_first_event_s": round(first_event - t_deploy, 3) if first_event else None,
             "switch_ms": round(swaps[0]["switch_ms"], 3), "drain_ms": round(swaps[0]["drain_ms"], 2),
-            "frame_interval_ms_median": round(steady * 1000, 2),
-            "max_interval_ms_around_swap": round(max(around) * 1000, 2),
+            # frame intervals: the old model before the deploy, during the update (download, health check on a
+            # worker thread), at the swap itself (last old frame -> first new frame), the new model after it
+            "interval_ms_old": ms(gaps[max(0, at_deploy - 100):at_deploy]),
+            "interval_ms_during_update_median": ms(gaps[at_deploy:first_new - 1]),
+            "interval_ms_during_update_max": round(max(gaps[at_deploy:first_new - 1]) * 1000, 2),
+            "interval_ms_at_swap": round(gaps[first_new - 1] * 1000, 2),
+            "interval_ms_new": ms(gaps[first_new + 5:first_new + 105]),
             "frames_without_detector": sum(1 for f in frames if not f[2]),
             "new_version": entry["version"],
         }

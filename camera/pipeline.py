@@ -85,6 +85,7 @@ class EdgeRunner:
         self._metrics_server: Any = None  # camera/metrics.py, when metrics.listen is set
         self.updater: Any = None  # model_updates.enabled: over-the-air models (camera/model_updates.py)
         self.swaps: list[dict[str, Any]] = []  # one entry per model swapped in (or back) during the run
+        self._swap_pending: Any = None  # (swap, old inference queue, first frame of the new model, switch ms)
         self.clock = SystemClock()  # is the wall clock set? (camera/clock.py: a Pi before NTP is not)
         self.sampler: Any = None  # samples.enabled with a broker: hard frames for the learning loop
         self.sample_queue: Any = None
@@ -248,30 +249,40 @@ class EdgeRunner:
             topic, payload, qos=1, retain=True)
         updater.start(self.detector, record)
 
-    def _swap_model(self, swap: Any, queue: InferenceQueue, process: Any, builder: Any) -> InferenceQueue:
-        """Swap the detector between two frames: frames already in the detector finish (and are tracked) with
-        the old model, every later frame runs on the new one; the tracker, its tracks, zones, lines, outbox and
-        connection carry on. Returns the inference queue to use from now on."""
+    def _swap_model(self, swap: Any, queue: InferenceQueue, process: Any, builder: Any,
+                    first: Frame) -> InferenceQueue:
+        """Swap the detector between two frames: ``first`` and every later frame run on the new model, the frames
+        already in the detector finish on the old one, side by side (no pipeline bubble), and are tracked first
+        (:meth:`_complete_swap`). The tracker, its tracks, zones, lines, outbox and connection carry on. Returns
+        the inference queue to use from now on."""
+        if self._swap_pending is not None:  # the previous swap's old frames first
+            self._complete_swap(process, builder)
         t0 = time.perf_counter()
-        for done, result in queue.drain():
-            process(done, result)
-        t1 = time.perf_counter()
-        queue.close()
         new_queue = InferenceQueue(swap.detect, self.streams)
+        self._swap_pending = (swap, queue, first, (time.perf_counter() - t0) * 1000)
+        return new_queue
+
+    def _complete_swap(self, process: Any, builder: Any) -> None:
+        """Before the first frame of the new model is tracked: track the old model's last frames, then events
+        carry the new model (name, sha256, thresholds) and its probation starts."""
+        swap, old_queue, _first, switch_ms = self._swap_pending
+        self._swap_pending = None
+        t0 = time.perf_counter()
+        for done, result in old_queue.drain():
+            process(done, result)
+        old_queue.close()
+        wait_ms = (time.perf_counter() - t0) * 1000
         old = self.detector
         self.detector = swap.detector
         builder.set_model(swap.detector.name, swap.detector.sha256)
         builder.track_threshold = float(swap.record.thresholds.get("track_threshold",
                                                                    self.cfg.filters.track_threshold))
-        t2 = time.perf_counter()
         self.updater.swapped(swap)
         self.swaps.append({"at_frame": self.stats.frames_processed, "from": old.sha256, "to": swap.detector.sha256,
-                           "drain_ms": (t1 - t0) * 1000, "switch_ms": (t2 - t1) * 1000, "trial": swap.trial,
-                           "wall": time.time()})
-        log.info("model %s %s between frames %d and %d (in-flight frames finished in %.1f ms, switch %.2f ms)",
-                 swap.record.version or swap.record.name, "swapped in" if swap.trial else "restored",
-                 self.stats.frames_processed, self.stats.frames_processed + 1, (t1 - t0) * 1000, (t2 - t1) * 1000)
-        return new_queue
+                           "drain_ms": wait_ms, "switch_ms": switch_ms, "trial": swap.trial, "wall": time.time()})
+        log.info("model %s %s between frames %d and %d (switch %.2f ms; waited %.1f ms for the old model's last "
+                 "frames)", swap.record.version or swap.record.name, "swapped in" if swap.trial else "restored",
+                 self.stats.frames_processed, self.stats.frames_processed + 1, switch_ms, wait_ms)
 
     def request_stop(self, signum: int | None = None, _frame: Any = None) -> None:
         """Signal handler: finish the current frame, then wind down."""
@@ -329,6 +340,8 @@ class EdgeRunner:
         try:
             def process(frame: Frame, result: Result) -> None:
                 """Everything after the detector, strictly in frame order."""
+                if self._swap_pending is not None and frame is self._swap_pending[2]:
+                    self._complete_swap(process, builder)  # the old model's last frames first
                 h, w = frame.image.shape[:2]
                 if result is not None:
                     stats.record_inference(result[1])
@@ -355,7 +368,7 @@ class EdgeRunner:
 
             for submitted, frame in enumerate(src, start=1):
                 if self.updater is not None and (swap := self.updater.take_swap()) is not None:
-                    queue = self._swap_model(swap, queue, process, builder)
+                    queue = self._swap_model(swap, queue, process, builder, frame)
                 h, w = frame.image.shape[:2]
                 if size != (w, h):
                     self._hint_input_size((w, h))
@@ -382,6 +395,8 @@ class EdgeRunner:
             return EXIT_PUBLISHER
         finally:
             queue.close()
+            if self._swap_pending is not None:
+                self._swap_pending[1].close()
             if tracks_out is not None:
                 tracks_out.close()
             self._stats_stop.set()

@@ -316,6 +316,7 @@ class Subscriber:
         self.idle_gap_s = idle_gap_s
         self.log_every_s = log_every_s
         self.connected = threading.Event()
+        self.subscribed = threading.Event()  # the broker acknowledged every subscription (SUBACK) on this connection
         self.stop_event = threading.Event()
         self._queue: queue.Queue[_Message] = queue.Queue()
         self._lock = threading.Lock()  # guards _generation vs. acks
@@ -351,10 +352,22 @@ class Subscriber:
             client.subscribe([(t, 1) for t in self.topics()])
         self.connected.set()
 
+    def _on_subscribe(self, _client: Any, _userdata: Any, _mid: Any, reason_codes: Any, _props: Any) -> None:
+        """SUBACK: say which subscriptions the broker refused (an ACL that lets the sink connect but not read)."""
+        topics = self.topics()
+        refused = [f"{t} ({rc})" for t, rc in zip(topics, reason_codes, strict=False) if rc.is_failure]
+        if refused:
+            log.error("broker refused %d of %d subscriptions: %s; check its ACL for user %s", len(refused),
+                      len(topics), ", ".join(refused), self.settings.username or "(anonymous)")
+        else:
+            log.info("subscribed to %d topics", len(topics))
+        self.subscribed.set()
+
     def _on_disconnect(self, _client: Any, _userdata: Any, _flags: Any, reason_code: Any, _props: Any) -> None:
         with self._lock:
             self._generation += 1  # message ids of the old connection must never be acked on the new one
         self.connected.clear()
+        self.subscribed.clear()
         if not self.stop_event.is_set():
             log.warning("disconnected from broker (%s); reconnecting", reason_code)
 
@@ -386,6 +399,7 @@ class Subscriber:
         # persistent session (3.1.1: clean_session=False, set by make_client).
         client = make_client(self.settings, self.client_id, manual_ack=True, persistent=True)
         client.on_connect = self._on_connect
+        client.on_subscribe = self._on_subscribe
         client.on_disconnect = self._on_disconnect
         client.on_connect_fail = self._on_connect_fail
         client.on_message = self._on_message

@@ -65,11 +65,10 @@ class SinkProcess:
                 [sys.executable, "-m", "cloud_sink", "run", "--broker", broker_url, "--db", db, "--client-id",
                  "e2e-sink", "--http", f"127.0.0.1:{self.port}", "--archive", str(self.archive), "--log-every", "1"],
                 stdout=log, stderr=log, cwd=ROOT)
-        wait_for(lambda: self.proc.poll() is not None or "connected to" in self.log_path.read_text(), 60,
-                 "the sink to connect")
+        wait_for(lambda: self.proc.poll() is not None or "subscribed to" in self.log_path.read_text(), 60,
+                 "the sink's subscriptions to be acknowledged")
         assert self.proc.poll() is None, self.log_path.read_text()[-2000:]
         wait_for_port(self.port, 30)
-        time.sleep(0.5)  # subscription acknowledged right after the connection
         self.base = f"http://127.0.0.1:{self.port}/"
 
     def stop(self) -> int:

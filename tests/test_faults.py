@@ -35,8 +35,8 @@ import pytest
 
 from contract.topics import topic_for
 from tests.conftest import STREET_CLIP, Counts, Proc, events_file_ids, stored_event_ids, wait_until
+from tests.secure_broker import SITE, Client, SecureBroker, make_deployment, start_secure_broker
 from tests.services import free_port
-from tests.test_security_broker import SITE, Client, SecureBroker, start_secure_broker
 
 pytestmark = pytest.mark.slow
 
@@ -100,12 +100,11 @@ class Rig:
         them for)."""
         args = [_bin("smartcam-sink"), "run", *self.broker_args("sink"), "--db", db_url or self.db_url, *extra]
         log = self.work / "sink.log"
-        seen = log.read_text(errors="replace").count("connected to") if log.exists() else 0
+        seen = log.read_text(errors="replace").count("subscribed to") if log.exists() else 0
         p = Proc(args, log, self._env("sink")).start()
         self.procs.append(p)
         if ready:
-            wait_until(lambda: p.output().count("connected to") > seen, 60, "the sink to connect", p.proc, log)
-            time.sleep(0.5)  # its SUBSCRIBE follows the CONNACK
+            wait_until(lambda: p.output().count("subscribed to") > seen, 60, "the sink to subscribe", p.proc, log)
         return p
 
     # -------------------------------------------------------------------------------------- counting
@@ -249,7 +248,6 @@ def test_edge_and_sink_over_tls_with_verified_certificates(rig, record_property)
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_edge_refuses_a_broker_signed_by_another_ca(rig, tmp_path):
     """An edge given another install's CA must not talk to this broker: events stay in its outbox."""
-    from tests.test_security_broker import make_deployment
 
     rig.tls, rig.ca_file = True, str(make_deployment(tmp_path / "other") / "ca.crt")
     wrong = rig.edge("--drain-timeout", "3", "--max-frames", "20", realtime=False)

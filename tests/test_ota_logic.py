@@ -172,8 +172,7 @@ def test_sink_stores_the_latest_report_per_camera_and_serves_it(mosquitto, tmp_p
     store.migrate()
     sub = Subscriber(Ingestor(store), BrokerSettings.from_url(mosquitto.url), client_id="sink-ota-test")
     sub.start()
-    assert sub.connected.wait(10), "sink did not connect"
-    time.sleep(0.3)  # the SUBACK
+    assert sub.subscribed.wait(10), "the sink's subscriptions were not acknowledged"
     thread = __import__("threading").Thread(target=sub.run, daemon=True)
     thread.start()
     try:

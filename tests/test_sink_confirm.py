@@ -50,12 +50,11 @@ class Rig:
 
     def sink(self, name: str = "sink", *extra: str) -> Proc:
         log = self.work / f"{name}.log"
-        seen = log.read_text().count("connected to") if log.exists() else 0
+        seen = log.read_text().count("subscribed to") if log.exists() else 0
         p = Proc([_bin("smartcam-sink"), "run", "--broker", self.broker.url, "--db", self.db, "--client-id", name,
                   "--log-every", "5", *extra], log, self.env).start()
         self.procs.append(p)
-        wait_until(lambda: p.output().count("connected to") > seen, 60, f"{name} to connect", p.proc, log)
-        time.sleep(0.5)  # its SUBSCRIBE follows the CONNACK
+        wait_until(lambda: p.output().count("subscribed to") > seen, 60, f"{name} to subscribe", p.proc, log)
         return p
 
     def edge(self, confirm: str, frames: int = 100) -> Proc:

@@ -9,7 +9,6 @@ import pytest
 from cloud_sink import report
 from cloud_sink.config import ConfigError, load_config
 from tests.test_sink_rollups import H0, H1, loaded, scenario  # noqa: F401  (fixtures)
-from tests.test_sink_store import db_url, store  # noqa: F401  (fixtures)
 
 
 @pytest.mark.parametrize(("text", "ago"), [("24h", 86400), ("30m", 1800), ("7d", 7 * 86400), ("90s", 90),

@@ -12,7 +12,7 @@ from cloud_sink import rollups
 from cloud_sink.rollups import bin_edges
 from cloud_sink.store import Batch
 from contract.rollup import deltas, dwell_bin
-from tests.test_sink_store import T0, db_url, make_event, store  # noqa: F401  (fixtures)
+from tests.conftest import T0, make_event
 
 H0 = int(T0) // 3600 * 3600  # 2026-05-28T20:00:00Z
 H1 = H0 + 3600

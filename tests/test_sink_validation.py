@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from cloud_sink.validation import Limits, check_message, schema_errors
 from contract.schema import validation_errors
 from contract.timestamps import format_ts
-from tests.test_sink_store import T0, make_event
+from tests.conftest import T0, make_event
 
 NOW = T0 + 60
 TOPIC = "smartcam/lobby/cam-1/events"
