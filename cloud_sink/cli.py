@@ -243,7 +243,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from contract.broker import BrokerSettings
 
     overrides = {k: getattr(args, k, None) for k in (
-        "broker", "db", "http", "http_token", "http_token_file", "http_allowed_hosts", "archive", "archive_interval_s", "share_group", "client_id", "tls_ca", "username",
+        "broker", "db", "http", "http_token", "http_token_file", "http_allowed_hosts", "archive", "archive_interval_s",
+        "share_group", "client_id", "tls_ca", "username",
         "session_expiry_s", "batch_size", "batch_wait_ms", "max_past_days", "max_future_s", "dead_letters_per_minute",
         "dead_letter_burst", "dead_letter_cap", "dead_letter_days", "log_every_s", "samples_store",
         "max_sample_bytes")}
