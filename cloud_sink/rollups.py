@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from contract.rollup import DWELL_FINE_BINS, DWELL_RATIO, HOUR, Deltas
+from contract.rollup import DWELL_FINE_BINS, DWELL_RATIO, HOUR, Deltas, dwell_bin
 from contract.timestamps import format_ts, ts_ms
 
 if TYPE_CHECKING:
@@ -116,6 +116,9 @@ rollup_daily = sa.Table(
     sa.Column("unique_tracks", sa.BigInteger, nullable=False, server_default="0"),
 )
 
+MAX_DWELL_S = 31_536_000  # the event schema's longest dwell_s (a year)
+MAX_DWELL_BIN = dwell_bin(MAX_DWELL_S)
+
 HOURLY_TABLES = [rollup_hourly, rollup_tracks, rollup_dwell, rollup_lines]  # migration 1
 DAILY_TABLES = [rollup_day_tracks, rollup_daily]  # migration 2
 
@@ -189,6 +192,14 @@ def summary_deltas(doc: dict[str, Any], *, max_tracks: int = 100_000) -> Deltas:
         bins = {int(k): int(v) for k, v in dwell["bins"].items() if v}
         if sum(bins.values()) != dwell["count"]:
             raise ValueError(f"dwell bins of zone {zone or '(whole camera)'!r} do not add up to its dwell count")
+        if bins and max(bins) > MAX_DWELL_BIN:
+            raise ValueError(f"dwell bin {max(bins)} of zone {zone or '(whole camera)'!r} is beyond the longest "
+                             f"dwell ({MAX_DWELL_S} s, bin {MAX_DWELL_BIN})")
+        low = sum(bin_edges(i)[0] * n for i, n in bins.items())
+        high = sum(bin_edges(i)[1] * n for i, n in bins.items())
+        if not low - 0.001 * (1 + dwell["count"]) <= float(dwell["sum"]) <= high + 0.001 * (1 + dwell["count"]):
+            raise ValueError(f"dwell sum {dwell['sum']} of zone {zone or '(whole camera)'!r} is outside its bins' "
+                             f"range {low:.3f}..{high:.3f} s")
         occ = area["occupancy"]
         if occ["samples"] == 0 and (occ["max"] or occ["sum"]) or occ["max"] * occ["samples"] < occ["sum"]:
             raise ValueError(f"occupancy of zone {zone or '(whole camera)'!r} is inconsistent (max/sum/samples)")

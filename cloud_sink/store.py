@@ -124,7 +124,7 @@ summaries_table = sa.Table(  # migration 3: summary messages, stored once (their
     sa.Column("camera_id", NAME, nullable=False),
     sa.Column("start", sa.BigInteger, nullable=False),  # epoch ms, window start (inclusive), capture time
     sa.Column("end", sa.BigInteger, nullable=False),  # epoch ms, window end (exclusive)
-    sa.Column("events", sa.Integer, nullable=False),  # how many events it stands for
+    sa.Column("events", sa.BigInteger, nullable=False),  # how many events it stands for
     sa.Column("received_at", sa.BigInteger, nullable=False),  # epoch ms, sink clock
     sa.Column("payload", sa.Text, nullable=False),  # the summary as validated, compact JSON
     sa.PrimaryKeyConstraint("site", "camera_id", "summary_id"),  # migration 6
@@ -237,6 +237,21 @@ def _migration_8(conn: Connection) -> None:
     metadata.create_all(conn, tables=[sink_state_table])
 
 
+#: Counters that can pass 2**31 over a busy hour/day or a hostile burst: PostgreSQL INTEGER would overflow.
+_WIDENED = {"rollup_hourly": ("entries", "exits", "unique_tracks", "occupancy_max", "occupancy_samples",
+                              "dwell_count", "loiters"), "rollup_dwell": ("n",), "rollup_lines": ("in_count", "out_count"),
+            "rollup_daily": ("unique_tracks",), "summaries": ("events",)}
+
+
+def _migration_9(conn: Connection) -> None:
+    """Rollup counters 64-bit on PostgreSQL (SQLite integers already are): sums never overflow."""
+    if conn.dialect.name != "postgresql":
+        return
+    for table, columns in _WIDENED.items():
+        conn.execute(sa.text(f"ALTER TABLE {table} " + ", ".join(
+            f'ALTER COLUMN "{c}" TYPE BIGINT' for c in columns)))
+
+
 #: (version, description, apply). Append only; never edit an applied migration.
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "events, dead letters, cameras, hourly rollups", _migration_1),
@@ -247,6 +262,7 @@ MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (6, "event and summary ids unique per camera", _migration_6),
     (7, "samples (sampled frames for the learning loop)", _migration_7),
     (8, "dead letter digests (stored once) and sink counters", _migration_8),
+    (9, "rollup counters 64-bit (PostgreSQL)", _migration_9),
 ]
 
 

@@ -53,6 +53,8 @@ class Limits:
     max_batch_bytes: int = 8 * 1024 * 1024  # a batch message, compressed and after decompression
     max_batch_events: int = 10_000  # lines in one batch (the edge sends at most 500 by default)
     max_summary_tracks: int = 100_000  # distinct track ids one summary may name (over all its areas)
+    max_events_per_s: float = 100.0  # per area of a summary: entries, exits, loiters, crossings per window second
+    max_count_reports_per_s: float = 240.0  # per area: ``count`` reports (one per frame at most) per window second
     max_dead_lines: int = 10  # a batch with more bad lines than this is one dead letter (the whole payload)
     dead_letters_per_minute: float = 60.0  # per camera, sustained; more are counted, not stored
     dead_letter_burst: int = 100  # per camera, at once
@@ -223,6 +225,20 @@ def _check_summary(doc: dict[str, Any], limits: Limits) -> None:
         summary_deltas(doc, max_tracks=limits.max_summary_tracks)
     except ValueError as exc:
         raise _Reject(f"summary: {str(exc)[:200]}") from None
+    window_s = (ts_ms(doc["end"]) - ts_ms(doc["start"])) / 1000.0
+    most, reports = limits.max_events_per_s * window_s, limits.max_count_reports_per_s * window_s
+    for area in doc["areas"]:  # what one camera can see in the window (a schema cannot relate them)
+        where = f"zone {area['zone']!r}" if area.get("zone") else "the whole camera"
+        for name in ("entries", "exits", "loiters"):
+            if area[name] > most:
+                raise _Reject(f"summary: {area[name]} {name} for {where} in a {window_s:g} s window (more than "
+                              f"{limits.max_events_per_s:g}/s)")
+        if area["occupancy"]["samples"] > reports:
+            raise _Reject(f"summary: {area['occupancy']['samples']} count samples for {where} in a {window_s:g} s "
+                          f"window (more than {limits.max_count_reports_per_s:g}/s)")
+    for line in doc["lines"]:
+        if max(line["in"], line["out"]) > most:
+            raise _Reject(f"summary: line {line['line']!r} crossed more than {limits.max_events_per_s:g}/s")
     counted = sum(a["entries"] + a["exits"] + a["loiters"] + a["occupancy"]["samples"] for a in doc["areas"])
     counted += sum(line["in"] + line["out"] for line in doc["lines"])
     if counted != doc["events"]:

@@ -233,3 +233,33 @@ def s_summaries() -> list[sa.Column]:
     from cloud_sink.store import summaries_table
 
     return list(summaries_table.columns)
+
+
+def test_rollup_counters_do_not_overflow_on_postgresql(db_url):
+    """Sums past 2**31 (PostgreSQL INTEGER) are stored: the rollup counters are BIGINT, also in a database made
+    before they were (its INTEGER columns are widened by a migration)."""
+    from cloud_sink import rollups
+
+    s = Store.open(db_url)
+    if s.dialect == "postgresql":
+        with s.engine.begin() as conn:  # as migrations 1-3 made them
+            for table, columns in (("rollup_hourly", ("entries", "exits", "unique_tracks", "occupancy_max",
+                                                      "occupancy_samples", "dwell_count", "loiters")),
+                                   ("rollup_dwell", ("n",)), ("rollup_lines", ("in_count", "out_count")),
+                                   ("rollup_daily", ("unique_tracks",)), ("summaries", ("events",))):
+                for column in columns:
+                    conn.execute(sa.text(f'ALTER TABLE {table} ALTER COLUMN "{column}" TYPE INTEGER'))
+            conn.execute(sa.text("DELETE FROM schema_migrations WHERE description LIKE '%64-bit%'"))
+        s.close()
+        s = Store.open(db_url)
+    hour = int(T0) // 3600 * 3600
+    area = {"entries": 360_000, "exits": 0, "loiters": 0, "tracks": [],
+            "occupancy": {"max": 0, "sum": 0, "samples": 0}, "dwell": {"sum": 0.0, "count": 0, "bins": {}}}
+    docs = [{"schema_version": 1, "summary_id": new_event_id(), "site": "lobby", "camera_id": "cam-1",
+             "model": {"name": "m", "sha256": "0123456789ab"}, "frame": {"width": 640, "height": 480},
+             "start": format_ts(hour + i % 60 * 60), "end": format_ts(hour + i % 60 * 60 + 60), "events": 360_000,
+             "areas": [area], "lines": []} for i in range(6000)]
+    assert len(s.write(Batch(summaries=docs)).new_summaries) == 6000
+    (row,) = rollups.hourly(s, since=hour, until=hour + 3600)
+    assert row["entries"] == 6000 * 360_000 > 2**31
+    s.close()

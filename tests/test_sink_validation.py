@@ -162,3 +162,55 @@ def test_deep_nesting_is_named_whatever_else_is_wrong():
     deep = {"a": json.loads("[" * 30 + "]" * 30)}  # no schema_version either
     assert "nested deeper" in check(TOPIC, json.dumps(deep).encode()).reason
     assert "nested deeper" in check(TOPIC, json.dumps(make_event() | deep).encode()).reason
+
+
+# ------------------------------------------------------------------------------------------ sane numbers
+def _summary(**area_fields) -> dict:
+    """A valid one-minute summary of one entry, with ``area_fields`` replacing the whole-camera area's."""
+    from contract.ids import new_event_id
+    from contract.rollup import summary_document
+
+    start = int(T0) // 60 * 60
+    doc = summary_document([make_event(ts=start + 1, track_id=1)], summary_id=new_event_id(), start_s=start,
+                           interval_s=60)
+    doc["areas"][0].update(area_fields)
+    counted = sum(a["entries"] + a["exits"] + a["loiters"] + a["occupancy"]["samples"] for a in doc["areas"])
+    doc["events"] = counted + sum(ln["in"] + ln["out"] for ln in doc["lines"])
+    return doc
+
+
+@pytest.mark.parametrize(("fields", "words"), [
+    ({"entries": 100_000_000}, "entries"),  # 1e8 people in one minute: no camera sees that
+    ({"entries": 7_000}, "entries"),  # schema-valid, but more than 100 per second of the window
+    ({"occupancy": {"max": 3, "sum": 3 * 20_000, "samples": 20_000}}, "samples"),  # > 240 count reports/s
+    ({"exits": 1, "dwell": {"sum": 5.0, "count": 1, "bins": {"9999": 1}}}, "bin"),  # a bin of 2.9e212 s
+    ({"exits": 1, "dwell": {"sum": 1e14, "count": 1, "bins": {"0": 1}}}, "dwell"),  # sum far outside its bin
+    ({"exits": 1, "dwell": {"sum": 0.2, "count": 1, "bins": {"40": 1}}}, "dwell"),  # bin 26-27 s, sum 0.2 s
+])
+def test_absurd_but_once_schema_valid_summaries_are_dead_letters(fields, words):
+    c = check("smartcam/lobby/cam-1/summary", _summary(**fields))
+    assert c.kind == "dead" and words in c.reason, c.reason
+
+
+def test_a_plausible_summary_is_still_accepted():
+    from contract.rollup import dwell_bin
+
+    bins = {str(dwell_bin(v)): 1 for v in (12.5, 60.0, 700.0)}
+    c = check("smartcam/lobby/cam-1/summary", _summary(entries=50, exits=3, dwell={
+        "sum": 12.5 + 60.0 + 700.0, "count": 3, "bins": bins}))
+    assert c.kind == "summary", c.reason
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("processed_fps", 1e299), ("input_fps", 1e6), ("inference_ms_p50", 1e12), ("cpu_percent", 1e9),
+    ("frames_in", 2**60), ("people", 10**9)])
+def test_absurd_stats_are_dead_letters(name, value):
+    c = check("smartcam/lobby/cam-1/stats", stats_doc(**{name: value}))
+    assert c.kind == "dead" and name in c.reason, c.reason
+
+
+def test_line_totals_have_a_maximum():
+    ev = make_event("line.cross", ts=NOW, totals={"in": 1, "out": 0})
+    ev["totals"]["in"] = 2**63
+    c = check("smartcam/lobby/cam-1/events", ev)
+    assert c.kind == "dead" and "totals" in c.reason, c.reason
