@@ -76,6 +76,17 @@ def test_documents_have_stable_sanitised_ids_and_read_the_retained_topics():
     assert by_name["Processed fps"]["entity_category"] == by_name["Model version"]["entity_category"] == "diagnostic"
 
 
+def test_config_refuses_home_assistant_in_summary_mode_and_a_bad_prefix():
+    from camera.config import ConfigError, load_config
+
+    base = {"camera_id": "door", "source": "0", "model": __file__, "homeassistant.enabled": True}
+    assert load_config(overrides=base).homeassistant.discovery_prefix == "homeassistant"
+    with pytest.raises(ConfigError, match="homeassistant.enabled needs publish.mode events"):
+        load_config(overrides={**base, "publish.mode": "summary"})
+    with pytest.raises(ConfigError, match="homeassistant.discovery_prefix: 'ha/#' is not an MQTT topic prefix"):
+        load_config(overrides={**base, "homeassistant.discovery_prefix": "ha/#"})
+
+
 @pytest.mark.skipif(not (HA_VENV / "bin" / "python").exists(), reason="needs .venv-ha (scripts/setup.sh dev)")
 def test_every_document_passes_home_assistants_own_discovery_schemas():
     """Home Assistant drops a discovery document that fails its schema with only a log line: check them all

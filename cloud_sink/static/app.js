@@ -170,9 +170,9 @@ function drawBars(svg, slots, series, yLabel, { attrs = () => ({}), tip, every =
   const max = Math.max(0, ...slots.flatMap((s) => series.map((k) => s.values[k] || 0)));
   const { y, b } = frame(svg, niceScale(max, integer), yLabel);
   const slot = (b.w - b.left - b.right) / Math.max(1, slots.length);
-  const barW = Math.max(1.5, (slot * 0.76) / series.length);
+  const barW = Math.min(56, Math.max(1.5, (slot * 0.76) / series.length)); // a few slots: no huge slabs
   slots.forEach((s, i) => {
-    const x0 = b.left + i * slot + slot * 0.12;
+    const x0 = b.left + i * slot + (slot - barW * series.length) / 2;
     series.forEach((k, j) => {
       const v = s.values[k] || 0;
       const rect = svgEl("rect", { class: `bar ${k}`, x: x0 + j * barW, y: y(v), width: barW,
@@ -375,7 +375,7 @@ function renderCameras(cameras) {
       ["inference", c.inference_ms_p50 == null ? "–" : `${fmt(c.inference_ms_p50)} ms`],
       ["events", (c.events_total || 0).toLocaleString("en")],
       // over-the-air models (docs/models-ota.md): what runs, and whether the latest update failed
-      ["model", !c.model ? "–" : (c.model.active.version || c.model.active.name)
+      ["model", !c.model ? modelOf(c) : (c.model.active.version || c.model.active.name)
         + (c.model.failed ? ` · update ${c.model.update.version} ${c.model.update.state.replace("_", " ")}` : "")]]) {
       facts.append(el("dt", {}, k), el("dd", {}, v));
     }
