@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="publish runtime stats every S seconds (default 60)")
     run.add_argument("--batch-linger", dest="batch_linger_s", type=float, metavar="SECONDS",
                      help="send events in zlib-compressed batches on .../batch once the oldest has waited SECONDS "
-                          "(default 2; 0 = one message per event on .../events, as before batching)")
+                          "(default 2; 0 = one message per event on .../events)")
     run.add_argument("--publish-mode", dest="publish_mode", choices=("events", "summary"),
                      help="events (default): every event; summary: one message per window with the hourly "
                           "figures' increments, for metered links (no per-person records; docs/mqtt.md)")

@@ -62,7 +62,7 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     dead_at REAL NOT NULL
 );
 """
-# Added after the first release: an older file gets the column on open (rows keep their ids and order).
+# An outbox file made without the column gets it on open (rows keep their ids and order).
 REJECTIONS_COLUMN = "ALTER TABLE outbox ADD COLUMN rejections INTEGER NOT NULL DEFAULT 0"
 
 

@@ -15,7 +15,7 @@ asks), then sends every pending row of this camera's ``events`` topic as zlib-co
 most every ``retained_interval_s`` per topic: the older ones are superseded snapshots, deleted with the newest
 one's PUBACK. The outbox keeps one row per event
 either way; a message's PUBACK deletes all of its rows, a rejection keeps them all. ``linger_s`` = 0 sends one
-message per row, as before.
+message per row on ``events``.
 
 A rejected message (an MQTT 5 PUBACK with a failure reason, e.g. "Not authorized") is sent again after a backoff
 (``retry_s``, doubling up to ``retry_max_s``) while the process runs; after ``max_rejections`` its rows move to

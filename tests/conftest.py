@@ -11,9 +11,13 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from contract.ids import new_event_id
+from contract.schema import validate_event
+from contract.timestamps import format_ts
 from tests.services import start_mosquitto, start_postgres
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,6 +64,55 @@ _db_counter = iter(range(1, 10**9))
 def postgres_url(postgres_server) -> str:
     """A fresh, empty PostgreSQL database on the session's server."""
     return postgres_server.create_database(f"t{next(_db_counter)}_{os.getpid()}")
+
+
+# ------------------------------------------------------------------------------ sink: events and databases
+
+T0 = 1_780_000_000.0  # a fixed instant (2026-05-28T20:26:40Z) so hour buckets are known
+
+
+def make_event(type_: str = "person.enter", *, ts: float = T0, site: str = "lobby", camera_id: str = "cam-1",
+               **fields: Any) -> dict[str, Any]:
+    """A valid contract event (checked against the schema) with sensible defaults per type."""
+    ev: dict[str, Any] = {
+        "schema_version": 1, "event_id": new_event_id(), "type": type_, "ts": format_ts(ts), "site": site,
+        "camera_id": camera_id, "model": {"name": "yolov8n-int8", "sha256": "0123456789ab"},
+        "frame": {"width": 640, "height": 480},
+    }
+    defaults: dict[str, dict[str, Any]] = {
+        "person.enter": {"track_id": 1, "box": [0.1, 0.1, 0.3, 0.9], "score": 0.8},
+        "person.exit": {"track_id": 1, "box": [0.1, 0.1, 0.3, 0.9], "first_seen": format_ts(ts - 5), "dwell_s": 5.0,
+                        "score_max": 0.9, "score_mean": 0.8},
+        "count": {"count": 1, "previous": 0},
+        "zone.enter": {"zone": "door", "track_id": 1},
+        "zone.exit": {"zone": "door", "track_id": 1, "dwell_s": 5.0},
+        "line.cross": {"line": "gate", "track_id": 1, "direction": "in", "totals": {"in": 1, "out": 0}},
+        "loiter": {"zone": "door", "track_id": 1, "dwell_s": 60.0},
+    }
+    ev.update(defaults[type_])
+    ev.update(fields)
+    if type_ == "person.exit" and "dwell_s" in fields and "first_seen" not in fields:
+        ev["first_seen"] = format_ts(ts - float(fields["dwell_s"]))
+    validate_event(ev)
+    return ev
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.slow)])
+def db_url(request, tmp_path) -> str:
+    """A fresh empty database: SQLite file, or a new database on the session's real PostgreSQL server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'sink.db'}"
+    return request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture
+def store(db_url):
+    """A sink Store on ``db_url``."""
+    from cloud_sink.store import Store
+
+    s = Store.open(db_url)
+    yield s
+    s.close()
 
 
 @pytest.fixture(scope="session")
