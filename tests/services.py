@@ -8,6 +8,8 @@ handle whose ``stop()`` kills it by PID. See ../shared/ENVIRONMENT.md for why th
 
 from __future__ import annotations
 
+import functools
+import http.server
 import json
 import os
 import shutil
@@ -375,3 +377,43 @@ class Subscriber:
     def close(self) -> None:
         self.client.loop_stop()
         self.client.disconnect()
+
+
+def retained(port: int, leaf: str, timeout: float = 5.0) -> bytes | None:
+    """The retained message on one topic, as a fresh subscriber sees it (None if nothing is retained)."""
+    sub = Subscriber(port, client_id=f"retained-{leaf.replace('/', '-')}", topic=topic_for(SITE, CAM, leaf))
+    try:
+        sub.wait_for(lambda: sub.messages, timeout)
+        return next((p for _, p, r in sub.messages if r), None)
+    finally:
+        sub.close()
+
+
+# --------------------------------------------------------------------------------------------- HTTP
+
+
+class HttpServer:
+    """A real HTTP server on 127.0.0.1 that can be stopped and restarted on the same port."""
+
+    def __init__(self, directory: Path) -> None:
+        self.handler = functools.partial(_QuietHttpHandler, directory=str(directory))
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), self.handler)
+        self.port = self.httpd.server_address[1]
+        self._serve()
+
+    def _serve(self) -> None:
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def start(self) -> None:
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), self.handler)
+        self._serve()
+
+
+class _QuietHttpHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass

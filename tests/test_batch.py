@@ -21,7 +21,7 @@ from cloud_sink.validation import Limits, check_batch, check_messages
 from contract.batch import BatchError, batch_dictionaries, decode_batch, encode_batch
 from contract.ids import new_event_id
 from contract.topics import topic_for
-from tests.test_sink_store import db_url, make_event, store  # noqa: F401  (fixtures)
+from tests.conftest import make_event
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH = topic_for("lobby", "cam-1", "batch")

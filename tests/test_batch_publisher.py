@@ -24,8 +24,8 @@ from cloud_sink.store import Store
 from contract.batch import decode_batch
 from contract.broker import BrokerSettings
 from contract.topics import topics_for_event
+from tests.conftest import make_event
 from tests.services import CAM, SITE, Subscriber, free_port, start_persistent_mosquitto
-from tests.test_sink_store import make_event
 
 pytestmark = pytest.mark.slow
 
@@ -67,8 +67,8 @@ class RealSink:
         self.ingestor = Ingestor(self.store)
         self.sink = Sink(self.ingestor, BrokerSettings.from_url(url), client_id=client_id)
         self.sink.start()
-        assert self.sink.connected.wait(10), "sink did not connect"
-        time.sleep(0.3)  # the SUBACK: the persistent session exists before anything is published
+        # the SUBACK: the persistent session and its subscriptions exist before anything is published
+        assert self.sink.subscribed.wait(10), "the sink's subscriptions were not acknowledged"
         self.thread = threading.Thread(target=self.sink.run, daemon=True)
         self.thread.start()
 

@@ -17,22 +17,12 @@ import pytest
 from contract.schema import validate_event, validate_stats
 from contract.topics import topic_for
 from tests.conftest import INDOOR_CLIP, NEGATIVE_CLIP, ONNX_FP32, PERSONS_EVAL, ROOT
-from tests.services import CAM, SITE, Subscriber, read_events, run_edge
+from tests.services import CAM, SITE, HttpServer, Subscriber, read_events, retained, run_edge
 
 
 def model_path() -> Path:
     """The shared fp32 ONNX that issue 2's integration test names (fault tests use the INT8 320 fixture)."""
     return ONNX_FP32
-
-
-def retained(port: int, leaf: str, timeout: float = 5.0) -> bytes | None:
-    """The retained message on one topic, as a fresh subscriber sees it (None if nothing is retained)."""
-    sub = Subscriber(port, client_id=f"retained-{leaf.replace('/', '-')}", topic=topic_for(SITE, CAM, leaf))
-    try:
-        sub.wait_for(lambda: sub.messages, timeout)
-        return next((p for _, p, r in sub.messages if r), None)
-    finally:
-        sub.close()
 
 
 @pytest.mark.slow
@@ -121,8 +111,6 @@ def test_offline_mode_prints_valid_events_to_stdout_as_of_start_time():
 @pytest.mark.slow
 def test_live_http_stream_with_motion_gate(tmp_path):
     """A live source (HTTP URL): the motion gate is on by default, frames are timestamped with wall time."""
-    from tests.test_sources import _Server
-
     (tmp_path / "www").mkdir()
     clip = tmp_path / "www" / "cam.avi"
     cap, writer = cv2.VideoCapture(str(INDOOR_CLIP)), None
@@ -134,7 +122,7 @@ def test_live_http_stream_with_motion_gate(tmp_path):
         writer.write(img)
     cap.release()
     writer.release()
-    server = _Server(tmp_path / "www")
+    server = HttpServer(tmp_path / "www")
     try:
         before = time.time()
         proc = run_edge("--source", f"http://127.0.0.1:{server.port}/cam.avi", "--model", str(model_path()),

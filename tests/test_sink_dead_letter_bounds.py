@@ -13,7 +13,7 @@ from cloud_sink.store import Batch, Store
 from cloud_sink.validation import Limits
 from contract.batch import encode_batch
 from contract.topics import topic_for
-from tests.test_sink_store import db_url, make_event, store  # noqa: F401  (fixtures)
+from tests.conftest import make_event
 
 NOW = 1_780_000_000.0
 

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-import http.server
-import threading
 import time
 from pathlib import Path
 
@@ -21,6 +18,7 @@ from camera.sources import (
     open_source,
 )
 from tests.conftest import NEGATIVE_CLIP
+from tests.services import HttpServer
 
 
 def _write_video(path: Path, n: int = 20, fps: float = 10.0, size: tuple[int, int] = (160, 120)) -> Path:
@@ -163,33 +161,6 @@ def test_url_credentials_are_redacted_in_errors():
     assert "secret" not in str(info.value)
 
 
-class _Server:
-    """A real HTTP server on 127.0.0.1 that can be stopped and restarted on the same port."""
-
-    def __init__(self, directory: Path) -> None:
-        self.handler = functools.partial(_QuietHandler, directory=str(directory))
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), self.handler)
-        self.port = self.httpd.server_address[1]
-        self._serve()
-
-    def _serve(self) -> None:
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-    def start(self) -> None:
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), self.handler)
-        self._serve()
-
-
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args) -> None:
-        pass
-
-
 def _wait(predicate, timeout: float = 20.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -204,7 +175,7 @@ def test_http_stream_reconnects_after_the_server_goes_away(tmp_path):
     """A live HTTP source: frames flow, the stream ends and the server disappears → reconnecting with backoff,
     the server comes back → connected again, reconnect counted, frames flow again."""
     _write_video(tmp_path / "live.avi", n=30, fps=30)
-    server = _Server(tmp_path)
+    server = HttpServer(tmp_path)
     src = open_source(f"http://127.0.0.1:{server.port}/live.avi")
     try:
         assert isinstance(src, LiveSource) and src.live and src.kind == "stream"

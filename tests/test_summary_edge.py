@@ -22,9 +22,8 @@ from contract.rollup import Deltas, deltas, summary_document, track_ranges, wind
 from contract.schema import SUMMARY_SCHEMA_FILE, validation_errors
 from contract.timestamps import ts_ms
 from contract.topics import topic_for
-from tests.conftest import ONNX_FP32, STREET_CLIP
+from tests.conftest import ONNX_FP32, STREET_CLIP, make_event
 from tests.services import CAM, SITE, Subscriber, read_events, run_edge
-from tests.test_sink_store import make_event
 
 T0 = 1_790_000_000 // 3600 * 3600  # an hour boundary
 
