@@ -1,7 +1,8 @@
-"""``smartcam-sink run | report``: the cloud sink's command line.
+"""``smartcam-sink run | serve | report``: the cloud sink's command line.
 
 ``run`` subscribes to the edge's topics and stores events exactly once (optionally serving the read-only API and
-dashboard, and archiving new events); ``report`` prints the analytics. Bad options or an unreachable/unwritable
+dashboard, and archiving new events); ``serve`` serves the API, dashboard and /metrics over a database without
+ingesting; ``report`` prints the analytics. Bad options or an unreachable/unwritable
 database give a one-line error and exit status 2.
 """
 
