@@ -12,8 +12,8 @@ Two layers so each can be tested alone:
 
 Summaries (``.../summary``, an edge in summary mode) are stored in the database's ``summaries`` table and their
 increments applied to the rollups in the same transaction; they are counted in :class:`BatchResult` as
-``summaries`` (new) and ``summary_duplicates``. The archive (``cloud_sink/archive.py``) receives newly stored
-*events* only: summaries are in the database, not in the archive.
+``summaries`` (new) and ``summary_duplicates``. Nothing here writes the archive: it follows the database on its
+own (``cloud_sink/archive_follower.py``), off the ack path, and holds events only.
 
 >>> from cloud_sink.store import Store
 >>> ing = Ingestor(Store.open("sqlite:///:memory:"))
@@ -77,7 +77,6 @@ class BatchResult:
     samples: int = 0  # sampled frames stored for the first time (cloud_sink/samples.py)
     dead_dropped: int = 0  # dead letters over their camera's rate: counted (sink_state), not stored
     batches: int = 0  # database transactions
-    archive_errors: int = 0
     new_events: list[dict[str, Any]] = field(default_factory=list)
     reasons: list[str] = field(default_factory=list)
     # per (site, camera): the event/summary ids now committed (stored, already stored, or dead-lettered),
@@ -120,18 +119,17 @@ class _DeadLetterRate:
 class Ingestor:
     """Classify and store batches of raw messages; never raises on bad input (only on storage failure)."""
 
-    def __init__(self, store: Store, *, limits: Limits | None = None, archive: Any = None,
-                 metrics: Any = None, samples: Any = None):
+    def __init__(self, store: Store, *, limits: Limits | None = None, metrics: Any = None,
+                 samples: Any = None):
         self.store = store
         self.samples = samples  # cloud_sink.samples.SampleSink; None: samples are dead-lettered with the reason
         self.limits = limits or Limits()
-        self.archive = archive
         self.totals = BatchResult()
         self._dead_rate = _DeadLetterRate(self.limits.dead_letters_per_minute, self.limits.dead_letter_burst)
         self.metrics = metrics  # cloud_sink.metrics.SinkMetrics: what /metrics serves (optional)
 
     def handle(self, messages: Iterable[tuple[str, bytes]], *, now: float | None = None) -> BatchResult:
-        """Validate and commit one batch; then hand the new events to the archive (if any).
+        """Validate and commit one batch.
 
         Raises only when the database is unavailable (``store.is_transient``: locked, down, disk full) so the
         caller keeps the batch unacknowledged and retries. If the database *rejects* the batch for its content,
@@ -173,7 +171,7 @@ class Ingestor:
 
     def _store_part(self, checked: list[tuple[Checked, bytes]], now: float, sampled: list[tuple[str, bytes]],
                     dropped: int) -> BatchResult:
-        """One transaction: store ``checked`` (and ``sampled``), count what happened, then archive."""
+        """One transaction: store ``checked`` (and ``sampled``) and count what happened."""
         started = time.perf_counter()
         try:
             written = self.store.write(_batch(checked, now, dropped=dropped), received_at=now)
@@ -210,12 +208,6 @@ class Ingestor:
         self.totals.add(result, items=False)
         if self.metrics is not None:
             self.metrics.batch(result, time.perf_counter() - started)
-        if self.archive is not None and result.new_events:
-            try:
-                self.archive.write(result.new_events)
-            except Exception as exc:  # the database is the record; the archive is a copy (logged, counted)
-                self.totals.archive_errors += 1
-                log.error("archive write failed for %d events: %s", len(result.new_events), exc)
         return result
 
     def _store_samples(self, sampled: list[tuple[str, bytes]], now: float, result: BatchResult) -> None:

@@ -56,24 +56,6 @@ def test_batch_stores_events_once_and_dead_letters_the_rest(store):  # noqa: F81
     assert ing.totals.received == 7 and ing.totals.stored == 2
 
 
-def test_archive_receives_only_new_events_and_its_failure_is_not_fatal(store):  # noqa: F811
-    written: list[list[str]] = []
-
-    class Recorder:
-        def write(self, events):
-            written.append([e["event_id"] for e in events])
-            if len(written) == 2:
-                raise OSError("disk full")
-
-    ing = Ingestor(store, archive=Recorder())
-    a, b = now_event(), now_event()
-    ing.handle([raw(a)])
-    ing.handle([raw(a), raw(b)])
-    ing.handle([raw(a), raw(b)])  # nothing new: archive not called
-    assert written == [[a["event_id"]], [b["event_id"]]]
-    assert ing.totals.archive_errors == 1 and store.event_count() == 2
-
-
 _hostile = st.one_of(
     st.binary(max_size=300),
     st.text(max_size=200).map(str.encode),
