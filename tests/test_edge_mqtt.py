@@ -75,6 +75,7 @@ def test_indoor_clip_events_reach_a_subscriber(mosquitto, tmp_path):
         validate_stats(s)
     assert stats[-1]["frames_processed"] == 90 and stats[-1]["source_state"] == "ended"
     assert stats[-1]["dropped_frames"] > 0  # --fps 3 on a 30 fps clip skips frames, counted
+    assert stats[-1]["outbox_dead_letters"] == 0 and stats[-1]["publisher_restarts"] == 0  # never silent
 
 
 @pytest.mark.slow
