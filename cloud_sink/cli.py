@@ -84,6 +84,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--http-token", help="API bearer token, required off loopback (visible in ps: prefer "
                                              "--http-token-file or $SMARTCAM_API_TOKEN)")
     serve.add_argument("--http-token-file", help="file holding the API bearer token (at least 32 characters)")
+    serve.add_argument("--http-allowed-hosts", type=_names, metavar="NAME,...",
+                       help="Host header names answered (default on loopback without a token: loopback names)")
 
     samples = sub.add_parser("samples", help="sampled frames from the edge (the learning loop)",
                              description="Export the frames cameras sent (samples.enabled) for labeling: "
@@ -350,7 +352,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     done, failed = threading.Event(), threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, lambda *_: done.set())
-    server, thread = start_http(store, host, port, token, sock=sock,
+    server, thread = start_http(store, host, port, token, allowed=args.http_allowed_hosts, sock=sock,
                                 on_failure=lambda: (failed.set(), done.set()))
     done.wait()
     server.should_exit = True
