@@ -458,11 +458,11 @@ class Store:
                                                       batch.events, now_ms)
             if new_events:  # the summaries' increments (usually none) added to the events', not the other way round
                 delta = merge_deltas(deltas(new_events), delta)
-                self._touch_cameras(conn, new_events)
+                self._touch_cameras(conn, new_events, now_ms)
         rollups.apply_deltas(conn, delta, self.bulk_insert)
         for doc in sorted(new_docs, key=lambda d: (d["site"], d["camera_id"])):
-            self._upsert_camera(conn, doc["site"], doc["camera_id"], {}, seen_ms=min(ts_ms(doc["end"]), now_ms),
-                                add_events=int(doc["events"]))
+            self._upsert_camera(conn, doc["site"], doc["camera_id"], {}, seen_ms=ts_ms(doc["end"]),
+                                add_events=int(doc["events"]), now_ms=now_ms)
         counters = dict(batch.counters)
         dead = batch.dead_letters + conflicts + summary_conflicts
         if dead:
@@ -483,7 +483,7 @@ class Store:
             self._upsert_camera(conn, site, camera_id, {
                 "fps": _number(doc.get("processed_fps")), "inference_ms_p50": _number(doc.get("inference_ms_p50")),
                 "inference_ms_p95": _number(doc.get("inference_ms_p95")), "stats": json.dumps(doc, separators=(",", ":")),
-                "stats_at": now_ms}, seen_ms=to_ms(doc.get("ts")))
+                "stats_at": now_ms}, seen_ms=to_ms(doc.get("ts")), now_ms=now_ms)
         newest: dict[tuple[str, str], dict[str, Any]] = {}  # by the edge's ts: arrival order may differ
         for site, camera_id, doc in batch.models:
             if (site, camera_id) not in newest or doc["ts"] >= newest[(site, camera_id)]["ts"]:
@@ -597,7 +597,11 @@ class Store:
         return conn.execute(finish(self._insert(table).from_select(names, select)))
 
     def _upsert_camera(self, conn: Connection, site: str, camera_id: str, values: dict[str, Any],
-                       seen_ms: int | None = None, add_events: int = 0) -> None:
+                       seen_ms: int | None = None, add_events: int = 0, now_ms: int | None = None) -> None:
+        """Create or update a camera's row. ``last_seen`` (one rule for events, stats and summaries): the newest
+        capture time, never later than when the sink received it (``now_ms``), and never moved back."""
+        if seen_ms is not None and now_ms is not None:
+            seen_ms = min(seen_ms, now_ms)
         ins = self._insert(cameras_table).values(site=site, camera_id=camera_id, last_seen=seen_ms,
                                            events_total=add_events, **values)
         updates: dict[str, Any] = dict(values)
@@ -613,14 +617,14 @@ class Store:
             return
         conn.execute(ins.on_conflict_do_update(index_elements=["site", "camera_id"], set_=updates))
 
-    def _touch_cameras(self, conn: Connection, new_events: list[dict[str, Any]]) -> None:
+    def _touch_cameras(self, conn: Connection, new_events: list[dict[str, Any]], now_ms: int) -> None:
         per_cam: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
         for ev in new_events:
             acc = per_cam[(ev["site"], ev["camera_id"])]
             acc[0] += 1
             acc[1] = max(acc[1], to_ms(ev["ts"]) or 0)
         for (site, camera_id), (n, newest) in sorted(per_cam.items()):
-            self._upsert_camera(conn, site, camera_id, {}, seen_ms=newest, add_events=n)
+            self._upsert_camera(conn, site, camera_id, {}, seen_ms=newest, add_events=n, now_ms=now_ms)
 
     # ------------------------------------------------------------------------------------------ reads
     def event_count(self) -> int:

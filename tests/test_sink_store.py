@@ -263,3 +263,22 @@ def test_rollup_counters_do_not_overflow_on_postgresql(db_url):
     (row,) = rollups.hourly(s, since=hour, until=hour + 3600)
     assert row["entries"] == 6000 * 360_000 > 2**31
     s.close()
+
+
+def test_last_seen_is_never_later_than_arrival_for_events_stats_and_summaries(store):
+    """One rule for last_seen: the newest capture time, but never later than when the sink received it (a camera
+    clock up to max_future_s ahead must not make a camera look alive in the future)."""
+    received = T0
+    ahead = T0 + 1800  # half an hour ahead of the sink's clock: inside the default window
+    store.write(Batch(events=[make_event(ts=ahead, camera_id="cam-e")]), received_at=received)
+    stats = {"schema_version": 1, "ts": format_ts(ahead), "site": "lobby", "camera_id": "cam-s", "input_fps": 1.0,
+             "processed_fps": 1.0, "inference_ms_p50": 1.0, "inference_ms_p95": 1.0, "frames_in": 1,
+             "frames_processed": 1, "motion_skipped": 0, "dropped_frames": 0, "outbox_depth": 0, "outbox_dropped": 0,
+             "cpu_percent": 1.0, "source_state": "connected"}
+    store.write(Batch(stats=[("lobby", "cam-s", stats)]), received_at=received)
+    doc = _summary(camera_id="cam-m")
+    store.write(Batch(summaries=[doc]), received_at=T0 - 3600)  # received before its window ended
+    seen = {c["camera_id"]: c["last_seen"] for c in store.cameras()}
+    assert seen == {"cam-e": format_ts(received), "cam-s": format_ts(received), "cam-m": format_ts(T0 - 3600)}
+    store.write(Batch(events=[make_event(ts=T0 - 5, camera_id="cam-e", track_id=2)]), received_at=T0 + 10)
+    assert {c["camera_id"]: c["last_seen"] for c in store.cameras()}["cam-e"] == format_ts(received)
