@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--conf", type=float, help="detection confidence threshold (default 0.1: weak detections "
                                                 "continue tracks, only confident ones start them)")
     run.add_argument("--iou", type=float, help="NMS IoU threshold (default 0.45)")
+    run.add_argument("--regions", choices=("auto", "lines", "off"),
+                     help="also detect on tiles around the counting lines at 1.5x the model input (auto, the default: "
+                          "when that sees them >= 1.3x sharper than the whole frame; one model run per tile)")
     run.add_argument("--classes", help="comma-separated class names to detect (default person)")
     run.add_argument("--threads", type=int, help="inference threads per stream (default: the cores shared out "
                                                  "between the streams; lower it on a device busy with other work)")
@@ -183,6 +186,7 @@ def _overrides(args: argparse.Namespace) -> dict:
         "max_frames": args.max_frames, "fps": args.fps, "realtime": args.realtime, "start_time": args.start_time,
         "loop": args.loop,
         "detector.conf": args.conf, "detector.iou": args.iou,
+        "detector.regions": args.regions,
         "detector.classes": args.classes.split(",") if args.classes else None, "detector.threads": args.threads,
         "detector.streams": args.streams,
         "detector.provider": args.provider,

@@ -46,6 +46,11 @@ class DetectorConfig(_Strict):
                                 description="inference threads per stream (default: the cores shared by the streams)")
     streams: int | None = Field(None, ge=1, le=16,
                                 description="frames in the detector at once, in order (default: see docs)")
+    regions: Literal["auto", "lines", "off"] = Field(
+        "auto", description="also detect on tiles around the counting lines at region_scale x the model input, "
+        "merged with the full frame (camera/regions.py); auto = only when that sees the lines >= 1.3x sharper")
+    region_scale: float = Field(1.5, gt=0.5, le=4, description="a region tile's size in model inputs (1.5: 480x384 "
+                                "source pixels for a 256x320 model)")
     provider: str = Field("cpu", description="onnxruntime execution provider: cpu, openvino, cuda, ... (falls "
                                              "back to the CPU with a warning when missing)")
     provider_options: dict[str, str] = Field(default_factory=dict,

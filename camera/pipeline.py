@@ -307,6 +307,18 @@ class EdgeRunner:
         finally:
             self.close()
 
+    def _detect_fn(self, detector: Any) -> Any:
+        """What the inference queue runs per frame: the detector, or the detector on the frame plus tiles around the
+        counting lines (``detector.regions``, camera/regions.py)."""
+        cfg = self.cfg
+        if cfg.detector.regions == "off" or not cfg.lines:
+            return detector.detect
+        from camera.regions import RegionDetector
+
+        return RegionDetector(detector.detect, detector.imgsz, detector.iou,
+                              lambda w, h: [line.pixel_points(w, h) for line in cfg.lines],
+                              scale=cfg.detector.region_scale, mode=cfg.detector.regions).detect
+
     def _loop(self) -> int:
         from camera.events import EventBuilder
         from camera.filters import apply_filters
@@ -320,7 +332,7 @@ class EdgeRunner:
                                model_sha256=self.detector.sha256, zones=cfg.zones, lines=cfg.lines,
                                track_threshold=(active.thresholds if active else {}).get(
                                    "track_threshold", cfg.filters.track_threshold))
-        queue = InferenceQueue(self.detector.detect, self.streams)
+        queue = InferenceQueue(self._detect_fn(self.detector), self.streams)
         tracks_out = None
         if cfg.tracks_file:
             from camera.mot import MotWriter
