@@ -471,12 +471,15 @@ class Subscriber:
         publish.confirm sink deletes those events only then. A lost confirmation costs the edge one re-send,
         which is a duplicate here and is confirmed again."""
         ts = format_ts(time.time())
-        for (site, camera_id), ids in sorted(result.committed.items()):
-            for i in range(0, len(ids), ACK_MAX_IDS):
-                doc = {"schema_version": 1, "site": site, "camera_id": camera_id, "ts": ts,
-                       "ids": ids[i:i + ACK_MAX_IDS]}
-                self._client.publish(topic_for(site, camera_id, ACK_LEAF), json.dumps(doc, separators=(",", ":")),
-                                     qos=1)
+        try:
+            for (site, camera_id), ids in sorted(result.committed.items()):
+                for i in range(0, len(ids), ACK_MAX_IDS):
+                    doc = {"schema_version": 1, "site": site, "camera_id": camera_id, "ts": ts,
+                           "ids": ids[i:i + ACK_MAX_IDS]}
+                    self._client.publish(topic_for(site, camera_id, ACK_LEAF),
+                                         json.dumps(doc, separators=(",", ":")), qos=1)
+        except Exception:  # noqa: BLE001 - the batch is committed: a missing ack only means the edge re-sends
+            log.exception("could not publish the commit's acknowledgements (the cameras will re-send)")
 
     def _ack(self, batch: list[_Message]) -> None:
         with self._lock:

@@ -159,6 +159,13 @@ class Postgres:
         )
         return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{name}"
 
+    def ctl(self, action: str, mode: str = "fast") -> None:
+        """``pg_ctl stop`` or ``restart`` this server (an outage in tests); restart also starts a stopped one,
+        with the options it last ran with. The server logs to pg.log, so no pipe of ours is held open."""
+        subprocess.run(self._as_postgres([_pg_bin("pg_ctl"), "-D", str(self.datadir), "-m", mode, "-w", "-l",
+                                          str(self.datadir.parent / "pg.log"), action]),
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True, timeout=120)
+
     def stop(self) -> None:
         subprocess.run(self._as_postgres([_pg_bin("pg_ctl"), "-D", str(self.datadir), "-m", "immediate", "stop"]),
                        capture_output=True)
