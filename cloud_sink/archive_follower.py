@@ -15,7 +15,8 @@ moves after the parts covering it are written. So:
 
 PostgreSQL commits out of order: share-group workers' transactions may commit in any order of their ids, so the
 follower reads only rows of transactions older than the oldest one still running
-(``pg_snapshot_xmin(pg_current_snapshot())``), which can never gain rows. One follower at a time writes: the
+(``pg_snapshot_xmin(pg_current_snapshot())``), which can never gain rows (a writing transaction left open holds
+the archive back until it ends: ``smartcam_sink_archive_lag_events`` shows it). One follower at a time writes: the
 cursor row carries a lease (owner, expiry) that other workers' followers respect and take over when it lapses.
 
 Compaction: a partition is folded into its ``events.jsonl`` once its hour has ended and no part was written to
