@@ -204,8 +204,12 @@ def create_app(store: Store, *, token: str | None = None, metrics: Any = None, s
 
     @app.get("/health", tags=["health"])
     def health() -> dict[str, Any]:
-        """Liveness for load balancers: the database answers. No data, no token."""
-        return {"status": "ok", "schema_version": store.schema_version()}
+        """Liveness for load balancers: the database answers, and the event-time window ingest applies (set by
+        the sink at start). No data, no token."""
+        state = store.sink_state()
+        window = ({"max_past_s": state["window_max_past_s"], "max_future_s": state.get("window_max_future_s", 0)}
+                  if "window_max_past_s" in state else None)
+        return {"status": "ok", "schema_version": store.schema_version(), "time_window": window}
 
     @api.get("/cameras")
     def cameras(site: Site = None) -> dict[str, Any]:

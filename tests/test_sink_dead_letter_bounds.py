@@ -130,3 +130,13 @@ def test_the_time_window_and_dead_letter_bounds_are_flags_logged_at_start(tmp_pa
     s = Store.open(db)
     assert s.sink_state()["window_max_future_s"] == 120 and s.sink_state()["window_max_past_s"] == 3 * 86400
     s.close()
+
+
+def test_health_shows_the_time_window(store):  # noqa: F811
+    from fastapi.testclient import TestClient
+
+    from cloud_sink.api import create_app
+
+    store.set_time_window(max_past_s=400 * 86400, max_future_s=3600)
+    health = TestClient(create_app(store)).get("/health").json()
+    assert health["time_window"] == {"max_past_s": 400 * 86400, "max_future_s": 3600}
