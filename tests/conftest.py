@@ -115,6 +115,19 @@ def store(db_url):
     s.close()
 
 
+@pytest.fixture(scope="module")
+def browser():
+    """Real headless Chromium for one test module (tests/chromium.py)."""
+    from playwright.sync_api import sync_playwright
+
+    from tests.chromium import CHROMIUM, CHROMIUM_ARGS
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
 @pytest.fixture(scope="session")
 def artifacts_dir() -> Path:
     ARTIFACTS.mkdir(exist_ok=True)

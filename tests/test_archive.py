@@ -16,7 +16,7 @@ from cloud_sink.store import Batch, Store
 from contract.ids import new_event_id
 from contract.schema import validate_event
 from contract.timestamps import format_ts
-from tests.test_sink_api import make_event
+from tests.sink_scenario import make_event
 
 T0 = 1_767_236_400.0  # 2026-01-01T03:00:00Z
 SETTLE = 600.0
@@ -430,7 +430,7 @@ def test_sink_run_archives_off_the_ack_path_and_flushes_at_stop(mosquitto, tmp_p
     import subprocess
     import sys
 
-    from tests.test_sink_ingest import now_event, publish, raw, wait_connected
+    from tests.sink_clients import now_event, publish, raw, wait_connected
 
     db = f"sqlite:///{tmp_path / 'sink.db'}"
     log_path = tmp_path / "sink.log"

@@ -11,21 +11,18 @@ from __future__ import annotations
 import json
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
 from camera.config import BatchConfig
 from camera.outbox import Outbox
 from camera.publisher import Publisher
-from cloud_sink.ingest import Ingestor
-from cloud_sink.ingest import Subscriber as Sink
-from cloud_sink.store import Store
 from contract.batch import decode_batch
 from contract.broker import BrokerSettings
 from contract.topics import topics_for_event
 from tests.conftest import make_event
 from tests.services import CAM, SITE, Subscriber, free_port, start_persistent_mosquitto
+from tests.sink_clients import RealSink
 
 pytestmark = pytest.mark.slow
 
@@ -56,37 +53,6 @@ def feed_frames(box: Outbox, pub: Publisher, events: list[dict], per_frame: int)
         put(box, events[i:i + per_frame])
         pub.notify()
         time.sleep(0.05)
-
-
-class RealSink:
-    """The sink's MQTT ingest loop in a thread, storing into an SQLite file."""
-
-    def __init__(self, url: str, db: Path, client_id: str = "batch-test-sink") -> None:
-        self.db_url = f"sqlite:///{db}"
-        self.store = Store.open(self.db_url)
-        self.ingestor = Ingestor(self.store)
-        self.sink = Sink(self.ingestor, BrokerSettings.from_url(url), client_id=client_id)
-        self.sink.start()
-        # the SUBACK: the persistent session and its subscriptions exist before anything is published
-        assert self.sink.subscribed.wait(10), "the sink's subscriptions were not acknowledged"
-        self.thread = threading.Thread(target=self.sink.run, daemon=True)
-        self.thread.start()
-
-    def stored_ids(self) -> list[str]:
-        return [e["event_id"] for e in self.store.events(limit=100_000)]
-
-    def wait_stored(self, n: int, timeout: float = 60) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.store.event_count() >= n:
-                return True
-            time.sleep(0.1)
-        return self.store.event_count() >= n
-
-    def close(self) -> None:
-        self.sink.stop()
-        self.thread.join(20)
-        self.store.close()
 
 
 def batch_events(sub: Subscriber) -> list[list[dict]]:

@@ -2,57 +2,19 @@
 
 from __future__ import annotations
 
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from contract.timestamps import format_ts
-from tests.services import free_port
-from tests.test_sink_api import HOUR, T0, fill, scenario
-
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+from tests.chromium import CHROMIUM, PageWatch, open_dashboard, serve
+from tests.sink_scenario import HOUR, T0, fill, scenario
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian chromium: run scripts/setup.sh"),
 ]
-
-
-@contextmanager
-def serve(app) -> Iterator[str]:
-    """The app on a real uvicorn server (127.0.0.1, free port) in a thread; yields its base URL."""
-    import uvicorn
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}/"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
 
 
 @pytest.fixture
@@ -64,26 +26,6 @@ def scenario_store(tmp_path):
     fill(store, events)
     yield store, events
     store.close()
-
-
-class PageWatch:
-    """Console errors, page exceptions and every URL the page requested."""
-
-    def __init__(self, page) -> None:
-        self.errors: list[str] = []
-        self.requests: list[str] = []
-        page.on("console", lambda msg: self.errors.append(msg.text) if msg.type == "error" else None)
-        page.on("pageerror", lambda exc: self.errors.append(str(exc)))
-        page.on("request", lambda req: self.requests.append(req.url))
-
-
-def open_dashboard(browser, url: str):
-    """A desktop-sized page on the dashboard, watched, once its first refresh is done; (page, watch)."""
-    page = browser.new_page(viewport={"width": 1360, "height": 1000})
-    watch = PageWatch(page)
-    page.goto(url)
-    page.wait_for_selector("body[data-ready=true]", timeout=20000)
-    return page, watch
 
 
 def _values(page, selector: str, *attrs: str) -> list[tuple[str, ...]]:
@@ -221,7 +163,7 @@ def _today() -> float:
 def shop_events() -> list[dict]:
     """shop/door with zones and a line, events on days chosen so every range picks a different set:
     today 3 entries, yesterday 2, three days ago 5, seven days ago 1, twenty days ago 7 (all at 01:00-02:00 UTC)."""
-    from tests.test_sink_api import make_event
+    from tests.sink_scenario import make_event
 
     out: list[dict] = []
     track = iter(range(1, 10_000))
@@ -251,7 +193,7 @@ def shop_events() -> list[dict]:
 @pytest.fixture
 def shop_store(tmp_path):
     from cloud_sink.store import Batch, Store
-    from tests.test_sink_api import stats_doc
+    from tests.sink_scenario import stats_doc
 
     store = Store.open(f"sqlite:///{tmp_path / 'shop.db'}")
     events = shop_events()
@@ -460,7 +402,7 @@ def test_names_from_events_are_never_interpreted_as_html(browser, tmp_path):
     names written straight into it with markup show as text and run nothing."""
     from cloud_sink.api import create_app
     from cloud_sink.store import Batch, Store
-    from tests.test_sink_api import make_event
+    from tests.sink_scenario import make_event
 
     t0 = _today() + HOUR
     zone, line = '<img src=x onerror="window.__pwned=1">', "<b>gate</b>"

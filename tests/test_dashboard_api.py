@@ -17,7 +17,7 @@ import pytest
 
 from contract.timestamps import format_ts
 from tests.services import free_port, wait_for_port
-from tests.test_sink_api import HOUR, T0, fill, make_event, scenario
+from tests.sink_scenario import HOUR, T0, fill, make_event, scenario
 
 with warnings.catch_warnings():  # starlette's notice about httpx vs httpx2 is not ours to fix
     warnings.simplefilter("ignore")

@@ -18,22 +18,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.chromium import CHROMIUM, CHROMIUM_ARGS
 from tests.conftest import ROOT, STREET_CLIP
-from tests.services import free_port, wait_for_port
+from tests.sink_clients import SinkProcess, wait_for
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 SITE, CAM = "demo", "street-1"
 MAX_FRAMES = "60"  # 12 s of the street clip at the config's 5 processed frames/s: people enter, cross and leave
-
-
-def wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
 
 
 def get_json(url: str) -> dict:
@@ -51,34 +41,6 @@ def api_events(base: str) -> list[dict]:
         out += page["events"]
         offset = page["next_offset"]
     return out
-
-
-class SinkProcess:
-    """``smartcam-sink run`` as a subprocess with the API and a local archive; stops by PID."""
-
-    def __init__(self, broker_url: str, db: str, workdir: Path) -> None:
-        self.port = free_port()
-        self.log_path = workdir / "sink.log"
-        self.archive = workdir / "archive"
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "cloud_sink", "run", "--broker", broker_url, "--db", db, "--client-id",
-                 "e2e-sink", "--http", f"127.0.0.1:{self.port}", "--archive", str(self.archive), "--log-every", "1"],
-                stdout=log, stderr=log, cwd=ROOT)
-        wait_for(lambda: self.proc.poll() is not None or "subscribed to" in self.log_path.read_text(), 60,
-                 "the sink's subscriptions to be acknowledged")
-        assert self.proc.poll() is None, self.log_path.read_text()[-2000:]
-        wait_for_port(self.port, 30)
-        self.base = f"http://127.0.0.1:{self.port}/"
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                return self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        return self.proc.wait(5)
 
 
 def run_edge(model: Path, broker_url: str, workdir: Path) -> list[dict]:

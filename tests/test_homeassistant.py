@@ -25,7 +25,7 @@ from camera.publisher import Publisher
 from contract.broker import BrokerSettings
 from tests.conftest import ONNX_FP32, STREET_CLIP
 from tests.homeassistant_server import HA_VENV, start_homeassistant
-from tests.test_edge_mqtt import Subscriber, retained
+from tests.services import Subscriber, retained
 
 ROOT = Path(__file__).resolve().parents[1]
 SITE, CAM = "lab", "cam-1"

@@ -26,7 +26,7 @@ from contract.ids import new_event_id
 from contract.timestamps import format_ts
 from tests.conftest import ONNX_FP32, STREET_CLIP
 from tests.services import _find_binary, free_port, wait_for_port
-from tests.test_end_to_end import SinkProcess
+from tests.sink_clients import SinkProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy" / "prometheus"

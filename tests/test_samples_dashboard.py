@@ -10,7 +10,7 @@ from cloud_sink.ingest import Ingestor
 from cloud_sink.samples import SampleSink, SampleStorage
 from cloud_sink.store import Store
 from contract.sample import decode_sample
-from tests.test_dashboard import CHROMIUM, browser, open_dashboard, serve  # noqa: F401 - browser is a fixture
+from tests.chromium import CHROMIUM, open_dashboard, serve
 from tests.test_samples_sink import TOPIC, a_sample
 
 pytestmark = [pytest.mark.slow,

@@ -4,7 +4,6 @@ Mosquitto and the real ``smartcam-sink run`` process — persistent sessions and
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -19,21 +18,13 @@ from hypothesis import strategies as st
 from cloud_sink.ingest import Ingestor, Subscriber
 from cloud_sink.store import Batch, Store
 from cloud_sink.validation import Limits, check_message
-from contract.broker import BrokerSettings, make_client
+from contract.broker import BrokerSettings
 from contract.timestamps import format_ts
 from contract.topics import topic_for
 from tests.conftest import make_event
+from tests.sink_clients import now_event, publish, raw, sink_process, stop_process, wait_connected, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def now_event(type_: str = "person.enter", **fields) -> dict:
-    """A valid event stamped now (the live sink checks timestamps against its clock)."""
-    return make_event(type_, ts=fields.pop("ts", time.time()), **fields)
-
-
-def raw(ev: dict) -> tuple[str, bytes]:
-    return topic_for(ev["site"], ev["camera_id"], "events"), json.dumps(ev).encode()
 
 
 # ------------------------------------------------------------------------------------------ Ingestor
@@ -98,29 +89,6 @@ def test_hostile_payloads_are_dead_lettered_and_valid_ones_still_stored(tmp_path
 # ------------------------------------------------------------------------------------------ real broker
 
 
-def publish(url: str, messages: list[tuple[str, bytes]], *, retain: bool = False, qos: int = 1) -> None:
-    """Publish with QoS 1 and wait for every PUBACK."""
-    client = make_client(BrokerSettings.from_url(url), f"pub-{os.getpid()}-{time.monotonic_ns()}")
-    client.connect(BrokerSettings.from_url(url).host, BrokerSettings.from_url(url).port)
-    client.loop_start()
-    try:
-        infos = [client.publish(t, p, qos=qos, retain=retain) for t, p in messages]
-        for info in infos:
-            info.wait_for_publish(timeout=30)
-    finally:
-        client.disconnect()
-        client.loop_stop()
-
-
-def wait_for(predicate, timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 @pytest.mark.slow
 def test_subscriber_stores_live_messages_with_real_mosquitto(mosquitto, db_url):  # noqa: F811
     s = Store.open(db_url)
@@ -143,30 +111,6 @@ def test_subscriber_stores_live_messages_with_real_mosquitto(mosquitto, db_url):
         thread.join(10)
         s.close()
     assert not thread.is_alive()
-
-
-def sink_process(broker_url: str, db: str, client_id: str, log_path: Path) -> subprocess.Popen:
-    log = open(log_path, "ab")  # noqa: SIM115  (the child keeps its own descriptor)
-    try:
-        return subprocess.Popen([sys.executable, "-m", "cloud_sink", "run", "--broker", broker_url, "--db", db,
-                                 "--client-id", client_id, "--log-every", "1"], stdout=log, stderr=log, cwd=ROOT)
-    finally:
-        log.close()
-
-
-def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> int:
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            return proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    return proc.wait(5)
-
-
-def wait_connected(log_path: Path, times: int = 1) -> None:
-    wait_for(lambda: log_path.exists() and log_path.read_text().count("subscribed to") >= times, 30,
-             "sink subscriptions acknowledged")
 
 
 @pytest.mark.slow

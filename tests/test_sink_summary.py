@@ -323,8 +323,7 @@ def test_api_lists_summaries_with_filters_and_pagination(store):
 # ------------------------------------------------------------------------------------------ real broker
 @pytest.mark.slow
 def test_a_summary_through_real_mosquitto_is_stored_once(mosquitto, tmp_path):
-    from tests.test_batch_publisher import RealSink
-    from tests.test_sink_ingest import publish, wait_for
+    from tests.sink_clients import RealSink, publish, wait_for
 
     assert "smartcam/+/+/summary" in SUBSCRIPTIONS
     sink = RealSink(mosquitto.url, tmp_path / "live.db", client_id="sink-summary")
