@@ -62,6 +62,8 @@ RECIPES = {  # name -> finetune() keyword arguments
     "freeze10": {"freeze": 10},
     "freeze10+general30": {"freeze": 10, "general_share": 0.3},
     "nofreeze+general30": {"freeze": 0, "general_share": 0.3},
+    "freeze10+general30+lr0.0005": {"freeze": 10, "general_share": 0.3, "lr0": 0.0005},
+    "headonly+lr0.0005": {"freeze": 22, "lr0": 0.0005},
 }
 
 log = logging.getLogger("learning_loop")
@@ -92,7 +94,7 @@ def eval_labels(frames: list[np.ndarray], split: int, work: Path) -> Path:
         g = gt.get(idx + 1, {"boxes": [], "visibility": None, "ignore": []})
         name = f"images/{idx + 1:06d}.jpg"
         cv2.imwrite(str(out / name), frames[idx], [cv2.IMWRITE_JPEG_QUALITY, 95])
-        vis = g["visibility"] if g.get("visibility") is not None else [1.0] * len(g["boxes"])
+        vis = [1.0 if v is None else v for v in (g.get("visibility") or [None] * len(g["boxes"]))]
         records.append({"image": name, "width": frames[idx].shape[1], "height": frames[idx].shape[0],
                         "boxes": g["boxes"], "visibility": vis, "ignore": g.get("ignore") or []})
     labels.write_text(json.dumps(records))
@@ -229,17 +231,6 @@ def main(argv: list[str] | None = None) -> int:
         if name not in scores:
             scores[name] = {"scene": ap50(path, heldout), "persons_eval": ap50(path, PERSONS_EVAL)}
             save()
-    if "teacher" not in scores:
-        from models.evaluate import load_labels, predict, score
-
-        t = time.perf_counter()
-        scores["teacher"] = {
-            "scene": round(score(load_labels(heldout), predict(teacher, load_labels(heldout))).ap50, 4),
-            "persons_eval": round(score(load_labels(PERSONS_EVAL), predict(teacher, load_labels(PERSONS_EVAL))).ap50,
-                                  4)}
-        timings["teacher_eval"] = round(time.perf_counter() - t, 1)
-        save()
-
     from models.finetune import finetune
 
     for recipe in args.recipes:
@@ -259,6 +250,17 @@ def main(argv: list[str] | None = None) -> int:
         build_s = time.perf_counter() - t
         scores[key] = {"scene": ap50(onnx_path, heldout), "persons_eval": ap50(onnx_path, PERSONS_EVAL),
                        "train_s": round(train_s, 1), "build_s": round(build_s, 1)}
+        save()
+
+    if "teacher" not in scores:
+        from models.evaluate import load_labels, predict, score
+
+        t = time.perf_counter()
+        scores["teacher"] = {
+            "scene": round(score(load_labels(heldout), predict(teacher, load_labels(heldout))).ap50, 4),
+            "persons_eval": round(score(load_labels(PERSONS_EVAL), predict(teacher, load_labels(PERSONS_EVAL))).ap50,
+                                  4)}
+        timings["teacher_eval"] = round(time.perf_counter() - t, 1)
         save()
 
     print(table(results))
