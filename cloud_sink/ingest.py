@@ -36,7 +36,7 @@ from cloud_sink.samples import is_sample_topic
 from cloud_sink.store import Batch, Store, Written, is_transient
 from cloud_sink.validation import Checked, Limits, check_messages
 from contract.timestamps import format_ts
-from contract.topics import topic_for
+from contract.topics import subscriptions, topic_for
 
 log = logging.getLogger(__name__)
 
@@ -44,18 +44,7 @@ ACK_LEAF = "ack"  # smartcam/<site>/<camera>/ack: what the sink has committed (c
 ACK_MAX_IDS = 1000  # ids per ack message (~35 KB)
 
 
-SUBSCRIPTIONS = (
-    "smartcam/+/+/events",
-    "smartcam/+/+/batch",  # many events in one zlib-compressed message (contract.batch.decode_batch)
-    "smartcam/+/+/summary",  # summary mode: the rollup increments of one camera's time window (summary.v1)
-    "smartcam/+/+/count",
-    "smartcam/+/+/status",
-    "smartcam/+/+/stats",
-    "smartcam/+/+/zones/+/count",
-    "smartcam/+/+/lines/+/totals",
-    "smartcam/+/+/model/reported",  # retained: the model each camera runs, the outcome of its latest update
-    "smartcam/+/+/sample",  # sampled frames for the learning loop (sample.v1: JSON header + JPEG), samples.py
-)
+SUBSCRIPTIONS = subscriptions("edge")  # everything edges send (contract.topics.TOPIC_TREE)
 
 
 @dataclass

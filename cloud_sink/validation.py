@@ -25,8 +25,7 @@ from typing import Any, Literal
 
 from cloud_sink.rollups import summary_deltas
 from contract.batch import BATCH_LEAF, BatchError, decode_batch
-from contract.model_docs import REPORTED_LEAF, REPORTED_SCHEMA_FILE
-from contract.rollup import SUMMARY_LEAF
+from contract.model_docs import REPORTED_SCHEMA_FILE
 from contract.schema import (
     EVENT_SCHEMA_FILE,
     SCHEMA_VERSION,
@@ -36,7 +35,7 @@ from contract.schema import (
     validation_errors,
 )
 from contract.timestamps import ts_ms
-from contract.topics import is_valid_name, parse_topic, topic_for
+from contract.topics import is_valid_name, leaf_of, parse_topic, topic_for
 
 Kind = Literal["event", "summary", "status", "stats", "model", "dead"]
 STATUS_VALUES = ("online", "offline")
@@ -257,18 +256,12 @@ def _check_event_leaf(event: dict, leaf: str) -> None:
 
 
 def _leaf_kind(leaf: str) -> Kind | None:
-    parts = leaf.split("/")
-    if leaf in ("events", "count"):
-        return "event"
-    if leaf in ("status", "stats"):
-        return leaf  # type: ignore[return-value]
-    if leaf == SUMMARY_LEAF:
-        return "summary"
-    if leaf == REPORTED_LEAF:
-        return "model"  # the camera's model/reported document (over-the-air models)
-    if len(parts) == 3 and ((parts[0], parts[2]) in (("zones", "count"), ("lines", "totals"))):
-        return "event"
-    return None
+    """What a message on ``leaf`` carries, by the contract's topic tree; None for what this check does not take
+    (an unknown leaf; batches and samples have their own checks)."""
+    entry = leaf_of(leaf)
+    if entry is None or entry.sender != "edge" or entry.kind not in ("event", "status", "stats", "summary", "model"):
+        return None
+    return entry.kind  # type: ignore[return-value]
 
 
 def check_message(topic: str, payload: bytes, *, now: float | None = None, limits: Limits | None = None) -> Checked:

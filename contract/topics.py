@@ -11,18 +11,63 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any
 
 TOPIC_ROOT = "smartcam"
-#: The topic tree under smartcam/<site>/<camera_id>/ (docs/mqtt.md is the reference):
-#:   events  QoS 1, every event (via the durable outbox) when batching is off (publish.batch.linger_s = 0)
-#:   batch   QoS 1, the default: many events of this camera, zlib-compressed JSON Lines (encode_batch)
-#:   count   QoS 1, retained, the latest `count` event
-#:   status  QoS 1, retained, plain text "online" / "offline" (also the Last Will)
-#:   stats   QoS 0, runtime health (stats.v1.schema.json)
-#:   zones/<zone>/count   QoS 1, retained, latest per-zone `count` event
-#:   lines/<line>/totals  QoS 1, retained, latest `line.cross` event (running in/out totals)
-#:   summary QoS 1, summary mode: one summary.v1 document per window (contract.rollup)
+
+
+@dataclass(frozen=True)
+class Leaf:
+    """One kind of topic under ``smartcam/<site>/<camera_id>/`` (docs/mqtt.md is the prose reference)."""
+
+    pattern: str  # the leaf; "+" stands for one name (a zone, a line)
+    kind: str  # what the payload is: event, batch, summary, status, stats, model, sample, desired, ack
+    qos: int
+    retained: bool
+    sender: str  # edge, sink, or deploy (smartcam-model deploy)
+    what: str
+
+
+#: The topic tree, the one definition: the sink subscribes to what edges send, validation classifies by it.
+TOPIC_TREE: tuple[Leaf, ...] = (
+    Leaf("events", "event", 1, False, "edge", "every event, one per message, when batching is off"),
+    Leaf("batch", "batch", 1, False, "edge", "the default: many events, zlib-compressed JSON Lines (contract.batch)"),
+    Leaf("summary", "summary", 1, False, "edge", "summary mode: one summary.v1 document per window"),
+    Leaf("count", "event", 1, True, "edge", "the latest count event"),
+    Leaf("zones/+/count", "event", 1, True, "edge", "the latest count event of one zone"),
+    Leaf("lines/+/totals", "event", 1, True, "edge", "the latest line.cross event of one line (running totals)"),
+    Leaf("status", "status", 1, True, "edge", "plain text online / offline (also the Last Will)"),
+    Leaf("stats", "stats", 0, False, "edge", "runtime health (stats.v1)"),
+    Leaf("model/reported", "model", 1, True, "edge", "the model the camera runs, the outcome of its last update"),
+    Leaf("sample", "sample", 1, False, "edge", "a sampled frame for the learning loop (sample.v1 + JPEG)"),
+    Leaf("model/desired", "desired", 1, True, "deploy", "the model the camera should run (model-desired.v1)"),
+    Leaf("ack", "ack", 1, False, "sink", "the event ids the sink committed (publish.confirm sink)"),
+)
+
+
+def leaf_of(leaf: str) -> Leaf | None:
+    """The tree's entry for a leaf such as ``zones/door/count``; None if the contract has no such topic.
+
+    >>> leaf_of("zones/door/count").kind, leaf_of("nope")
+    ('event', None)
+    """
+    parts = leaf.split("/")
+    for entry in TOPIC_TREE:
+        want = entry.pattern.split("/")
+        if len(want) == len(parts) and all(w in ("+", p) for w, p in zip(want, parts, strict=True)):
+            return entry
+    return None
+
+
+def subscriptions(sender: str = "edge") -> tuple[str, ...]:
+    """Topic filters for everything ``sender`` publishes, for every site and camera (what a sink subscribes to).
+
+    >>> subscriptions()[:2]
+    ('smartcam/+/+/events', 'smartcam/+/+/batch')
+    """
+    return tuple(f"{TOPIC_ROOT}/+/+/{entry.pattern}" for entry in TOPIC_TREE if entry.sender == sender)
+
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
