@@ -85,8 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-frames", dest="max_frames", type=int, metavar="N", help="stop after N processed frames")
     run.add_argument("--fps", type=float, metavar="N", help="target processing rate; extra frames are skipped")
     run.add_argument("--realtime", action="store_true", default=None, help="pace a file to its own frame rate")
-    run.add_argument("--loop", type=int, metavar="N", help="files: play N times, timestamps running on (0 = forever; "
-                                                          "default 1)")
+    run.add_argument("--loop", type=int, metavar="N", help="files and image folders: play N times, timestamps "
+                                                          "running on (0 = forever; default 1)")
     run.add_argument("--start-time", dest="start_time", type=_iso_time, metavar="ISO",
                      help="files: capture time of the first frame (replay footage as of a date; default now)")
     run.add_argument("--conf", type=float, help="detection confidence threshold (default 0.1: weak detections "

@@ -230,7 +230,8 @@ class EdgeConfig(_Strict):
     motion: MotionConfig = Field(default_factory=MotionConfig)
     fps: float | None = Field(None, gt=0, description="target processing rate; frames beyond it are skipped")
     realtime: bool = Field(False, description="pace a file to its own frame rate")
-    loop: int = Field(1, ge=0, description="files: play this many times, time running on (0 = forever)")
+    loop: int = Field(1, ge=0, description="files and image folders: play this many times, time "
+                      "running on (0 = forever)")
     start_time: datetime | None = Field(None, description="files: timestamp of the first frame (default: now)")
     tracker: TrackerSpec = Field(default_factory=TrackerSpec)
     filters: FilterSpec = Field(default_factory=FilterSpec)
