@@ -38,7 +38,9 @@ from pydantic import BaseModel, Field, model_validator
 from camera.detections import Detections, iou_matrix
 
 SCORE_HISTORY = 30  # scores kept per track for the median threshold (Frigate keeps a short history too)
-CHI2_4DOF_95 = 9.4877  # Mahalanobis gate on (cx, cy, w, h): the 95 % quantile of chi-square with 4 dof
+# Mahalanobis gate on (cx, cy, w, h) for re-identification by motion: about the 99.7 % quantile of chi-square with
+# 4 dof (the 95 % one, 9.49, left 1.2-1.4 tracks per person on PETS09: walkers who slowed down behind someone)
+REID_GATE = 16.0
 # Kalman noise, as fractions of the box height. ByteTrack's are 1/20 (position) and 1/160 (velocity) per frame at
 # 30 fps; restated per second that is 0.27 h/sqrt(s) and 1.0 h/s/sqrt(s). Measured on PETS09 (bench/accuracy.py)
 # half the position noise and a fifth of the velocity noise keep ids far better at 5-7 fps (walkers keep their
@@ -63,7 +65,7 @@ class TrackerSpec(BaseModel, extra="forbid"):
     high_score: float = Field(0.4, ge=0, le=1, description="detections at or above: first association stage")
     low_score: float = Field(0.1, ge=0, le=1, description="detections below are ignored")
     new_track_score: float = Field(0.5, ge=0, le=1, description="minimum score to start a new track")
-    reid_gate: float = Field(CHI2_4DOF_95, ge=0, description="re-identification by motion: the largest Mahalanobis "
+    reid_gate: float = Field(REID_GATE, ge=0, description="re-identification by motion: the largest Mahalanobis "
                              "distance (squared) of a detection from a lost track's Kalman prediction; 0 = off")
 
     @model_validator(mode="after")
