@@ -458,3 +458,49 @@ def test_sink_run_archives_off_the_ack_path_and_flushes_at_stop(mosquitto, tmp_p
     archived = [e["event_id"] for p in archive.partitions() for e in archive.read(p)]
     assert sorted(archived) == sorted(stored), "every stored event is archived by the time the sink exits"
     assert "archiving to" in log_path.read_text()
+
+
+@pytest.mark.slow
+def test_sink_keeps_ingesting_while_s3_is_down_and_the_archive_catches_up(mosquitto, tmp_path, monkeypatch):
+    """``smartcam-sink run --archive s3://...`` with SeaweedFS stopped mid-stream: ingest goes on storing and
+    acknowledging (the archive is not on its path); SeaweedFS started again, every stored event is archived."""
+    import subprocess
+    import sys
+
+    from tests.services import start_seaweedfs
+    from tests.sink_clients import now_event, publish, raw, stop_process, wait_connected
+
+    server = start_seaweedfs(tmp_path / "weed", buckets=("sinkarch",))
+    for name, value in (("AWS_ACCESS_KEY_ID", server.access_key), ("AWS_SECRET_ACCESS_KEY", server.secret_key),
+                        ("SMARTCAM_S3_ENDPOINT", server.endpoint)):
+        monkeypatch.setenv(name, value)  # the sink inherits them; so does the reader below
+    db = f"sqlite:///{tmp_path / 'sink.db'}"
+    log_path = tmp_path / "sink.log"
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "cloud_sink", "run", "--broker", mosquitto.url, "--db", db,
+                                 "--client-id", "sink-s3", "--archive", "s3://sinkarch/cams", "--archive-interval",
+                                 "0.2"], stdout=log, stderr=log)
+    store = Store.open(db)
+    try:
+        wait_connected(log_path)
+        events = [now_event(track_id=i) for i in range(30)]
+        archive = open_archive("s3://sinkarch/cams")
+
+        def archived() -> list[str]:
+            return sorted(e["event_id"] for p in archive.partitions() for e in archive.read(p))
+
+        publish(mosquitto.url, [raw(e) for e in events[:10]])
+        _wait(lambda: len(archived()) == 10, "the first 10 archived")
+        server.stop()
+        publish(mosquitto.url, [raw(e) for e in events[10:]])  # waits for every PUBACK: ingest is not blocked
+        _wait(lambda: store.event_count() == 30, "all 30 stored while S3 is down")
+        _wait(lambda: "retrying" in log_path.read_text(), "the archive's failure logged")
+        server.start()
+        _wait(lambda: archived() == sorted(e["event_id"] for e in events), "every event archived after the outage")
+        assert stop_process(proc) == 0, log_path.read_text()[-2000:]
+        assert "works again after" in log_path.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        store.close()
+        server.stop()
