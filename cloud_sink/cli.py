@@ -319,7 +319,7 @@ def cmd_run(args: argparse.Namespace) -> int:
              f", share group {cfg.share_group}" if cfg.share_group else "")
     if follower is not None:
         follower.start()
-        log.info("archiving to %s every %.0f s (%d stored events not archived yet)", follower.archive.url,
+        log.info("archiving to %s every %g s (%d stored events not archived yet)", follower.archive.url,
                  follower.interval_s, follower.pending())
     subscriber.start()
     subscriber.run()
