@@ -138,7 +138,7 @@ def judge_health(old_ms: list[float], new_ms: list[float], old_people: list[int]
 
     >>> judge_health([5, 5], [6, 6], [2, 0], [2, 0], HealthLimits())
     >>> judge_health([5, 5], [100, 100], [2, 0], [2, 0], HealthLimits())
-    'health check: 100.0 ms per frame vs 5.0 ms for the current model (limit 5.0x)'
+    'health check: 100.0 ms per frame vs 5.0 ms for the current model (limit 5x)'
     >>> judge_health([5, 5], [5, 5], [2, 3], [0, 0], HealthLimits())
     'health check: found people on 0 of the 2 recent frames where the current model does'
     """

@@ -34,7 +34,7 @@ from typing import Any
 
 from cloud_sink.samples import is_sample_topic
 from cloud_sink.store import Batch, Store, Written, is_transient
-from cloud_sink.validation import Checked, Limits, check_messages
+from cloud_sink.validation import Checked, Limits, check_messages, outside_time_window
 from contract.timestamps import format_ts
 from contract.topics import subscriptions, topic_for
 
@@ -147,7 +147,8 @@ class Ingestor:
         size = dropped = 0
         for topic, payload in messages:
             for c, raw in check_messages(topic, payload, now=now, limits=self.limits):
-                if c.kind == "dead" and not self._dead_rate.allow((c.site, c.camera_id), now):
+                if (c.kind == "dead" and not outside_time_window(c.reason)  # a wrong clock's backlog is kept
+                        and not self._dead_rate.allow((c.site, c.camera_id), now)):
                     dropped += 1
                     continue
                 if part and (len(part) >= self.limits.max_transaction_lines

@@ -193,6 +193,13 @@ def _check_time(value: Any, field: str, now: float, limits: Limits) -> None:
         raise _Reject(f"{field}: {value} is more than {limits.max_past_s / 86400:.0f} days in the past")
 
 
+def outside_time_window(reason: str | None) -> bool:
+    """Whether a dead letter's reason is only the time window (:func:`_check_time`): a genuine event from a
+    camera whose clock was wrong, kept one per event and never rate-limited or folded, so that
+    ``smartcam-sink dead-letters replay`` can recover it (cloud_sink/dead_letters.py)."""
+    return bool(reason) and (reason.endswith(" days in the past") or reason.endswith(" s in the future"))
+
+
 def _check_document(doc: Any, schema: str, site: str, camera_id: str, now: float, limits: Limits) -> dict:
     version = doc.get("schema_version") if isinstance(doc, dict) else None
     known = version == SCHEMA_VERSION and not isinstance(version, bool)
@@ -340,15 +347,15 @@ def check_batch(topic: str, payload: bytes, *, now: float | None = None,
     for number, line in enumerate(lines, 1):
         c = check_message(events_topic, line, now=now, limits=limits)
         if c.kind == "dead":
-            bad += 1
+            bad += not outside_time_window(c.reason)  # a wrong clock's events stay replayable, one each
             c = Checked("dead", topic, site, camera_id, reason=f"batch line {number}: {c.reason}")
         else:
             c = replace(c, topic=topic)
         out.append((c, line))
     if bad > limits.max_dead_lines:  # one dead letter for the payload, not one row per junk line
-        first = next(c.reason or "" for c, _ in out if c.kind == "dead")
+        first = next(c.reason or "" for c, _ in out if c.kind == "dead" and not outside_time_window(c.reason))
         reason = f"batch: {bad} of {len(lines)} lines rejected (first: {first.removeprefix('batch ')})"
-        out = [item for item in out if item[0].kind != "dead"]
+        out = [item for item in out if item[0].kind != "dead" or outside_time_window(item[0].reason)]
         out.append((Checked("dead", topic, site, camera_id, reason=reason[:500]), bytes(payload)))
     return out
 
