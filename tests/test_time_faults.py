@@ -19,7 +19,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -28,6 +28,7 @@ import sqlalchemy as sa
 
 from contract.timestamps import parse_ts
 from tests.conftest import STREET_CLIP, Counts, Proc, events_file_ids, stored_event_ids, wait_until
+from tests.services import start_mosquitto
 
 pytestmark = pytest.mark.slow
 
@@ -53,18 +54,17 @@ def _bin(name: str) -> str:
     return str(path) if path.exists() else (shutil.which(name) or name)
 
 
-@pytest.fixture(scope="module")
-def faketime_preload(tmp_path_factory) -> str:
-    """LD_PRELOAD value: the sleep shim, then libfaketime."""
+def faketime_preload(work: Path) -> str:
+    """LD_PRELOAD value: the sleep shim, then libfaketime; raises pytest's Skipped (kept, re-raised by the clock
+    tests) where either cannot be had."""
     lib = next((p for p in FAKETIME_LIBS if p.exists()), None)
     if lib is None:
-        pytest.skip("libfaketime is not installed (scripts/setup.sh installs the faketime package)")
+        raise pytest.skip.Exception("libfaketime is not installed (scripts/setup.sh installs the faketime package)")
     if shutil.which("gcc") is None:
-        pytest.skip("gcc is needed to build the clock_nanosleep shim for libfaketime")
-    d = tmp_path_factory.mktemp("faketime")
-    (d / "shim.c").write_text(SHIM_C)
-    subprocess.run(["gcc", "-shared", "-fPIC", "-O2", "-o", str(d / "shim.so"), str(d / "shim.c")], check=True)
-    return f"{d / 'shim.so'} {lib}"
+        raise pytest.skip.Exception("gcc is needed to build the clock_nanosleep shim for libfaketime")
+    (work / "shim.c").write_text(SHIM_C)
+    subprocess.run(["gcc", "-shared", "-fPIC", "-O2", "-o", str(work / "shim.so"), str(work / "shim.c")], check=True)
+    return f"{work / 'shim.so'} {lib}"
 
 
 class Rig:
@@ -132,13 +132,45 @@ class Rig:
             p.kill()
 
 
-@pytest.fixture
-def rig(tmp_path, mosquitto, int8_model_320, request) -> Iterator[Rig]:
-    preload = request.getfixturevalue("faketime_preload") if "clock" in request.node.name else None
-    r = Rig(tmp_path, mosquitto.url, int8_model_320, preload)
+def _run(name: str, scenario, work: Path, model: Path, preload: str | None) -> BaseException | float:
+    """One scenario on its own broker; returns its wall time, or what it raised (re-raised by its test)."""
+    started = time.monotonic()
+    broker = start_mosquitto(work / "mosquitto")
+    r = Rig(work, broker.url, model, preload)
     r.set_clock("+0")
-    yield r
-    r.stop()
+    try:
+        scenario(r)
+        return round(time.monotonic() - started, 1)
+    except BaseException as exc:  # noqa: BLE001 - pytest.fail's Failed included
+        return exc
+    finally:
+        r.stop()
+        broker.stop()
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory, int8_model_320) -> dict[str, BaseException | float]:
+    """The three scenarios are independent (own broker, sink, edge, clock file): run them concurrently."""
+    out: dict[str, BaseException | float] = {}
+    try:
+        preload: str | None = faketime_preload(tmp_path_factory.mktemp("faketime"))
+    except pytest.skip.Exception as skip:
+        preload = None
+        out = {"unset": skip, "steps": skip}
+    jobs = {"unset": (_clock_unset_then_set, preload), "steps": (_clock_steps, preload),
+            "replay": (_dead_letter_replay, None)}
+    jobs = {k: v for k, v in jobs.items() if k not in out}
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        futures = {name: pool.submit(_run, name, fn, tmp_path_factory.mktemp(name), int8_model_320, preload)
+                   for name, (fn, preload) in jobs.items()}
+        out.update({name: f.result() for name, f in futures.items()})
+    print(f"\nTIME FAULTS wall s: { {k: v for k, v in out.items() if isinstance(v, float)} }")
+    return out
+
+
+def _outcome(results: dict, name: str) -> None:
+    if isinstance(results[name], BaseException):
+        raise results[name]
 
 
 def _assert_once(c: Counts) -> None:
@@ -147,7 +179,7 @@ def _assert_once(c: Counts) -> None:
     assert c.stored_twice == 0, f"{c.stored_twice} event(s) stored twice"
 
 
-def test_clock_unset_at_start_then_set_by_ntp(rig):
+def _clock_unset_then_set(rig: Rig) -> None:
     """A Pi that boots in 2020: events are kept (not sent, not lost), then sent with corrected times."""
     started = time.time()
     rig.set_clock("@2020-01-01 00:00:00")
@@ -180,7 +212,7 @@ def test_clock_unset_at_start_then_set_by_ntp(rig):
     assert "corrected the times of" in edge.output()
 
 
-def test_clock_steps_back_and_forward_an_hour(rig):
+def _clock_steps(rig: Rig) -> None:
     """NTP steps the clock back an hour, then forward again, mid-run: nothing lost, the clip's times run on."""
     rig.sink()
     edge = rig.edge("--max-frames", "80")
@@ -202,7 +234,7 @@ def test_clock_steps_back_and_forward_an_hour(rig):
     assert rig.dead_letters() == []
 
 
-def test_too_old_events_are_dead_lettered_then_replayed_once(rig):
+def _dead_letter_replay(rig: Rig) -> None:
     """The sink's window refuses a camera's backlog 10 days old; nothing is lost: replay stores it, once."""
     rig.sink("--max-past-days", "1")
     ten_days_ago = (datetime.now(timezone.utc) - timedelta(days=10)).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -234,3 +266,18 @@ def test_too_old_events_are_dead_lettered_then_replayed_once(rig):
     assert rig.dead_letters() == []
     bad = subprocess.run([*cli, "replay", "--db", rig.db], capture_output=True, text=True)
     assert bad.returncode == 2 and "--reason" in bad.stderr
+
+
+def test_clock_unset_at_start_then_set_by_ntp(results):
+    """A Pi that boots in 2020: events are kept (not sent, not lost), then sent with corrected times."""
+    _outcome(results, "unset")
+
+
+def test_clock_steps_back_and_forward_an_hour(results):
+    """NTP steps the clock back an hour, then forward again, mid-run: nothing lost, the clip's times run on."""
+    _outcome(results, "steps")
+
+
+def test_too_old_events_are_dead_lettered_then_replayed_once(results):
+    """The sink's window refuses a camera's backlog 10 days old; nothing is lost: replay stores it, once."""
+    _outcome(results, "replay")
