@@ -247,3 +247,57 @@ def test_prometheus_scrapes_a_running_sink_and_edge_and_the_series_move(mosquitt
         if prom is not None:
             prom.stop()
         sink.stop()
+
+
+@pytest.mark.slow
+def test_a_database_outage_counts_errors_and_retries_and_nothing_is_lost(mosquitto):
+    """A real PostgreSQL stopped under a running ingest: the unavailable-error and retry counters move, and once
+    it is back the event is stored (the batch was kept unacknowledged meanwhile)."""
+    import threading
+
+    from cloud_sink.ingest import Subscriber
+    from contract.broker import BrokerSettings
+    from tests.services import start_postgres
+
+    pg = start_postgres()
+    store = None
+    try:
+        store = Store.open(pg.create_database("metrics_outage"))
+        metrics = SinkMetrics()
+        sub = Subscriber(Ingestor(store, metrics=metrics), BrokerSettings.from_url(mosquitto.url),
+                         client_id="metrics-outage-sink")
+        sub.start()
+        runner = threading.Thread(target=sub.run, daemon=True)
+        runner.start()
+        camera = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="metrics-outage-cam")
+        camera.connect("127.0.0.1", mosquitto.port)
+        camera.loop_start()
+        topic = f"smartcam/{SITE}/{CAM}/events"
+
+        def now(name: str, **labels: str) -> float:
+            return value(samples(metrics.exposition().decode()), name, **labels) or 0.0
+
+        time.sleep(0.5)  # the sink's subscription
+        first = _event(time.time(), type="count", count=1, previous=0)
+        camera.publish(topic, json.dumps(first), qos=1).wait_for_publish(5)
+        wait_until(lambda: now("smartcam_sink_events_stored_total") == 1, 20, "the first event stored")
+        assert now("smartcam_sink_database_errors_total", kind="unavailable") == 0
+
+        pg.ctl("stop")
+        second = _event(time.time(), type="count", count=2, previous=1)
+        camera.publish(topic, json.dumps(second), qos=1).wait_for_publish(5)
+        wait_until(lambda: now("smartcam_sink_database_errors_total", kind="unavailable") >= 2, 30,
+                   "the sink to count the database errors")
+        assert now("smartcam_sink_database_retries_total") >= 1
+        assert now("smartcam_sink_events_stored_total") == 1
+        pg.ctl("restart")
+        wait_until(lambda: now("smartcam_sink_events_stored_total") == 2, 60, "the event stored after the outage")
+        assert store.event_count() == 2
+        camera.loop_stop()
+        camera.disconnect()
+        sub.stop()
+        runner.join(20)
+    finally:
+        if store is not None:
+            store.close()
+        pg.stop()
