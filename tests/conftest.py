@@ -128,6 +128,22 @@ def browser():
         browser.close()
 
 
+@pytest.fixture
+def loaded(store):
+    """The store with tests/rollup_scenario.py's events, stored twice (the second time shuffled: no change)."""
+    import random
+
+    from cloud_sink.store import Batch
+    from tests.rollup_scenario import scenario
+
+    events = scenario()
+    assert len(store.write(Batch(events=events)).new_events) == len(events)
+    shuffled = events[:]
+    random.Random(1).shuffle(shuffled)
+    assert len(store.write(Batch(events=shuffled)).new_events) == 0  # redelivered, in another order: nothing changes
+    return store
+
+
 @pytest.fixture(scope="session")
 def artifacts_dir() -> Path:
     ARTIFACTS.mkdir(exist_ok=True)

@@ -8,7 +8,7 @@ import pytest
 
 from cloud_sink import report
 from cloud_sink.config import ConfigError, load_config
-from tests.test_sink_rollups import H0, H1, loaded, scenario  # noqa: F401  (fixtures)
+from tests.rollup_scenario import H0, H1
 
 
 @pytest.mark.parametrize(("text", "ago"), [("24h", 86400), ("30m", 1800), ("7d", 7 * 86400), ("90s", 90),
@@ -31,7 +31,7 @@ def test_table_aligns_numbers_right_and_text_left():
     assert lines[3] == "long-name  123     -"
 
 
-def test_render_shows_every_section(loaded):  # noqa: F811
+def test_render_shows_every_section(loaded):
     data = report.build(loaded, since=H0, until=H1 + 3600)
     text = report.render(data)
     assert "events stored: 24" in text and "dead letters: 0" in text
