@@ -150,7 +150,8 @@ def _ota_parsers(sub) -> None:
     d.add_argument("--camera", action="append", help="one camera (repeat); default: the whole site")
     d.add_argument("--canary", type=int, default=0, metavar="N", help="send to N cameras first and watch them")
     d.add_argument("--watch-s", dest="watch_s", type=float, default=120.0, metavar="S",
-                   help="how long to watch the canaries (longer than their probation; default 120)")
+                   help="how long to wait for the canaries to pass (be active after their probation: make it "
+                        "longer than probation_s plus the download; default 120)")
     d.add_argument("--max-failures", dest="max_failures", type=int, default=0, metavar="K",
                    help="abort when more than K canaries fail (default 0)")
     d.add_argument("--url-base", dest="url_base", metavar="URL",

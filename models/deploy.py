@@ -191,8 +191,9 @@ def deploy(registry: Registry, version: str, settings: BrokerSettings, site: str
 
 def _watch(ch: _Channel, site: str, canaries: list[str], version: str, deployment: str, watch_s: float,
            max_failures: int, say: Say) -> dict[str, str]:
-    """Print the canaries' progress for ``watch_s``; returns {camera: why} of those that failed (early exit when
-    more than ``max_failures`` did). A canary that is not active at the end counts as failed."""
+    """Print the canaries' progress for up to ``watch_s``; returns {camera: why} of those that failed. Ends early
+    when more than ``max_failures`` failed, or when every canary is active (it passed its own probation). A canary
+    that is not active at the end counts as failed."""
     deadline = time.monotonic() + watch_s
     last: dict[str, str] = {}
     failures: dict[str, str] = {}
@@ -212,6 +213,9 @@ def _watch(ch: _Channel, site: str, canaries: list[str], version: str, deploymen
             remaining = deadline - time.monotonic()
             if len(failures) > max_failures or remaining <= 0:
                 break
+            if all(_camera_verdict(ch.doc(reported_topic(site, c)), version, deployment)[0] == "ok"
+                   for c in canaries):
+                break  # every canary passed its own probation: nothing left to wait for
             ch.changed.wait(min(remaining, 1.0))
     for cam in canaries:
         if cam not in failures:

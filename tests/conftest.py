@@ -275,4 +275,4 @@ class Counts:
         ARTIFACTS.mkdir(exist_ok=True)
         with open(ARTIFACTS / "fault_counts.jsonl", "a") as fh:
             fh.write(line + "\n")
-from tests.ota_fixtures import ota_keys, ota_model_a, ota_model_b, registry_server  # noqa: E402,F401
+from tests.ota_fixtures import model_cli, ota_keys, ota_model_a, ota_model_b, registry_server  # noqa: E402,F401

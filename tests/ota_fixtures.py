@@ -14,6 +14,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +114,30 @@ def ota_keys(tmp_path_factory) -> tuple[Path, Path]:
     from models.signing import generate_keypair
 
     return generate_keypair(tmp_path_factory.mktemp("ota_keys"))
+
+
+@dataclass
+class CliRun:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def model_cli(capsys, monkeypatch):
+    """``smartcam-model ARGS`` run in this process (its main, output and exit code); ``env`` is set for the rest
+    of the test. A subprocess would spend seconds importing onnx for every call."""
+    from models.cli import main
+
+    def run(*args: str, env: dict | None = None) -> CliRun:
+        for k, v in (env or {}).items():
+            monkeypatch.setenv(k, v)
+        capsys.readouterr()
+        code = main(list(args))
+        out = capsys.readouterr()
+        return CliRun(code, out.out, out.err)
+
+    return run
 
 
 # ------------------------------------------------------------------------------------------ HTTP

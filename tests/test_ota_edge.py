@@ -210,8 +210,8 @@ def test_a_model_that_fails_probation_is_rolled_back(mosquitto, tmp_path, ota_mo
     assert shas[-1] == old_sha[:12]  # the events after the rollback carry the old model again
 
 
-def test_an_edge_off_at_deploy_time_applies_the_site_model_when_it_comes_up(mosquitto, tmp_path, ota_model_a,
-                                                                           ota_model_b, ota_keys):
+def test_an_edge_off_at_deploy_time_applies_the_site_model_when_it_comes_up_and_rollback(
+        mosquitto, tmp_path, ota_model_a, ota_model_b, ota_keys, model_cli):
     registry = open_registry(tmp_path / "reg")
     v2 = publish(registry, ota_model_b, load_private_key(ota_keys[0]), name="person")["version"]
     # nobody is running: the deploy is retained on the site topic
@@ -222,6 +222,16 @@ def test_an_edge_off_at_deploy_time_applies_the_site_model_when_it_comes_up(mosq
     try:
         watch.wait_report(SITE, CAM, lambda d: d["state"] == "active" and d["version"] == v2, timeout=60)
         assert edge.detector.name == v2
+        # the site moves on to another version, then `rollback` brings the previous one back (from disk)
+        v3 = publish(registry, ota_model_a, load_private_key(ota_keys[0]), name="base")["version"]
+        assert deploy(registry, v3, BrokerSettings.from_url(mosquitto.url), SITE, None, say=lambda _: None) == 0
+        watch.wait_report(SITE, CAM, lambda d: d["state"] == "active" and d["version"] == v3, timeout=60)
+        seen = len(watch.reports(SITE, CAM))
+        out = model_cli("rollback", "--broker", mosquitto.url, "--site", SITE)
+        assert out.returncode == 0 and f"rolled back site {SITE}: {v3} -> {v2}" in out.stdout, out
+        back = watch.wait_report(SITE, CAM, lambda d: d["state"] == "active" and d["version"] == v2, since=seen)
+        assert "downloading" not in [d["state"] for d in watch.reports(SITE, CAM)[seen:]]  # kept on disk
+        assert back["previous"]["version"] == v3 and edge.detector.name == v2
     finally:
         assert edge.stop() == 0
         watch.close()
