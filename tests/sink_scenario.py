@@ -1,14 +1,16 @@
 """The hand-counted sink scenario the API, dashboard and archive tests share: two sites, three cameras, three
 hours, with known entries, dwell times, counts, a status, stats and a dead letter (``fill`` stores it the way
-ingest does)."""
+ingest does), and ``summaries_of``: what edges in summary mode would send for a list of events."""
 
 from __future__ import annotations
 
+from collections import defaultdict
 from typing import Any
 
 from contract.ids import new_event_id
+from contract.rollup import summary_document, window_start
 from contract.schema import validate_event
-from contract.timestamps import format_ts
+from contract.timestamps import format_ts, ts_ms
 
 MODEL = {"name": "yolov8n-int8", "sha256": "0123456789ab"}
 
@@ -82,3 +84,12 @@ def fill(store, events: list[dict]) -> None:
     store.write(Batch(statuses=[("lobby", "cam-2", "offline")]))
     store.write(Batch(dead_letters=[{"topic": "smartcam/lobby/cam-9/events",
                                      "reason": "schema: <root>: not an object", "payload": b"[1, 2, 3]"}]))
+
+
+def summaries_of(events: list[dict[str, Any]], interval: int = 60) -> list[dict[str, Any]]:
+    """What edges in summary mode would send: one summary per camera and window."""
+    groups: dict[tuple[str, str, int], list[dict[str, Any]]] = defaultdict(list)
+    for ev in events:
+        groups[(ev["site"], ev["camera_id"], window_start(ts_ms(ev["ts"]) / 1000, interval))].append(ev)
+    return [summary_document(evs, summary_id=new_event_id(), start_s=start, interval_s=interval)
+            for (_s, _c, start), evs in sorted(groups.items())]

@@ -129,7 +129,7 @@ def test_dashboard_of_a_summary_mode_camera_shows_the_same_charts_and_says_why_n
     """The same scenario sent as 60-s summaries: same entries per hour and dwell; the event list explains."""
     from cloud_sink.api import create_app
     from cloud_sink.store import Batch, Store
-    from tests.test_sink_summary import summaries_of
+    from tests.sink_scenario import summaries_of
 
     store = Store.open(f"sqlite:///{tmp_path / 'sink.db'}")
     events = [e for e in scenario() if (e["site"], e["camera_id"]) == ("lobby", "cam-1")]

@@ -11,7 +11,7 @@ from cloud_sink.samples import SampleSink, SampleStorage
 from cloud_sink.store import Store
 from contract.sample import decode_sample
 from tests.chromium import CHROMIUM, open_dashboard, serve
-from tests.test_samples_sink import TOPIC, a_sample
+from tests.sample_payloads import TOPIC, a_sample
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian chromium: run scripts/setup.sh")]

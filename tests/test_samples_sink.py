@@ -15,25 +15,13 @@ import paho.mqtt.client as mqtt
 import pytest
 import sqlalchemy as sa
 
-from camera.detections import Detections
-from camera.frame import Frame
-from camera.sampler import Candidate, SamplesSpec, build_sample
 from cloud_sink.ingest import Ingestor
 from cloud_sink.samples import SampleSink, SampleStorage, recent_samples, sample_keys
 from cloud_sink.store import Store
 from contract.sample import decode_sample, encode_sample
 from tests.conftest import INDOOR_CLIP, ONNX_FP32, ROOT, wait_until
+from tests.sample_payloads import TOPIC, a_sample
 from tests.services import CAM, SITE, run_edge
-
-TOPIC = f"smartcam/{SITE}/{CAM}/sample"
-
-
-def a_sample(site: str = SITE, camera: str = CAM, ts: float = 1_767_323_045.678) -> bytes:
-    rng = np.random.default_rng(0)
-    image = rng.integers(0, 255, (240, 320, 3), dtype=np.uint8)
-    d = Detections(np.array([[10, 20, 50, 120]], np.float32), np.array([0.41], np.float32), np.zeros(1, np.int32))
-    return build_sample(Candidate(Frame(image, ts, 3), d, ["near_threshold"], [7]), site=site, camera_id=camera,
-                        model_name="m", model_sha256="b" * 64, names={0: "person"}, spec=SamplesSpec(enabled=True))
 
 
 def not_a_jpeg() -> bytes:

@@ -13,7 +13,6 @@ import json
 import os
 import random
 import time
-from collections import defaultdict
 from typing import Any
 
 import pytest
@@ -24,11 +23,11 @@ from cloud_sink import rollups
 from cloud_sink.ingest import SUBSCRIPTIONS, Ingestor
 from cloud_sink.store import MIGRATIONS, Batch, Store
 from cloud_sink.validation import Limits, check_message
-from contract.ids import new_event_id
-from contract.rollup import SUMMARY_LEAF, summary_document, window_start
+from contract.rollup import SUMMARY_LEAF, window_start
 from contract.timestamps import format_ts, ts_ms
 from contract.topics import topic_for
 from tests.conftest import make_event
+from tests.sink_scenario import summaries_of
 
 DAY = 86400
 D1 = 1_780_000_000 // DAY * DAY + DAY  # 2026-05-29T00:00:00Z
@@ -73,15 +72,6 @@ def scenario(seed: int = 7) -> list[dict[str, Any]]:
             out.append(make_event("count", ts=t + 0.05, site="lobby", camera_id=cam, count=people,
                                   previous=max(0, people - 1)))
     return sorted(out, key=lambda ev: ev["ts"])
-
-
-def summaries_of(events: list[dict[str, Any]], interval: int = INTERVAL) -> list[dict[str, Any]]:
-    """What edges in summary mode would send: one summary per camera and window."""
-    groups: dict[tuple[str, str, int], list[dict[str, Any]]] = defaultdict(list)
-    for ev in events:
-        groups[(ev["site"], ev["camera_id"], window_start(ts_ms(ev["ts"]) / 1000, interval))].append(ev)
-    return [summary_document(evs, summary_id=new_event_id(), start_s=start, interval_s=interval)
-            for (_s, _c, start), evs in sorted(groups.items())]
 
 
 def message(doc: dict[str, Any]) -> tuple[str, bytes]:
