@@ -20,6 +20,7 @@ import os
 import shutil
 import signal
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,6 +28,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import STREET_CLIP, Counts, Proc, events_file_ids, stored_event_ids, wait_until
+from tests.secure_broker import SITE as SECURE_SITE
+from tests.secure_broker import start_secure_broker
 from tests.services import start_mosquitto
 
 pytestmark = pytest.mark.slow
@@ -99,14 +102,55 @@ def _run(scenario, work: Path, model: Path, *args) -> BaseException | tuple[Coun
         broker.stop()
 
 
+def _through_the_deployment_acl(work: Path, model: Path) -> BaseException | tuple[Counts, float]:
+    """The generated deployment (users, ACL from deploy/make-credentials.sh): the sink may write the cameras'
+    .../ack and each camera may read its own, so confirmation works with auth on (and nothing else opens)."""
+    started = time.monotonic()
+    base = Path(tempfile.mkdtemp(prefix="smartcam-confirm-acl-"))
+    base.chmod(0o755)  # the broker drops to user mosquitto
+    sb = start_secure_broker(base)
+    procs: list[Proc] = []
+    try:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        db = f"sqlite:///{work / 'sink.db'}"
+        sink = Proc([_bin("smartcam-sink"), "run", "--broker", f"mqtt://sink@127.0.0.1:{sb.plain_port}", "--db", db],
+                    work / "sink.log", {**env, "SMARTCAM_MQTT_PASSWORD": sb.passwords["sink"]}).start()
+        procs.append(sink)
+        wait_until(lambda: "connected to" in sink.output(), 60, "the sink to connect", sink.proc, sink.log)
+        time.sleep(0.5)
+        edge = Proc([_bin("smartcam-edge"), "run", "--source", str(STREET_CLIP), "--model", str(model),
+                     "--camera-id", "cam1", "--site", SECURE_SITE, "--broker",
+                     f"mqtt://cam1@127.0.0.1:{sb.plain_port}", "--events-file", str(work / "events.jsonl"),
+                     "--outbox", str(work / "outbox.db"), "--fps", "4", "--threads", "1", "--streams", "1",
+                     "--max-frames", "40", "--confirm", "sink", "--confirm-timeout", CONFIRM_TIMEOUT_S,
+                     "--drain-timeout", "60"], work / "edge.log",
+                    {**env, "SMARTCAM_MQTT_PASSWORD": sb.passwords["cam1"]}).start()
+        procs.append(edge)
+        rc = edge.wait(240)
+        ids = events_file_ids(work / "events.jsonl")
+        wait_until(lambda: set(ids) <= set(stored_event_ids(db)), 60, "every event stored")
+        c = Counts.of("confirm=sink through the deployment's ACL", ids, stored_event_ids(db),
+                      detail={"edge_exit": rc})
+        c.detail["log"] = edge.output()[-3000:]
+        return c, round(time.monotonic() - started, 1)
+    except BaseException as exc:  # noqa: BLE001
+        return exc
+    finally:
+        for p in procs:
+            p.kill()
+        sb.broker.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
 def results(tmp_path_factory, int8_model_320) -> dict[str, BaseException | tuple[Counts, float]]:
     """The three scenarios are independent (own broker, sinks, edge): run them concurrently."""
     jobs = {"sink": (_crash_with_sink_down, "sink"), "broker": (_crash_with_sink_down, "broker"),
             "share": (_crash_with_share_group,)}
-    with ThreadPoolExecutor(len(jobs)) as pool:
+    with ThreadPoolExecutor(len(jobs) + 1) as pool:
         futures = {name: pool.submit(_run, job[0], tmp_path_factory.mktemp(name), int8_model_320, *job[1:])
                    for name, job in jobs.items()}
+        futures["acl"] = pool.submit(_through_the_deployment_acl, tmp_path_factory.mktemp("acl"), int8_model_320)
         out = {name: f.result() for name, f in futures.items()}
     print(f"\nCONFIRM wall s: { {k: v[1] for k, v in out.items() if isinstance(v, tuple)} }")
     return out
@@ -183,3 +227,11 @@ def test_broker_sigkill_with_two_sink_workers_in_a_share_group(results, record_p
     assert c.stored_twice == 0, f"{c.stored_twice} event(s) stored twice"
     assert c.detail["edge_exit"] == 0, c.detail["log"]
     assert c.detail["workers_alive"], "a worker died"
+
+
+def test_confirmation_through_the_deployment_acl(results, record_property):
+    c = _counts(results, "acl", record_property)
+    assert c.emitted > 0 and c.lost == 0 and c.stored_twice == 0
+    assert c.detail["edge_exit"] == 0, c.detail["log"]
+    assert "every event confirmed by the sink" in c.detail["log"]
+    assert "not confirmed by the sink" not in c.detail["log"], "acks did not get through the ACL"
