@@ -48,6 +48,13 @@ def compare(arm: list[dict], x86: list[dict], *, min_iou: float = 0.5) -> dict:
             "max_score_diff": round(max_score, 4), "max_box_diff_px": round(max_px, 2)}
 
 
+def _by_type(events: list[dict]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for e in events:
+        out[e["type"]] = out.get(e["type"], 0) + 1
+    return dict(sorted(out.items()))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arm", required=True, type=Path)
@@ -57,11 +64,14 @@ def main() -> None:
     ap.add_argument("--arch", required=True)
     ap.add_argument("--events", type=Path, required=True)
     ap.add_argument("--run-log", type=Path, required=True)
+    ap.add_argument("--x86-events", type=Path, required=True, help="the same run on this machine")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     result = compare(json.loads(args.arm.read_text()), json.loads(args.x86.read_text()))
     ort = json.loads(args.ort.read_text())
-    events = [json.loads(line) for line in args.events.read_text().splitlines() if line.strip()]
+    events, x86_events = (
+        [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        for path in (args.events, args.x86_events))
     report = {
         "checked_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "emulated_arch": args.arch, "host_arch": platform.machine(),
@@ -69,8 +79,8 @@ def main() -> None:
         "onnxruntime": ort["onnxruntime"], "providers": ort["providers"],
         "int8_kernels_run": ort["int8_ops"],
         "detect": result,
-        "run": {"events": len(events), "types": sorted({e["type"] for e in events}),
-                "log_tail": args.run_log.read_text().splitlines()[-3:]},
+        "run": {"arm64": _by_type(events), "x86": _by_type(x86_events),
+                "finished": "done:" in args.run_log.read_text()},
         "note": "speed under emulation is meaningless and not reported",
     }
     args.out.write_text(json.dumps(report, indent=1) + "\n")
