@@ -80,6 +80,7 @@ class EdgeRunner:
         self.detector: Any = None
         self.streams = 1
         self.outbox: Outbox | None = None
+        self._dead_at_start = 0
         self.summarizer: Summarizer | None = None  # summary mode only
         self.publisher: Any = None
         self._metrics_server: Any = None  # camera/metrics.py, when metrics.listen is set
@@ -127,6 +128,7 @@ class EdgeRunner:
                  self.streams, threads)
         if cfg.mqtt.broker:
             self.outbox = Outbox(cfg.outbox_path(), max_rows=cfg.outbox.max_events)
+            self._dead_at_start = self.outbox.dead_lettered  # _finish says how many this run added
             if self.outbox.depth():
                 log.info("outbox %s holds %d unacknowledged message(s) from a previous run: replaying",
                          self.outbox.path, self.outbox.depth())
@@ -566,6 +568,12 @@ class EdgeRunner:
         if remaining:
             log.error("%d message(s) not acknowledged by the broker after %.0fs; they stay in the outbox %s "
                       "and are replayed on the next start", remaining, timeout, self.outbox.path)
+            return EXIT_OK if self.stopped_by_signal else EXIT_UNDRAINED
+        dead = self.outbox.dead_lettered - self._dead_at_start
+        if dead:
+            log.error("%d outbox row(s) became dead letters during this run (the broker rejected them %d times): "
+                      "not delivered, kept in %s; list them with smartcam-edge outbox dead-letters --outbox %s",
+                      dead, self.cfg.outbox.max_rejections, self.outbox.path, self.outbox.path)
             return EXIT_OK if self.stopped_by_signal else EXIT_UNDRAINED
         log.info("outbox drained: every event %s", "confirmed by the sink" if self.cfg.publish.confirm == "sink"
                  else "acknowledged by the broker")

@@ -129,6 +129,7 @@ class Publisher:
         self.retry_s, self.retry_max_s, self.max_rejections = retry_s, retry_max_s, max_rejections
         self._retries: list[tuple[float, _Sent]] = []  # (monotonic time due, message): sent again when due
         self.drain_restarts = 0  # unexpected drain failures survived (restarted after a backoff)
+        self.dead_lettered_messages = 0  # rejected messages whose rows became dead letters
         self.drain_backoff_s, self.max_drain_failures = drain_backoff_s, max_drain_failures
         self._inflight: dict[int, _Sent] = {}  # paho mid -> what it carries
         self._last_sent = 0
@@ -300,9 +301,13 @@ class Publisher:
         times, dead = self.outbox.reject(list(sent.row_ids), reason, limit=self.max_rejections)
         first, last = min(sent.row_ids), max(sent.row_ids)
         if dead:
-            log.error("broker rejected outbox row(s) %d..%d %d times (%s): moved %d row(s) to the outbox's dead "
-                      "letters (smartcam-edge outbox dead-letters --outbox %s); check the broker's ACL for this "
-                      "camera", first, last, times, reason, dead, self.outbox.path)
+            self.dead_lettered_messages += 1
+            first_or_100th = self.dead_lettered_messages == 1 or self.dead_lettered_messages % 100 == 0
+            level = logging.ERROR if first_or_100th else logging.DEBUG
+            log.log(level, "broker rejected outbox row(s) %d..%d %d times (%s): moved %d row(s) to the outbox's "
+                    "dead letters (%d messages so far; smartcam-edge outbox dead-letters --outbox %s); check the "
+                    "broker's ACL for this camera", first, last, times, reason, dead, self.dead_lettered_messages,
+                    self.outbox.path)
             return
         delay = min(self.retry_s * 2 ** (max(times, 1) - 1), self.retry_max_s)
         if self.rejected == 1 or self.rejected % 100 == 0:

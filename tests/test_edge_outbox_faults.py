@@ -204,3 +204,33 @@ def test_unwritable_events_file_is_a_clear_error(tmp_path):
                     "--events-file", str(blocker / "events.jsonl"), "--max-frames", "1", timeout=120)
     assert proc.returncode == 3
     assert "cannot write" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_rows_the_broker_keeps_rejecting_end_as_dead_letters_not_as_success(tmp_path, int8_model_320):
+    """After outbox.max_rejections the rows leave the queue for the dead letters: the run must not then say
+    "every event acknowledged" and exit 0; it says how many were dead-lettered, where, and exits 1."""
+    acl = tmp_path / "broker" / "acl"
+    acl.parent.mkdir(parents=True)
+    acl.write_text("topic read smartcam/#\n")  # anonymous clients may read, not write
+    acl.chmod(0o644)
+    config = tmp_path / "edge.yaml"
+    config.write_text("outbox:\n  max_rejections: 2\n  retry_s: 0.1\n")
+    broker = start_mosquitto(tmp_path / "broker", extra_conf=f"acl_file {acl}\nuser root\n")  # root: 0700 dirs
+    try:
+        proc = run_edge("--config", str(config), "--source", str(INDOOR_CLIP), "--model", str(int8_model_320),
+                        "--camera-id", CAM, "--site", SITE, "--broker", broker.url, "--fps", "3", "--max-frames", "15",
+                        "--events-file", str(tmp_path / "e.jsonl"), "--outbox", str(tmp_path / "o.db"),
+                        "--batch-linger", "0", "--drain-timeout", "20")
+    finally:
+        broker.stop()
+    written = read_events(tmp_path / "e.jsonl")
+    assert written
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "every event acknowledged" not in proc.stderr
+    assert "dead letter" in proc.stderr and "smartcam-edge outbox dead-letters" in proc.stderr
+    box = Outbox(tmp_path / "o.db")
+    try:
+        assert box.depth() == 0 and box.dead_lettered >= len(written)  # every event kept, none queued forever
+    finally:
+        box.close()

@@ -156,3 +156,22 @@ def test_rows_rejected_n_times_are_dead_lettered_counted_and_listed(tmp_path):
     table = subprocess.run([sys.executable, "-m", "camera", "outbox", "dead-letters", "--outbox", str(path)],
                            cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert table.returncode == 0 and "3 dead letter(s)" in table.stdout and "Not authorized" in table.stdout
+
+
+def test_the_edge_run_ends_with_exit_5_when_its_publisher_stops(mosquitto, tmp_path, monkeypatch, caplog):
+    """The frame loop sees a publisher whose drain keeps failing and ends the run with its own exit code and the
+    error, instead of detecting on while nothing is sent (the real edge; only the drain carries the fault)."""
+    import functools
+
+    import camera.pipeline
+    from camera.config import load_config
+    from camera.pipeline import EXIT_PUBLISHER, EdgeRunner
+    from tests.conftest import NEGATIVE_CLIP, ONNX_FP32
+
+    monkeypatch.setattr(camera.pipeline, "Publisher", functools.partial(
+        FailingDrain, failures=10**6, drain_backoff_s=0.01, max_drain_failures=2))
+    cfg = load_config(overrides={"source": str(NEGATIVE_CLIP), "model": str(ONNX_FP32), "camera_id": CAM,
+                                 "site": SITE, "mqtt.broker": mosquitto.url, "outbox.path": str(tmp_path / "o.db"),
+                                 "max_frames": 40, "drain_timeout_s": 20})
+    assert EdgeRunner(cfg).run() == EXIT_PUBLISHER
+    assert "drain failed 2 times in a row" in caplog.text
