@@ -80,6 +80,7 @@ rollup_tracks = sa.Table(  # distinct track ids per hour: unique_tracks stays ex
     sa.Column("zone", NAME, primary_key=True),
     sa.Column("hour", sa.BigInteger, primary_key=True),
     sa.Column("track_id", sa.BigInteger, primary_key=True),
+    sa.Index("ix_rollup_tracks_hour", "hour"),  # migration 10: the hours at the ends of a range, all cameras
 )
 
 rollup_dwell = sa.Table(  # dwell histogram per hour in fixed bins (contract.rollup.dwell_bin), for median/p90
@@ -403,8 +404,9 @@ def _distinct_tracks(since: Any, until: Any, site: str | None, camera_id: str | 
     days = _full_days(first, end)
     t, dt, dd = rollup_tracks, rollup_day_tracks, rollup_daily
     edge = _between(t.c.hour, first, end)
-    if days is not None:
-        edge = sa.and_(edge, sa.not_(_between(t.c.hour, *days)))
+    if days is not None:  # the hours before the first whole day and after the last (two index ranges)
+        edge = sa.or_(_between(t.c.hour, first, days[0]) if days[0] is not None else sa.false(),
+                      _between(t.c.hour, days[1], end) if days[1] is not None else sa.false())
     day_of_hour = ((t.c.hour // DAY) * DAY).label("day")
     if per_day:
         parts = [_filter(sa.select(t.c.site, t.c.camera_id, t.c.zone, day_of_hour,

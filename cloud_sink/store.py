@@ -1,12 +1,15 @@
 """The sink's storage: SQLAlchemy Core tables on SQLite (WAL, default) or PostgreSQL (psycopg 3), one code path.
 
-Exactly-once: ``events.event_id`` is the primary key and every insert is ``INSERT ... ON CONFLICT DO NOTHING
-RETURNING event_id``, so QoS 1 redeliveries and outbox replays are dropped by the database itself, and the
-hourly rollups are updated in the same transaction from the *returned* (newly inserted) rows only — a duplicate
-can never count twice. Schema changes are a versioned list of migrations applied at :meth:`Store.open`.
+Exactly-once: ``(site, camera_id, event_id)`` is the primary key (ids are unique per camera: another camera's
+ids cannot suppress these) and every insert is ``INSERT ... ON CONFLICT DO NOTHING RETURNING``, so QoS 1
+redeliveries and outbox replays are dropped by the database itself, and the hourly rollups are updated in the same
+transaction from the *returned* (newly inserted) rows only — a duplicate can never count twice. A stored id whose
+new copy differs is a conflict: the first stays, the copy becomes a dead letter with the reason. Dead letters are
+stored once (a digest), capped in rows and age. Schema changes are a versioned list of migrations applied at
+:meth:`Store.open`.
 
 Summaries (an edge in summary mode sends one ``summary.v1`` message per camera and time window instead of its
-events) take the same road: ``summaries.summary_id`` is the key, and only a newly inserted summary's
+events) take the same road: ``(site, camera_id, summary_id)`` is the key, and only a newly inserted summary's
 increments (``cloud_sink.rollups.summary_deltas``) are merged with the new events' and applied by the one rollup
 writer, ``cloud_sink.rollups.apply_deltas``. So hourly/daily figures are the same whichever way a camera
 publishes. The rollup tables themselves live in ``cloud_sink.rollups``; this module holds the events, summaries,
@@ -252,6 +255,11 @@ def _migration_9(conn: Connection) -> None:
             f'ALTER COLUMN "{c}" TYPE BIGINT' for c in columns)))
 
 
+def _migration_10(conn: Connection) -> None:
+    """An index on the hourly track table's hour: distinct tracks over a range read its partial days by hour."""
+    conn.execute(sa.text("CREATE INDEX IF NOT EXISTS ix_rollup_tracks_hour ON rollup_tracks (hour)"))
+
+
 #: (version, description, apply). Append only; never edit an applied migration.
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "events, dead letters, cameras, hourly rollups", _migration_1),
@@ -263,6 +271,7 @@ MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (7, "samples (sampled frames for the learning loop)", _migration_7),
     (8, "dead letter digests (stored once) and sink counters", _migration_8),
     (9, "rollup counters 64-bit (PostgreSQL)", _migration_9),
+    (10, "index rollup_tracks by hour", _migration_10),
 ]
 
 
