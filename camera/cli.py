@@ -3,10 +3,10 @@
     smartcam-edge run --source clip.mp4 --model person-int8.onnx --camera-id door [--broker mqtt://host:1883]
     smartcam-edge detect --model person-int8.onnx --json image.jpg ...
 
-Exit codes (README, Troubleshooting): 0 ok, 1 events left in the outbox after the drain wait, 2 bad configuration
-or source (a missing model file included), 3 storage failure (outbox or events file: disk full, unwritable), 4 the
-model cannot be used (unreadable, not a detector ONNX), 5 the publisher stopped (its outbox drain failed again and
-again).
+Exit codes (README, Troubleshooting): 0 ok, 1 events not delivered (left in the outbox after the drain wait, or
+dead-lettered during the run), 2 bad configuration or source (a missing model file included), 3 storage failure
+(outbox or events file: disk full, unwritable), 4 the model cannot be used (unreadable, not a detector ONNX), 5 the
+publisher stopped (its outbox drain failed again and again).
 """
 
 from __future__ import annotations
