@@ -56,6 +56,12 @@ class DetectorConfig(_Strict):
     provider_options: dict[str, str] = Field(default_factory=dict,
                                              description="provider options, e.g. {device_type: GPU} for OpenVINO")
 
+    @field_validator("regions", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        """YAML reads a bare ``off`` / ``on`` as false / true: take them as the words they were."""
+        return {False: "off", True: "lines"}.get(value, value) if isinstance(value, bool) else value
+
     @field_validator("provider")
     @classmethod
     def _known_provider(cls, value: str) -> str:

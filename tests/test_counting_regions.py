@@ -70,3 +70,12 @@ def test_tiles_add_what_the_full_frame_missed_once(pets_frame):
     confident = full[full.confidence >= 0.5]
     if len(confident):
         assert iou_matrix(confident.xyxy, merged.xyxy).max(axis=1).min() > 0.5
+
+
+def test_regions_off_in_yaml_is_off(tmp_path):
+    """YAML 1.1 reads a bare ``off`` as false: the config takes it as the word the user wrote."""
+    from camera.config import load_config
+
+    path = tmp_path / "edge.yaml"
+    path.write_text(f"camera_id: c\nsource: '0'\nmodel: {ONNX_FP32}\ndetector: {{regions: off}}\n")
+    assert load_config(path).detector.regions == "off"
