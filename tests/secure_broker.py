@@ -44,12 +44,15 @@ class SecureBroker:
         return BrokerSettings.from_url(self.url(user, password, tls), ca_file=self.ca_file if tls else None)
 
 
-def make_deployment(base: Path, cameras: tuple[str, ...] = ("cam1", "cam2"), sink: str = "sink") -> Path:
+def make_deployment(base: Path, cameras: tuple[str, ...] = ("cam1", "cam2"), sink: str = "sink",
+                    deployers: tuple[str, ...] = ()) -> Path:
     """Run the credentials script into ``base/conf`` with broker data in ``base/data``; return the conf dir."""
     conf_dir, data_dir = base / "conf", base / "data"
     args = [str(SCRIPT), str(conf_dir), "--site", SITE, "--sink", sink, "--data-dir", str(data_dir)]
     for cam in cameras:
         args += ["--camera", cam]
+    for deployer in deployers:
+        args += ["--deployer", deployer]
     subprocess.run(args, check=True, capture_output=True, text=True)
     data_dir.mkdir()
     if os.geteuid() == 0:  # mosquitto drops to user "mosquitto" and must write its persistence file here
@@ -65,9 +68,9 @@ def read_passwords(conf_dir: Path) -> dict[str, str]:
     return out
 
 
-def start_secure_broker(base: Path) -> SecureBroker:
+def start_secure_broker(base: Path, deployers: tuple[str, ...] = ()) -> SecureBroker:
     """Generate a deployment under ``base`` and start Mosquitto from it on two free loopback ports."""
-    conf_dir = make_deployment(base)
+    conf_dir = make_deployment(base, deployers=deployers)
     plain_port, tls_port = free_port(), free_port()
     conf = conf_dir / "mosquitto.conf"
     text = conf.read_text()

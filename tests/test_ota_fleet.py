@@ -145,3 +145,51 @@ def test_canary_rollout_aborts_on_a_broken_model_then_a_good_one_reaches_all(mos
         watch.close()
     state = json.loads((tmp_path / "c1" / "models" / "current.json").read_text())
     assert state["current"]["version"] == good and state["previous"]["version"] is None  # the configured model
+
+
+def test_the_shipped_broker_acl_lets_a_deployer_and_the_cameras_do_over_the_air_updates_and_nothing_more(
+        tmp_path, ota_model_a, ota_model_b, ota_keys):
+    """deploy/make-credentials.sh --deployer: the deployer writes desired models and reads the site; each camera
+    reads its own and its site's desired model; the deployer cannot publish events, a camera cannot deploy to
+    the site or read another camera's desired model."""
+    import shutil
+    import tempfile
+
+    from contract.topics import topic_for
+    from models.deploy import deploy
+    from tests.secure_broker import SITE as LOBBY
+    from tests.secure_broker import Client, start_secure_broker
+
+    base = Path(tempfile.mkdtemp(prefix="smartcam-ota-acl-"))
+    base.chmod(0o755)  # mosquitto drops to its own user
+    sb = start_secure_broker(base, deployers=("ops",))
+    clients = []
+    try:
+        registry = open_registry(tmp_path / "reg")
+        v2 = publish(registry, ota_model_b, load_private_key(ota_keys[0]), name="person")["version"]
+        assert deploy(registry, v2, sb.settings("ops"), LOBBY, ["cam1"], say=lambda _: None) == 0
+        assert deploy(registry, v2, sb.settings("ops"), LOBBY, None, say=lambda _: None) == 0
+        cam1, cam2, ops = (Client(sb.settings(u), f"acl-{u}") for u in ("cam1", "cam2", "ops"))
+        clients += [cam1, cam2, ops]
+        for c in clients:
+            assert not c.connect().is_failure
+        for topic in (camera_desired_topic(LOBBY, "cam1"), site_desired_topic(LOBBY)):
+            cam1.subscribe(topic)
+        cam2.subscribe(camera_desired_topic(LOBBY, "cam1"))
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and len(cam1.messages) < 2:
+            time.sleep(0.05)
+        assert sorted(t for t, _ in cam1.messages) == sorted([camera_desired_topic(LOBBY, "cam1"),
+                                                               site_desired_topic(LOBBY)])
+        assert json.loads(cam1.messages[0][1])["manifest"]["version"] == v2
+        assert cam2.messages == []  # another camera's desired model is not readable
+        assert ops.publish(topic_for(LOBBY, "cam1", "events"), b"{}").value == 135  # not authorized
+        assert cam1.publish(site_desired_topic(LOBBY), b"{}").value == 135  # a camera cannot deploy
+        ops.subscribe(f"smartcam/{LOBBY}/+/model/reported")  # the deployer watches what the cameras report
+        assert not cam1.publish(topic_for(LOBBY, "cam1", "model/reported"), b'{"r": 1}').is_failure
+        assert ops.wait_for_payload(b'{"r": 1}')
+    finally:
+        for c in clients:
+            c.close()
+        sb.broker.stop()
+        shutil.rmtree(base, ignore_errors=True)
