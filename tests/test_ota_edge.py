@@ -15,7 +15,7 @@ import pytest
 
 from contract.broker import BrokerSettings
 from contract.model_docs import REPORTED_SCHEMA_FILE, camera_desired_topic, desired_document
-from contract.schema import validation_errors
+from contract.schema import validate_stats, validation_errors
 from models.deploy import deploy
 from models.registry import open_registry, publish
 from models.signing import generate_keypair, load_private_key, sign_manifest
@@ -89,6 +89,11 @@ def test_new_model_swaps_in_without_restart_and_nothing_is_lost(mosquitto, tmp_p
     assert all(validation_errors(r, REPORTED_SCHEMA_FILE) == [] for r in reports)
     steps = [r["state"] for r in reports if r["version"] == v2]
     assert steps == ["downloading", "verifying", "checking", "probation", "active"], steps
+    # stats say which model detects: the configured one before, the registry version after
+    stats = [json.loads(p) for t, p, _ in watch.sub.messages if t.endswith("/stats")]
+    assert all(validate_stats(st) is None for st in stats)
+    assert stats[0]["model"] == {"version": None, "name": ota_model_a.stem, "sha256": old_sha}
+    assert stats[-1]["model"] == {"version": v2, "name": v2, "sha256": entry_b["sha256"]}
     # what is on disk says the new model is current, the old one previous
     state = json.loads((tmp_path / "models" / "current.json").read_text())
     assert state["current"]["version"] == v2 and state["previous"]["sha256"] == old_sha and state["trial"] is None
@@ -157,7 +162,9 @@ def test_bad_updates_are_refused_with_a_reason_and_the_old_model_serves_on(mosqu
             registry_server.throttle_bps = 1_000_000  # ~3.5 s for the model
             push(mosquitto.port, doc(9, good, url))
             watch.wait_report(SITE, CAM, lambda d: d["state"] == "downloading" and d["deployment"] == "bad-9")
-            time.sleep(0.5)
+            frames = edge.runner.stats.frames_processed
+            time.sleep(0.8)
+            assert edge.runner.stats.frames_processed >= frames + 3  # a slow download never holds up the frames
             fill_disk(disk, leave=64 * 1024)
             got = watch.wait_report(SITE, CAM, lambda d: d["state"] == "rejected" and d["deployment"] == "bad-9",
                                     timeout=30)
