@@ -8,8 +8,10 @@ resolution there). Tiles overlap by a quarter; a box a tile cuts at its inner ed
 next tile sees that person whole); the rest are merged with the full frame's by NMS. The cost is one model run per
 tile (bench/accuracy.py and docs/benchmarks.md state it next to the gain).
 
-``auto`` (the default) turns regions on only when they add resolution: lines are configured and a tile sees the
-scene at least 1.3x sharper than the whole frame does (so not for a 480x640 model on a 768x576 camera).
+``auto`` (the default) turns regions on only when they add resolution at a bounded cost: lines are configured, a
+tile sees the scene at least 1.3x sharper than the whole frame does (so not for a 480x640 model on a 768x576
+camera), and the lines fit in at most two tiles (at most 3 model runs per frame; ``lines`` runs however many tiles
+the lines need).
 
 >>> regions = line_regions([np.array([[384.0, 0.0], [384.0, 576.0]])], (768, 576), (480, 384))
 >>> regions
@@ -30,6 +32,7 @@ from camera.detector import nms
 log = logging.getLogger(__name__)
 
 MIN_GAIN = 1.3  # tiles must see the scene at least this much sharper than the full frame to be worth their cost
+MAX_AUTO_TILES = 2  # auto never costs more than 1 + this many model runs per frame (``lines`` runs every tile)
 OVERLAP = 0.25  # consecutive tiles along a line share this fraction of their size
 EDGE_PX = 3  # a box within this many pixels of a tile's inner edge is cut off by the tile: dropped
 _CLASS_OFFSET = 8192.0  # class-aware NMS: boxes of different classes never overlap after this shift
@@ -94,6 +97,10 @@ class RegionDetector:
                      gain, h, w)
             return []
         tiles = line_regions(segs, frame_wh, region_wh)
+        if self.mode == "auto" and len(tiles) > MAX_AUTO_TILES:
+            log.info("region detection off: the lines need %d tiles of %dx%d px, more than auto's %d "
+                     "(detector.regions: lines runs them all)", len(tiles), *region_wh, MAX_AUTO_TILES)
+            return []
         log.info("region detection: full frame + %d tile(s) of %dx%d px around the lines (%.1fx sharper there), "
                  "%d model runs per frame", len(tiles), *region_wh, gain, 1 + len(tiles))
         return tiles

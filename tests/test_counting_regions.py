@@ -79,3 +79,14 @@ def test_regions_off_in_yaml_is_off(tmp_path):
     path = tmp_path / "edge.yaml"
     path.write_text(f"camera_id: c\nsource: '0'\nmodel: {ONNX_FP32}\ndetector: {{regions: off}}\n")
     assert load_config(path).detector.regions == "off"
+
+
+@pytest.mark.slow
+def test_auto_bounds_the_cost_lines_runs_every_tile():
+    """A line across a 2560x1440 camera needs 4 tiles of 960 px: more than auto's bound of 2 (3 model runs per
+    frame), so auto stays at the full frame; ``lines`` runs all of them."""
+    det = Detector(ONNX_FP32, conf=0.1, threads=1)
+    line = lambda w, h: [np.array([[0.0, h / 2], [float(w), h / 2]])]  # noqa: E731
+    assert RegionDetector(det.detect, det.imgsz, det.iou, line).plan((2560, 1440)) == []
+    assert len(RegionDetector(det.detect, det.imgsz, det.iou, line, mode="lines").plan((2560, 1440))) == 4
+    assert len(RegionDetector(det.detect, det.imgsz, det.iou, line).plan((1600, 900))) == 2
