@@ -160,6 +160,10 @@ class ModelUpdatesConfig(_Strict):
     def _check_key(cls, value: Path | None) -> Path | None:
         if value is not None and not value.is_file():
             raise ValueError(f"trust key not found: {value}")
+        if value is not None:
+            from contract.signature import load_public_key
+
+            load_public_key(value)  # not an ed25519 public key: a clear error now, not at the first deploy
         return value
 
     @model_validator(mode="after")

@@ -207,3 +207,22 @@ def test_sink_stores_the_latest_report_per_camera_and_serves_it(mosquitto, tmp_p
     assert [m["camera_id"] for m in api] == ["door", "hall"] and api[0]["failed"] is True
     cams = {c["camera_id"]: c for c in client.get("/api/cameras").json()["cameras"]}
     assert cams["door"]["model"]["update"]["reason"] == "bad signature"
+
+
+def test_model_updates_config_errors_are_one_line(tmp_path):
+    from camera.config import ConfigError, load_config
+
+    model = tmp_path / "m.onnx"
+    model.write_bytes(b"x")
+    junk = tmp_path / "junk.pub"
+    junk.write_text("not a key")
+    base = {"camera_id": "c", "source": "0", "model": str(model), "mqtt.broker": "mqtt://127.0.0.1:1883"}
+    cases = [({"model_updates.enabled": True}, "needs trust_key"),
+             ({"model_updates.enabled": True, "model_updates.trust_key": str(junk)}, "is not a PEM public key")]
+    for extra, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            load_config(overrides={**base, **extra})
+    with pytest.raises(ConfigError, match="needs mqtt.broker"):
+        load_config(overrides={"camera_id": "c", "source": "0", "model": str(model),
+                               "model_updates.enabled": True, "model_updates.allow_unsigned": True})
+    assert load_config(overrides=base).model_updates.enabled is False  # off by default
