@@ -566,8 +566,9 @@ class EdgeRunner:
             log.error("%s", self.publisher.error)
             return EXIT_PUBLISHER if isinstance(self.publisher.error, PublisherError) else EXIT_OUTBOX
         if remaining:
-            log.error("%d message(s) not acknowledged by the broker after %.0fs; they stay in the outbox %s "
-                      "and are replayed on the next start", remaining, timeout, self.outbox.path)
+            log.error("%d message(s) not %s after %.0fs; they stay in the outbox %s and are replayed on the next "
+                      "start", remaining, "confirmed by the sink" if self.cfg.publish.confirm == "sink"
+                      else "acknowledged by the broker", timeout, self.outbox.path)
             return EXIT_OK if self.stopped_by_signal else EXIT_UNDRAINED
         dead = self.outbox.dead_lettered - self._dead_at_start
         if dead:
