@@ -184,6 +184,73 @@ def registry_server(tmp_path) -> Iterator[RegistryServer]:
     server.close()
 
 
+class CutProxy:
+    """A TCP proxy on 127.0.0.1 to ``port`` that can be cut (every connection dropped, new ones refused) and
+    restored: a camera's network going away while the broker and the cloud stay up."""
+
+    def __init__(self, port: int) -> None:
+        import socket
+
+        self.target = port
+        self.up = threading.Event()
+        self.up.set()
+        self._conns: list = []
+        self._lock = threading.Lock()
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            if not self.up.is_set():
+                client.close()
+                continue
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    def _pipe(self, src, dst) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.close()
+
+    def cut(self) -> None:
+        import socket
+
+        self.up.clear()
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for c in conns:
+            with contextlib.suppress(OSError):
+                c.shutdown(socket.SHUT_RDWR)
+                c.close()
+
+    def restore(self) -> None:
+        self.up.set()
+
+    def close(self) -> None:
+        self.cut()
+        self.server.close()
+
+
 @contextlib.contextmanager
 def tmpfs(size: str) -> Iterator[Path]:
     """A real small filesystem that can fill up; skips when mounting is not allowed here."""

@@ -20,6 +20,7 @@ from models.deploy import deploy
 from models.registry import open_registry, publish
 from models.signing import generate_keypair, load_private_key, sign_manifest
 from tests.ota_fixtures import (
+    CutProxy,
     EdgeThread,
     Watch,
     classifier_model,
@@ -242,3 +243,29 @@ def test_an_edge_off_at_deploy_time_applies_the_site_model_when_it_comes_up_and_
     finally:
         assert edge.stop() == 0
         watch.close()
+
+
+def test_a_running_edge_cut_off_at_deploy_time_applies_the_model_when_its_connection_comes_back(
+        mosquitto, tmp_path, ota_model_a, ota_model_b, ota_keys):
+    registry = open_registry(tmp_path / "reg")
+    v2 = publish(registry, ota_model_b, load_private_key(ota_keys[0]), name="person")["version"]
+    proxy = CutProxy(mosquitto.port)  # the camera reaches the broker only through this
+    watch = Watch(mosquitto.port)
+    edge = EdgeThread(ota_edge_config(tmp_path, model=ota_model_a, broker=f"mqtt://127.0.0.1:{proxy.port}", site=SITE,
+                                      camera=CAM, trust_key=ota_keys[1]))
+    try:
+        watch.wait_report(SITE, CAM, lambda d: d["state"] == "active")
+        wait_until(lambda: edge.runner.publisher.connected.is_set(), 10, "the edge connected")
+        proxy.cut()
+        wait_until(lambda: not edge.runner.publisher.connected.is_set(), 30, "the edge to notice the cut")
+        assert deploy(registry, v2, BrokerSettings.from_url(mosquitto.url), SITE, [CAM], say=lambda _: None) == 0
+        time.sleep(1.0)
+        assert edge.detector.name != v2  # it cannot know yet
+        frames = edge.runner.stats.frames_processed
+        proxy.restore()
+        watch.wait_report(SITE, CAM, lambda d: d["state"] == "active" and d["version"] == v2, timeout=60)
+        assert edge.detector.name == v2 and edge.runner.stats.frames_processed > frames
+    finally:
+        assert edge.stop() == 0
+        watch.close()
+        proxy.close()
