@@ -312,6 +312,36 @@ def markdown(results: list[Result]) -> str:
     return "\n".join(out)
 
 
+def detect_cost(seq: Sequence, models: list[Path], frames: int = 120) -> list[tuple[str, int, float]]:
+    """(setting, model runs per frame, median ms per frame) of ``detect`` on the sequence's first frames, one
+    inference thread, for each model, and with its line tiles where it has any (``detector.regions: lines``)."""
+    import statistics
+
+    import cv2
+
+    from camera.detector import Detector
+    from camera.regions import RegionDetector
+
+    cap = cv2.VideoCapture(str(seq.video))
+    images = [img for ok, img in (cap.read() for _ in range(frames)) if ok]
+    cap.release()
+    out = []
+    for model in models:
+        det = Detector(model, conf=0.1, threads=1)
+        tiles = RegionDetector(det.detect, det.imgsz, det.iou, lambda w, h: [np.asarray(seq.line)], mode="lines")
+        runs = {"": (det.detect, 1), " + line tiles": (tiles.detect, 1 + len(tiles.plan((seq.width, seq.height))))}
+        for label, (fn, n) in runs.items():
+            for img in images[:5]:
+                fn(img)  # warm-up
+            ms = []
+            for img in images[5:]:
+                t0 = time.perf_counter()
+                fn(img)
+                ms.append((time.perf_counter() - t0) * 1000)
+            out.append((f"{seq.name} {det.imgsz[0]}x{det.imgsz[1]}{label}", n, statistics.median(ms)))
+    return out
+
+
 def _parse_set(items: list[str]) -> dict[str, Any]:
     import yaml
 
@@ -337,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="edge config override, dotted (tracker.max_age_s=2); the defaults otherwise")
     ap.add_argument("--max-frames", type=int, help="score only the first N processed frames")
     ap.add_argument("--out", type=Path, default=ROOT / "test-artifacts" / "accuracy", help="results folder")
+    ap.add_argument("--cost", action="store_true",
+                    help="instead: the detector's median ms per frame (1 thread), with and without line tiles")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not args.sequences.is_dir():
@@ -351,6 +383,11 @@ def main(argv: list[str] | None = None) -> int:
     if not models:
         print("accuracy: no model: build one (models/README.md) or pass --model", file=sys.stderr)
         return 2
+    if args.cost:
+        for seq in sequences:
+            for setting, runs, ms in detect_cost(seq, fitting_models(seq, models)):
+                print(f"{setting}: {ms:.1f} ms per frame ({runs} model run{'s' if runs > 1 else ''})")
+        return 0
     rates = [r or None for r in (args.fps or [0.0, 5.0])]
     overrides = _parse_set(args.set)
     results = []
