@@ -317,6 +317,7 @@ class ModelUpdater:
         self._window: deque[tuple[float, int]] = deque(maxlen=200)  # (ms, people) of the serving model
         self._seen = 0
         self._probation: Probation | None = None
+        self._inference_error: str | None = None  # set by a guarded detect() on an inference thread
         self._probation_done = threading.Event()
         self._probation_done.set()
         self._serving: Swap | None = None  # the detector in use and its record
@@ -454,15 +455,14 @@ class ModelUpdater:
             try:
                 return detector.detect(image)
             except Exception as exc:  # noqa: BLE001 - any failure of the new model is the probation's business
-                self._jobs_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
+                self._inference_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
                 return Detections.empty()
 
         return detect
 
-    _jobs_error: str | None = None
-
     def take_error(self) -> str | None:
-        err, self._jobs_error = self._jobs_error, None
+        """The last inference error of a model on probation since the previous call (counted by :meth:`observe`)."""
+        err, self._inference_error = self._inference_error, None
         return err
 
     # ---------------------------------------------------------------- the worker

@@ -93,6 +93,29 @@ def slowed(src: Path, dst: Path, convs: int = 3) -> Path:
     return dst
 
 
+def failing_at_runtime(src: Path, dst: Path) -> Path:
+    """Loads like the original (same declared output), but every inference fails: the output goes through a
+    Reshape whose target shape is computed from the input at run time, one that the output cannot take."""
+    model = onnx.load(src)
+    inp = model.graph.input[0].name
+    raw, out = _rewire_output(model)
+    g = model.graph
+    for name, value in (("rt_zero", np.zeros((), np.float32)), ("rt_eleven", np.full((), 11.0, np.float32)),
+                        ("rt_one", np.array([1], np.int64)), ("rt_rest", np.array([-1], np.int64))):
+        g.initializer.append(numpy_helper.from_array(value, name))
+    g.node.extend([
+        helper.make_node("ReduceMax", [inp], ["rt_max"], keepdims=0),
+        helper.make_node("Mul", ["rt_max", "rt_zero"], ["rt_z"]),
+        helper.make_node("Add", ["rt_z", "rt_eleven"], ["rt_f"]),
+        helper.make_node("Cast", ["rt_f"], ["rt_i"], to=TensorProto.INT64),
+        helper.make_node("Reshape", ["rt_i", "rt_one"], ["rt_i1"]),
+        helper.make_node("Concat", ["rt_one", "rt_i1", "rt_rest"], ["rt_shape"], axis=0),  # [1, 11, -1]
+        helper.make_node("Reshape", [raw, "rt_shape"], [out]),
+    ])
+    onnx.save(model, dst)
+    return dst
+
+
 def classifier_model(dst: Path) -> Path:
     """A valid ONNX the edge cannot use as a detector: one 1x3x64x64 input, a 1x10 output (another layout)."""
     x = helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, 64, 64])

@@ -24,6 +24,7 @@ from tests.ota_fixtures import (
     EdgeThread,
     Watch,
     classifier_model,
+    failing_at_runtime,
     fill_disk,
     ota_edge_config,
     slowed,
@@ -208,10 +209,21 @@ def test_a_model_that_fails_probation_is_rolled_back(mosquitto, tmp_path, ota_mo
         wait_until(lambda: edge.detector.sha256 == old_sha, 10, "the old model back")
         frames = edge.runner.stats.frames_processed
         wait_until(lambda: edge.runner.stats.frames_processed > frames + 5, 10, "detection going on")
+        # a model whose every inference fails: rolled back too, and the camera never stopped
+        seen = len(watch.reports(SITE, CAM))
+        failing = publish(registry, failing_at_runtime(ota_model_b, tmp_path / "failing.onnx"),
+                          load_private_key(ota_keys[0]), name="failing")
+        assert deploy(registry, failing["version"], BrokerSettings.from_url(mosquitto.url), SITE, [CAM],
+                      say=lambda _: None) == 0
+        back = watch.wait_report(SITE, CAM, lambda d: d["state"] == "rolled_back", timeout=30, since=seen)
+        assert back["version"] == failing["version"] and "inference failed 3 times" in back["reason"], back
+        wait_until(lambda: edge.detector.sha256 == old_sha, 10, "the old model back")
+        frames = edge.runner.stats.frames_processed
+        wait_until(lambda: edge.runner.stats.frames_processed > frames + 5, 10, "detection going on")
     finally:
         assert edge.stop() == 0
         watch.close()
-    assert [s["trial"] for s in edge.runner.swaps] == [True, False]
+    assert [s["trial"] for s in edge.runner.swaps] == [True, False, True, False]
     state = json.loads((tmp_path / "models" / "current.json").read_text())
     assert state["current"] is None and state["failed"]["state"] == "rolled_back"
     shas = [e["model"]["sha256"] for e in read_events(tmp_path / "events.jsonl")]
