@@ -246,7 +246,7 @@ def committed_ids(checked: list[tuple[Checked, bytes]]) -> dict[tuple[str, str],
             try:
                 doc = json.loads(payload)
                 key = doc.get("event_id", doc.get("summary_id")) if isinstance(doc, dict) else None
-            except ValueError:
+            except (ValueError, RecursionError):  # not JSON, or nested deeper than the parser's stack
                 key = None
         else:
             continue
