@@ -37,14 +37,16 @@ def _build(tmp_path_factory, imgsz: tuple[int, int]) -> Path:
 
 
 @pytest.fixture(scope="session")
-def ota_model_a(tmp_path_factory) -> Path:
-    """INT8 person-only model at 192x320 (the clip's 16:9 shape), 8 calibration frames (~10 s, once)."""
-    return _build(tmp_path_factory, (192, 320))
+def ota_model_a(int8_model_320) -> Path:
+    """The model an edge starts on: the session's INT8 320 build (tests/model_fixtures.py), built once for
+    every suite that needs a real model."""
+    return int8_model_320
 
 
 @pytest.fixture(scope="session")
 def ota_model_b(tmp_path_factory) -> Path:
-    """A second, different INT8 build (256x320): the "new model" pushed to a running edge."""
+    """A second, different INT8 build (256x320, person-only head, 8 calibration frames): the "new model" pushed
+    to a running edge."""
     return _build(tmp_path_factory, (256, 320))
 
 
