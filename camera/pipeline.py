@@ -260,7 +260,7 @@ class EdgeRunner:
         if self._swap_pending is not None:  # the previous swap's old frames first
             self._complete_swap(process, builder)
         t0 = time.perf_counter()
-        new_queue = InferenceQueue(swap.detect, self.streams)
+        new_queue = InferenceQueue(self._detect_fn(swap.detector, swap.detect), self.streams)
         self._swap_pending = (swap, queue, first, (time.perf_counter() - t0) * 1000)
         return new_queue
 
@@ -309,15 +309,17 @@ class EdgeRunner:
         finally:
             self.close()
 
-    def _detect_fn(self, detector: Any) -> Any:
-        """What the inference queue runs per frame: the detector, or the detector on the frame plus tiles around the
-        counting lines (``detector.regions``, camera/regions.py)."""
+    def _detect_fn(self, detector: Any, detect: Any = None) -> Any:
+        """What the inference queue runs per frame: ``detect`` (default ``detector.detect``; a model on probation
+        passes its guarded one), or that on the frame plus tiles around the counting lines (``detector.regions``,
+        camera/regions.py) -- the same for every model, swapped in or not."""
         cfg = self.cfg
+        detect = detect or detector.detect
         if cfg.detector.regions == "off" or not cfg.lines:
-            return detector.detect
+            return detect
         from camera.regions import RegionDetector
 
-        return RegionDetector(detector.detect, detector.imgsz, detector.iou,
+        return RegionDetector(detect, detector.imgsz, detector.iou,
                               lambda w, h: [line.pixel_points(w, h) for line in cfg.lines],
                               scale=cfg.detector.region_scale, mode=cfg.detector.regions).detect
 
