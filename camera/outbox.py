@@ -41,7 +41,8 @@ CREATE TABLE IF NOT EXISTS outbox (
     payload BLOB NOT NULL,
     qos INTEGER NOT NULL,
     retain INTEGER NOT NULL,
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    rejections INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS staged (
@@ -112,7 +113,9 @@ class Outbox:
             self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=10)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(SCHEMA)
+            # one transaction: a fresh file costs a few WAL pages, not two per statement (an outbox on a nearly
+            # full disk must still have room for its first events)
+            self._db.executescript(f"BEGIN IMMEDIATE;\n{SCHEMA}\nCOMMIT;")
             columns = {r[1] for r in self._db.execute("PRAGMA table_info(outbox)")}
             if "rejections" not in columns:
                 self._db.execute(REJECTIONS_COLUMN)
