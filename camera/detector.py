@@ -22,7 +22,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from camera.detections import Detections
+from camera.detections import Detections, iou_matrix
 
 log = logging.getLogger(__name__)
 
@@ -88,21 +88,38 @@ def preprocess(
 
 
 def nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
-    """Greedy NMS (torchvision semantics: suppress IoU > ``iou``), indices sorted by descending score."""
+    """Greedy NMS (torchvision semantics: suppress IoU > ``iou``), indices sorted by descending score.
+
+    One IoU matrix of the candidates (``camera.detections.iou_matrix``, the one IoU definition), then the greedy
+    pass over its rows: a kept box suppresses every later box it overlaps by more than ``iou``.
+
+    >>> nms(np.array([[0, 0, 10, 10], [1, 0, 11, 10], [20, 0, 30, 10]], np.float32), np.array([0.9, 0.8, 0.7]), 0.5)
+    array([0, 2])
+    """
     order = np.argsort(-scores, kind="stable")
-    x1, y1, x2, y2 = boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3]
-    areas = (x2 - x1) * (y2 - y1)
+    ious = iou_matrix(boxes[order], boxes[order])
+    suppressed = np.zeros(len(order), dtype=bool)
     keep: list[int] = []
-    while order.size:
-        i = order[0]
-        keep.append(int(i))
-        rest = order[1:]
-        w = np.clip(np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]), 0, None)
-        h = np.clip(np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]), 0, None)
-        inter = w * h
-        ious = inter / (areas[i] + areas[rest] - inter + 1e-12)
-        order = rest[ious <= iou]
+    for k in range(len(order)):
+        if not suppressed[k]:
+            keep.append(int(order[k]))
+            suppressed |= ious[k] > iou
     return np.asarray(keep, dtype=np.int64)
+
+
+def read_build_manifest(model_path: Path) -> dict | None:
+    """The ``NAME.json`` that ``smartcam-model build`` writes beside ``NAME.onnx`` (None if absent or unreadable).
+
+    The one reader of it: the detector takes thresholds from it, the registry copies its build facts.
+    """
+    manifest_path = Path(model_path).with_suffix(".json")
+    if not manifest_path.is_file():
+        return None
+    try:
+        return json.loads(manifest_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        log.warning("ignoring unreadable manifest %s: %s", manifest_path, exc)
+        return None
 
 
 def file_sha256(path: Path) -> str:
@@ -247,7 +264,7 @@ class Detector:
                     f"model {path.name} has no class {missing[0]!r} (it has e.g. {list(by_name)[:5]})"
                 )
             self.class_ids = np.array(sorted(by_name[c] for c in classes), dtype=np.int64)
-        self.manifest = self._read_manifest(path)
+        self.manifest = read_build_manifest(path)
 
     # ---- metadata ---------------------------------------------------------------------------------------------
     @staticmethod
@@ -289,17 +306,6 @@ class Detector:
                 f"unsupported model layout: output {shape} is not 1x{c}xN or 1xNx{c} for {self.nc} classes"
             )
         return None
-
-    @staticmethod
-    def _read_manifest(path: Path) -> dict | None:
-        manifest_path = path.with_suffix(".json")
-        if not manifest_path.is_file():
-            return None
-        try:
-            return json.loads(manifest_path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            log.warning("ignoring unreadable manifest %s: %s", manifest_path, exc)
-            return None
 
     # ---- inference --------------------------------------------------------------------------------------------
     def infer(self, blob: np.ndarray) -> np.ndarray:

@@ -20,6 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from contract.timestamps import DEFAULT_MAX_PAST_DAYS
+
 log = logging.getLogger("smartcam.sink")
 
 
@@ -57,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="seconds the broker keeps our queued messages while we are down (default 7 days)")
     run.add_argument("--batch-size", type=int, help="messages per commit (default 500)")
     run.add_argument("--batch-wait-ms", type=float, help="longest wait to fill a batch (default 50)")
-    run.add_argument("--max-past-days", type=float, help="reject events older than this (default 400)")
+    run.add_argument("--max-past-days", type=float, help=f"reject events older than this (default {DEFAULT_MAX_PAST_DAYS:g})")
     run.add_argument("--max-future", type=float, dest="max_future_s", metavar="SECONDS",
                      help="reject events this far ahead of the sink's clock (default 3600)")
     run.add_argument("--dead-letter-rate", type=float, dest="dead_letters_per_minute", metavar="PER_MINUTE",
@@ -120,8 +122,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true", help="machine-readable JSON")
     dead_sub.choices["list"].add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
     replay = dead_sub.choices["replay"]
-    replay.add_argument("--max-past-days", type=float, default=400.0,
-                        help="accept events up to this many days old (default 400, as ingest)")
+    replay.add_argument("--max-past-days", type=float, default=DEFAULT_MAX_PAST_DAYS,
+                        help=f"accept events up to this many days old (default {DEFAULT_MAX_PAST_DAYS:g}, as ingest)")
     replay.add_argument("--max-future-s", type=float, default=3600.0,
                         help="accept events up to this many seconds ahead of now (default 3600, as ingest)")
     replay.add_argument("--dry-run", action="store_true", help="count what would be stored; change nothing")

@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from cloud_sink.validation import Limits
+from contract.timestamps import DEFAULT_MAX_PAST_DAYS
 
 
 class ConfigError(ValueError):
@@ -45,7 +46,7 @@ class SinkConfig(BaseModel):
     max_payload_bytes: int = Field(64 * 1024, ge=1024)
     max_depth: int = Field(16, ge=2, le=256)
     max_future_s: float = Field(3600.0, ge=0)  # event times later than the sink's clock + this are dead letters
-    max_past_days: float = Field(400.0, gt=0)  # ... and earlier than its clock - this
+    max_past_days: float = Field(DEFAULT_MAX_PAST_DAYS, gt=0)  # ... and earlier than its clock - this
     dead_letters_per_minute: float = Field(60.0, gt=0)  # per camera, sustained (more: counted, not stored)
     dead_letter_burst: int = Field(100, ge=1)  # per camera, at once
     dead_letter_cap: int = Field(100_000, ge=100)  # rows kept at most (the oldest go first)

@@ -34,7 +34,7 @@ from contract.schema import (
     load_schema,
     validation_errors,
 )
-from contract.timestamps import ts_ms
+from contract.timestamps import DEFAULT_MAX_PAST_DAYS, ts_ms
 from contract.topics import is_valid_name, leaf_of, parse_topic, topic_for
 
 Kind = Literal["event", "summary", "status", "stats", "model", "dead"]
@@ -48,7 +48,7 @@ class Limits:
     max_bytes: int = 64 * 1024
     max_depth: int = 16
     max_future_s: float = 3600.0  # a camera clock more than 1 h ahead is wrong, not early
-    max_past_s: float = 400 * 86400.0  # older than ~13 months: outside any report window, likely a bad clock
+    max_past_s: float = DEFAULT_MAX_PAST_DAYS * 86400.0  # outside any report window: likely a bad clock
     max_batch_bytes: int = 8 * 1024 * 1024  # a batch message, compressed and after decompression
     max_batch_events: int = 10_000  # lines in one batch (the edge sends at most 500 by default)
     max_summary_tracks: int = 100_000  # distinct track ids one summary may name (over all its areas)

@@ -21,6 +21,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from camera.detections import iou_matrix
 from camera.detector import Detector, preprocess
 
 IOU_THRESHOLDS = np.round(np.arange(0.5, 0.96, 0.05), 2)
@@ -76,16 +77,6 @@ def load_labels(path: str | os.PathLike) -> list[LabeledImage]:
     return images
 
 
-def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU matrix (len(a), len(b)) of xyxy boxes."""
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
-    area_a = np.prod(np.clip(a[:, 2:] - a[:, :2], 0, None), axis=1)
-    area_b = np.prod(np.clip(b[:, 2:] - b[:, :2], 0, None), axis=1)
-    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-9)
-
-
 def coverage(dets: np.ndarray, regions: np.ndarray) -> np.ndarray:
     """Largest fraction of each detection's area inside any region (N,)."""
     if len(regions) == 0 or len(dets) == 0:
@@ -103,7 +94,7 @@ def match_image(pred: Prediction, gt: LabeledImage, iou_thr: float) -> tuple[np.
     flags = np.full(len(pred.scores), FP, np.int8)
     if len(pred.scores) == 0:
         return flags, int(valid.sum())
-    ious = box_iou(pred.xyxy, gt.boxes) if len(gt.boxes) else np.zeros((len(pred.scores), 0))
+    ious = iou_matrix(pred.xyxy, gt.boxes) if len(gt.boxes) else np.zeros((len(pred.scores), 0))
     in_ignore = coverage(pred.xyxy, gt.ignore) >= IGNORE_COVERAGE
     matched = np.zeros(len(gt.boxes), bool)
     for d in np.argsort(-pred.scores, kind="stable"):

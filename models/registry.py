@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from camera.detector import read_build_manifest
 from cloud_sink.archive import ENDPOINT_ENV
 from contract.signature import SignatureError, key_id, verify_manifest
 from contract.topics import NAME_RE
@@ -299,14 +300,9 @@ def publish(registry: Registry, model_path: str | os.PathLike, signing_key: Any,
         parent = same[-1]["version"] if same else None
     elif registry.entry(parent, missing_ok=True) is None:
         raise RegistryError(f"parent version {parent!r} is not in registry {registry.url}")
-    build = None
-    build_manifest = path.with_suffix(".json")
-    if build_manifest.is_file():
-        try:
-            bm = json.loads(build_manifest.read_text())
-            build = {k: bm[k] for k in ("precision", "source", "quantization", "results", "built_with") if k in bm}
-        except ValueError:
-            log.warning("ignoring unreadable build manifest %s", build_manifest)
+    bm = read_build_manifest(path)
+    build = None if bm is None else {
+        k: bm[k] for k in ("precision", "source", "quantization", "results", "built_with") if k in bm}
     manifest = {
         "schema": MANIFEST_SCHEMA, "version": version, "name": name, "file": MODEL_FILE,
         "sha256": sha256, "size": path.stat().st_size, "input": info["input"], "output_shape": info["output_shape"],

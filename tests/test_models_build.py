@@ -12,11 +12,12 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from camera.detections import iou_matrix
 from camera.detector import Detector, ModelError, preprocess
 from models.build import build_model
 from models.calibration import CalibrationError, sample_frames
 from models.cli import main
-from models.evaluate import box_iou, load_labels
+from models.evaluate import load_labels
 from models.head import decode_nodes, fast_dfl, make_anchors, retarget, slim_classes
 from tests.conftest import (
     INDOOR_CLIP,
@@ -59,7 +60,7 @@ def assert_finds_the_people(model_path) -> None:
     big = (item.visibility >= 0.5) & (item.boxes[:, 3] - item.boxes[:, 1] >= image.shape[0] / 4)
     assert big.sum() >= 3
     assert len(dets) > 0
-    assert (box_iou(item.boxes[big], dets.xyxy).max(axis=1) >= 0.5).all()
+    assert (iou_matrix(item.boxes[big], dets.xyxy).max(axis=1) >= 0.5).all()
 
 
 def _run(model_path, image_bgr, imgsz):

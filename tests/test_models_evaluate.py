@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from camera.detections import iou_matrix
 from models.evaluate import (
     FP,
     NEUTRAL,
@@ -14,7 +15,6 @@ from models.evaluate import (
     LabeledImage,
     Prediction,
     average_precision,
-    box_iou,
     load_labels,
     match_image,
     score,
@@ -87,10 +87,10 @@ def test_neutral_flags_are_dropped_from_ap():
     assert np.isnan(average_precision(np.array([0.5]), np.array([FP], np.int8), 0))
 
 
-def test_box_iou():
+def test_iou_matrix():
     a = np.array([[0, 0, 10, 10]], np.float32)
     b = np.array([[0, 0, 10, 10], [5, 0, 15, 10], [20, 20, 30, 30]], np.float32)
-    assert box_iou(a, b)[0] == pytest.approx([1.0, 1 / 3, 0.0])
+    assert iou_matrix(a, b)[0] == pytest.approx([1.0, 1 / 3, 0.0])
 
 
 def test_load_labels_resolves_paths_and_rejects_bad_files(tmp_path):
