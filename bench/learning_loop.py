@@ -64,6 +64,7 @@ RECIPES = {  # name -> finetune() keyword arguments
     "nofreeze+general30": {"freeze": 0, "general_share": 0.3},
     "freeze10+general30+lr0.0005": {"freeze": 10, "general_share": 0.3, "lr0": 0.0005},
     "headonly+lr0.0005": {"freeze": 22, "lr0": 0.0005},
+    "headonly+lr0.0005+seed1": {"freeze": 22, "lr0": 0.0005, "seed": 1},  # the same recipe, another seed
 }
 
 log = logging.getLogger("learning_loop")
@@ -239,11 +240,12 @@ def main(argv: list[str] | None = None) -> int:
             continue
         kw = dict(RECIPES[recipe])
         share = kw.pop("general_share", 0.0)
+        seed = kw.pop("seed", 0)
         pt = work / "runs" / f"{key}.pt"
         t = time.perf_counter()
         if not pt.is_file():
             finetune(scene_ds / "data.yaml", BASE_PT, pt, imgsz=max(s320), epochs=args.epochs,
-                     general=general_ds / "data.yaml" if share else None, general_share=share, seed=0, **kw)
+                     general=general_ds / "data.yaml" if share else None, general_share=share, seed=seed, **kw)
         train_s = time.perf_counter() - t
         t = time.perf_counter()
         onnx_path = build(pt, s320, calib, models / f"{key}-320.onnx")

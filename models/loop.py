@@ -42,7 +42,8 @@ class TurnSettings:
     val_share: float = 0.2
     epochs: int = 10
     imgsz: int | None = None  # training input (default: the current model's longer side)
-    freeze: int = 10
+    freeze: int = 22  # only the head trains: the recipe measured best (docs/benchmarks.md)
+    lr0: float = 0.0005
     general_data: Path | None = None  # a YOLO data.yaml of other scenes to mix in
     general_share: float = 0.0
     batch: int = 16
@@ -123,7 +124,7 @@ def run_turn(s: TurnSettings, say: Callable[[str], None] = print) -> TurnReport:
     if not candidate_pt.is_file():
         done = step("finetune")
         finetune(dataset / "data.yaml", s.base, candidate_pt, imgsz=imgsz, epochs=s.epochs, freeze=s.freeze,
-                 general=s.general_data, general_share=s.general_share, batch=s.batch, resume=True)
+                 general=s.general_data, general_share=s.general_share, batch=s.batch, lr0=s.lr0, resume=True)
         done()
     candidate = s.work / f"candidate-{current.imgsz[0]}x{current.imgsz[1]}-int8.onnx"
     if not candidate.is_file():

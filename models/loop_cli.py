@@ -39,11 +39,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     ft.add_argument("--base", default=str(BASE), help=f"checkpoint to start from (default {BASE})")
     ft.add_argument("--imgsz", type=int, default=320, help="training input size (default 320)")
     ft.add_argument("--epochs", type=int, default=10)
-    ft.add_argument("--freeze", type=int, default=10, help="modules kept fixed (default 10: the backbone)")
+    ft.add_argument("--freeze", type=int, default=22, help="modules kept fixed (default 22: all but the head; 10 = "
+                                                        "the backbone, 0 = none)")
     ft.add_argument("--general", help="data.yaml of general frames to mix in")
     ft.add_argument("--general-share", type=float, default=0.0, help="share of training images from --general")
     ft.add_argument("--batch", type=int, default=16)
-    ft.add_argument("--lr0", type=float, default=0.002, help="initial learning rate (AdamW)")
+    ft.add_argument("--lr0", type=float, default=0.0005, help="initial learning rate (AdamW; default 0.0005)")
     ft.add_argument("--resume", action="store_true", help="continue an interrupted run of the same --out")
     ft.add_argument("--device", help="cpu, 0, ... (default: the first GPU, else the CPU)")
     ft.add_argument("--out", required=True, help="output .pt")
@@ -66,7 +67,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     lp.add_argument("--base", default=str(BASE))
     lp.add_argument("--imgsz", type=int, help="training input (default: the current model's longer side)")
     lp.add_argument("--epochs", type=int, default=10)
-    lp.add_argument("--freeze", type=int, default=10)
+    lp.add_argument("--freeze", type=int, default=22, help="modules kept fixed (default 22: only the head trains)")
+    lp.add_argument("--lr0", type=float, default=0.0005, help="initial learning rate (AdamW)")
     lp.add_argument("--general", help="data.yaml of general frames to mix in")
     lp.add_argument("--general-share", type=float, default=0.0)
     lp.add_argument("--batch", type=int, default=16)
@@ -120,7 +122,7 @@ def cmd_loop(args: argparse.Namespace) -> int:
                      store=args.store, since=args.since, teacher_imgsz=args.teacher_imgsz,
                      val_share=args.val_share, epochs=args.epochs, imgsz=args.imgsz, freeze=args.freeze,
                      general_data=Path(args.general) if args.general else None, general_share=args.general_share,
-                     batch=args.batch, gate=GateSpec(args.min_gain / 100, args.max_drop / 100),
+                     batch=args.batch, lr0=args.lr0, gate=GateSpec(args.min_gain / 100, args.max_drop / 100),
                      publish=publish, deploy=deploy)
     report = run_turn(s, say=lambda text: print(text, flush=True))
     print(report.table())
