@@ -201,7 +201,8 @@ def bind_http(host: str, port: int) -> socket.socket:
 
 def start_http(store: Any, host: str, port: int, token: str | None, *, allowed: list[str] | None = None,
                sock: socket.socket | None = None,
-               on_failure: Callable[[], None] | None = None, metrics: Any = None) -> tuple[Any, threading.Thread]:
+               on_failure: Callable[[], None] | None = None, metrics: Any = None,
+               samples: Any = None) -> tuple[Any, threading.Thread]:
     """Serve the API and dashboard from a thread until ``should_exit``, on ``sock`` or a socket bound now.
 
     Returns once uvicorn is accepting requests (a bind that fails raises ValueError). Should the server stop
@@ -213,7 +214,7 @@ def start_http(store: Any, host: str, port: int, token: str | None, *, allowed: 
 
     api.check_bind(host, token)
     sock = sock or bind_http(host, port)
-    app = api.create_app(store, token=token, metrics=metrics)
+    app = api.create_app(store, token=token, metrics=metrics, samples=samples)
     hosts = api.allowed_hosts(host, token, allowed)
     if hosts != ["*"]:
         from starlette.middleware.trustedhost import TrustedHostMiddleware
@@ -309,7 +310,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if http:
         server, _ = start_http(store, http[0], http[1], token, allowed=cfg.http_allowed_hosts, sock=sock,
                                on_failure=on_api_failure,
-                               metrics=metrics)
+                               metrics=metrics, samples=samples.storage if samples is not None else None)
 
     def on_signal(signum: int, _frame: Any) -> None:
         log.info("%s: finishing the current batch and stopping", signal.Signals(signum).name)
