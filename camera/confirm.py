@@ -31,7 +31,6 @@ from collections import OrderedDict
 
 log = logging.getLogger(__name__)
 
-ACK_LEAF = "ack"
 EARLY_KEEP = 10_000  # acks that arrived before their row's PUBACK was processed (kept this many, oldest dropped)
 
 

@@ -41,14 +41,14 @@ from dataclasses import dataclass, field
 import paho.mqtt.client as mqtt
 
 from camera.config import BatchConfig
-from camera.confirm import ACK_LEAF, SinkConfirmations
+from camera.confirm import SinkConfirmations
 from camera.outbox import Outbox, OutboxError, Row
 from camera.sample_queue import SampleQueue
 from contract.batch import BATCH_LEAF, encode_batch
 from contract.broker import BrokerSettings, diagnose, make_client
 from contract.rollup import SUMMARY_LEAF
 from contract.sample import SAMPLE_LEAF
-from contract.topics import topic_for
+from contract.topics import ACK_LEAF, topic_for
 
 log = logging.getLogger(__name__)
 

@@ -40,10 +40,10 @@ import cv2
 import numpy as np
 from pydantic import BaseModel, Field, model_validator
 
-from camera.detections import Detections
+from camera.detections import Detections, iou_matrix
 from camera.filters import MaskSpec
 from camera.frame import Frame
-from camera.tracker import Track, iou_matrix
+from camera.tracker import Track
 from camera.zones import to_pixels
 
 log = logging.getLogger(__name__)

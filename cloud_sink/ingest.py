@@ -36,11 +36,10 @@ from cloud_sink.samples import is_sample_topic
 from cloud_sink.store import Batch, Store, Written, is_transient
 from cloud_sink.validation import Checked, Limits, check_messages, outside_time_window
 from contract.timestamps import format_ts
-from contract.topics import subscriptions, topic_for
+from contract.topics import ACK_LEAF, subscriptions, topic_for
 
 log = logging.getLogger(__name__)
 
-ACK_LEAF = "ack"  # smartcam/<site>/<camera>/ack: what the sink has committed (contract/schemas/ack.v1.schema.json)
 ACK_MAX_IDS = 1000  # ids per ack message (~35 KB)
 
 

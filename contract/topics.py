@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 TOPIC_ROOT = "smartcam"
+ACK_LEAF = "ack"  # what the sink has committed, per camera (schemas/ack.v1.schema.json)
 
 
 @dataclass(frozen=True)

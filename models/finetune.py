@@ -27,9 +27,9 @@ from pathlib import Path
 
 import yaml
 
-log = logging.getLogger(__name__)
+from camera.sources import IMAGE_SUFFIXES
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+log = logging.getLogger(__name__)
 
 
 @dataclass

@@ -38,13 +38,12 @@ import onnx
 import yaml
 from tqdm import tqdm
 
-from camera.detections import Detections
+from camera.detections import Detections, iou_matrix
 from camera.detector import Detector, fitted_imgsz
-from camera.tracker import iou_matrix
+from camera.sources import IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 FUSE_IOU = 0.55  # WBF's usual cluster threshold
 VIEW_CONF = 0.05  # each view keeps boxes down to this score before fusion
 

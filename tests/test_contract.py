@@ -133,12 +133,12 @@ def test_every_copy_of_the_name_rule_is_contract_topics_name_re():
 def test_the_topic_tree_is_the_one_definition_of_the_leaves():
     """Every leaf constant and every topic the edge builds is in contract.topics.TOPIC_TREE, with its QoS and
     retain flag; the sink subscribes to exactly the tree's edge leaves."""
-    from cloud_sink.ingest import ACK_LEAF, SUBSCRIPTIONS
+    from cloud_sink.ingest import SUBSCRIPTIONS
     from contract.batch import BATCH_LEAF
     from contract.model_docs import DESIRED_LEAF, REPORTED_LEAF
     from contract.rollup import SUMMARY_LEAF
     from contract.sample import SAMPLE_LEAF
-    from contract.topics import TOPIC_TREE, leaf_of, parse_topic, subscriptions, topics_for_event
+    from contract.topics import ACK_LEAF, TOPIC_TREE, leaf_of, parse_topic, subscriptions, topics_for_event
 
     patterns = {leaf.pattern for leaf in TOPIC_TREE}
     assert {BATCH_LEAF, SUMMARY_LEAF, SAMPLE_LEAF, DESIRED_LEAF, REPORTED_LEAF, ACK_LEAF} <= patterns

@@ -91,7 +91,7 @@ def test_teacher_flip_view_agrees_with_the_plain_view():
     plain = Teacher(ONNX_FP32, 320, flip=False).detect(image)
     confident = both[both.confidence > 0.5]
     assert len(confident) >= 1
-    from camera.tracker import iou_matrix
+    from camera.detections import iou_matrix
 
     assert (iou_matrix(confident.xyxy, plain.xyxy).max(axis=1) > 0.7).all()  # mirrored back to the right place
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from camera.detections import Detections
-from camera.tracker import Tracker, TrackerSpec, greedy_match, iou_matrix
+from camera.detections import Detections, iou_matrix
+from camera.tracker import Tracker, TrackerSpec, greedy_match
 
 
 def dets(*boxes: tuple[float, float, float, float, float], class_id: int = 0) -> Detections:
