@@ -241,6 +241,14 @@ class Archive(ABC):
     def _delete(self, keys: list[str]) -> None:
         """Remove objects (missing ones are fine)."""
 
+    @abstractmethod
+    def put_object(self, key: str, data: bytes, content_type: str) -> None:
+        """Store any bytes under ``key``: the sink's sampled frames live in the same storage as the events."""
+
+    @abstractmethod
+    def get_object(self, key: str) -> bytes:
+        """The bytes stored under ``key``."""
+
 
 class LocalArchive(Archive):
     """A directory tree; every file is written to a temp file, synced and renamed into place."""
@@ -314,6 +322,13 @@ class LocalArchive(Archive):
 
     def _put_new(self, key: str, text: str) -> None:
         self._write_file(self.root / key, text.encode("utf-8"))
+
+    def put_object(self, key: str, data: bytes, content_type: str) -> None:
+        """Store any bytes under ``key`` (sampled frames live beside the events): atomic, like every write."""
+        self._write_file(self.root / key, data)
+
+    def get_object(self, key: str) -> bytes:
+        return (self.root / key).read_bytes()
 
     def _list(self, prefix: str) -> list[str]:
         folder, _, start = prefix.rpartition("/")
@@ -435,6 +450,14 @@ class S3Archive(Archive):
         except BotoCoreError as exc:
             raise self._error("write", exc) from None
         return resp.get("ETag")
+
+    def put_object(self, key: str, data: bytes, content_type: str) -> None:
+        """Store any bytes under ``key`` (sampled frames live beside the events)."""
+        self._call("write", lambda: self.client.put_object(Bucket=self.bucket, Key=self._full(key), Body=data,
+                                                           ContentType=content_type))
+
+    def get_object(self, key: str) -> bytes:
+        return self._call("read", lambda: self.client.get_object(Bucket=self.bucket, Key=self._full(key))["Body"].read())
 
     def _put_new(self, key: str, text: str) -> None:
         self._call("write", lambda: self.client.put_object(

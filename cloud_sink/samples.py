@@ -76,43 +76,16 @@ class SampleStorage:
     :class:`~cloud_sink.archive.S3Archive` bucket): the archive writes text, samples are JPEG."""
 
     def __init__(self, url: str) -> None:
-        from cloud_sink.archive import LocalArchive, open_archive
+        from cloud_sink.archive import open_archive
 
         self.archive = open_archive(url)
-        self.local = isinstance(self.archive, LocalArchive)
         self.url = getattr(self.archive, "url", url)
 
     def put(self, key: str, data: bytes, content_type: str) -> None:
-        a = self.archive
-        if self.local:
-            _write_atomic(a.root / key, data)
-        else:
-            a._call("write", lambda: a.client.put_object(Bucket=a.bucket, Key=a._full(key), Body=data,
-                                                         ContentType=content_type))
+        self.archive.put_object(key, data, content_type)
 
     def get(self, key: str) -> bytes:
-        a = self.archive
-        if self.local:
-            return (a.root / key).read_bytes()
-        return a._call("read", lambda: a.client.get_object(Bucket=a.bucket, Key=a._full(key))["Body"].read())
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Temp file in the same directory, fsync, rename: a reader never sees half an image."""
-    import os
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".sample-", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        return self.archive.get_object(key)
 
 
 def sample_keys(header: dict[str, Any]) -> tuple[str, str]:

@@ -8,9 +8,6 @@ import contextlib
 import functools
 import http.server
 import json
-import os
-import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -274,30 +271,6 @@ class CutProxy:
     def close(self) -> None:
         self.cut()
         self.server.close()
-
-
-@contextlib.contextmanager
-def tmpfs(size: str) -> Iterator[Path]:
-    """A real small filesystem that can fill up; skips when mounting is not allowed here."""
-    mnt = Path(tempfile.mkdtemp(prefix="smartcam-ota-disk-"))
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True,
-                         text=True)
-    if res.returncode != 0:
-        mnt.rmdir()
-        pytest.skip(f"cannot mount a tmpfs here ({res.stderr.strip()})")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
-        with contextlib.suppress(OSError):
-            mnt.rmdir()
-
-
-def fill_disk(mnt: Path, leave: int) -> None:
-    """Another program fills the filesystem until only ``leave`` bytes are free."""
-    st = os.statvfs(mnt)
-    with open(mnt / "ballast", "wb") as fh, contextlib.suppress(OSError):
-        fh.write(b"\0" * max(st.f_bavail * st.f_frsize - leave, 0))
 
 
 # ------------------------------------------------------------------------------------------ MQTT watching

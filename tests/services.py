@@ -8,6 +8,7 @@ handle whose ``stop()`` kills it by PID. See ../shared/ENVIRONMENT.md for why th
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import http.server
 import json
@@ -17,10 +18,14 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import pytest
 
 from contract.batch import decode_batch
 from contract.topics import topic_for
@@ -178,8 +183,6 @@ def start_postgres(workdir: Path | None = None) -> Postgres:
     The data lives in its own directory directly under the system temp dir: pytest's temp dirs are private to
     root (0700), which user postgres cannot enter.
     """
-    import tempfile
-
     workdir = Path(tempfile.mkdtemp(prefix="smartcam-pg-"))
     datadir = workdir / "pgdata"
     port = free_port()
@@ -424,3 +427,31 @@ class HttpServer:
 class _QuietHttpHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args) -> None:
         pass
+
+
+# ------------------------------------------------------------------------------------------ a disk that fills
+@contextlib.contextmanager
+def small_disk(size: str = "8m") -> Iterator[Path]:
+    """A real, small filesystem (tmpfs) that can be filled up; skips when mounting is not allowed here."""
+    mnt = Path(tempfile.mkdtemp(prefix="smartcam-disk-"))
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(mnt)],
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        mnt.rmdir()
+        pytest.skip(f"cannot mount a tmpfs here ({res.stderr.strip()}): disk-full case not run")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+        with contextlib.suppress(OSError):
+            mnt.rmdir()
+
+
+def fill(mnt: Path, leave: int) -> Path:
+    """Fill the filesystem with a ballast file until only about ``leave`` bytes are free (another program
+    filling the disk); deleting the ballast makes room again."""
+    st = os.statvfs(mnt)
+    ballast = mnt / "ballast"
+    with open(ballast, "wb") as fh:
+        fh.write(b"\0" * max(st.f_bavail * st.f_frsize - leave, 0))
+    return ballast

@@ -21,7 +21,6 @@ import os
 import shutil
 import signal
 import sqlite3
-import subprocess
 import sys
 import tempfile
 import threading
@@ -36,7 +35,7 @@ import pytest
 from contract.topics import topic_for
 from tests.conftest import STREET_CLIP, Counts, Proc, events_file_ids, stored_event_ids, wait_until
 from tests.secure_broker import SITE, Client, SecureBroker, make_deployment, start_secure_broker
-from tests.services import free_port
+from tests.services import fill, free_port, small_disk
 
 pytestmark = pytest.mark.slow
 
@@ -483,33 +482,6 @@ def test_sink_database_path_unwritable_is_a_clear_error(rig, tmp_path):
     assert rc == 2, out[-2000:]
     assert "Traceback" not in out, out[-3000:]
     assert "sink.db" in out or "database" in out.lower(), out[-2000:]
-
-
-@contextlib.contextmanager
-def small_disk(size: str = "8m") -> Iterator[Path]:
-    """A real, small filesystem (tmpfs) that can be filled up; skips when mounting is not allowed here."""
-    mnt = Path(tempfile.mkdtemp(prefix="smartcam-disk-"))
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(mnt)],
-                         capture_output=True, text=True)
-    if res.returncode != 0:
-        mnt.rmdir()
-        pytest.skip(f"cannot mount a tmpfs here ({res.stderr.strip()}): disk-full case not run")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
-        with contextlib.suppress(OSError):
-            mnt.rmdir()
-
-
-def fill(mnt: Path, leave: int) -> Path:
-    """Fill the filesystem with a ballast file until only about ``leave`` bytes are free (another program
-    filling the disk); deleting the ballast makes room again."""
-    st = os.statvfs(mnt)
-    ballast = mnt / "ballast"
-    with open(ballast, "wb") as fh:
-        fh.write(b"\0" * max(st.f_bavail * st.f_frsize - leave, 0))
-    return ballast
 
 
 def free_bytes(mnt: Path) -> int:

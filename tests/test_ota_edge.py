@@ -25,13 +25,11 @@ from tests.ota_fixtures import (
     Watch,
     classifier_model,
     failing_at_runtime,
-    fill_disk,
     ota_edge_config,
     slowed,
-    tmpfs,
     zeroed_scores,
 )
-from tests.services import CAM, SITE, read_events
+from tests.services import CAM, SITE, fill, read_events, small_disk
 
 pytestmark = pytest.mark.slow
 
@@ -138,7 +136,7 @@ def test_bad_updates_are_refused_with_a_reason_and_the_old_model_serves_on(mosqu
         (doc(8, slow, f"{registry_server.url}/models/{slow['manifest']['version']}/model.onnx"),
          "ms per frame vs"),
     ]
-    with tmpfs("24m") as disk:
+    with small_disk("24m") as disk:
         watch = Watch(mosquitto.port)
         cfg = ota_edge_config(disk, model=ota_model_a, broker=mosquitto.url, site=SITE, camera=CAM,
                               trust_key=ota_keys[1], download_timeout_s=5)
@@ -167,7 +165,7 @@ def test_bad_updates_are_refused_with_a_reason_and_the_old_model_serves_on(mosqu
             frames = edge.runner.stats.frames_processed
             time.sleep(0.8)
             assert edge.runner.stats.frames_processed >= frames + 3  # a slow download never holds up the frames
-            fill_disk(disk, leave=64 * 1024)
+            fill(disk, 64 * 1024)
             got = watch.wait_report(SITE, CAM, lambda d: d["state"] == "rejected" and d["deployment"] == "bad-9",
                                     timeout=30)
             assert "disk full while downloading" in got["reason"] and edge.detector.sha256 == old_sha
