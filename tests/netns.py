@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import itertools
 import os
 import random
 import shutil
@@ -56,12 +57,19 @@ def _used_networks() -> list[ipaddress.IPv4Network]:
     return [n for n in nets if isinstance(n, ipaddress.IPv4Network)]
 
 
+_ALLOCATE = threading.Lock()  # scenarios create their namespaces concurrently (one thread each)
+_TAKEN: set[ipaddress.IPv4Network] = set()  # subnets handed out by this process, not yet on an interface
+_SERIAL = itertools.count()  # unique interface names within the process (the pid makes them unique across)
+
+
 def _free_subnet() -> ipaddress.IPv4Network:
-    used = [n for n in _used_networks() if n.overlaps(TEST_RANGE)]
+    """A /30 no interface uses and no other scenario of this process has been given (call under _ALLOCATE)."""
+    used = [n for n in _used_networks() if n.overlaps(TEST_RANGE)] + list(_TAKEN)
     candidates = list(TEST_RANGE.subnets(new_prefix=30))
     random.shuffle(candidates)
     for net in candidates:
         if not any(net.overlaps(u) for u in used):
+            _TAKEN.add(net)
             return net
     raise NetnsUnavailable(f"no free /30 left in {TEST_RANGE}")
 
@@ -119,10 +127,12 @@ def create_netns(tag: str) -> Netns:
         raise NetnsUnavailable("the ip command (iproute2) is not installed")
     if os.geteuid() != 0:
         raise NetnsUnavailable("network namespaces need root (CAP_NET_ADMIN)")
-    suffix = f"{os.getpid() % 100000}{random.randrange(100)}"
+    with _ALLOCATE:  # two scenarios starting at once must not draw the same names or subnet
+        suffix = f"{os.getpid() % 100000}x{next(_SERIAL)}"
+        net = _free_subnet()
     name = f"sc-{tag}-{suffix}"[:30]
-    host_if, ns_if = f"sch{suffix}"[:15], f"scn{suffix}"[:15]
-    net = _free_subnet()
+    host_if, ns_if = f"sch{suffix}", f"scn{suffix}"
+    assert len(host_if) <= 15, host_if  # IFNAMSIZ
     host_ip, ns_ip = (str(a) for a in list(net.hosts())[:2])
     ns = Netns(name, host_if, ns_if, host_ip, ns_ip)
     try:
