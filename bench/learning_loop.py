@@ -84,7 +84,7 @@ def read_video(path: Path) -> list[np.ndarray]:
 
 def eval_labels(frames: list[np.ndarray], split: int, work: Path) -> Path:
     """persons-eval format labels of the held-out frames (the last 40 %), from gt.json."""
-    out = work / "heldout"
+    out = work / "eval_slice"
     labels = out / "labels.json"
     if labels.is_file():
         return labels
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     t = time.perf_counter()
     frames = read_video(SEQ / "PETS09-S2L1.mp4")
     split = int(len(frames) * TRAIN_SHARE)
-    heldout = eval_labels(frames, split, work)
+    eval_slice = eval_labels(frames, split, work)
     calib = work / "calib"
     if not calib.is_dir():
         calib.mkdir()
@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     scores = results.setdefault("ap50", {})
     for name, path in (("general-320", g320), ("general-640", g640)):
         if name not in scores:
-            scores[name] = {"scene": ap50(path, heldout), "persons_eval": ap50(path, PERSONS_EVAL)}
+            scores[name] = {"scene": ap50(path, eval_slice), "persons_eval": ap50(path, PERSONS_EVAL)}
             save()
     from models.finetune import finetune
 
@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         onnx_path = build(pt, s320, calib, models / f"{key}-320.onnx")
         build_s = time.perf_counter() - t
-        scores[key] = {"scene": ap50(onnx_path, heldout), "persons_eval": ap50(onnx_path, PERSONS_EVAL),
+        scores[key] = {"scene": ap50(onnx_path, eval_slice), "persons_eval": ap50(onnx_path, PERSONS_EVAL),
                        "train_s": round(train_s, 1), "build_s": round(build_s, 1)}
         save()
 
@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
 
         t = time.perf_counter()
         scores["teacher"] = {
-            "scene": round(score(load_labels(heldout), predict(teacher, load_labels(heldout))).ap50, 4),
+            "scene": round(score(load_labels(eval_slice), predict(teacher, load_labels(eval_slice))).ap50, 4),
             "persons_eval": round(score(load_labels(PERSONS_EVAL), predict(teacher, load_labels(PERSONS_EVAL))).ap50,
                                   4)}
         timings["teacher_eval"] = round(time.perf_counter() - t, 1)
