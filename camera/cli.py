@@ -17,6 +17,7 @@ import logging
 import signal
 import sys
 from datetime import datetime
+from typing import Any
 
 log = logging.getLogger("camera")
 
@@ -42,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the pipeline on a source", description=(
         "Run the edge pipeline. Settings come from --config (YAML) and these flags; flags win. "
         "Without --broker the edge runs offline: events go to --events-file, or to stdout."))
-    run.add_argument("--config", metavar="EDGE.yaml", help="YAML config file (see samples/edge*.yaml)")
+    run.add_argument("--config", metavar="EDGE.yaml", help="YAML config file (see samples/edge*.yaml); one that "
+                     "lists cameras: runs them all in this process (samples/edge-site.yaml)")
+    run.add_argument("--camera", metavar="ID", help="with a cameras: config, run only this camera")
     run.add_argument("--source", help="video file, image folder, webcam index (0), rtsp://... / http://... URL, "
                                       "or picamera[:N]")
     run.add_argument("--model", help="detection ONNX (fp32 or INT8, Ultralytics layout)")
@@ -206,38 +209,54 @@ def _overrides(args: argparse.Namespace) -> dict:
     }
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from camera.config import ConfigError, load_config
+def exit_code_for(exc: BaseException) -> tuple[int, str]:
+    """The exit code and one-line message for an error that stops a camera (the codes of the module docstring)."""
     from camera.detector import ModelError
     from camera.metrics import MetricsError
     from camera.outbox import OutboxError
-    from camera.pipeline import EXIT_OUTBOX, EdgeRunner
+    from camera.pipeline import EXIT_OUTBOX
     from camera.sources import SourceError
 
+    if isinstance(exc, (SourceError, MetricsError)):
+        return EXIT_USAGE, str(exc)
+    if isinstance(exc, ModelError):
+        return EXIT_MODEL, str(exc)
+    if isinstance(exc, OutboxError):
+        return EXIT_OUTBOX, str(exc)
+    if isinstance(exc, OSError):  # the events file or the annotated video: unwritable path, disk full
+        return EXIT_OUTBOX, f"cannot write {exc.filename or 'output'}: {exc.strerror or exc}"
+    raise exc
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from camera.config import ConfigError
+    from camera.pipeline import EdgeRunner
+    from camera.site_config import load_site_config
+
     try:
-        cfg = load_config(args.config, _overrides(args))
+        site = load_site_config(args.config, _overrides(args), camera=args.camera)
     except ConfigError as exc:
         print(f"smartcam-edge: invalid configuration:\n{exc}", file=sys.stderr)
         return EXIT_USAGE
+    cameras = site.cameras
     if args.no_broker:  # a copy: the validated config is never changed in place
-        cfg = cfg.model_copy(update={"mqtt": cfg.mqtt.model_copy(update={"broker": None})})
-    runner = EdgeRunner(cfg)
+        cameras = [c.model_copy(update={"mqtt": c.mqtt.model_copy(update={"broker": None})}) for c in cameras]
+    if site.multi and args.camera is None:
+        from dataclasses import replace
+
+        from camera.site_runner import SiteRunner
+
+        runner: Any = SiteRunner(replace(site, cameras=cameras))
+    else:
+        runner = EdgeRunner(cameras[0])
     signal.signal(signal.SIGTERM, runner.request_stop)
     signal.signal(signal.SIGINT, runner.request_stop)
     try:
         return runner.run()
-    except (SourceError, MetricsError) as exc:
-        print(f"smartcam-edge: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except ModelError as exc:
-        print(f"smartcam-edge: {exc}", file=sys.stderr)
-        return EXIT_MODEL
-    except OutboxError as exc:
-        print(f"smartcam-edge: {exc}", file=sys.stderr)
-        return EXIT_OUTBOX
-    except OSError as exc:  # the events file or the annotated video: unwritable path, disk full
-        print(f"smartcam-edge: cannot write {exc.filename or 'output'}: {exc.strerror or exc}", file=sys.stderr)
-        return EXIT_OUTBOX
+    except Exception as exc:  # noqa: BLE001 - mapped to its exit code; anything unexpected is re-raised
+        code, message = exit_code_for(exc)
+        print(f"smartcam-edge: {message}", file=sys.stderr)
+        return code
 
 
 def cmd_detect(args: argparse.Namespace) -> int:

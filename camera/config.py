@@ -111,8 +111,9 @@ class MqttConfig(_Strict):
 
 
 class OutboxConfig(_Strict):
-    path: Path | None = Field(None, description="SQLite file; default "
-                              "$XDG_STATE_HOME/smartcam/<site>-<camera_id>.outbox.db")
+    path: Path | None = Field(None, description="SQLite file; default <dir>/<site>-<camera_id>.outbox.db")
+    dir: Path | None = Field(None, description="where the default outbox files live (one per camera); default "
+                             "$XDG_STATE_HOME/smartcam")
     max_events: int = Field(100_000, ge=1, description="bounded: beyond it the oldest are dropped and counted")
     max_rejections: int = Field(5, ge=1, le=1000, description="a message the broker rejects (e.g. not authorized) "
                                 "is sent again after a backoff; after this many rejections its rows become dead "
@@ -301,8 +302,9 @@ class EdgeConfig(_Strict):
     def outbox_path(self) -> Path:
         if self.outbox.path:
             return self.outbox.path
-        state = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
-        return state / "smartcam" / f"{self.site}-{self.camera_id}.outbox.db"
+        state = self.outbox.dir or Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / (
+            "smartcam")
+        return state / f"{self.site}-{self.camera_id}.outbox.db"
 
     def start_epoch(self) -> float | None:
         return self.start_time.timestamp() if self.start_time else None
@@ -346,23 +348,28 @@ def _format_errors(exc: ValidationError, origin: str) -> str:
     return "\n".join(lines)
 
 
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The YAML mapping in ``path``; :class:`ConfigError` for an unreadable file or one that is not a mapping."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of settings")
+    return loaded or {}  # relative paths are relative to the working directory, as on the command line
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> EdgeConfig:
-    """Read the YAML file (if any), apply CLI overrides, validate. Raises :class:`ConfigError`."""
-    data: dict[str, Any] = {}
-    origin = "command line"
-    if path is not None:
-        origin = str(path)
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
-        try:
-            loaded = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of settings")
-        data = loaded or {}  # relative paths are relative to the working directory, as on the command line
+    """Read the YAML file (if any), apply CLI overrides, validate. Raises :class:`ConfigError`.
+    (A file listing ``cameras:`` is read by camera/site_config.py.)"""
+    data: dict[str, Any] = read_config_file(path) if path is not None else {}
+    origin = str(path) if path is not None else "command line"
+    if "cameras" in data:
+        raise ConfigError(f"{origin}: lists cameras: read it with camera.site_config.load_site_config")
     merged = _merge(data, overrides or {})
     try:
         return EdgeConfig.model_validate(merged)

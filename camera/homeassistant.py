@@ -60,8 +60,12 @@ def _smartcam_version() -> str:
 
 
 def discovery_documents(*, site: str, camera_id: str, zones: Iterable[str] = (), lines: Iterable[str] = (),
-                        prefix: str = DEFAULT_PREFIX, model_name: str | None = None) -> dict[str, dict[str, Any]]:
+                        prefix: str = DEFAULT_PREFIX, model_name: str | None = None,
+                        availability: Iterable[tuple[str, str]] = ()) -> dict[str, dict[str, Any]]:
     """Every discovery document of one camera: {config topic: document}.
+
+    ``availability``: more (topic, value template) pairs that must all say online, e.g. the node document of a
+    multi-camera process, whose Last Will is the one that fires when the process dies (camera/site_runner.py).
 
     The device's identifier and each ``unique_id`` are built from site, camera and zone/line names only, so they
     are the same after every restart (Home Assistant keeps the entities' history and the user's renames)."""
@@ -71,8 +75,13 @@ def discovery_documents(*, site: str, camera_id: str, zones: Iterable[str] = (),
     device = {"identifiers": [base], "name": f"{camera_id} ({site})" if site != "default" else camera_id,
               "manufacturer": "smartcam", "model": f"smartcam edge{f' · {model_name}' if model_name else ''}",
               "sw_version": sw}
-    common = {"availability": [{"topic": status, "payload_available": "online", "payload_not_available": "offline"}],
-              "device": device, "origin": {"name": "smartcam", "sw_version": sw}}
+    available = [{"topic": status, "payload_available": "online", "payload_not_available": "offline"}]
+    available += [{"topic": topic, "value_template": template, "payload_available": "online",
+                   "payload_not_available": "offline"} for topic, template in availability]
+    common: dict[str, Any] = {"availability": available, "device": device,
+                              "origin": {"name": "smartcam", "sw_version": sw}}
+    if len(available) > 1:
+        common["availability_mode"] = "all"
     docs: dict[str, dict[str, Any]] = {}
 
     def add(component: str, suffix: str, name: str, leaf: str, template: str, **extra: Any) -> None:
@@ -110,8 +119,14 @@ class Discovery:
     config since are removed on the next connect. Call :meth:`on_connect` from the client's on_connect."""
 
     def __init__(self, documents: dict[str, dict[str, Any]], *, prefix: str = DEFAULT_PREFIX,
-                 state_file: Path | None = None) -> None:
+                 state_file: Path | None = None, route: Any = None) -> None:
+        """``route(topic, handler)``: a shared connection's fan-out (camera/mqtt_connection.py), so several
+        cameras of one process all hear Home Assistant's birth message; None: paho's callback on each connect."""
         self.documents = documents
+        self.route = route
+        self._client: Any = None  # the connection's client, set on connect
+        if route is not None:
+            route(f"{prefix}/status", lambda _topic, payload: self._birth(payload))
         self.prefix = prefix
         self.state_file = state_file
         self.announced = 0  # times the full set was published
@@ -120,15 +135,17 @@ class Discovery:
     def on_connect(self, client: Any) -> None:
         """Subscribe to Home Assistant's birth message, publish every document, remove the stale ones."""
         birth = f"{self.prefix}/status"
-        client.message_callback_add(birth, self._on_birth)
+        if self.route is None:
+            client.message_callback_add(birth, lambda _c, _u, msg: self._birth(msg.payload))
+        self._client = client
         client.subscribe(birth, qos=1)
         self.publish(client)
         self._remove_stale(client)
 
-    def _on_birth(self, client: Any, userdata: Any, message: Any) -> None:
-        if message.payload.decode("utf-8", "replace").strip() == "online":
-            log.info("Home Assistant announced online on %s: re-publishing discovery", message.topic)
-            self.publish(client)
+    def _birth(self, payload: bytes) -> None:
+        if payload.decode("utf-8", "replace").strip() == "online":
+            log.info("Home Assistant announced online on %s/status: re-publishing discovery", self.prefix)
+            self.publish(self._client)
 
     def publish(self, client: Any) -> None:
         for topic, doc in self.documents.items():

@@ -69,8 +69,20 @@ def default_threads(streams: int = 1) -> int:
 class EdgeRunner:
     """Builds every part from a validated :class:`EdgeConfig` and runs the loop; :meth:`run` returns an exit code."""
 
-    def __init__(self, cfg: EdgeConfig, *, source: Source | None = None) -> None:
+    def __init__(self, cfg: EdgeConfig, *, source: Source | None = None, connection: Any = None,
+                 new_queue: Any = None, load_detector: Any = None, availability: list[tuple[str, str]] | None = None,
+                 live_files: bool = False) -> None:
+        """One camera. In a multi-camera process (camera/site_runner.py) the process hands in its shared parts:
+        ``connection`` (the one MQTT connection), ``new_queue(detect) -> lane`` (the shared detector pool),
+        ``load_detector(path, thresholds)`` (one session per model file) and ``availability`` (extra Home
+        Assistant availability topics: the process's node document); ``live_files``: a realtime file drops the
+        frames the camera is late for, like a live camera, instead of falling behind."""
+        self.live_files = live_files
         self.cfg = cfg
+        self.connection = connection
+        self._new_queue = new_queue or (lambda detect: InferenceQueue(detect, self.streams))
+        self._shared_load = load_detector
+        self.availability = availability or []
         self._stop = threading.Event()
         self._stats_stop = threading.Event()
         self.stopped_by_signal = False
@@ -101,13 +113,13 @@ class EdgeRunner:
         from camera.detector import Detector
 
         cfg = self.cfg
-        if cfg.metrics.listen and self._metrics_server is None:  # first: a port we cannot have stops the start
+        if cfg.metrics.listen and self._metrics_server is None and self.connection is None:  # first: a port we cannot have stops the start
             from camera.metrics import serve_metrics
 
             self._metrics_server = serve_metrics(self, cfg.metrics.listen)
         if self.source is None:
             self.source = open_source(cfg.source, fps=cfg.fps, realtime=cfg.realtime, start_time=cfg.start_epoch(),
-                                      loop=cfg.loop)
+                                      loop=cfg.loop, drop_late=self.live_files)
         log.info("source %s opened (%s%s)", self.source.name, self.source.kind,
                  f", {self.source.fps:.1f} fps" if self.source.fps else "")
         self._warn_old_start_time()
@@ -121,6 +133,8 @@ class EdgeRunner:
                             classes=d.classes, threads=threads, provider=d.provider,
                             provider_options=d.provider_options)
 
+        if self._shared_load is not None:
+            load = self._shared_load
         record = self._open_updater(load) if cfg.model_updates.enabled else None
         self.detector = load(Path(record.path), record.thresholds) if record else load(cfg.model, {})
         log.info("model %s loaded (sha256 %s, imgsz %s, classes %s, conf %.2f, %d stream(s) x %d inference "
@@ -137,7 +151,7 @@ class EdgeRunner:
                                        batch=cfg.publish.batch, samples=self._open_samples(),
                                        retry_s=cfg.outbox.retry_s, max_rejections=cfg.outbox.max_rejections,
                                        confirm=SinkConfirmations(cfg.publish.confirm_timeout_s)
-                                       if cfg.publish.confirm == "sink" else None)
+                                       if cfg.publish.confirm == "sink" else None, connection=self.connection)
             if cfg.publish.confirm == "sink":
                 log.info("publish.confirm sink: events stay in the outbox until the sink confirms them (re-sent "
                          "after %.0f s without)", cfg.publish.confirm_timeout_s)
@@ -176,10 +190,11 @@ class EdgeRunner:
         cfg, ha = self.cfg, self.cfg.homeassistant
         docs = discovery_documents(site=cfg.site, camera_id=cfg.camera_id, zones=[z.name for z in cfg.zones],
                                    lines=[ln.name for ln in cfg.lines], prefix=ha.discovery_prefix,
-                                   model_name=self.detector.name)
+                                   model_name=self.detector.name, availability=self.availability)
         outbox = cfg.outbox_path()
         discovery = Discovery(docs, prefix=ha.discovery_prefix,
-                              state_file=outbox.with_name(outbox.name + ".homeassistant.json"))
+                              state_file=outbox.with_name(outbox.name + ".homeassistant.json"),
+                              route=self.publisher.route)
         self.publisher.connect_hooks.append(discovery.on_connect)
         log.info("Home Assistant discovery on: %d entities under %s/", len(docs), ha.discovery_prefix)
 
@@ -237,8 +252,8 @@ class EdgeRunner:
 
         updater, publisher = self.updater, self.publisher
         topic = reported_topic(self.cfg.site, self.cfg.camera_id)
-        for desired in updater.topics:
-            publisher.client.message_callback_add(desired, lambda _c, _u, msg: updater.offer(msg.topic, msg.payload))
+        for desired in updater.topics:  # routed: the site-wide topic may have other cameras of this process
+            publisher.route(desired, updater.offer)
 
         def on_connect(client: Any) -> None:
             client.subscribe([(t, 1) for t in updater.topics])
@@ -251,8 +266,7 @@ class EdgeRunner:
             topic, payload, qos=1, retain=True)
         updater.start(self.detector, record)
 
-    def _swap_model(self, swap: Any, queue: InferenceQueue, process: Any, builder: Any,
-                    first: Frame) -> InferenceQueue:
+    def _swap_model(self, swap: Any, queue: Any, process: Any, builder: Any, first: Frame) -> Any:
         """Swap the detector between two frames: ``first`` and every later frame run on the new model, the frames
         already in the detector finish on the old one, side by side (no pipeline bubble), and are tracked first
         (:meth:`_complete_swap`). The tracker, its tracks, zones, lines, outbox and connection carry on. Returns
@@ -260,7 +274,7 @@ class EdgeRunner:
         if self._swap_pending is not None:  # the previous swap's old frames first
             self._complete_swap(process, builder)
         t0 = time.perf_counter()
-        new_queue = InferenceQueue(self._detect_fn(swap.detector, swap.detect), self.streams)
+        new_queue = self._new_queue(self._detect_fn(swap.detector, swap.detect))
         self._swap_pending = (swap, queue, first, (time.perf_counter() - t0) * 1000)
         return new_queue
 
@@ -309,6 +323,10 @@ class EdgeRunner:
         finally:
             self.close()
 
+    def run_opened(self) -> int:
+        """After :meth:`open`: process frames until the end, drain; the caller closes (camera/site_runner.py)."""
+        return self._loop()
+
     def _detect_fn(self, detector: Any, detect: Any = None) -> Any:
         """What the inference queue runs per frame: ``detect`` (default ``detector.detect``; a model on probation
         passes its guarded one), or that on the frame plus tiles around the counting lines (``detector.regions``,
@@ -336,7 +354,7 @@ class EdgeRunner:
                                model_sha256=self.detector.sha256, zones=cfg.zones, lines=cfg.lines,
                                track_threshold=(active.thresholds if active else {}).get(
                                    "track_threshold", cfg.filters.track_threshold))
-        queue = InferenceQueue(self._detect_fn(self.detector), self.streams)
+        queue = self._new_queue(self._detect_fn(self.detector))
         tracks_out = None
         if cfg.tracks_file:
             from camera.mot import MotWriter
@@ -453,17 +471,32 @@ class EdgeRunner:
         interval = self.cfg.mqtt.stats_interval_s
         by_clock = self.summarizer is not None and self.source is not None and self.source.live
         next_stats = time.monotonic() + interval
-        while not self._stats_stop.wait(min(1.0, interval) if by_clock else interval):
+        while not self._stats_stop.wait(min(1.0, interval)):
             try:
+                self._follow_source()
                 if by_clock and self.summarizer.close_due(time.time() - LATE_FRAME_GRACE_S):
                     self.publisher.notify()
-                if not by_clock or time.monotonic() >= next_stats:
+                if time.monotonic() >= next_stats:
                     next_stats += interval
                     self._report_stats()
             except OutboxError as exc:
                 log.error("%s", exc)  # the frame loop hits the same error on its next write and stops
             except Exception:  # noqa: BLE001 - health reporting must never take the camera down
                 log.exception("stats report failed")
+
+    def _follow_source(self) -> None:
+        """A live source that is down makes this camera's retained status ``offline`` until it is back (the
+        process and its other cameras carry on; stats say ``source_state`` reconnecting)."""
+        src, pub = self.source, self.publisher
+        if pub is None or src is None or not src.live:
+            return
+        status = "offline" if src.state == "reconnecting" else "online"
+        if status != pub.status and not self._stop.is_set():
+            if status == "offline":
+                log.warning("%s: source down (%s): status offline until it is back", self.cfg.camera_id, src.name)
+            else:
+                log.info("%s: source back: status online", self.cfg.camera_id)
+            pub.set_status(status)
 
     def _hold_for_clock(self) -> None:
         log.warning("the system clock says %s, before %s: it is not set (no real-time clock, no NTP yet?). Events "

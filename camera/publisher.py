@@ -22,7 +22,10 @@ A rejected message (an MQTT 5 PUBACK with a failure reason, e.g. "Not authorized
 the outbox's dead letters (kept, counted, listed by ``smartcam-edge outbox dead-letters``). A row the MQTT client
 refuses outright (a wildcard in its topic, a payload over the MQTT limit) is dead-lettered at once.
 
-The drain thread never dies silently: an unexpected exception is logged with its traceback and the drain starts
+One process may serve several cameras on one connection (camera/mqtt_connection.py): each camera has its own
+Publisher (outbox, topics, batching, retries), and the connection's single drain thread serves them in turn.
+
+The drain never dies silently: an unexpected exception is logged with its traceback and the drain starts
 again after a backoff (counted in ``drain_restarts``); after ``max_drain_failures`` failures in a row, or an
 outbox error, it stops and :meth:`Publisher.check` raises :class:`PublisherError` / ``OutboxError`` in the frame
 loop, which ends the run with its exit code.
@@ -42,10 +45,11 @@ import paho.mqtt.client as mqtt
 
 from camera.config import BatchConfig
 from camera.confirm import SinkConfirmations
+from camera.mqtt_connection import MqttConnection
 from camera.outbox import Outbox, OutboxError, Row
 from camera.sample_queue import SampleQueue
 from contract.batch import BATCH_LEAF, encode_batch
-from contract.broker import BrokerSettings, diagnose, make_client
+from contract.broker import BrokerSettings
 from contract.rollup import SUMMARY_LEAF
 from contract.sample import SAMPLE_LEAF
 from contract.topics import ACK_LEAF, topic_for
@@ -94,7 +98,8 @@ class Publisher:
                  client_id: str | None = None, window: int = 200, reconnect_max_s: int = 30,
                  batch: BatchConfig | None = None, samples: SampleQueue | None = None, retry_s: float = 5.0,
                  retry_max_s: float = 300.0, max_rejections: int = 5, drain_backoff_s: float = 1.0,
-                 max_drain_failures: int = 10, confirm: SinkConfirmations | None = None) -> None:
+                 max_drain_failures: int = 10, confirm: SinkConfirmations | None = None,
+                 connection: MqttConnection | None = None) -> None:
         self.settings = settings
         self.outbox = outbox
         self.site = site
@@ -107,30 +112,24 @@ class Publisher:
         self.status_topic = topic_for(site, camera_id, "status")
         self.events_topic = topic_for(site, camera_id, "events")
         self.batch_topic = topic_for(site, camera_id, BATCH_LEAF)
-        self.client = make_client(settings, client_id or f"smartcam-edge-{site}-{camera_id}")
-        self.client.max_inflight_messages_set(window)
-        self.client.max_queued_messages_set(0)
-        self.client.reconnect_delay_set(min_delay=1, max_delay=reconnect_max_s)
-        self.client.will_set(self.status_topic, OFFLINE, qos=1, retain=True)
-        self.client.on_connect = self._on_connect
-        self.client.on_disconnect = self._on_disconnect
-        self.client.on_publish = self._on_publish
-        self.client.on_connect_fail = self._on_connect_fail
-        self.connect_failures = 0
-        # run on every (re)connect, on paho's network thread, after ``online``: e.g. Home Assistant discovery
-        # (camera/homeassistant.py), which shares this one connection
-        self.connect_hooks: list[Callable[[mqtt.Client], None]] = []
-        self.connected = threading.Event()
-        self.connects = 0
+        self._owns_connection = connection is None  # one camera alone: its own connection, its status the Will
+        self.connection = connection or MqttConnection(
+            settings, client_id or f"smartcam-edge-{site}-{camera_id}", will=(self.status_topic, OFFLINE),
+            window=window, reconnect_max_s=reconnect_max_s)
+        self.client = self.connection.client
+        self.connected = self.connection.connected
+        self.status = ONLINE  # what this camera's retained status says on each connect (offline: source down)
         self.published = 0  # outbox rows acknowledged by the broker (with batching: events, not messages)
         self.error: OutboxError | PublisherError | None = None  # why the drain thread stopped (check() raises it)
-        self._acks: queue.SimpleQueue[tuple[int, str | None]] = queue.SimpleQueue()  # (mid, rejection)
+        self.acks: queue.SimpleQueue[tuple[int, str | None]] = queue.SimpleQueue()  # (mid, rejection), routed
         self.rejected = 0  # PUBACKs with an MQTT 5 failure reason (e.g. not authorized): retried, then dead letters
         self.retry_s, self.retry_max_s, self.max_rejections = retry_s, retry_max_s, max_rejections
         self._retries: list[tuple[float, _Sent]] = []  # (monotonic time due, message): sent again when due
         self.drain_restarts = 0  # unexpected drain failures survived (restarted after a backoff)
         self.dead_lettered_messages = 0  # rejected messages whose rows became dead letters
         self.drain_backoff_s, self.max_drain_failures = drain_backoff_s, max_drain_failures
+        self._failures = 0  # drain failures in a row
+        self._not_before = 0.0  # monotonic: after a failure, the drain waits out its backoff
         self._inflight: dict[int, _Sent] = {}  # paho mid -> what it carries
         self._last_sent = 0
         self.messages = 0  # MQTT messages handed to paho from the outbox (a batch counts once)
@@ -139,7 +138,7 @@ class Publisher:
         self._flush = threading.Event()  # wait_drained: send what is pending without waiting for linger_s
         self._stop = threading.Event()
         self._abort_wait = threading.Event()
-        self._wake = threading.Event()
+        self._wake = self.connection.wake
         self.paused = threading.Event()  # set while the wall clock is not set (camera/clock.py): nothing is sent
         # publish.confirm: sink (camera/confirm.py): event rows stay until the sink confirms them on .../ack
         self.confirm = confirm
@@ -148,7 +147,6 @@ class Publisher:
         if confirm is not None:
             self.client.message_callback_add(self.ack_topic, self._on_sink_ack)
             self.connect_hooks.append(lambda client: client.subscribe(self.ack_topic, qos=1))
-        self._drainer = threading.Thread(target=self._drain_loop, name="outbox-drain", daemon=True)
         # sampled frames (learning loop): a second, byte-bounded queue sent after the events, never ahead of them
         self.samples = samples
         self.sample_topic = topic_for(site, camera_id, SAMPLE_LEAF)
@@ -156,70 +154,68 @@ class Publisher:
         self._last_sample = 0
         self.samples_sent = 0  # acknowledged by the broker
         self.sample_bytes = 0
+        self.connection.attach(self)
 
-    # ------------------------------------------------------------------ paho callbacks (network thread)
-    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
-        if reason_code.is_failure:
-            log.warning("broker %s refused the connection: %s", self.settings.redacted(), reason_code)
+    # ------------------------------------------------------------------ the connection (camera/mqtt_connection.py)
+    @property
+    def connects(self) -> int:
+        return self.connection.connects
+
+    @property
+    def connect_failures(self) -> int:
+        return self.connection.connect_failures
+
+    @property
+    def connect_hooks(self) -> list[Callable[[mqtt.Client], None]]:
+        """Run on every (re)connect, on paho's network thread, after ``online``: e.g. Home Assistant discovery
+        (camera/homeassistant.py), which shares the one connection."""
+        return self.connection.connect_hooks
+
+    def route(self, topic: str, handler: Callable[[str, bytes], None]) -> None:
+        """Receive messages on ``topic`` through the shared connection (other cameras may want it too)."""
+        self.connection.route(topic, handler)
+
+    def owns(self, mid: int) -> bool:
+        """Is paho message ``mid`` one this camera sent from its outbox or sample queue?"""
+        return mid in self._inflight or mid in self._sample_inflight
+
+    def set_status(self, status: str) -> None:
+        """This camera's retained status now and on every reconnect (``offline`` while its source is down)."""
+        if status == self.status:
             return
-        self.connects += 1
-        log.info("connected to broker %s%s", self.settings.redacted(),
-                 "" if self.connects == 1 else f" (reconnect #{self.connects - 1})")
-        client.publish(self.status_topic, ONLINE, qos=1, retain=True)
-        for hook in self.connect_hooks:
-            try:
-                hook(client)
-            except Exception:  # noqa: BLE001 - an add-on must never take the event stream down
-                log.exception("connect hook %r failed", hook)
-        self.connected.set()
-        self._wake.set()
+        self.status = status
+        if self.connected.is_set():
+            self.client.publish(self.status_topic, status, qos=1, retain=True)
 
-    def _on_connect_fail(self, client, userdata) -> None:
-        self.connect_failures += 1
-        if self.connect_failures == 1 or self.connect_failures % 10 == 0:
-            log.warning("cannot reach broker %s (attempt %d: %s); events are queued in the outbox, retrying with "
-                        "backoff", self.settings.redacted(), self.connect_failures, diagnose(self.settings))
-
-    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
-        was = self.connected.is_set()
-        self.connected.clear()
-        if was and not self._stop.is_set():
-            log.warning("lost the broker %s (%s); queueing in the outbox and retrying",
-                        self.settings.redacted(), reason_code)
-
-    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
-        # Never touch SQLite or our locks here (paho may hold its own): hand the ack to the drain thread.
-        rejected = reason_code is not None and getattr(reason_code, "is_failure", False)
-        self._acks.put((mid, str(reason_code) if rejected else None))
-        self._wake.set()
-
-    # ------------------------------------------------------------------ drain thread
-    def _drain_loop(self) -> None:
-        failures = 0
-        while not self._stop.is_set():
-            self._wake.wait(0.2)
-            self._wake.clear()
-            try:
-                self._drain_once()
-                failures = 0
-            except OutboxError as exc:
-                self.error = exc
-                log.error("%s", exc)
+    # ------------------------------------------------------------------ drain (the connection's thread)
+    def serve(self) -> None:
+        """One turn of this camera on the drain thread. Never dies silently: an unexpected exception is logged
+        and the drain starts again after a backoff; an outbox error, or too many failures in a row, stops it."""
+        if self.error is not None or self._stop.is_set() or time.monotonic() < self._not_before:
+            return
+        try:
+            self._drain_once()
+            self._failures = 0
+        except OutboxError as exc:
+            self.error = exc
+            log.error("%s", exc)
+        except Exception as exc:  # noqa: BLE001 - seen, counted and restarted: never a silent death
+            self._failures += 1
+            if self._failures >= self.max_drain_failures:
+                self.error = PublisherError(f"the outbox drain failed {self._failures} times in a row (last: "
+                                            f"{type(exc).__name__}: {exc}); stopping, unsent events stay in "
+                                            "the outbox")
+                log.exception("%s", self.error)
                 return
-            except Exception as exc:  # noqa: BLE001 - seen, counted and restarted: never a silent death
-                failures += 1
-                if failures >= self.max_drain_failures:
-                    self.error = PublisherError(f"the outbox drain failed {failures} times in a row (last: "
-                                                f"{type(exc).__name__}: {exc}); stopping, unsent events stay in "
-                                                "the outbox")
-                    log.exception("%s", self.error)
-                    return
-                self.drain_restarts += 1
-                delay = min(self.drain_backoff_s * 2 ** (failures - 1), 30.0)
-                log.exception("the outbox drain failed (%s: %s); restarting it in %.1f s (restart #%d)",
-                              type(exc).__name__, exc, delay, self.drain_restarts)
-                self._restart_drain()
-                self._stop.wait(delay)
+            self.drain_restarts += 1
+            delay = min(self.drain_backoff_s * 2 ** (self._failures - 1), 30.0)
+            log.exception("the outbox drain failed (%s: %s); restarting it in %.1f s (restart #%d)",
+                          type(exc).__name__, exc, delay, self.drain_restarts)
+            self._restart_drain()
+            self._not_before = time.monotonic() + delay
+
+    def final_acks(self) -> None:
+        """Last call on the drain thread: delete what the broker acknowledged meanwhile."""
         with contextlib.suppress(OutboxError):
             self._process_acks()
 
@@ -241,7 +237,8 @@ class Publisher:
         """Raise why the publisher stopped (the frame loop calls this); nothing while it works."""
         if self.error is not None:
             raise self.error
-        if self._drainer.ident is not None and not self._drainer.is_alive() and not self._stop.is_set():
+        drainer = self.connection.thread
+        if drainer.ident is not None and not drainer.is_alive() and not self._stop.is_set():
             raise PublisherError("the outbox drain thread stopped unexpectedly; unsent events stay in the outbox")
 
     def _on_sink_ack(self, _client, _userdata, msg) -> None:
@@ -276,7 +273,7 @@ class Publisher:
         waiting: list[int] = []
         while True:
             try:
-                mid, rejection = self._acks.get_nowait()
+                mid, rejection = self.acks.get_nowait()
             except queue.Empty:
                 break
             sent = self._inflight.pop(mid, None)
@@ -502,9 +499,8 @@ class Publisher:
     # ------------------------------------------------------------------ public API
     def start(self) -> None:
         """Connect in the background (never blocks, never raises for an unreachable broker)."""
-        self.client.connect_async(self.settings.host, self.settings.port, keepalive=self.settings.keepalive)
-        self.client.loop_start()
-        self._drainer.start()
+        if self._owns_connection:  # a shared one is started by the process once every camera is attached
+            self.connection.start()
         log.info("publisher started for %s (outbox depth %d)", self.settings.redacted(), self.outbox.depth())
 
     def notify(self) -> None:
@@ -546,7 +542,8 @@ class Publisher:
         self._abort_wait.set()
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Publish ``offline`` (retained), disconnect cleanly, stop the threads."""
+        """Publish ``offline`` (retained) and leave the connection; disconnect cleanly if it is this camera's."""
+        self.status = OFFLINE
         if self.connected.is_set():
             info = self.client.publish(self.status_topic, OFFLINE, qos=1, retain=True)
             try:
@@ -554,8 +551,6 @@ class Publisher:
             except (RuntimeError, ValueError) as exc:
                 log.warning("could not publish offline status: %s", exc)
         self._stop.set()
-        self._wake.set()
-        if self._drainer.is_alive():
-            self._drainer.join(timeout)
-        self.client.disconnect()
-        self.client.loop_stop()
+        self.connection.detach(self, timeout)
+        if self._owns_connection:
+            self.connection.stop(timeout)

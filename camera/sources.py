@@ -115,8 +115,9 @@ class VideoFileSource(Source):
     kind = "file"
 
     def __init__(self, path: str | Path, *, fps: float | None = None, realtime: bool = False,
-                 start_time: float | None = None, loop: int = 1) -> None:
+                 start_time: float | None = None, loop: int = 1, drop_late: bool = False) -> None:
         super().__init__(str(path))
+        self.drop_late = drop_late  # realtime like a live camera: a frame the reader is late for is dropped
         if loop < 0:
             raise SourceError(f"loop must be >= 0 (0 = forever), got {loop}")
         self.loop = loop  # plays of the file; time keeps running across plays (a kiosk demo, a long benchmark)
@@ -197,6 +198,9 @@ class VideoFileSource(Source):
                     raise item
                 index, pos, image = item
                 if self.realtime:
+                    if self.drop_late and time.monotonic() - (started + pos) > 1.0 / self.fps:
+                        self.dropped += 1  # behind real time: a live camera would have moved on
+                        continue
                     _sleep_until(started + pos)
                 yield Frame(image=image, ts=self.start_time + pos, index=index)
         finally:
@@ -402,8 +406,9 @@ def _picamera_opener(index: int, size: tuple[int, int]):
 
 
 def open_source(spec: str, *, fps: float | None = None, realtime: bool = False, start_time: float | None = None,
-                picamera_size: tuple[int, int] = (1280, 720), loop: int = 1) -> Source:
-    """Open a source from its spec: a file, a folder, a webcam index (``0``), a URL, or ``picamera[:N]``."""
+                picamera_size: tuple[int, int] = (1280, 720), loop: int = 1, drop_late: bool = False) -> Source:
+    """Open a source from its spec: a file, a folder, a webcam index (``0``), a URL, or ``picamera[:N]``.
+    ``drop_late``: a realtime video file drops the frames its reader is late for, as a live camera does."""
     spec = str(spec).strip()
     if not spec:
         raise SourceError("empty source")
@@ -438,7 +443,7 @@ def open_source(spec: str, *, fps: float | None = None, realtime: bool = False, 
         raise SourceError(f"source not readable (permissions): {spec}")
     if path.suffix.lower() in IMAGE_SUFFIXES:
         raise SourceError(f"source is a single image: {spec} (use `smartcam-edge detect` or a folder of images)")
-    return VideoFileSource(path, fps=fps, realtime=realtime, start_time=start_time, loop=loop)
+    return VideoFileSource(path, fps=fps, realtime=realtime, start_time=start_time, loop=loop, drop_late=drop_late)
 
 
 def _redact_url(url: str) -> str:

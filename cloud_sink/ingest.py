@@ -58,6 +58,7 @@ class BatchResult:
     duplicates: int = 0
     dead: int = 0
     status: int = 0
+    node: int = 0  # edge process documents (node.v1): an offline one marks its cameras offline
     stats: int = 0
     model: int = 0  # model/reported documents
     summaries: int = 0  # summaries stored for the first time
@@ -263,6 +264,10 @@ def _batch(checked: list[tuple[Checked, bytes]], now: float, *, dropped: int = 0
             batch.summaries.append(c.value)
         elif c.kind == "status":
             batch.statuses.append((c.site, c.camera_id, c.value))
+        elif c.kind == "node" and c.value["state"] == "offline":  # the process is gone: so are its cameras
+            batch.statuses.extend((c.site, cam, "offline") for cam in c.value["cameras"])
+        elif c.kind == "node":
+            pass  # online: each camera's own retained status, sent right after, says how it is
         elif c.kind == "stats":
             batch.stats.append((c.site, c.camera_id, c.value))
         elif c.kind == "model":

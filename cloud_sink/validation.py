@@ -35,9 +35,9 @@ from contract.schema import (
     validation_errors,
 )
 from contract.timestamps import DEFAULT_MAX_PAST_DAYS, ts_ms
-from contract.topics import is_valid_name, leaf_of, parse_topic, topic_for
+from contract.topics import NODE_SCHEMA_FILE, is_valid_name, leaf_of, parse_topic, topic_for
 
-Kind = Literal["event", "summary", "status", "stats", "model", "dead"]
+Kind = Literal["event", "summary", "status", "node", "stats", "model", "dead"]
 STATUS_VALUES = ("online", "offline")
 
 
@@ -266,7 +266,8 @@ def _leaf_kind(leaf: str) -> Kind | None:
     """What a message on ``leaf`` carries, by the contract's topic tree; None for what this check does not take
     (an unknown leaf; batches and samples have their own checks)."""
     entry = leaf_of(leaf)
-    if entry is None or entry.sender != "edge" or entry.kind not in ("event", "status", "stats", "summary", "model"):
+    if entry is None or entry.sender != "edge" or entry.kind not in ("event", "status", "node", "stats", "summary",
+                                                                         "model"):
         return None
     return entry.kind  # type: ignore[return-value]
 
@@ -295,6 +296,13 @@ def check_message(topic: str, payload: bytes, *, now: float | None = None, limit
                 raise _Reject("topic site/camera are not valid names")
             return Checked("status", topic, site, camera_id, text)
         doc = parse_json(bytes(payload), limits)
+        if kind == "node":  # an edge process's status: its Will speaks for every camera it lists
+            errors = validation_errors(doc, NODE_SCHEMA_FILE)
+            if errors:
+                raise _Reject(f"node: {errors[0][:200]}")
+            if doc["site"] != site or doc["node"] != camera_id:
+                raise _Reject(f"node document of {doc['site']}/{doc['node']} on the topic of {site}/{camera_id}")
+            return Checked("node", topic, site, camera_id, doc)
         schema = {"stats": STATS_SCHEMA_FILE, "summary": SUMMARY_SCHEMA_FILE,
                   "model": REPORTED_SCHEMA_FILE}.get(kind, EVENT_SCHEMA_FILE)
         doc = _check_document(doc, schema, site, camera_id, now, limits)

@@ -23,7 +23,7 @@ class Leaf:
     """One kind of topic under ``smartcam/<site>/<camera_id>/`` (docs/mqtt.md is the prose reference)."""
 
     pattern: str  # the leaf; "+" stands for one name (a zone, a line)
-    kind: str  # what the payload is: event, batch, summary, status, stats, model, sample, desired, ack
+    kind: str  # what the payload is: event, batch, summary, status, node, stats, model, sample, desired, ack
     qos: int
     retained: bool
     sender: str  # edge, sink, or deploy (smartcam-model deploy)
@@ -40,6 +40,8 @@ TOPIC_TREE: tuple[Leaf, ...] = (
     Leaf("lines/+/totals", "event", 1, True, "edge", "the latest line.cross event of one line (running totals)"),
     Leaf("status", "status", 1, True, "edge", "plain text online / offline (also the Last Will)"),
     Leaf("stats", "stats", 0, False, "edge", "runtime health (stats.v1)"),
+    Leaf("node", "node", 1, True, "edge", "an edge process serving several cameras: node.v1 {state, cameras}; "
+         "its Last Will sets every listed camera offline (the <camera> level is the process's node id)"),
     Leaf("model/reported", "model", 1, True, "edge", "the model the camera runs, the outcome of its last update"),
     Leaf("sample", "sample", 1, False, "edge", "a sampled frame for the learning loop (sample.v1 + JPEG)"),
     Leaf("model/desired", "desired", 1, True, "deploy", "the model the camera should run (model-desired.v1)"),
@@ -76,6 +78,22 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 def topic_for(site: str, camera_id: str, leaf: str) -> str:
     """The MQTT topic of one camera's ``leaf`` (events, count, status, stats, zones/<z>/count, ...)."""
     return f"{TOPIC_ROOT}/{site}/{camera_id}/{leaf}"
+
+
+NODE_LEAF = "node"
+NODE_SCHEMA_FILE = "node.v1.schema.json"
+
+
+def node_document(site: str, node: str, state: str, cameras: list[str]) -> str:
+    """The retained node.v1 document of an edge process (``state`` online / offline) for ``cameras``.
+
+    >>> node_document("shop", "edge-pi", "offline", ["door", "till"])
+    '{"schema_version":1,"site":"shop","node":"edge-pi","state":"offline","cameras":["door","till"]}'
+    """
+    import json
+
+    return json.dumps({"schema_version": 1, "site": site, "node": node, "state": state, "cameras": list(cameras)},
+                      separators=(",", ":"))
 
 
 def topics_for_event(site: str, camera_id: str, event: dict[str, Any]) -> list[tuple[str, int, bool]]:

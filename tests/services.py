@@ -455,3 +455,73 @@ def fill(mnt: Path, leave: int) -> Path:
     with open(ballast, "wb") as fh:
         fh.write(b"\0" * max(st.f_bavail * st.f_frsize - leave, 0))
     return ballast
+
+
+class MjpegServer:
+    """An HTTP MJPEG camera on 127.0.0.1 (multipart/x-mixed-replace), paced at ``fps``; stop() drops clients."""
+
+    def __init__(self, frames: list[bytes], fps: float = 10.0, port: int | None = None):
+        self.frames, self.fps, self.port = frames, fps, port or free_port()
+        self.server: http.server.ThreadingHTTPServer | None = None
+        self.stopped = threading.Event()
+        self.connections = 0
+
+    def _handler(self):
+        srv = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - http.server's name
+                srv.connections += 1
+                self.send_response(200)
+                self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
+                self.end_headers()
+                i = 0
+                while not srv.stopped.is_set():
+                    jpg = srv.frames[i % len(srv.frames)]
+                    i += 1
+                    try:
+                        self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n%s\r\n"
+                                         % (len(jpg), jpg))
+                    except OSError:
+                        return
+                    srv.stopped.wait(1.0 / srv.fps)
+                self.close_connection = True
+
+            def log_message(self, *args):
+                pass
+
+        return Handler
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/stream.mjpg"
+
+    def start(self) -> None:
+        self.stopped.clear()
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), self._handler())
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.stopped.set()
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
+
+
+def clip_jpegs(path: Path, n: int = 40, step: int = 3) -> list[bytes]:
+    import cv2
+
+    cap = cv2.VideoCapture(str(path))
+    out: list[bytes] = []
+    index = 0
+    while len(out) < n:
+        ok, image = cap.read()
+        if not ok:
+            break
+        if index % step == 0:
+            out.append(cv2.imencode(".jpg", cv2.resize(image, (640, 360)))[1].tobytes())
+        index += 1
+    cap.release()
+    return out

@@ -15,7 +15,6 @@ counts and appends them to ``test-artifacts/fault_counts.jsonl`` (quoted in docs
 from __future__ import annotations
 
 import contextlib
-import http.server
 import json
 import os
 import shutil
@@ -23,7 +22,6 @@ import signal
 import sqlite3
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -35,7 +33,7 @@ import pytest
 from contract.topics import topic_for
 from tests.conftest import STREET_CLIP, Counts, Proc, events_file_ids, stored_event_ids, wait_until
 from tests.secure_broker import SITE, Client, SecureBroker, make_deployment, start_secure_broker
-from tests.services import fill, free_port, small_disk
+from tests.services import MjpegServer, clip_jpegs, fill, small_disk
 
 pytestmark = pytest.mark.slow
 
@@ -300,76 +298,6 @@ def test_no_image_leaves_the_device_by_default(rig):
 
 
 # ------------------------------------------------------------------------------------------ 4: network source
-
-
-class MjpegServer:
-    """An HTTP MJPEG camera on 127.0.0.1 (multipart/x-mixed-replace), paced at ``fps``; stop() drops clients."""
-
-    def __init__(self, frames: list[bytes], fps: float = 10.0, port: int | None = None):
-        self.frames, self.fps, self.port = frames, fps, port or free_port()
-        self.server: http.server.ThreadingHTTPServer | None = None
-        self.stopped = threading.Event()
-        self.connections = 0
-
-    def _handler(self):
-        srv = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 - http.server's name
-                srv.connections += 1
-                self.send_response(200)
-                self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
-                self.end_headers()
-                i = 0
-                while not srv.stopped.is_set():
-                    jpg = srv.frames[i % len(srv.frames)]
-                    i += 1
-                    try:
-                        self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n%s\r\n"
-                                         % (len(jpg), jpg))
-                    except OSError:
-                        return
-                    srv.stopped.wait(1.0 / srv.fps)
-                self.close_connection = True
-
-            def log_message(self, *args):
-                pass
-
-        return Handler
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/stream.mjpg"
-
-    def start(self) -> None:
-        self.stopped.clear()
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), self._handler())
-        self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def stop(self) -> None:
-        self.stopped.set()
-        if self.server is not None:
-            self.server.shutdown()
-            self.server.server_close()
-            self.server = None
-
-
-def clip_jpegs(path: Path, n: int = 40, step: int = 3) -> list[bytes]:
-    import cv2
-
-    cap = cv2.VideoCapture(str(path))
-    out: list[bytes] = []
-    index = 0
-    while len(out) < n:
-        ok, image = cap.read()
-        if not ok:
-            break
-        if index % step == 0:
-            out.append(cv2.imencode(".jpg", cv2.resize(image, (640, 360)))[1].tobytes())
-        index += 1
-    cap.release()
-    return out
 
 
 @dataclass
