@@ -406,6 +406,7 @@ class EdgeRunner:
                 h, w = frame.image.shape[:2]
                 if size != (w, h):
                     self._hint_input_size((w, h))
+                    self._check_geometry((w, h))
                 size, last_ts = (w, h), frame.ts
                 for done, result in queue.put(frame, gate is None or gate.check(frame.image, frame.ts)):
                     process(done, result)
@@ -451,6 +452,20 @@ class EdgeRunner:
             log.warning("--start-time %s is %.0f days ago: a sink with its default window (%.0f days) dead-letters "
                         "these events as too old; raise the sink's max_past_days (smartcam-sink --max-past-days) "
                         "or replay with a later --start-time", format_ts(start), age_days, DEFAULT_MAX_PAST_DAYS)
+
+    def _check_geometry(self, frame_wh: tuple[int, int]) -> None:
+        """Zones, lines and masks in pixels must lie in this camera's frame (known only once it delivers one)."""
+        w, h = frame_wh
+        for key, items in (("zones", self.cfg.zones), ("lines", self.cfg.lines), ("masks", self.cfg.masks)):
+            for item in items:
+                points = getattr(item, "points", None) or []
+                if not points or max(max(p) for p in points) <= 1.0:
+                    continue  # normalized: fits any frame
+                outside = [p for p in points if p[0] > w or p[1] > h]
+                if outside:
+                    log.error("camera %s: %s.%s: point %s is outside its %dx%d frame (pixel coordinates; use 0..1 "
+                              "to fit any resolution)", self.cfg.camera_id, key, getattr(item, "name", "?"),
+                              outside[0], w, h)
 
     def _hint_input_size(self, frame_wh: tuple[int, int]) -> None:
         """Say when the model's input shape wastes much of the network on letterbox padding for this source."""
@@ -590,8 +605,9 @@ class EdgeRunner:
     def _finish(self) -> int:
         s = self.stats
         log.info("done: %d frames processed (%d read, %d dropped, %d motion-skipped), %d events, %.1f fps, "
-                 "inference p50/p95 %.1f/%.1f ms", s.frames_processed, s.frames_in, s.dropped_frames,
-                 s.motion_skipped, self.events_emitted, s.overall_fps(), *s.inference_percentiles())
+                 "inference p50/p95 %.1f/%.1f ms (camera %s)", s.frames_processed, s.frames_in, s.dropped_frames,
+                 s.motion_skipped, self.events_emitted, s.overall_fps(), *s.inference_percentiles(),
+                 self.cfg.camera_id)
         if self.publisher is None:
             return EXIT_OK
         self._report_stats()

@@ -450,10 +450,18 @@ def small_disk(size: str = "8m") -> Iterator[Path]:
 def fill(mnt: Path, leave: int) -> Path:
     """Fill the filesystem with a ballast file until only about ``leave`` bytes are free (another program
     filling the disk); deleting the ballast makes room again."""
-    st = os.statvfs(mnt)
     ballast = mnt / "ballast"
-    with open(ballast, "wb") as fh:
-        fh.write(b"\0" * max(st.f_bavail * st.f_frsize - leave, 0))
+    chunk = b"\0" * (64 * 1024)
+    with open(ballast, "ab", buffering=0) as fh:
+        while True:  # in chunks, re-reading the free space: the program under test may be writing meanwhile
+            st = os.statvfs(mnt)
+            room = st.f_bavail * st.f_frsize - leave
+            if room <= 0:
+                break
+            try:
+                fh.write(chunk[:room])
+            except OSError:  # ENOSPC: the other writer took the rest first; the disk is as full as asked
+                break
     return ballast
 
 

@@ -263,3 +263,42 @@ def test_kill_9_every_camera_outbox_replays_on_restart(int8_model_320, tmp_path)
     for cam, ids in before.items():
         assert set(ids) <= set(got[cam]), f"{cam}: {len(set(ids) - set(got[cam]))} events lost"
         assert len(got[cam]) == len(set(got[cam])), f"{cam}: duplicates"
+
+
+# ------------------------------------------------------------------------------------------------ one connection
+
+
+def test_every_camera_hears_a_topic_they_share_and_ha_needs_both_availabilities(mosquitto):
+    """paho keeps one callback per topic filter; the shared connection fans a filter out to every camera that
+    wants it (the site-wide desired model, Home Assistant's birth message)."""
+    import paho.mqtt.client as mqtt
+
+    from camera.homeassistant import discovery_documents
+    from camera.mqtt_connection import MqttConnection
+    from contract.broker import BrokerSettings
+
+    conn = MqttConnection(BrokerSettings.from_url(mosquitto.url), "fanout", will=("smartcam/shop/n/node", "x"))
+    heard: list[tuple[str, bytes]] = []
+    conn.route("homeassistant/status", lambda t, p: heard.append(("door", p)))
+    conn.route("homeassistant/status", lambda t, p: heard.append(("till", p)))
+    conn.connect_hooks.append(lambda client: client.subscribe("homeassistant/status", qos=1))
+    conn.start()
+    try:
+        wait_until(conn.connected.is_set, 10, "the connection")
+        time.sleep(0.3)  # the subscription
+        pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="ha")
+        pub.connect("127.0.0.1", mosquitto.port)
+        pub.loop_start()
+        pub.publish("homeassistant/status", b"online", qos=1).wait_for_publish(5)
+        wait_until(lambda: len(heard) >= 2, 10, "both cameras hearing the birth message")
+        pub.loop_stop()
+        pub.disconnect()
+    finally:
+        conn.stop()
+    assert sorted(heard) == [("door", b"online"), ("till", b"online")]
+    docs = discovery_documents(site=SITE, camera_id="door", availability=[(topic_for(SITE, NODE, "node"),
+                                                                           "{{ value_json.state }}")])
+    doc = next(iter(docs.values()))
+    assert doc["availability_mode"] == "all"
+    assert [a["topic"] for a in doc["availability"]] == [topic_for(SITE, "door", "status"),
+                                                         topic_for(SITE, NODE, "node")]

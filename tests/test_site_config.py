@@ -113,3 +113,25 @@ def test_cameras_must_be_a_list_of_mappings(tmp_path, model):
         load_site_config(write(tmp_path, {"model": str(model), "cameras": {"door": "0"}}))
     with pytest.raises(ConfigError, match="load_site_config"):
         load_config(write(tmp_path, site(model, {"camera_id": "door", "source": "0"})))
+
+
+def test_the_shipped_multi_camera_sample_is_valid(model):
+    sample = Path(__file__).resolve().parents[1] / "samples" / "edge-site.yaml"
+    cfg = load_site_config(sample, {"model": str(model)})
+    assert cfg.multi and cfg.node_id == "shop-pi"
+    assert [c.camera_id for c in cfg.cameras] == ["door", "street", "plaza"]
+    assert len({c.outbox_path() for c in cfg.cameras}) == 3 and len({c.events_file for c in cfg.cameras}) == 3
+
+
+def test_a_zone_outside_its_camera_frame_is_reported_with_camera_and_key(tmp_path, model, caplog):
+    """Pixel coordinates can only be checked against the frame the camera delivers: said at its first frame."""
+    from camera.pipeline import EdgeRunner
+
+    path = write(tmp_path, site(model, {"camera_id": "till", "source": "1", "zones": [
+        {"name": "queue", "points": [[10, 10], [900, 10], [900, 500]]},
+        {"name": "fits", "points": [[0.1, 0.1], [0.9, 0.1], [0.9, 0.9]]}]}))
+    runner = EdgeRunner(load_site_config(path).cameras[0])
+    with caplog.at_level("ERROR"):
+        runner._check_geometry((640, 480))
+    assert [r.getMessage().split(" is ")[0] for r in caplog.records] == [
+        "camera till: zones.queue: point [900.0, 10.0]"]
