@@ -255,9 +255,20 @@ def test_kill_9_every_camera_outbox_replays_on_restart(int8_model_320, tmp_path)
         wait_until(lambda: all(set(ids) <= {e["event_id"] for e in camera_events(sub, cam)}
                                for cam, ids in before.items()), 30, "every camera's replay")
         got = {cam: [e["event_id"] for e in camera_events(sub, cam)] for cam in before}
+        # and the process's Last Will: a kill -9 of a running process says every camera offline at once
+        node = topic_for(SITE, NODE, "node")
+        start = len(sub.messages)
+        third = edge(tmp_path, cfg, name="third")
+        wait_until(lambda: any(t == node and json.loads(p)["state"] == "online" for t, p, _ in sub.messages[start:]),
+                   60, "the node online", third.proc, third.log)
+        seen = len(sub.messages)
+        third.kill(signal.SIGKILL)
+        wait_until(lambda: any(t == node for t, _, _ in sub.messages[seen:]), 30, "the Last Will")
+        will = [json.loads(p) for t, p, _ in sub.messages[seen:] if t == node][0]
     finally:
         sub.close()
         broker.stop()
+    assert will["state"] == "offline" and will["cameras"] == [c["camera_id"] for c in cams], will
     print(f"\nMULTI kill -9: queued before the kill {({c: len(v) for c, v in before.items()})}, replayed "
           f"{({c: len(set(v) & set(before[c])) for c, v in got.items()})}")
     for cam, ids in before.items():
