@@ -154,6 +154,9 @@ class Publisher:
         self._last_sample = 0
         self.samples_sent = 0  # acknowledged by the broker
         self.sample_bytes = 0
+        self._sample_rejections: dict[int, int] = {}  # sample id -> rejections so far
+        self._sample_retries: list[tuple[float, int]] = []  # (monotonic time due, sample id)
+        self.samples_rejected = 0  # given up after max_rejections (deleted: samples are best effort)
         self.connection.attach(self)
 
     # ------------------------------------------------------------------ the connection (camera/mqtt_connection.py)
@@ -379,7 +382,18 @@ class Publisher:
         room = SAMPLES_IN_FLIGHT - len(self._sample_inflight)
         if room <= 0:
             return
-        for sample_id, payload in self.samples.fetch(self._last_sample, room):
+        now = time.monotonic()
+        due = [sid for t, sid in self._sample_retries if t <= now]
+        if due:  # a rejected sample's backoff is over: the cursor goes back to it
+            self._sample_retries = [(t, sid) for t, sid in self._sample_retries if t > now]
+            self._last_sample = min(self._last_sample, min(due) - 1)
+        waiting = {sid for _, sid in self._sample_retries} | set(self._sample_inflight.values())
+        for sample_id, payload in self.samples.fetch(self._last_sample, room + len(waiting)):
+            if sample_id in waiting:
+                continue
+            if room <= 0:
+                break
+            room -= 1
             info = self.client.publish(self.sample_topic, payload, qos=1)
             if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN, mqtt.MQTT_ERR_QUEUE_SIZE):
                 log.warning("publish of sample %d failed (%s); will retry", sample_id, mqtt.error_string(info.rc))
@@ -391,9 +405,22 @@ class Publisher:
         sample_id = self._sample_inflight.pop(mid, None)
         if sample_id is None or self.samples is None:
             return
-        if rejection is not None:  # kept: replayed on the next start (the broker's ACL may not allow .../sample)
-            log.error("broker rejected sample %d (%s): kept in the sample queue", sample_id, rejection)
+        if rejection is not None:  # the broker's ACL may not allow .../sample (yet): again after a backoff
+            self.rejected += 1
+            times = self._sample_rejections[sample_id] = self._sample_rejections.get(sample_id, 0) + 1
+            if times >= self.max_rejections:
+                self.samples.delete(sample_id)
+                self._sample_rejections.pop(sample_id, None)
+                self.samples_rejected += 1
+                log.error("broker rejected sample %d %d times (%s): dropped (%d so far); check the broker's ACL "
+                          "for %s", sample_id, times, rejection, self.samples_rejected, self.sample_topic)
+                return
+            delay = min(self.retry_s * 2 ** (times - 1), self.retry_max_s)
+            log.error("broker rejected sample %d (%s): kept in the sample queue, sent again in %.1f s", sample_id,
+                      rejection, delay)
+            self._sample_retries.append((time.monotonic() + delay, sample_id))
             return
+        self._sample_rejections.pop(sample_id, None)
         self.samples.delete(sample_id)
         self.samples_sent += 1
 

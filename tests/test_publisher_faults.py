@@ -175,3 +175,45 @@ def test_the_edge_run_ends_with_exit_5_when_its_publisher_stops(mosquitto, tmp_p
                                  "max_frames": 40, "drain_timeout_s": 20})
     assert EdgeRunner(cfg).run() == EXIT_PUBLISHER
     assert "drain failed 2 times in a row" in caplog.text
+
+
+def test_rejected_samples_are_retried_while_the_process_runs_then_given_up(tmp_path):
+    """A sampled frame the broker refuses (its ACL lacks .../sample) is sent again after a backoff, not only at
+    the next start; once the ACL allows it, it arrives. One refused max_rejections times is dropped, counted."""
+    from camera.sample_queue import SampleQueue
+
+    broker, acl = _read_only_broker(tmp_path / "broker")
+    box = Outbox(tmp_path / "o.db")
+    queue = SampleQueue(tmp_path / "s.db", 1 << 20)
+    for i in range(2):
+        queue.put(f"jpeg{i}".encode())
+    sub = Subscriber(broker.port)
+    pub = _publisher(broker.url, box, samples=queue, retry_s=0.2, max_rejections=1000)
+    try:
+        pub.start()
+        assert sub.wait_for(lambda: pub.rejected >= 4, 20)  # both rejected, and rejected again after the backoff
+        assert queue.depth() == 2
+        acl.write_text("topic readwrite smartcam/#\n")
+        broker.proc.send_signal(signal.SIGHUP)
+        assert sub.wait_for(lambda: queue.depth() == 0, 30), f"{queue.depth()} samples still queued"
+        assert sorted(sub.payloads("sample")) == [b"jpeg0", b"jpeg1"] and pub.samples_sent == 2
+    finally:
+        pub.stop()
+        sub.close()
+        broker.stop()
+    box.close()
+    queue.close()
+
+    broker, _ = _read_only_broker(tmp_path / "broker2")
+    box, queue = Outbox(tmp_path / "o2.db"), SampleQueue(tmp_path / "s2.db", 1 << 20)
+    queue.put(b"jpeg")
+    pub = _publisher(broker.url, box, samples=queue, retry_s=0.05, max_rejections=3)
+    try:
+        pub.start()
+        assert Subscriber.wait_for(None, lambda: pub.samples_rejected == 1, 20)
+        assert queue.depth() == 0 and pub.rejected == 3 and pub.samples_sent == 0
+    finally:
+        pub.stop()
+        broker.stop()
+    box.close()
+    queue.close()
