@@ -72,6 +72,7 @@ RECIPES = {  # name -> finetune() keyword arguments
     "headonly+lr0.002": {"freeze": 22, "lr0": 0.002},
     "headonly+lr0.0005+nomosaic": {"freeze": 22, "lr0": 0.0005, "mosaic": 0.0},  # the edge's scale exactly
     "freeze10+general30+nomosaic": {"freeze": 10, "general_share": 0.3, "mosaic": 0.0},
+    "freeze10+general50": {"freeze": 10, "general_share": 0.5},
 }
 
 log = logging.getLogger("learning_loop")
@@ -217,10 +218,11 @@ def main(argv: list[str] | None = None) -> int:
 
     teacher = Teacher(TEACHER, imgsz=args.teacher_imgsz, workdir=work / "teacher")
     t = time.perf_counter()
-    scene_ds = work / "dataset"
+    tag = "" if args.teacher_conf == 0.35 else f"+teacher{args.teacher_conf:g}"  # another labeling, cached apart
+    scene_ds = work / f"dataset{tag}"
     if not (scene_ds / "data.yaml").is_file():
         label_images(samples, teacher, scene_ds, conf=args.teacher_conf, val_share=0.2)
-        timings["label_scene"] = round(time.perf_counter() - t, 1)
+        timings[f"label_scene{tag}"] = round(time.perf_counter() - t, 1)
     general_ds = work / "general-dataset"
     mixing = any(RECIPES[r].get("general_share") for r in args.recipes)
     if mixing and not (general_ds / "data.yaml").is_file():  # only recipes that mix need it
@@ -238,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     from models.finetune import finetune
 
     for recipe in args.recipes:
-        key = f"{recipe}-e{args.epochs}"
+        key = f"{recipe}{tag}-e{args.epochs}"
         if key in scores:
             continue
         kw = dict(RECIPES[recipe])
