@@ -20,6 +20,10 @@ Modes (``--modes``), run side by side on the same detections (each with its own 
     .venv/bin/python bench/bytes_published.py            # the four clips, all three modes, >= 120 s each
     .venv/bin/python bench/bytes_published.py --clips ../shared/data/videos/outdoor_street_cctv_towncentre_720p.m4v
 
+``samples`` (``--modes samples``) is the learning loop's sampled frames (issue 15): not a run of the edge, but
+the edge's sampler and sample encoder on the clip's frames (``bench/sample_bytes.py``), priced at the default
+rates (200 samples a camera-day) and put in the same table per hour (a day's bytes / 24).
+
 Needs Mosquitto (scripts/setup.sh) and a model: ``--model`` (default: the demo's models/yolov8n-person-int8-384x640.onnx if
 built, else the shared fp32 ONNX; the published bytes depend on what is seen, not on the model's speed).
 """
@@ -45,6 +49,8 @@ import cv2
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # tests.services (the real-Mosquitto starter) when run as a script
 
+from bench.sample_bytes import as_row, measure_samples  # noqa: E402
+from bench.sample_bytes import table as samples_table  # noqa: E402
 from camera.config import MqttConfig  # noqa: E402
 from contract.batch import decode_batch  # noqa: E402
 from contract.topics import parse_topic  # noqa: E402
@@ -188,6 +194,14 @@ def table(rows: list[dict]) -> str:
             "| published KB/h | ratio | with TCP/IP est. KB/h | ratio | B per person | people/h at 1000x |")
     lines = [head, "| --- |" + " ---: |" * 11]
     for r in rows:
+        if r["mode"] == "samples":  # priced at the default rates, not counted from a run
+            d = r["sample_detail"]
+            lines.append(f"| {r['clip']} | samples | {r['duration_s']:.0f} (1) | "
+                         f"{r['video_bytes_per_hour'] / 1e6:,.0f} | - | {d['samples_per_day']:.0f}/day "
+                         f"({d['mean_message_bytes']:,} B each) | {r['mqtt_bytes_per_hour'] / 1e3:,.1f} | "
+                         f"{r['ratio']:,.0f}x | {r['wire_bytes_per_hour_est'] / 1e3:,.1f} | "
+                         f"{r['ratio_wire_est']:,.0f}x | - | - |")
+            continue
         msgs = sum(r["messages"].values())
         per_person = f"{r['bytes_per_person']:,.0f}" if r["bytes_per_person"] else "-"
         even = break_even(r)
@@ -209,8 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fps", type=float, default=5.0, help="edge processing rate (default: %(default)s)")
     ap.add_argument("--stats-interval", type=float, default=MqttConfig.model_fields["stats_interval_s"].default,
                     help="edge stats period in seconds, the edge's default (default: %(default)s)")
-    ap.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES),
-                    help="publishing modes to compare, each run on every clip (default: all)")
+    ap.add_argument("--modes", nargs="+", choices=[*MODES, "samples"], default=[*MODES, "samples"],
+                    help="publishing modes to compare, each run on every clip, and the learning loop's samples "
+                    "(default: all)")
     ap.add_argument("--min-duration", type=float, default=120.0, metavar="S",
                     help="play each clip enough times to cover at least S seconds of video (default: %(default)s)")
     ap.add_argument("--sequential", action="store_true", help="run the modes one after another, not side by side")
@@ -220,21 +235,33 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         ap.error(f"not found: {', '.join(missing)}")
 
-    rows = []
+    rows, sampled = [], []
+    edge_modes = [m for m in args.modes if m in MODES]
     for clip in args.clips:
         loops = max(1, math.ceil(args.min_duration / clip_info(clip)[0]))
-        print(f"  {clip.name}: {loops} play(s) in real time, modes {', '.join(args.modes)} ...", file=sys.stderr,
-              flush=True)
-        with tempfile.TemporaryDirectory(prefix="bytes-bench-") as tmp, \
-                ThreadPoolExecutor(1 if args.sequential else len(args.modes)) as pool:
-            runs = [pool.submit(measure, clip, args.model, args.fps, args.stats_interval, mode, loops, Path(tmp) / mode)
-                    for mode in args.modes]
-            rows += [run.result() for run in runs]
+        if edge_modes:
+            print(f"  {clip.name}: {loops} play(s) in real time, modes {', '.join(edge_modes)} ...",
+                  file=sys.stderr, flush=True)
+            with tempfile.TemporaryDirectory(prefix="bytes-bench-") as tmp, \
+                    ThreadPoolExecutor(1 if args.sequential else len(edge_modes)) as pool:
+                runs = [pool.submit(measure, clip, args.model, args.fps, args.stats_interval, mode, loops,
+                                    Path(tmp) / mode) for mode in edge_modes]
+                rows += [run.result() for run in runs]
+        if "samples" in args.modes:
+            print(f"  {clip.name}: samples (sampler + encoder on its frames) ...", file=sys.stderr, flush=True)
+            sampled.append(measure_samples(clip, args.model, CONFIGS.get(clip.name), args.fps, MQTT_OVERHEAD,
+                                           TCP_OVERHEAD))
+            rows.append(as_row(sampled[-1], *clip_info(clip)))
     print(f"model {args.model.name}, --fps {args.fps:g}, --realtime, stats every {args.stats_interval:g} s; "
           f"published = topic + payload + {MQTT_OVERHEAD} B/message MQTT overhead "
           f"(TCP/IP est.: + {TCP_OVERHEAD} B/message)\n")
     print(table(rows))
-    for mode in args.modes:
+    if sampled:
+        print("\nsamples (learning loop, issue 15) at the default rates: 2/min, 30/h, 200/day; max_side "
+              f"{sampled[0]['max_side']}, JPEG quality {sampled[0]['jpeg_quality']}; the random baseline alone "
+              f"offers {sampled[0]['random_offered_per_day']}/day at --fps {args.fps:g}\n")
+        print(samples_table(sampled))
+    for mode in edge_modes:
         mine = [r for r in rows if r["mode"] == mode]
         kinds = Counter()
         for r in mine:

@@ -1,12 +1,16 @@
 """One turn of the learning loop on a real scene, measured (issue 15).
 
-On ``../shared/data/sequences/PETS09-S2L1/`` (768x576, 7 fps, 795 frames): the edge's own sampler
+``--scene pets09`` (default): ``../shared/data/sequences/PETS09-S2L1/`` (768x576, 7 fps, 795 frames), scored on
+its ground truth; ``--scene towncentre``: the street clip (1280x720, 24.9 fps, 523 frames), scored on 16
+hand-checked frames of its last 40 % (``bench/data/towncentre_heldout_labels.json``; ``bench/loop_scenes.py``).
+On each, the edge's own sampler
 (``camera.sampler``, behind the general 320 INT8 model, detector + filters + tracker as the edge runs them) picks
 frames from the first 60 % of the video; the teacher (``models.label``) labels them; the model is fine-tuned
 (``models.finetune``) in several recipes; each result is built to INT8 at the edge's input (256x320, calibrated on
 the sampled frames) and scored on
 
-* the last 40 % of the video against its ``gt.json`` (never used for sampling, labels or calibration), and
+* the last 40 % of the video (never used for sampling, labels or calibration), against its ground truth or the
+  hand-checked labels, and
 * ``../shared/data/persons-eval`` (the regression guard),
 
 next to the general 320 and 640 INT8 models built the same way. The target: close at least half of the AP50 gap
@@ -18,6 +22,8 @@ of the JPEG samples at the default limits (2/min, 30/h, 200/day: 200 a day bind)
 
     nice -n 10 .venv/bin/python bench/learning_loop.py --work bench-output/learning-loop --epochs 8
     .venv/bin/python bench/learning_loop.py --work ... --recipes freeze10            # one recipe only
+    nice -n 10 .venv/bin/python bench/learning_loop.py --scene towncentre --work bench-output/loop-street \
+        --epochs 6 --recipes headonly+lr0.0005
 
 Stages are cached in ``--work`` (delete a stage's folder to redo it). Results: ``WORK/results.json`` and a
 Markdown table on stdout; docs/benchmarks.md and docs/learning-loop.md have the numbers.
@@ -41,6 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.loop_scenes import SCENES, Scene  # noqa: E402
 from camera.detector import Detector, fitted_imgsz  # noqa: E402
 from camera.filters import FilterSpec, apply_filters  # noqa: E402
 from camera.frame import Frame  # noqa: E402
@@ -49,12 +56,9 @@ from camera.tracker import Tracker  # noqa: E402
 from contract.sample import decode_sample  # noqa: E402
 
 SHARED = Path(os.environ.get("SMARTCAM_SHARED", ROOT.parent / "shared"))
-SEQ = SHARED / "data" / "sequences" / "PETS09-S2L1"
 BASE_PT = SHARED / "models" / "yolov8n-coco-trainable.pt"
 TEACHER = SHARED / "models" / "yolov8n-coco.onnx"
 PERSONS_EVAL = SHARED / "data" / "persons-eval" / "labels.json"
-GENERAL_CLIPS = ["outdoor_street_cctv_towncentre_720p.m4v", "outdoor_overhead_plaza_many_people.mp4",
-                 "indoor_webcam_2people_with_overlay.mp4"]
 T0 = 1_704_067_200.0  # 2024-01-01T00:00:00Z: capture time of frame 1
 TRAIN_SHARE = 0.6
 
@@ -65,6 +69,10 @@ RECIPES = {  # name -> finetune() keyword arguments
     "freeze10+general30+lr0.0005": {"freeze": 10, "general_share": 0.3, "lr0": 0.0005},
     "headonly+lr0.0005": {"freeze": 22, "lr0": 0.0005},
     "headonly+lr0.0005+seed1": {"freeze": 22, "lr0": 0.0005, "seed": 1},  # the same recipe, another seed
+    "headonly+lr0.002": {"freeze": 22, "lr0": 0.002},
+    "headonly+lr0.0005+nomosaic": {"freeze": 22, "lr0": 0.0005, "mosaic": 0.0},  # the edge's scale exactly
+    "freeze10+general30+nomosaic": {"freeze": 10, "general_share": 0.3, "mosaic": 0.0},
+    "freeze10+general50": {"freeze": 10, "general_share": 0.5},
 }
 
 log = logging.getLogger("learning_loop")
@@ -82,24 +90,10 @@ def read_video(path: Path) -> list[np.ndarray]:
     return frames
 
 
-def eval_labels(frames: list[np.ndarray], split: int, work: Path) -> Path:
-    """persons-eval format labels of the held-out frames (the last 40 %), from gt.json."""
-    out = work / "eval_slice"
-    labels = out / "labels.json"
-    if labels.is_file():
-        return labels
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    gt = {g["frame"]: g for g in json.loads((SEQ / "gt.json").read_text())}
-    records = []
-    for idx in range(split, len(frames)):
-        g = gt.get(idx + 1, {"boxes": [], "visibility": None, "ignore": []})
-        name = f"images/{idx + 1:06d}.jpg"
-        cv2.imwrite(str(out / name), frames[idx], [cv2.IMWRITE_JPEG_QUALITY, 95])
-        vis = [1.0 if v is None else v for v in (g.get("visibility") or [None] * len(g["boxes"]))]
-        records.append({"image": name, "width": frames[idx].shape[1], "height": frames[idx].shape[0],
-                        "boxes": g["boxes"], "visibility": vis, "ignore": g.get("ignore") or []})
-    labels.write_text(json.dumps(records))
-    return labels
+def eval_labels(scene: Scene, frames: list[np.ndarray], split: int, work: Path) -> Path:
+    """persons-eval format labels of the held-out frames (the last 40 %), written once into ``work``."""
+    labels = work / "eval_slice" / "labels.json"
+    return labels if labels.is_file() else scene.eval_labels(frames, split, work / "eval_slice")
 
 
 def build(weights: Path, imgsz: tuple[int, int], calib: Path, out: Path) -> Path:
@@ -111,7 +105,8 @@ def build(weights: Path, imgsz: tuple[int, int], calib: Path, out: Path) -> Path
     return out
 
 
-def sample_scene(frames: list[np.ndarray], split: int, model: Path, spec: SamplesSpec, work: Path) -> Path:
+def sample_scene(frames: list[np.ndarray], split: int, fps: float, model: Path, spec: SamplesSpec, work: Path,
+                 camera: str) -> Path:
     """The edge's sampler over the first 60 %: images/ + samples.jsonl, as `smartcam-sink samples export` writes."""
     out = work / "samples"
     index = out / "samples.jsonl"
@@ -122,12 +117,12 @@ def sample_scene(frames: list[np.ndarray], split: int, model: Path, spec: Sample
     tracker, sampler, filters = Tracker(), Sampler(spec), FilterSpec()
     lines = []
     for idx in range(split):
-        frame = Frame(frames[idx], T0 + idx / 7.0, idx)
+        frame = Frame(frames[idx], T0 + idx / fps, idx)
         h, w = frame.image.shape[:2]
         kept = apply_filters(det.detect(frame.image), filters, [], w, h)
         tracker.update(kept, frame.ts)
         for cand in sampler.observe(frame, kept, tracker.tracks):
-            header, jpeg = decode_sample(build_sample(cand, site="bench", camera_id="pets09", model_name=det.name,
+            header, jpeg = decode_sample(build_sample(cand, site="bench", camera_id=camera, model_name=det.name,
                                                       model_sha256=det.sha256, names=det.names, spec=spec))
             name = f"images/{header['sample_id']}.jpg"
             (out / name).write_bytes(jpeg)
@@ -138,13 +133,14 @@ def sample_scene(frames: list[np.ndarray], split: int, model: Path, spec: Sample
     return out
 
 
-def general_frames(work: Path, per_clip: int) -> Path:
-    """Frames of the other shared clips (never persons-eval): the 'general' share, labeled by the teacher too."""
+def general_frames(work: Path, per_clip: int, clips: tuple[str, ...]) -> Path:
+    """Frames of the other shared clips (never persons-eval, never the scene's own clip): the 'general' share,
+    labeled by the teacher too."""
     out = work / "general-frames"
     if out.is_dir() and any(out.iterdir()):
         return out
     out.mkdir(parents=True, exist_ok=True)
-    for clip in GENERAL_CLIPS:
+    for clip in clips:
         frames = read_video(SHARED / "data" / "videos" / clip)
         for k in np.linspace(0, len(frames) - 1, per_clip).astype(int):
             cv2.imwrite(str(out / f"{Path(clip).stem}-{k:05d}.jpg"), frames[k], [cv2.IMWRITE_JPEG_QUALITY, 92])
@@ -159,10 +155,11 @@ def ap50(model: Path, labels: Path) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--work", default="bench-output/learning-loop", help="cache and results folder")
+    p.add_argument("--scene", choices=list(SCENES), default="pets09", help="which camera (bench/loop_scenes.py)")
+    p.add_argument("--work", help="cache and results folder (default bench-output/learning-loop[-SCENE])")
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
-    p.add_argument("--per-minute", type=int, default=600, help="sampler rate limit for this 68-s clip")
+    p.add_argument("--per-minute", type=int, default=600, help="sampler rate limit for these short clips")
     p.add_argument("--track-gap", type=float, default=3.0, help="sampler per-track gap (s of video)")
     p.add_argument("--random", type=float, default=0.1, help="random baseline probability per frame")
     p.add_argument("--teacher-imgsz", type=int, default=960)
@@ -170,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--general-per-clip", type=int, default=40)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    work = Path(args.work)
+    scene = SCENES[args.scene]
+    work = Path(args.work or ("bench-output/learning-loop" + ("" if scene.name == "pets09" else f"-{scene.name}")))
     work.mkdir(parents=True, exist_ok=True)
     results_path = work / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
@@ -180,9 +178,14 @@ def main(argv: list[str] | None = None) -> int:
         results_path.write_text(json.dumps(results, indent=2))
 
     t = time.perf_counter()
-    frames = read_video(SEQ / "PETS09-S2L1.mp4")
+    frames = read_video(scene.video)
+    cap = cv2.VideoCapture(str(scene.video))
+    fps = cap.get(cv2.CAP_PROP_FPS) or 25.0
+    cap.release()
     split = int(len(frames) * TRAIN_SHARE)
-    eval_slice = eval_labels(frames, split, work)
+    eval_slice = eval_labels(scene, frames, split, work)
+    results["scene"] = {"name": scene.name, "video": scene.video.name, "frames": len(frames), "fps": round(fps, 3),
+                        "sampled_from": [1, split], "evaluated": len(json.loads(eval_slice.read_text()))}
     calib = work / "calib"
     if not calib.is_dir():
         calib.mkdir()
@@ -199,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = SamplesSpec(enabled=True, per_minute=args.per_minute, per_hour=100_000, per_day=100_000,
                        track_gap_s=args.track_gap, random_probability=args.random, seed=0)
     t = time.perf_counter()
-    samples = sample_scene(frames, split, g320, spec, work)
+    samples = sample_scene(frames, split, fps, g320, spec, work, scene.name)
     timings["sample"] = timings.get("sample") or round(time.perf_counter() - t, 1)
     records = [json.loads(x) for x in (samples / "samples.jsonl").read_text().splitlines()]
     sizes = [r["image"]["bytes"] for r in records]
@@ -215,15 +218,17 @@ def main(argv: list[str] | None = None) -> int:
 
     teacher = Teacher(TEACHER, imgsz=args.teacher_imgsz, workdir=work / "teacher")
     t = time.perf_counter()
-    scene_ds = work / "dataset"
+    tag = "" if args.teacher_conf == 0.35 else f"+teacher{args.teacher_conf:g}"  # another labeling, cached apart
+    scene_ds = work / f"dataset{tag}"
     if not (scene_ds / "data.yaml").is_file():
         label_images(samples, teacher, scene_ds, conf=args.teacher_conf, val_share=0.2)
-        timings["label_scene"] = round(time.perf_counter() - t, 1)
+        timings[f"label_scene{tag}"] = round(time.perf_counter() - t, 1)
     general_ds = work / "general-dataset"
-    if not (general_ds / "data.yaml").is_file():
+    mixing = any(RECIPES[r].get("general_share") for r in args.recipes)
+    if mixing and not (general_ds / "data.yaml").is_file():  # only recipes that mix need it
         t = time.perf_counter()
-        label_images(general_frames(work, args.general_per_clip), teacher, general_ds, conf=args.teacher_conf,
-                     val_share=0.0)
+        label_images(general_frames(work, args.general_per_clip, scene.general_clips), teacher, general_ds,
+                     conf=args.teacher_conf, val_share=0.0)
         timings["label_general"] = round(time.perf_counter() - t, 1)
     save()
 
@@ -235,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     from models.finetune import finetune
 
     for recipe in args.recipes:
-        key = f"{recipe}-e{args.epochs}"
+        key = f"{recipe}{tag}-e{args.epochs}"
         if key in scores:
             continue
         kw = dict(RECIPES[recipe])
@@ -265,15 +270,15 @@ def main(argv: list[str] | None = None) -> int:
         timings["teacher_eval"] = round(time.perf_counter() - t, 1)
         save()
 
-    print(table(results))
+    print(table(results, scene.title))
     return 0
 
 
-def table(results: dict) -> str:
+def table(results: dict, title: str = "PETS09 held-out AP50") -> str:
     s = results["ap50"]
     base, top = s["general-320"], s["general-640"]
     gap = top["scene"] - base["scene"]
-    lines = ["| model | PETS09 held-out AP50 | gap closed | persons-eval AP50 | change |",
+    lines = [f"| model | {title} | gap closed | persons-eval AP50 | change |",
              "|---|---:|---:|---:|---:|"]
     for name, r in s.items():
         closed = (r["scene"] - base["scene"]) / gap if gap else float("nan")

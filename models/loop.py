@@ -50,7 +50,7 @@ class TurnSettings:
     calib_frames: int = 64
     gate: GateSpec = field(default_factory=GateSpec)
     publish: dict[str, Any] | None = None  # registry, signing_key[, name, notes]
-    deploy: dict[str, Any] | None = None  # broker, site[, canary, watch_s]
+    deploy: dict[str, Any] | None = None  # broker, site[, canary (0 or 1: watch the camera), watch_s]
 
 
 @dataclass
@@ -150,23 +150,45 @@ def run_turn(s: TurnSettings, say: Callable[[str], None] = print) -> TurnReport:
                                                   "seconds": seconds}, indent=2, default=str))
     say(f"gate {decision.reason}")
     if decision.passed and s.publish:
-        done = step("publish")
-        from models.registry import open_registry, publish
-        from models.signing import load_private_key
-
-        manifest = publish(open_registry(s.publish["registry"]), candidate, load_private_key(s.publish["signing_key"]),
-                           name=s.publish.get("name"), notes=f"learning loop for {s.camera}: {decision.reason}")
-        report.version = manifest["version"]
-        done()
-        say(f"published {report.version}")
-        if s.deploy:
-            done = step("deploy")
-            from contract.broker import BrokerSettings
-            from models.deploy import deploy
-
-            rc = deploy(open_registry(s.publish["registry"]), report.version,
-                        BrokerSettings.from_url(s.deploy["broker"]), s.deploy["site"], [s.camera],
-                        canary=s.deploy.get("canary", 0), watch_s=s.deploy.get("watch_s", 60.0), say=say)
-            report.deployed = rc == 0
-            done()
+        _publish_and_deploy(s, report, say, step)
     return report
+
+
+def _publish_and_deploy(s: TurnSettings, report: TurnReport, say: Callable[[str], None],
+                        step: Callable[[str], Callable[[], None]]) -> None:
+    """Sign the candidate into the registry, then (with ``s.deploy``) send it to this camera only. With
+    ``canary`` 1 the camera is watched for ``watch_s`` until it reports the new version active (it verified,
+    health-checked and kept it); a camera that refuses or stays silent gets its previous desired model back and
+    ``report.deployed`` stays False. With ``canary`` 0 the retained desired document is sent and not watched."""
+    from models.registry import open_registry, publish
+    from models.signing import load_private_key
+
+    done = step("publish")
+    registry = open_registry(s.publish["registry"])
+    name = s.publish.get("name") or f"{s.camera[:45]}-loop"  # a version name has at most 50 characters
+    manifest = publish(registry, report.candidate, load_private_key(s.publish["signing_key"]), name=name,
+                       notes=f"learning loop for {s.camera}: {report.decision.reason}")
+    report.version = manifest["version"]
+    done()
+    say(f"published {report.version}")
+    _record(s.work, version=report.version, seconds=report.seconds)
+    if not s.deploy:
+        return
+    from contract.broker import BrokerSettings
+    from models.deploy import deploy
+
+    done = step("deploy")
+    rc = deploy(registry, report.version, BrokerSettings.from_url(s.deploy["broker"]), s.deploy["site"],
+                [s.camera], canary=int(s.deploy.get("canary", 0)), watch_s=float(s.deploy.get("watch_s", 60.0)),
+                say=say)
+    report.deployed = rc == 0
+    done()
+    _record(s.work, deployed=report.deployed, seconds=report.seconds)
+
+
+def _record(work: Path, **fields: Any) -> None:
+    """Add the publish / deploy outcome to ``eval.json``, the turn's record."""
+    path = work / "eval.json"
+    doc = json.loads(path.read_text())
+    doc.update(fields)
+    path.write_text(json.dumps(doc, indent=2, default=str))

@@ -79,7 +79,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     lp.add_argument("--registry", help="publish there when the gate passes (DIR or s3://...)")
     lp.add_argument("--signing-key", help="ed25519 private key for publish")
     lp.add_argument("--deploy-broker", help="deploy the published version to the camera through this broker")
-    lp.add_argument("--canary-watch", type=float, default=60.0, help="seconds to watch the camera's report")
+    lp.add_argument("--canary-watch", type=float, default=60.0,
+                    help="seconds to wait for the camera to report the new model active (it verified, health-checked "
+                    "and kept it; otherwise its previous desired model is put back); 0: send, do not wait "
+                    "(default 60)")
 
 
 def cmd_label(args: argparse.Namespace) -> int:
@@ -115,7 +118,8 @@ def cmd_loop(args: argparse.Namespace) -> int:
         if args.deploy_broker:
             if not args.site:
                 raise ValueError("--deploy-broker needs --site")
-            deploy = {"broker": args.deploy_broker, "site": args.site, "watch_s": args.canary_watch}
+            deploy = {"broker": args.deploy_broker, "site": args.site, "canary": int(args.canary_watch > 0),
+                      "watch_s": args.canary_watch}
     s = TurnSettings(camera=args.camera, work=Path(args.work), current=Path(args.current), base=Path(args.base),
                      teacher=Path(args.teacher), general_labels=Path(args.labels),
                      samples=Path(args.samples) if args.samples else None, site=args.site, db=args.db,
@@ -129,8 +133,11 @@ def cmd_loop(args: argparse.Namespace) -> int:
     print("steps (s): " + ", ".join(f"{k} {v}" for k, v in report.seconds.items()))
     print(report.decision.reason)
     if report.version:
-        print(report.version)
-    return 0 if report.decision.passed else 1
+        print(f"published {report.version}" + (f"; deployed to {args.site}/{args.camera}: "
+                                               f"{'yes' if report.deployed else 'NO (aborted)'}" if deploy else ""))
+    if not report.decision.passed:
+        return 1
+    return 3 if deploy and not report.deployed else 0
 
 
 COMMANDS = {"label": cmd_label, "finetune": cmd_finetune, "loop": cmd_loop}

@@ -5,8 +5,12 @@ with its reason."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -19,6 +23,7 @@ from camera.sampler import Candidate, SamplesSpec, build_sample
 from contract.sample import decode_sample
 from models.gate import AP, GateSpec, decide
 from tests.conftest import INDOOR_CLIP, MODELS, ONNX_FP32, PERSONS_EVAL, ROOT
+from tests.services import CAM, SITE, Subscriber
 
 TRAINABLE = MODELS / "yolov8n-coco-trainable.pt"
 
@@ -96,23 +101,42 @@ def test_teacher_flip_view_agrees_with_the_plain_view():
     assert (iou_matrix(confident.xyxy, plain.xyxy).max(axis=1) > 0.7).all()  # mirrored back to the right place
 
 
-@pytest.mark.slow
-def test_tiny_turn_end_to_end_gives_a_gate_verdict(tmp_path):
+@dataclass
+class TinyTurn:
+    """A tiny real turn run once through ``smartcam-model loop`` (no registry): its inputs, work folder, result."""
+
+    samples: Path
+    current: Path
+    work: Path
+    proc: subprocess.CompletedProcess
+
+
+@pytest.fixture(scope="module")
+def tiny_turn(tmp_path_factory) -> TinyTurn:
+    """8 frames of the indoor clip exported as the sink does, a 96x96 INT8 "current" model, and one turn of the
+    real loop on them: the teacher at 320, a 1-epoch Ultralytics fine-tune at 96, the INT8 build, eval, gate.
+    The publish/deploy tests copy its ``--work``, so only their own steps (eval, gate, publish, deploy) run."""
     from models.build import build_model
 
-    frames = clip_frames(8)
-    samples = tmp_path / "samples"
-    export_like_the_sink(samples, frames)
-    current = tmp_path / "current-96-int8.onnx"
+    tmp = tmp_path_factory.mktemp("tiny_turn")
+    samples = tmp / "samples"
+    export_like_the_sink(samples, clip_frames(8))
+    current = tmp / "current-96-int8.onnx"
     build_model(ONNX_FP32, (96, 96), [str(INDOOR_CLIP)], current, calib_frames=8, keep_classes=["person"],
                 labels=None, latency_runs=0, progress=False)
-    work = tmp_path / "turn"
+    work = tmp / "turn"
     proc = subprocess.run(
         [sys.executable, "-m", "models", "loop", "--camera", "cam", "--current", str(current), "--work", str(work),
          "--samples", str(samples), "--teacher-imgsz", "320", "--base", str(TRAINABLE), "--epochs", "1",
          "--batch", "4", "--val-share", "0.25", "--labels", str(PERSONS_EVAL / "labels.json"),
          "--min-gain", "1", "--max-drop", "1"],
         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    return TinyTurn(samples, current, work, proc)
+
+
+@pytest.mark.slow
+def test_tiny_turn_end_to_end_gives_a_gate_verdict(tiny_turn):
+    proc, work = tiny_turn.proc, tiny_turn.work
     assert proc.returncode in (0, 1), proc.stderr[-3000:]
     out = proc.stdout
     assert "| current (current-96-int8.onnx) |" in out and "| candidate (candidate-96x96-int8.onnx) |" in out
@@ -126,3 +150,97 @@ def test_tiny_turn_end_to_end_gives_a_gate_verdict(tmp_path):
     candidate = Detector(work / "candidate-96x96-int8.onnx", classes=("person",))  # the edge can load it
     assert candidate.imgsz == (96, 96)
     assert (work / "candidate.json").is_file() and json.loads((work / "candidate.json").read_text())["epochs"] == 1
+
+
+def turn_settings(tiny: TinyTurn, work: Path, gate: GateSpec, registry: Path, signing_key: Path, broker: str,
+                  watch_s: float = 60.0):
+    """The tiny turn's settings again (same --work copy), now with publish and deploy to ``CAM`` at ``SITE``."""
+    from models.loop import TurnSettings
+
+    return TurnSettings(camera=CAM, work=work, current=tiny.current, base=TRAINABLE, teacher=ONNX_FP32,
+                        general_labels=PERSONS_EVAL / "labels.json", samples=tiny.samples, teacher_imgsz=320,
+                        val_share=0.25, epochs=1, batch=4, gate=gate,
+                        publish={"registry": str(registry), "signing_key": str(signing_key)},
+                        deploy={"broker": broker, "site": SITE, "canary": 1, "watch_s": watch_s})
+
+
+def retained(port: int, topic: str, settle_s: float = 1.5) -> list[tuple[bytes, bool]]:
+    """What a subscriber that connects now receives on ``topic`` within ``settle_s``: (payload, retain flag)."""
+    sub = Subscriber(port, client_id=f"loop-check-{time.monotonic_ns()}", topic=topic)
+    try:
+        time.sleep(settle_s)
+        with sub._lock:
+            return [(p, r) for t, p, r in sub.messages if t == topic]
+    finally:
+        sub.close()
+
+
+@pytest.mark.slow
+def test_accepted_turn_publishes_a_signed_version_and_the_camera_runs_it(tiny_turn, mosquitto, tmp_path, ota_keys):
+    """The gate accepts (its margins allow any result), the candidate is signed into a real registry, its desired
+    document is retained on a real Mosquitto, and a real edge running the current model verifies, health-checks and
+    swaps it in: only then is the turn's ``deployed`` true."""
+    from camera.detector import file_sha256
+    from contract.model_docs import camera_desired_topic
+    from contract.signature import load_public_key
+    from models.loop import run_turn
+    from models.registry import open_registry, verify_entry
+    from tests.ota_fixtures import EdgeThread, Watch, ota_edge_config
+
+    assert tiny_turn.proc.returncode in (0, 1), tiny_turn.proc.stderr[-3000:]
+    work = tmp_path / "turn"
+    shutil.copytree(tiny_turn.work, work)
+    registry = tmp_path / "registry"
+    watch = Watch(mosquitto.port)
+    (tmp_path / "edge").mkdir()
+    edge = EdgeThread(ota_edge_config(tmp_path / "edge", model=tiny_turn.current, broker=mosquitto.url, site=SITE,
+                                      camera=CAM, trust_key=ota_keys[1]))
+    said: list[str] = []
+    try:
+        watch.wait_report(SITE, CAM, lambda d: d["state"] == "active", what="start-up report")
+        report = run_turn(turn_settings(tiny_turn, work, GateSpec(min_gain=-1.0, max_drop=1.0), registry,
+                                        ota_keys[0], mosquitto.url), say=said.append)
+        running = edge.detector.sha256
+    finally:
+        rc = edge.stop()
+        watch.close()
+    assert rc == 0
+    assert "finetune" not in report.seconds and {"eval", "publish", "deploy"} <= set(report.seconds)
+    assert report.decision.passed and report.decision.reason.startswith("accepted: "), report.decision.reason
+    sha = file_sha256(report.candidate)
+    assert report.version == f"{CAM}-loop-{sha[:12]}"
+    entry = open_registry(registry).entry(report.version)
+    verify_entry(entry, load_public_key(ota_keys[1]))  # signed by the turn's key
+    assert entry["manifest"]["sha256"] == sha and "learning loop for cam-1: accepted" in entry["manifest"]["notes"]
+    assert (registry / "models" / report.version / "model.onnx").read_bytes() == report.candidate.read_bytes()
+    assert report.deployed, "\n".join(said)
+    docs = retained(mosquitto.port, camera_desired_topic(SITE, CAM))
+    assert len(docs) == 1 and docs[0][1], "no retained desired document for the camera"
+    desired = json.loads(docs[0][0])
+    assert desired["manifest"]["version"] == report.version and desired["url"].startswith("file://")
+    assert running == sha  # the camera swapped the new model in
+    record = json.loads((work / "eval.json").read_text())
+    assert record["version"] == report.version and record["deployed"] is True
+
+
+@pytest.mark.slow
+def test_refused_turn_publishes_and_deploys_nothing(tiny_turn, mosquitto, tmp_path, ota_keys):
+    from contract.model_docs import camera_desired_topic, site_desired_topic
+    from models.loop import run_turn
+    from models.registry import open_registry
+
+    assert tiny_turn.proc.returncode in (0, 1), tiny_turn.proc.stderr[-3000:]
+    work = tmp_path / "turn"
+    shutil.copytree(tiny_turn.work, work)
+    registry = tmp_path / "registry"
+    report = run_turn(turn_settings(tiny_turn, work, GateSpec(min_gain=1.0, max_drop=0.0), registry, ota_keys[0],
+                                    mosquitto.url), say=lambda _: None)  # +100 AP50 points: impossible
+    assert not report.decision.passed and report.decision.reason.startswith("refused: camera AP50")
+    assert "below the required +100.0 pt" in report.decision.reason
+    assert report.version is None and not report.deployed
+    assert not {"publish", "deploy"} & set(report.seconds)
+    assert open_registry(registry).versions() == [] and not (registry / "models").exists()
+    assert retained(mosquitto.port, camera_desired_topic(SITE, CAM)) == []
+    assert retained(mosquitto.port, site_desired_topic(SITE), settle_s=0.5) == []
+    record = json.loads((work / "eval.json").read_text())
+    assert record["decision"]["passed"] is False and "version" not in record
