@@ -13,6 +13,9 @@
 - **Confirmation**: a track is confirmed after ``min_hits`` matched frames; only detections of at least
   ``new_track_score`` start one, so a lower threshold continues tracks than starts them. Ids are handed out at
   confirmation, so they count 1, 2, 3, ...
+- **Emergence**: a new track remembers the confirmed track, matched in the same frame, whose box held at least half
+  of its first box (``emerged_from``): it was hidden behind that person, or inside one box drawn around both, and
+  the EventBuilder lets it start from that person's side of a line.
 - **Motion gate** (:meth:`Tracker.hold`): frames without inference keep the tracks alive; the Kalman state is
   not touched, so the next detection is matched against where the person would be after the whole gap.
 
