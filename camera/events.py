@@ -9,7 +9,9 @@ Rules that make the counts trustworthy:
 - zone membership has inertia (``min_inside_s`` / ``min_outside_s``); line crossings need the anchor to travel
   ``min_travel`` beyond the line on both sides (hysteresis), so standing on a line or jitter counts nothing;
 - an id switch in the middle of a crossing is counted once: a new person appearing where a lost/ended one was
-  last seen, shortly after, inherits the old track's line state (``handover_s``).
+  last seen, shortly after, inherits the old track's line state (``handover_s``);
+- a person who walked hidden behind another and comes out from behind them on a line (their own track starts
+  inside the hysteresis band) starts from the side the other person was on then, so both crossings count.
 
 >>> from camera.tracker import TrackUpdate
 >>> b = EventBuilder(site="shop", camera_id="cam1", model_name="yolov8n", model_sha256="ab" * 32)
@@ -50,6 +52,14 @@ class _ZoneState:
 class _LineState:
     side: int = 0  # +1 / -1: the side the anchor last settled on (beyond the hysteresis band); 0 = not yet
     pos: np.ndarray | None = None  # the last settled anchor position on that side
+    changed_at: float | None = None  # when ``side`` last changed (a crossing), and what it was before then:
+    prev: tuple[int, np.ndarray | None] = (0, None)  # a person who emerged from this one earlier starts there
+
+    def before(self, ts: float) -> tuple[int, np.ndarray | None]:
+        """(side, settled position) as they were in the frames before time ``ts``."""
+        if self.changed_at is not None and self.changed_at >= ts:
+            return self.prev
+        return self.side, self.pos
 
 
 @dataclass(eq=False)
@@ -183,6 +193,7 @@ class EventBuilder:
         person = _Person(track=t)
         self._people[t.track_id] = person
         self._seed_lines(person)
+        self._seed_from_occluder(person)
         self._adopt_orphan(person)
         return [
             self._event(
@@ -290,6 +301,8 @@ class EventBuilder:
                     "line.cross", ts, frame, line=line.name, track_id=t.track_id, direction=direction,
                     totals=dict(totals), box=self._box(t.xyxy, frame),
                 ))
+            if state.side != 0 and side != state.side:
+                state.changed_at, state.prev = ts, (state.side, state.pos)
             state.side, state.pos = side, anchor
         return events
 
@@ -305,6 +318,23 @@ class EventBuilder:
             band = line.travel_px(*self._geometry_size, box_height=float(first[3] - first[1]))
             if abs(d) >= band and d != 0:
                 person.lines[line.name] = _LineState(1 if d > 0 else -1, anchor)
+
+    def _seed_from_occluder(self, person: _Person) -> None:
+        """A track that started inside a line's band, out of the box of a person seen in the same frame (it walked
+        hidden behind them, or inside one box the detector drew around both), starts from the side of the line that
+        person was on while hiding it (the frames before its first sighting): they came the same way. A copy:
+        both can cross."""
+        t = person.track
+        occluder = self._people.get(t.emerged_from) if t.emerged_from else None
+        if occluder is None or occluder is person or t.first_xyxy is None or self._at_border(t.first_xyxy):
+            return  # nobody in front of it, or it came in over the edge of the picture: no known side
+        for line in self.lines:
+            state = occluder.lines.get(line.name)
+            if line.name in person.lines or state is None:
+                continue  # settled from its own first sighting, or no side known
+            side, pos = state.before(t.first_seen)
+            if side != 0 and pos is not None:
+                person.lines[line.name] = _LineState(side, pos.copy())
 
     def _offer_as_orphan(self, person: _Person) -> None:
         """Make a lost/ended person's line state available to a successor track (id switch)."""

@@ -13,6 +13,9 @@
 - **Confirmation**: a track is confirmed after ``min_hits`` matched frames; only detections of at least
   ``new_track_score`` start one, so a lower threshold continues tracks than starts them. Ids are handed out at
   confirmation, so they count 1, 2, 3, ...
+- **Emergence**: a new track remembers the confirmed track, matched in the same frame, whose box held at least half
+  of its first box (``emerged_from``): it was hidden behind that person, or inside one box drawn around both, and
+  the EventBuilder lets it start from that person's side of a line.
 - **Motion gate** (:meth:`Tracker.hold`): frames without inference keep the tracks alive; the Kalman state is
   not touched, so the next detection is matched against where the person would be after the whole gap.
 
@@ -49,6 +52,9 @@ MEASURE_STD = 1 / 20  # detector noise on each box coordinate
 POS_STD_PER_S = 0.5 * (1 / 20) * np.sqrt(30)  # random walk of the position, per sqrt(second)
 VEL_STD_PER_S = 0.2 * (1 / 160) * 30 * np.sqrt(30)  # random walk of the velocity (px/s), per sqrt(second)
 INIT_VEL_STD = 1.0  # a new track's velocity is unknown: about one box height per second
+# A new track whose first box lies at least this much (share of its own area) inside the box of a track seen in the
+# same frame emerged from behind that person, or out of one box the detector had drawn around both
+EMERGE_OVERLAP = 0.5
 
 
 class TrackerSpec(BaseModel, extra="forbid"):
@@ -147,6 +153,7 @@ class Track:
     best_xyxy: np.ndarray | None = None  # the box with the highest score: the representative box
     score_sum: float = 0.0  # over the whole life, for the mean
     first_xyxy: np.ndarray | None = None  # the box of the first detection (where the track came from)
+    emerged_from: int = 0  # id of the confirmed track, seen in the same frame, whose box held the first one; 0: none
     kalman: KalmanBox | None = field(default=None, repr=False)
     _history: deque = field(default_factory=lambda: deque(maxlen=SCORE_HISTORY), repr=False)
 
@@ -209,6 +216,25 @@ def _to_xyxy(s: np.ndarray) -> np.ndarray:
     cx, cy, w, h = (float(v) for v in s[:4])
     w, h = max(w, 1.0), max(h, 1.0)
     return np.array([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2])
+
+
+def _occluder(tracks: list[Track], box: np.ndarray) -> int:
+    """Id of the track among ``tracks`` whose box holds the largest share (>= EMERGE_OVERLAP) of ``box``; 0 if none.
+
+    >>> a = Track(track_id=7, xyxy=np.array([0, 0, 50, 120], np.float32), score=0.9, class_id=0, first_seen=0.0,
+    ...           last_seen=0.0)
+    >>> _occluder([a], np.array([15.0, -10.0, 65.0, 110.0])), _occluder([a], np.array([40.0, 0.0, 90.0, 120.0]))
+    (7, 0)
+    """
+    if not tracks:
+        return 0
+    theirs = np.stack([t.xyxy for t in tracks]).astype(np.float64)
+    x1, y1, x2, y2 = (float(v) for v in box)
+    iw = np.clip(np.minimum(theirs[:, 2], x2) - np.maximum(theirs[:, 0], x1), 0, None)
+    ih = np.clip(np.minimum(theirs[:, 3], y2) - np.maximum(theirs[:, 1], y1), 0, None)
+    share = iw * ih / max((x2 - x1) * (y2 - y1), 1e-9)
+    k = int(np.argmax(share))
+    return tracks[k].track_id if share[k] >= EMERGE_OVERLAP else 0
 
 
 def greedy_match(cost_ok: np.ndarray, threshold: float) -> list[tuple[int, int]]:
@@ -295,10 +321,12 @@ class Tracker:
             else:
                 t.visible = False
                 survivors.append(t)
+        seen = [t for t in confirmed if id(t) in matched]
         for d in rest_high:
             if scores[d] < spec.new_track_score:
                 continue
             t = self._new_track(boxes[d], float(scores[d]), int(classes[d]), ts)
+            t.emerged_from = _occluder(seen, boxes[d])
             if spec.min_hits <= 1:
                 self._confirm(t)
                 started.append(t)

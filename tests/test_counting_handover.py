@@ -4,6 +4,7 @@ the line, and a box that only jitters on the line is counted zero times. The rea
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from camera.detections import Detections
 from camera.events import EventBuilder
@@ -72,3 +73,34 @@ def test_jitter_on_the_line_counts_nothing():
         frames.append([person(320 + rng.uniform(-6, 6), 240 + rng.uniform(-25, 25),
                               score=0.35 if k % 11 == 3 else 0.8, w=120, h=300)])
     assert crossings(run(frames, TrackerSpec(min_hits=2))) == []
+
+
+def pair(a_foot: float, b_foot: float | None) -> list[tuple]:
+    """Person A at ``a_foot``; person B (if seen) behind and 15 px beside A, most of B's box inside A's."""
+    boxes = [person(320, a_foot)]
+    if b_foot is not None:
+        boxes.append(person(335, b_foot))
+    return boxes
+
+
+@pytest.mark.parametrize("lag", [10, 25])
+def test_person_emerging_from_behind_another_on_the_line_is_counted(lag):
+    """Two people walk down together; B is hidden behind A (the detector sees one box) until both reach the line,
+    so B's own track starts inside the hysteresis band with no side to start from (PETS09, frame 533). B came
+    from where A, whose box held B's first one, was: B's crossing counts too. ``lag`` 10: B is first seen while
+    A is on the line; 25: in the very frame A gets beyond it (A's side *before* B appeared is the one B shares)."""
+    first = 240 if lag == 10 else 270  # A's feet when B is first seen; B's are 230 or 245, inside the 16 px band
+    walk = [pair(y, None) for y in range(120, first, 30)]  # A walks down, B unseen behind A
+    walk += [pair(y, y - lag) for y in range(first, 421, 30)]
+    events = run(walk, TrackerSpec())
+    assert len([e for e in events if e["type"] == "person.enter"]) == 2
+    assert crossings(events) == ["in", "in"]
+
+
+def test_person_emerging_on_the_line_and_turning_back_counts_nothing():
+    """The same, but B turns back the way they came once out from behind A: A crosses, B does not."""
+    walk = [pair(y, None) for y in range(120, 211, 30)]
+    walk += [[person(320, a), person(335, b)] for a, b in zip(range(240, 421, 30), range(230, 49, -30), strict=True)]
+    events = run(walk, TrackerSpec())
+    assert len([e for e in events if e["type"] == "person.enter"]) == 2
+    assert crossings(events) == ["in"]
