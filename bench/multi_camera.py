@@ -13,8 +13,8 @@ second; / 5 = cameras at 5 fps), from ``detect`` timed on one thread.
 
     .venv/bin/python bench/multi_camera.py --cameras 1 2 4 8 --seconds 20 --write
 
-Writes the "Many cameras" section of docs/benchmarks.md with ``--write``. This CPU has AMX and VNNI (fast INT8
-matrix units a Raspberry Pi lacks): absolute rates are this machine's, the ratios between setups are the result.
+Writes the "Many cameras" section of docs/benchmarks.md with ``--write``. The report names the CPU's INT8
+extensions (VNNI / AMX, which a Raspberry Pi lacks): absolute rates are this machine's, the ratios are the result.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from edge_fps import DEFAULT_MODELS, DEFAULT_WEIGHTS, SHARED, ensure_model, start_broker  # noqa: E402
+from edge_fps import DEFAULT_MODELS, DEFAULT_WEIGHTS, SHARED, ensure_model, int8_isa, start_broker  # noqa: E402
 
 VIDEOS = SHARED / "data" / "videos"
 CLIPS = [VIDEOS / n for n in ("indoor_webcam_2people_with_overlay.mp4", "outdoor_street_cctv_towncentre_720p.m4v",
@@ -138,8 +138,9 @@ def capacity(models: dict[int, Path], runs: int = 60) -> dict[int, float]:
 
 def render(rows: list[dict], caps: dict[int, float], info: dict) -> str:
     lines = [SECTION, "", "Command:", "", "```bash", info["command"], "```", "",
-             f"Measured {info['when']} on {info['machine']} (2 cores; this CPU has AMX and VNNI, which a Raspberry "
-             f"Pi lacks: the absolute rates are this machine's, the ratios between setups are the result). Model "
+             f"Measured {info['when']} on {info['machine']} (2 cores; INT8 extensions {info['isa']}, which a "
+             f"Raspberry Pi lacks: the absolute rates are this machine's, the ratios between setups are the result). "
+             f"Model "
              f"{info['model']}; every frame through the detector (motion gate and region tiles off), files as fast "
              f"as they decode, looped; a real Mosquitto receives every camera's events; {info['seconds']:.0f} s per "
              f"setup, then SIGTERM. {info['load']}", "",
@@ -165,7 +166,7 @@ def render(rows: list[dict], caps: dict[int, float], info: dict) -> str:
               "| model | detect ms (1 thread) | detections/s per core | cameras at 5 fps per core |", "|---|---|---|---|"]
     for size, ms in caps.items():
         lines.append(f"| INT8 {size}x{size} | {ms:.1f} | {1000 / ms:.0f} | {1000 / ms / 5:.0f} |")
-    lines += ["", "A Raspberry Pi core has no AMX/VNNI and a lower clock: divide by the ratio of its detect ms to "
+    lines += ["", "A Raspberry Pi core has no VNNI/AMX and a lower clock: divide by the ratio of its detect ms to "
               "these (measure it there with the same command; the arm64 check in docs/arm64-check.md proves the "
               "install and the detections, not the speed).", ""]
     return "\n".join(lines)
@@ -215,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     info = {"command": "  ".join([".venv/bin/python bench/multi_camera.py", *sys.argv[1:]]).replace("  ", " "),
             "when": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "model": models[args.imgsz].name,
-            "seconds": args.seconds,
+            "seconds": args.seconds, "isa": ", ".join(int8_isa()) or "none",
             "load": f"Load average {load0:.1f} at the start, {load1:.1f} at the end (1 min)."}
     text = render(rows, caps, info)
     print(text)
