@@ -33,7 +33,20 @@ from contract.topics import NODE_LEAF, node_document, topic_for
 
 log = logging.getLogger(__name__)
 
+CAMERA_THREAD = "camera-"  # thread-name prefix: log lines from a camera's thread say which camera they are about
 DEFAULT_WEIGHT = 10.0  # the share (in fps) of a camera with no fps set: as much as a 10 fps camera
+
+
+class CameraLogFilter(logging.Filter):
+    """Prefix ``[camera]`` to what a camera's own thread logs: with several cameras in one process, "source
+    opened" or "done: 300 frames" must say whose."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        name = threading.current_thread().name
+        if name.startswith(CAMERA_THREAD) and not getattr(record, "camera_tagged", False):
+            record.msg = f"[{name[len(CAMERA_THREAD):]}] {record.msg}"
+            record.camera_tagged = True
+        return True
 
 
 class SiteRunner:
@@ -83,7 +96,7 @@ class SiteRunner:
                                                       threads=self.threads, provider=d.provider,
                                                       provider_options=d.provider_options)
             else:
-                log.info("%s: sharing the loaded model %s", cam.camera_id, path.name)
+                log.info("sharing the loaded model %s", path.name)
         mine = copy.copy(base)  # the session and its buffers are shared; thresholds are this camera's
         mine.conf, mine.iou = thresholds.get("conf", d.conf), thresholds.get("iou", d.iou)
         return mine
@@ -94,9 +107,19 @@ class SiteRunner:
 
     def run(self) -> int:
         """Open every camera (a camera that cannot open fails the start), then run them all until each ends."""
+        tag = CameraLogFilter()
+        handlers = logging.getLogger().handlers
+        for h in handlers:
+            h.addFilter(tag)
         try:
-            for r in self.runners:
-                r.open()
+            for r in self.runners:  # one after the other, each in a thread named after its camera (log lines)
+                failed: list[BaseException] = []
+                opener = threading.Thread(target=self._guard, args=(r.open, failed),
+                                          name=CAMERA_THREAD + r.cfg.camera_id)
+                opener.start()
+                opener.join()
+                if failed:
+                    raise _naming(failed[0], r.cfg.camera_id)
             first = self.site.cameras[0]
             if first.metrics.listen:
                 from camera.metrics import serve_metrics
@@ -108,7 +131,7 @@ class SiteRunner:
                      len(self.runners), ", ".join(r.cfg.camera_id for r in self.runners), self.streams,
                      self.threads, len(self._sessions),
                      f", one MQTT connection as {self.connection.client_id}" if self.connection else "")
-            threads = [threading.Thread(target=self._camera, args=(r,), name=f"camera-{r.cfg.camera_id}")
+            threads = [threading.Thread(target=self._camera, args=(r,), name=CAMERA_THREAD + r.cfg.camera_id)
                        for r in self.runners]
             for t in threads:
                 t.start()
@@ -118,6 +141,15 @@ class SiteRunner:
             return max(self.exit_codes.values(), default=EXIT_OK)
         finally:
             self.close()
+            for h in handlers:
+                h.removeFilter(tag)
+
+    @staticmethod
+    def _guard(fn: Any, failed: list[BaseException]) -> None:
+        try:
+            fn()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            failed.append(exc)
 
     def _camera(self, runner: EdgeRunner) -> None:
         cam = runner.cfg.camera_id
@@ -153,3 +185,15 @@ class SiteRunner:
             conn.stop()
             self.connection = None
         self.scheduler.close()
+
+
+def _naming(exc: BaseException, camera_id: str) -> BaseException:
+    """The same error, its one line saying which camera could not start (a missing source, an unusable model)."""
+    from camera.detector import ModelError
+    from camera.metrics import MetricsError
+    from camera.outbox import OutboxError
+    from camera.sources import SourceError
+
+    if type(exc) in (SourceError, ModelError, OutboxError, MetricsError):
+        return type(exc)(f"camera {camera_id}: {exc}")
+    return exc

@@ -313,3 +313,11 @@ def test_every_camera_hears_a_topic_they_share_and_ha_needs_both_availabilities(
     assert doc["availability_mode"] == "all"
     assert [a["topic"] for a in doc["availability"]] == [topic_for(SITE, "door", "status"),
                                                          topic_for(SITE, NODE, "node")]
+
+
+def test_a_camera_that_cannot_start_is_named_and_the_process_exits_2(int8_model_320, tmp_path):
+    cfg = write_site(tmp_path, int8_model_320, [{"camera_id": "door", "source": str(INDOOR_CLIP)},
+                                                {"camera_id": "till", "source": str(tmp_path / "gone.mp4")}])
+    proc = edge(tmp_path, cfg)
+    assert proc.wait(60) == 2
+    assert f"smartcam-edge: camera till: source not found: {tmp_path / 'gone.mp4'}" in proc.output()
