@@ -125,7 +125,10 @@ def test_canary_rollout_aborts_on_a_broken_model_then_a_good_one_reaches_all(mos
         for c in ("c2", "c3"):
             assert all(d["version"] != bad for d in watch.reports(SITE, c))
         # the canary's desired document was put back (it had none: cleared)
-        assert retained[camera_desired_topic(SITE, "c1")] == b""
+        # (deploy returns on the broker's PUBACK of the clear; the watcher's copy may still be on its way)
+        canary = camera_desired_topic(SITE, "c1")
+        assert watch.sub.wait_for(lambda: [p for t, p, _ in list(watch.sub.messages) if t == canary][-1:] == [b""],
+                                  10), "the canary's desired document was not cleared"
 
         # a good model passes the canary and reaches every camera, then rollback restores the previous one
         out = model_cli("deploy", "--registry", str(reg), "--version", good, "--broker", mosquitto.url, "--site",
