@@ -2,7 +2,7 @@
 
 ``--scene pets09`` (default): ``../shared/data/sequences/PETS09-S2L1/`` (768x576, 7 fps, 795 frames), scored on
 its ground truth; ``--scene towncentre``: the street clip (1280x720, 24.9 fps, 523 frames), scored on 16
-hand-checked frames of its last 40 % (``bench/data/towncentre_heldout_labels.json``; ``bench/loop_scenes.py``).
+hand-checked frames of its last 40 % (``bench/data/towncentre_eval_labels.json``; ``bench/loop_scenes.py``).
 On each, the edge's own sampler
 (``camera.sampler``, behind the general 320 INT8 model, detector + filters + tracker as the edge runs them) picks
 frames from the first 60 % of the video; the teacher (``models.label``) labels them; the model is fine-tuned

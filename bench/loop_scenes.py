@@ -7,7 +7,7 @@ persons-eval format (``{"image", "width", "height", "boxes", "visibility", "igno
 
 * ``pets09``: ``../shared/data/sequences/PETS09-S2L1`` with its ground truth (``gt.json``), every frame of the slice;
 * ``towncentre``: the street clip ``outdoor_street_cctv_towncentre_720p.m4v`` with the hand-checked labels of 16
-  frames of the slice (``bench/data/towncentre_heldout_labels.json``: teacher labels corrected by hand, each
+  frames of the slice (``bench/data/towncentre_eval_labels.json``: teacher labels corrected by hand, each
   frame's changes recorded there).
 """
 
@@ -27,7 +27,7 @@ SHARED = Path(os.environ.get("SMARTCAM_SHARED", ROOT.parent / "shared"))
 VIDEOS = SHARED / "data" / "videos"
 PETS = SHARED / "data" / "sequences" / "PETS09-S2L1"
 STREET = VIDEOS / "outdoor_street_cctv_towncentre_720p.m4v"
-TOWNCENTRE_LABELS = ROOT / "bench" / "data" / "towncentre_heldout_labels.json"
+TOWNCENTRE_LABELS = ROOT / "bench" / "data" / "towncentre_eval_labels.json"
 
 Labeler = Callable[[list[np.ndarray], int, Path], Path]
 

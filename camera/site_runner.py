@@ -158,7 +158,12 @@ class SiteRunner:
         except Exception as exc:  # noqa: BLE001 - one camera's failure ends that camera, never the others
             from camera.cli import exit_code_for
 
-            code, message = exit_code_for(exc)
+            try:
+                code, message = exit_code_for(exc)
+            except Exception:  # noqa: BLE001 - not one of ours: a bug; its traceback, and never exit 0
+                log.exception("camera %s stopped on an unexpected error", cam)
+                self.exit_codes[cam] = 1
+                return
             log.error("camera %s stopped: %s", cam, message)
             self.exit_codes[cam] = code
         else:
