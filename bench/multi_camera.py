@@ -67,10 +67,16 @@ def camera_list(n: int, work: Path) -> list[dict]:
     return cams
 
 
-def run_setup(n: int, shared: bool, model: Path, broker_url: str, seconds: float, work: Path) -> dict:
-    """One setup: returns total fps, per-camera fps and peak RSS (MB, summed over processes)."""
+BATCHES = re.compile(r"detector pool: (\d+) frames in (\d+) network runs")
+
+
+def run_setup(n: int, shared: bool, model: Path, broker_url: str, seconds: float, work: Path,
+              batch: int = 1) -> dict:
+    """One setup: returns total fps, per-camera fps and peak RSS (MB, summed over processes); ``batch``: the one
+    process's ``detector.batch`` (frames of several cameras in one network run)."""
     work.mkdir(parents=True, exist_ok=True)
-    base = {"site": "bench", "model": str(model), "detector": {"regions": "off"}, "motion": {"enabled": False},
+    base = {"site": "bench", "model": str(model), "detector": {"regions": "off", "batch": batch},
+            "motion": {"enabled": False},
             "mqtt": {"broker": broker_url, "stats_interval_s": 5}, "outbox": {"dir": str(work / "state")},
             "drain_timeout_s": 10}
     cams = camera_list(n, work)
@@ -86,6 +92,7 @@ def run_setup(n: int, shared: bool, model: Path, broker_url: str, seconds: float
             configs.append(path)
     env = {**os.environ, "XDG_STATE_HOME": str(work / "xdg")}
     fps: dict[str, float] = {}
+    mean_batch = 1.0
     with contextlib.ExitStack() as stack:
         logs = [stack.enter_context(tempfile.TemporaryFile()) for _ in configs]
         procs = [subprocess.Popen([sys.executable, "-m", "camera", "run", "--config", str(c)], cwd=ROOT,
@@ -107,8 +114,18 @@ def run_setup(n: int, shared: bool, model: Path, broker_url: str, seconds: float
             if proc.returncode != 0 or not found:
                 raise SystemExit(f"edge run failed (exit {proc.returncode}):\n{out[-3000:]}")
             fps.update({cam: float(f) for _, f, cam in found})
-    return {"n": n, "shared": shared, "fps": fps, "total": sum(fps.values()),
-            "fairness": min(fps.values()) / max(fps.values()), "rss_mb": sum(peaks) / 1024}
+            pool = BATCHES.search(out)
+            if pool:
+                mean_batch = int(pool.group(1)) / int(pool.group(2))
+    return {"n": n, "shared": shared, "batch": batch if shared else 1, "fps": fps, "total": sum(fps.values()),
+            "fairness": min(fps.values()) / max(fps.values()), "rss_mb": sum(peaks) / 1024,
+            "mean_batch": mean_batch}
+
+
+def _dynamic(path: Path) -> bool:
+    from camera.detector import Detector
+
+    return Detector(path).dynamic_batch
 
 
 def capacity(models: dict[int, Path], runs: int = 60) -> dict[int, float]:
@@ -145,21 +162,30 @@ def render(rows: list[dict], caps: dict[int, float], info: dict) -> str:
              f"as they decode, looped; a real Mosquitto receives every camera's events; {info['seconds']:.0f} s per "
              f"setup, then SIGTERM. {info['load']}", "",
              "| cameras | setup | inferences/s (total, best pass) | each pass | per-camera fps (min-max) | fairness "
-             "(min/max) | peak RSS MB | RSS per extra camera MB |", "|---|---|---|---|---|---|---|---|"]
-    by = {(r["n"], r["shared"]): r for r in rows}
+             "(min/max) | peak RSS MB | RSS per extra camera MB | frames per network run |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    by = {(r["n"], r["shared"], r["batch"]): r for r in rows}
     for r in rows:
-        one = by.get((1, r["shared"]))
+        one = by.get((1, r["shared"], r["batch"]))
         extra = (f"{(r['rss_mb'] - one['rss_mb']) / (r['n'] - 1):.0f}" if one is not None and r["n"] > 1 else "")
         vals = list(r["fps"].values())
-        lines.append(f"| {r['n']} | {'one process, shared detector' if r['shared'] else f'{r[chr(110)]} processes'} "
-                     f"| {r['total']:.1f} | {' / '.join(f'{t:.1f}' for t in r.get('passes', []))} | {min(vals):.1f}-{max(vals):.1f} | {r['fairness']:.2f} | "
-                     f"{r['rss_mb']:.0f} | {extra} |")
+        setup = f"one process, batch {r['batch']}" if r["shared"] else f"{r['n']} processes"
+        lines.append(f"| {r['n']} | {setup} | {r['total']:.1f} | {' / '.join(f'{t:.1f}' for t in r.get('passes', []))} "
+                     f"| {min(vals):.1f}-{max(vals):.1f} | {r['fairness']:.2f} | {r['rss_mb']:.0f} | {extra} | "
+                     f"{r['mean_batch']:.2f} |")
     lines += ["", "Ratios, one process / N processes, same run:", ""]
+    batches = sorted({r["batch"] for r in rows if r["shared"]})
     for n in sorted({r["n"] for r in rows}):
-        s, p = by.get((n, True)), by.get((n, False))
-        if s and p:
-            lines.append(f"- N = {n}: throughput {s['total'] / p['total']:.2f}x, memory {s['rss_mb'] / p['rss_mb']:.2f}x"
-                         f", fairness {s['fairness']:.2f} vs {p['fairness']:.2f}")
+        p = by.get((n, False, 1))
+        for b in batches:
+            s = by.get((n, True, b))
+            if s and p:
+                lines.append(f"- N = {n}, batch {b}: throughput {s['total'] / p['total']:.2f}x, memory "
+                             f"{s['rss_mb'] / p['rss_mb']:.2f}x, fairness {s['fairness']:.2f} vs {p['fairness']:.2f}")
+    if len(batches) > 1:
+        lines += ["", f"Batching, one process, batch {batches[-1]} / batch {batches[0]}: " + ", ".join(
+            f"N = {n} {by[(n, True, batches[-1])]['total'] / by[(n, True, batches[0])]['total']:.2f}x"
+            for n in sorted({r["n"] for r in rows}) if (n, True, batches[0]) in by and (n, True, batches[-1]) in by)]
     lines += ["", "Capacity by the Frigate rule of thumb (1000 / detector ms = detections per second; a camera at 5 "
               "fps needs 5), from `Detector.detect` (letterbox + network + decode) on one thread, median of 60 "
               "street-clip frames, this machine's core:", "",
@@ -192,10 +218,14 @@ def main(argv: list[str] | None = None) -> None:
                     help="model sizes for the capacity table (default 320 480 640)")
     ap.add_argument("--repeat", type=int, default=2, help="passes, order alternating; the best is reported "
                     "(default 2)")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 4], help="detector.batch values for the one "
+                    "process (default 1 4: frame by frame, and up to 4 cameras' frames in one network run)")
     ap.add_argument("--write", action="store_true", help="replace the section in docs/benchmarks.md")
     args = ap.parse_args(argv)
     models = {s: DEFAULT_MODELS / f"yolov8n-person-int8-{s}.onnx" for s in {args.imgsz, *args.capacity_sizes}}
     for s, path in models.items():
+        if path.exists() and not _dynamic(path):  # built before models took a dynamic batch: rebuild
+            path.unlink()
         ensure_model(path, DEFAULT_WEIGHTS, (s, s))
     load0 = os.getloadavg()[0]
     rows = []
@@ -204,20 +234,22 @@ def main(argv: list[str] | None = None) -> None:
         if broker is None:
             raise SystemExit("Mosquitto is needed (scripts/setup.sh installs it)")
         try:
-            passes: dict[tuple[int, bool], list[dict]] = {}
+            passes: dict[tuple[int, bool, int], list[dict]] = {}
+            setups = [(True, b) for b in args.batch] + [(False, 1)]
             for rep in range(args.repeat):
                 for n in args.cameras:
-                    # the order alternates between passes: neither setup always runs on a warmer machine
-                    for shared in ((True, False) if rep % 2 == 0 else (False, True)):
+                    # the order alternates between passes: no setup always runs on a warmer machine
+                    for shared, batch in (setups if rep % 2 == 0 else setups[::-1]):
                         r = run_setup(n, shared, models[args.imgsz], broker.url, args.seconds,
-                                      Path(tmp) / f"{rep}-{n}-{'one' if shared else 'many'}")
-                        passes.setdefault((n, shared), []).append(r)
-                        print(f"pass {rep + 1} N={n} {'one process' if shared else f'{n} processes':>12}: "
-                              f"{r['total']:6.1f} inf/s, fairness {r['fairness']:.2f}, RSS {r['rss_mb']:.0f} MB  "
+                                      Path(tmp) / f"{rep}-{n}-{'one' if shared else 'many'}-{batch}", batch=batch)
+                        passes.setdefault((n, shared, batch), []).append(r)
+                        label = f"one process b{batch}" if shared else f"{n} processes"
+                        print(f"pass {rep + 1} N={n} {label:>14}: {r['total']:6.1f} inf/s, fairness "
+                              f"{r['fairness']:.2f}, RSS {r['rss_mb']:.0f} MB, {r['mean_batch']:.2f} frames/run  "
                               f"{r['fps']}", flush=True)
             for n in args.cameras:
-                for shared in (True, False):
-                    runs = passes[(n, shared)]
+                for shared, batch in setups:
+                    runs = passes[(n, shared, batch)]
                     best = max(runs, key=lambda r: r["total"])  # best of the passes, as bench/edge_fps.py
                     rows.append({**best, "passes": [r["total"] for r in runs]})
         finally:

@@ -46,6 +46,9 @@ class DetectorConfig(_Strict):
                                 description="inference threads per stream (default: the cores shared by the streams)")
     streams: int | None = Field(None, ge=1, le=16,
                                 description="frames in the detector at once, in order (default: see docs)")
+    batch: int = Field(1, ge=1, le=32, description="several cameras in one process: run up to this many waiting "
+                       "frames of one model in one network call when the model's batch is dynamic (smartcam-model "
+                       "build makes it so; 1: one frame per call)")
     regions: Literal["auto", "lines", "off"] = Field(
         "auto", description="also detect on tiles around the counting lines at region_scale x the model input, "
         "merged with the full frame (camera/regions.py); auto = only when that sees the lines >= 1.3x sharper")

@@ -249,6 +249,8 @@ class Detector:
                 f"(task={meta.get('task', '?')}, outputs={[o.shape for o in outputs]})"
             )
         self.input_name = inputs[0].name
+        # a batch dimension without a fixed size (models/head.py dynamic_batch): several frames in one run
+        self.dynamic_batch = not isinstance(inputs[0].shape[0], int)
         self.input_dtype = np.float16 if "float16" in inputs[0].type else np.float32
         self.imgsz = self._read_imgsz(meta.get("imgsz"), inputs[0].shape, path)
         self.names = self._read_names(meta.get("names"), outputs[0].shape)
@@ -310,6 +312,10 @@ class Detector:
     # ---- inference --------------------------------------------------------------------------------------------
     def infer(self, blob: np.ndarray) -> np.ndarray:
         """Run the network on a preprocessed ``1x3xHxW`` blob; returns the raw ``(4+nc, N)`` prediction."""
+        return self.infer_batch(blob)[0]
+
+    def infer_batch(self, blob: np.ndarray) -> list[np.ndarray]:
+        """Run the network on ``Bx3xHxW`` (B > 1 needs :attr:`dynamic_batch`); one ``(4+nc, N)`` per image."""
         if blob.dtype != self.input_dtype:
             blob = blob.astype(self.input_dtype)
         out = self.session.run(None, {self.input_name: blob})[0]
@@ -317,8 +323,8 @@ class Detector:
             self._channels_first = self._layout(list(out.shape))
             if self._channels_first is None:
                 raise ModelError(f"unsupported model layout: output {out.shape} for {self.nc} classes")
-        pred = out[0] if self._channels_first else out[0].T
-        return pred if pred.dtype == np.float32 else pred.astype(np.float32)
+        preds = out if self._channels_first else out.transpose(0, 2, 1)
+        return [p if p.dtype == np.float32 else p.astype(np.float32) for p in preds]
 
     def postprocess(
         self, pred: np.ndarray, ratio: float, pad: tuple[float, float], source_hw: tuple[int, int]
@@ -357,6 +363,28 @@ class Detector:
         return self.postprocess(self.infer(blob), ratio, pad, image_bgr.shape[:2])
 
     __call__ = detect
+
+
+def detect_batch(detectors: Sequence[Detector], images: Sequence[np.ndarray]) -> list[Detections]:
+    """``detectors[i].detect(images[i])`` for every i, in one network run: the detectors share one session (the
+    copies a multi-camera edge makes of one loaded model, each with its own thresholds) whose batch is dynamic.
+    Each image is letterboxed to the model's input on its own and decoded with its own detector's thresholds, so
+    the results are those of the one-by-one calls (tests/test_detector_batch.py)."""
+    if len(detectors) != len(images):
+        raise ValueError(f"{len(detectors)} detectors for {len(images)} images")
+    if not images:
+        return []
+    first = detectors[0]
+    if len(images) == 1:
+        return [first.detect(images[0])]
+    if not first.dynamic_batch:
+        raise ModelError(f"model {first.path.name} has a fixed batch of 1 (rebuild it without --static-batch)")
+    if any(d.session is not first.session for d in detectors):
+        raise ValueError("detect_batch needs detectors that share one session")
+    prepared = [preprocess(image, first.imgsz) for image in images]
+    preds = first.infer_batch(np.concatenate([blob for blob, _, _ in prepared]))
+    return [d.postprocess(pred, ratio, pad, image.shape[:2])
+            for d, pred, (_, ratio, pad), image in zip(detectors, preds, prepared, images, strict=True)]
 
 
 def detect_images(

@@ -12,6 +12,12 @@ oldest, which is what makes a live source drop its stale frames (it keeps only t
 behind real time, and a file wait for its turn. Frames a camera's motion gate skips never enter the pool, so
 quiet cameras free capacity for busy ones.
 
+Batching (``max_batch`` > 1): a worker that picks a frame whose lane has a ``batch`` detector (a model with a
+dynamic batch, camera/detector.py) keeps picking, in the same fair order, while the next frame is for the same
+model session, up to ``max_batch`` frames, and runs them as one network call (:func:`camera.detector.detect_batch`).
+The order in which frames are picked, and so every lane's share, is the same as without batching; each frame's
+result is what its own camera's detector would have given alone.
+
 >>> sched = FairScheduler(workers=1)
 >>> a, b = sched.lane(lambda img: ("a", img), "a"), sched.lane(lambda img: ("b", img), "b")
 >>> from camera.frame import Frame
@@ -24,14 +30,18 @@ quiet cameras free capacity for busy ones.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from camera.detector import detect_batch
 from camera.frame import Frame
 from camera.inference import Result
+
+log = logging.getLogger(__name__)
 
 
 class _Job:
@@ -55,8 +65,10 @@ class _Job:
 class FairScheduler:
     """``workers`` inference threads serving every lane by weighted fair share (see the module docstring)."""
 
-    def __init__(self, workers: int = 1) -> None:
+    def __init__(self, workers: int = 1, max_batch: int = 1) -> None:
         self.workers = max(1, int(workers))
+        self.max_batch = max(1, int(max_batch))
+        self.batches: dict[int, int] = {}  # network runs by batch size (stats, the benchmark)
         self._cond = threading.Condition()
         self._lanes: list[Lane] = []
         self._clock = 0.0  # virtual time: the least pass of the lanes served so far
@@ -66,10 +78,14 @@ class FairScheduler:
         for t in self._threads:
             t.start()
 
-    def lane(self, detect: Callable[[Any], Any], name: str, *, weight: float = 1.0, depth: int | None = None) -> Lane:
+    def lane(self, detect: Callable[[Any], Any], name: str, *, weight: float = 1.0, depth: int | None = None,
+             batch: Any = None) -> Lane:
         """A new lane for one camera: ``detect(image) -> Detections``, its share ``weight`` (e.g. its fps),
-        ``depth`` frames in the pool at most (default ``workers + 1``: every worker can stay busy on it alone)."""
-        lane = Lane(self, detect, name, weight=weight, depth=depth or self.workers + 1)
+        ``depth`` frames in the pool at most (default ``workers + 1``: every worker can stay busy on it alone).
+        ``batch``: the :class:`~camera.detector.Detector` whose ``detect`` that is, when the lane's frames may run
+        in one batch with other lanes' frames on the same session (only if its model's batch is dynamic)."""
+        lane = Lane(self, detect, name, weight=weight, depth=depth or self.workers + 1,
+                    batch=batch if batch is not None and getattr(batch, "dynamic_batch", False) else None)
         with self._cond:
             self._lanes.append(lane)
         return lane
@@ -92,32 +108,67 @@ class FairScheduler:
                 self._lanes.remove(lane)
 
     # ------------------------------------------------------------------ workers
-    def _next(self) -> tuple[Lane, _Job] | None:
+    def _pick(self) -> tuple[Lane, _Job] | None:
+        """The next frame in fair order (the lane with the least virtual time), or None if none waits."""
+        ready = [lane for lane in self._lanes if lane.waiting]
+        if not ready:
+            return None
+        lane = min(ready, key=lambda ln: (ln.pass_, ln.order))
+        return lane, lane.waiting[0]
+
+    def _take(self, lane: Lane) -> _Job:
+        self._clock = lane.pass_
+        lane.pass_ += 1.0 / lane.weight
+        lane.runs += 1
+        return lane.waiting.popleft()
+
+    def _next(self) -> list[tuple[Lane, _Job]] | None:
+        """The frames for one network run: the next in fair order, plus (batching) the ones after it in the same
+        order while they are for the same session; None when closed."""
         with self._cond:
             while True:
                 if self._closed:
                     return None
-                ready = [lane for lane in self._lanes if lane.waiting]
-                if ready:
-                    lane = min(ready, key=lambda ln: (ln.pass_, ln.order))
-                    self._clock = lane.pass_
-                    lane.pass_ += 1.0 / lane.weight
-                    lane.runs += 1
-                    return lane, lane.waiting.popleft()
+                picked = self._pick()
+                if picked is not None:
+                    lane = picked[0]
+                    jobs = [(lane, self._take(lane))]
+                    session = lane.batch.session if lane.batch is not None else None
+                    while session is not None and len(jobs) < self.max_batch:
+                        following = self._pick()
+                        if following is None or following[0].batch is None or \
+                                following[0].batch.session is not session:
+                            break
+                        jobs.append((following[0], self._take(following[0])))
+                    return jobs
                 self._cond.wait()
 
     def _work(self) -> None:
         while (picked := self._next()) is not None:
-            lane, job = picked
             t0 = time.perf_counter()
-            try:
-                detections = job.detect(job.image)
-                job.result = (detections, (time.perf_counter() - t0) * 1000.0)
-            except BaseException as exc:  # noqa: BLE001 - handed to the camera's own thread, raised there
-                job.error = exc
-            lane.busy_ms += (time.perf_counter() - t0) * 1000.0
-            job.image = None
-            job.done.set()
+            results: list[Any] = []
+            if len(picked) > 1:
+                try:
+                    results = detect_batch([lane.batch for lane, _ in picked], [job.image for _, job in picked])
+                except Exception:  # noqa: BLE001 - e.g. one camera's bad frame: each one alone, its error its own
+                    log.debug("a batch of %d failed; running its frames one by one", len(picked), exc_info=True)
+                    results = []
+            if not results:
+                for _, job in picked:
+                    try:
+                        results.append(job.detect(job.image))
+                    except BaseException as exc:  # noqa: BLE001 - handed to the camera's own thread, raised there
+                        results.append(exc)
+            share_ms = (time.perf_counter() - t0) * 1000.0 / len(picked)  # each frame's share of the run
+            self.batches[len(picked)] = self.batches.get(len(picked), 0) + 1
+            for (lane, job), outcome in zip(picked, results, strict=True):
+                if isinstance(outcome, BaseException):
+                    job.error = outcome
+                else:
+                    job.result = (outcome, share_ms)
+                lane.busy_ms += share_ms
+                job.image = None
+                job.done.set()
 
     def close(self) -> None:
         """Stop the workers (frames still waiting are failed; call after every lane is drained)."""
@@ -139,11 +190,12 @@ class Lane:
     _count = 0
 
     def __init__(self, scheduler: FairScheduler, detect: Callable[[Any], Any], name: str, *, weight: float,
-                 depth: int) -> None:
+                 depth: int, batch: Any = None) -> None:
         if weight <= 0:
             raise ValueError(f"lane weight must be > 0, got {weight}")
         self.scheduler, self._detect, self.name = scheduler, detect, name
         self.weight, self.depth = float(weight), max(1, int(depth))
+        self.batch = batch  # the Detector its frames may be batched on (None: one by one through ``detect``)
         Lane._count += 1
         self.order = Lane._count  # ties in virtual time go to the older lane: deterministic
         self.pass_ = 0.0

@@ -80,7 +80,7 @@ class EdgeRunner:
         self.live_files = live_files
         self.cfg = cfg
         self.connection = connection
-        self._new_queue = new_queue or (lambda detect: InferenceQueue(detect, self.streams))
+        self._new_queue = new_queue or (lambda detect, batch=None: InferenceQueue(detect, self.streams))
         self._shared_load = load_detector
         self.availability = availability or []
         self._stop = threading.Event()
@@ -274,7 +274,8 @@ class EdgeRunner:
         if self._swap_pending is not None:  # the previous swap's old frames first
             self._complete_swap(process, builder)
         t0 = time.perf_counter()
-        new_queue = self._new_queue(self._detect_fn(swap.detector, swap.detect))
+        new_queue = self._new_queue(self._detect_fn(swap.detector, swap.detect),
+                                    self._batchable(swap.detector, swap.detect))
         self._swap_pending = (swap, queue, first, (time.perf_counter() - t0) * 1000)
         return new_queue
 
@@ -341,6 +342,13 @@ class EdgeRunner:
                               lambda w, h: [line.pixel_points(w, h) for line in cfg.lines],
                               scale=cfg.detector.region_scale, mode=cfg.detector.regions).detect
 
+    def _batchable(self, detector: Any, detect: Any = None) -> Any:
+        """``detector`` when the queue runs its plain ``detect`` (no probation guard, no region tiles): a shared
+        pool may then run this camera's frames in one batch with other cameras' (camera/fair_scheduler.py)."""
+        plain = detect is None or detect == detector.detect
+        tiles = self.cfg.detector.regions != "off" and bool(self.cfg.lines)
+        return detector if plain and not tiles else None
+
     def _loop(self) -> int:
         from camera.events import EventBuilder
         from camera.filters import apply_filters
@@ -354,7 +362,7 @@ class EdgeRunner:
                                model_sha256=self.detector.sha256, zones=cfg.zones, lines=cfg.lines,
                                track_threshold=(active.thresholds if active else {}).get(
                                    "track_threshold", cfg.filters.track_threshold))
-        queue = self._new_queue(self._detect_fn(self.detector))
+        queue = self._new_queue(self._detect_fn(self.detector), self._batchable(self.detector))
         tracks_out = None
         if cfg.tracks_file:
             from camera.mot import MotWriter

@@ -32,7 +32,8 @@ from contract.topics import is_valid_name
 
 #: settings of the process, not of a camera: one MQTT connection, one detector pool, one metrics server
 SHARED_ONLY = ("site", "mqtt.broker", "mqtt.username", "mqtt.password", "mqtt.tls_ca", "mqtt.tls_insecure",
-               "mqtt.client_id", "detector.streams", "detector.threads", "detector.provider", "metrics.listen")
+               "mqtt.client_id", "detector.streams", "detector.threads", "detector.batch", "detector.provider",
+               "metrics.listen")
 #: outputs every camera needs its own of
 PER_CAMERA_FILES = ("outbox_path", "events_file", "tracks_file", "save_video", "model_dir")
 PLACEHOLDER_KEYS = (("outbox", "path"), ("outbox", "dir"), ("model_updates", "dir"), ("events_file",),

@@ -58,7 +58,7 @@ class SiteRunner:
         d = first.detector
         self.streams = d.streams or default_streams()
         self.threads = d.threads or default_threads(self.streams)
-        self.scheduler = FairScheduler(workers=self.streams)
+        self.scheduler = FairScheduler(workers=self.streams, max_batch=d.batch)
         self._sessions: dict[tuple[str, tuple[str, ...]], Any] = {}  # (model file, classes) -> Detector
         self._lock = threading.Lock()
         self.connection: MqttConnection | None = None
@@ -78,7 +78,8 @@ class SiteRunner:
         weight = cam.fps or DEFAULT_WEIGHT
         return EdgeRunner(
             cam, connection=self.connection,
-            new_queue=lambda detect: self.scheduler.lane(detect, cam.camera_id, weight=weight),
+            new_queue=lambda detect, batch=None: self.scheduler.lane(detect, cam.camera_id, weight=weight,
+                                                                     batch=batch),
             load_detector=lambda path, thresholds: self._detector(cam, Path(path), thresholds),
             availability=[(self.node_topic, "{{ value_json.state }}")] if self.connection else None,
             live_files=True)
@@ -138,11 +139,20 @@ class SiteRunner:
             for t in threads:
                 while t.is_alive():  # join in slices: the main thread must stay free for signals
                     t.join(0.5)
+            self._log_batches()
             return max(self.exit_codes.values(), default=EXIT_OK)
         finally:
             self.close()
             for h in handlers:
                 h.removeFilter(tag)
+
+    def _log_batches(self) -> None:
+        """How the detector pool ran the frames: network runs by batch size (detector.batch, fair_scheduler)."""
+        runs = dict(sorted(self.scheduler.batches.items()))
+        frames = sum(size * count for size, count in runs.items())
+        if frames:
+            log.info("detector pool: %d frames in %d network runs (%s), max batch %d", frames, sum(runs.values()),
+                     ", ".join(f"{count} x {size}" for size, count in runs.items()), self.scheduler.max_batch)
 
     @staticmethod
     def _guard(fn: Any, failed: list[BaseException]) -> None:

@@ -19,7 +19,7 @@ from camera.detector import ModelError
 from models.calibration import check_sources, sample_frames
 from models.evaluate import evaluate_accuracy, load_labels, measure_latency
 from models.export import fp32_model
-from models.head import model_names, slim_classes
+from models.head import BATCH_DIM, dynamic_batch, fixed_batch, model_names, slim_classes
 from models.imgsz import imgsz_problem
 from models.manifest import build_manifest, write_manifest
 from models.quantize import QuantSettings, quantize_model
@@ -134,12 +134,14 @@ def build_model(
     labels: str | None = None,
     latency_runs: int = 10,
     progress: bool = True,
+    static_batch: bool = False,
 ) -> BuildResult:
     """Build an INT8 model (and optionally keep its fp32 twin); returns paths and the manifest written.
 
     Inputs and outputs are checked before the work; the model and its manifest are written to temporary files
     beside ``out`` and renamed over it only when every step succeeded, so a failed build leaves a good model
-    (and its manifest) as it was.
+    (and its manifest) as it was. The model takes a batch of any size (several cameras' frames in one run,
+    camera/fair_scheduler.py) unless ``static_batch``: at batch 1 both run as fast.
     """
     settings = settings or QuantSettings()
     out_path = Path(out) if out else default_out(weights, imgsz, keep_classes)
@@ -155,7 +157,7 @@ def build_model(
             tqdm(total=4, desc="build", disable=not progress, unit="step") as steps,
         ):
             steps.set_postfix_str("fp32 export")
-            fp32 = fp32_model(weights, imgsz, Path(tmp) / "export")
+            fp32 = fixed_batch(fp32_model(weights, imgsz, Path(tmp) / "export"))
             if keep_classes:
                 fp32 = slim_classes(fp32, keep_classes)
             names = model_names(fp32)
@@ -164,7 +166,7 @@ def build_model(
                 staged.append(fp32_path)
             else:
                 fp32_path = Path(tmp) / f"{out_path.stem}-fp32.onnx"
-            onnx.save(fp32, fp32_path)
+            onnx.save(fp32 if static_batch else dynamic_batch(fp32), fp32_path)
             steps.update(1)
 
             steps.set_postfix_str("calibration frames")
@@ -179,6 +181,8 @@ def build_model(
                 total=len(frames), desc="calibrate", disable=not progress, leave=False, unit="frame"
             ) as bar:
                 _, used = quantize_model(fp32, frames, imgsz, int8_path, settings, progress=bar)
+            if not static_batch:  # after quantizing: its shape inference needs the fixed batch
+                onnx.save(dynamic_batch(onnx.load(int8_path)), int8_path)
             steps.update(1)
 
             steps.set_postfix_str("measure")
@@ -204,6 +208,7 @@ def build_model(
                 results={**int8_res, "fp32_reference": fp32_res} if fp32_res else int8_res,
             )
             manifest["head"] = "slim: " + ",".join(keep_classes) if keep_classes else "all classes"
+            manifest["batch"] = 1 if static_batch else BATCH_DIM
             fp32_manifest = None
             if fp32_final is not None:
                 fp32_manifest = build_manifest(

@@ -76,6 +76,9 @@ def _parser() -> argparse.ArgumentParser:
         "--keep-classes", nargs="+", metavar="NAME", help="slim the head to these classes (e.g. person)"
     )
     b.add_argument("--fp32-out", help="also write the fp32 ONNX at this size (+ manifest) here")
+    b.add_argument("--static-batch", action="store_true",
+                   help="a fixed batch of 1 (default: any batch size, so an edge running several cameras can run "
+                   "their waiting frames as one batch; as fast at batch 1)")
     b.add_argument("--labels", help=f"labels.json to measure AP on (default {DEFAULT_LABELS} if present)")
     b.add_argument("--no-eval", action="store_true", help="skip accuracy measurement")
     b.add_argument(
@@ -192,6 +195,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         settings=settings,
         keep_classes=args.keep_classes,
         fp32_out=args.fp32_out,
+        static_batch=args.static_batch,
         labels=labels,
         latency_runs=args.latency_runs,
         progress=not args.quiet,

@@ -4,6 +4,7 @@ Why: an Ultralytics export is fully convolutional except for three things baked 
 anchor grid, the stride row and the anchor count in the DFL reshapes). Rewriting those lets us build any
 ``--imgsz`` from an fp32 ONNX without torch. Slimming keeps only the classes the edge needs (person), and
 ``fast_dfl`` moves the DFL softmax to the last axis (onnxruntime is slow on the other), and
+``dynamic_batch`` lets one run take several frames (several cameras' frames at once: camera/fair_scheduler.py), and
 ``decode_nodes`` names the float-only tail (DFL, box decode, concat of boxes and scores) that must stay
 out of quantization: one INT8 scale cannot cover box pixels (0..imgsz) and scores (0..1) at once.
 """
@@ -140,6 +141,63 @@ def retarget(model: onnx.ModelProto, imgsz: tuple[int, int]) -> onnx.ModelProto:
     graph.output[0].type.tensor_type.shape.dim[2].dim_value = n_new
     del graph.value_info[:]
     set_metadata(out, {"imgsz": str(list(imgsz))})
+    return onnx.shape_inference.infer_shapes(out)
+
+
+BATCH_DIM = "batch"  # the name of a dynamic batch dimension
+
+
+def dynamic_batch(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Return a copy that takes a batch of any size: input and output dim 0 become ``batch``, and the head's
+    reshapes, exported with a fixed leading 1, copy their input's batch instead (shape value 0). Per image the
+    results are exactly those of the static graph (tests/test_head.py); at batch 1 it runs as fast.
+
+    >>> import onnx.helper as oh
+    >>> g = oh.make_graph([oh.make_node("Reshape", ["x", "s"], ["y"])], "g",
+    ...                   [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4, 2])],
+    ...                   [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 8])],
+    ...                   [numpy_helper.from_array(np.array([1, -1], np.int64), "s")])
+    >>> m = dynamic_batch(oh.make_model(g))
+    >>> m.graph.input[0].type.tensor_type.shape.dim[0].dim_param, numpy_helper.to_array(m.graph.initializer[0])
+    ('batch', array([ 0, -1]))
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    inits = {i.name: i for i in graph.initializer}
+    for node in graph.node:
+        if node.op_type != "Reshape":
+            continue
+        shape = inits.get(node.input[1])
+        if shape is None:
+            raise ModelError(f"cannot make the batch dynamic: reshape {node.name} has a computed shape")
+        arr = numpy_helper.to_array(shape)
+        if arr.size and arr[0] == 1:
+            arr = arr.copy()
+            arr[0] = 0  # "copy dim 0 from the input": the batch
+            shape.CopyFrom(numpy_helper.from_array(arr, shape.name))
+    for value in (*graph.input, *graph.output):
+        dim = value.type.tensor_type.shape.dim[0]
+        dim.ClearField("dim_value")
+        dim.dim_param = BATCH_DIM
+    del graph.value_info[:]
+    return onnx.shape_inference.infer_shapes(out)
+
+
+def fixed_batch(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Return ``model`` with a batch of 1 where its batch is dynamic (an export with ``dynamic=True``, or our own
+    fp32 twin): quantization's shape inference needs it fixed. Reshapes that copy the batch (0) still work."""
+    dims = [v.type.tensor_type.shape.dim[0] for v in (*model.graph.input, *model.graph.output)]
+    if all(d.HasField("dim_value") for d in dims):
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for value in (*out.graph.input, *out.graph.output):
+        dim = value.type.tensor_type.shape.dim[0]
+        if not dim.HasField("dim_value"):
+            dim.ClearField("dim_param")
+            dim.dim_value = 1
+    del out.graph.value_info[:]
     return onnx.shape_inference.infer_shapes(out)
 
 

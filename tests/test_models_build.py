@@ -198,6 +198,15 @@ def test_build_person_model_from_onnx_with_measurements(tmp_path):
     assert res["speedup_vs_fp32"]["infer"]["1"] > 0 and res["speedup_vs_fp32"]["detect"]["1"] > 0
     assert json.loads((tmp_path / "person-320-fp32.json").read_text())["precision"] == "fp32"
     assert_finds_the_people(out)
+    # any batch size (several cameras' frames in one run, camera/fair_scheduler.py), the fp32 twin too
+    assert det.dynamic_batch and manifest["batch"] == "batch" and Detector(tmp_path / "person-320-fp32.onnx").dynamic_batch
+    # ... and that twin, a dynamic-batch fp32 ONNX, builds again; --static-batch gives a fixed batch of 1
+    again = tmp_path / "again-320-int8.onnx"
+    assert main(["build", "--weights", str(tmp_path / "person-320-fp32.onnx"), "--imgsz", "320", "--calib",
+                 str(INDOOR_CLIP), str(STREET_CLIP), str(PLAZA_CLIP), "--calib-frames", "16", "--out", str(again), "--static-batch", "--no-eval",
+                 "--latency-runs", "0", "--quiet"]) == 0
+    assert not Detector(again).dynamic_batch and json.loads(again.with_suffix(".json").read_text())["batch"] == 1
+    assert_finds_the_people(again)
 
 
 @pytest.mark.slow
