@@ -25,8 +25,13 @@ of the JPEG samples at the default limits (2/min, 30/h, 200/day: 200 a day bind)
     nice -n 10 .venv/bin/python bench/learning_loop.py --scene towncentre --work bench-output/loop-street \
         --epochs 6 --recipes headonly+lr0.0005
 
-Stages are cached in ``--work`` (delete a stage's folder to redo it). Results: ``WORK/results.json`` and a
-Markdown table on stdout; docs/benchmarks.md and docs/learning-loop.md have the numbers.
+Each fine-tuned model's score thresholds are chosen as ``smartcam-model loop`` chooses them (``models.thresholds``:
+precision matching against the general 320 model on the teacher-labeled validation slice of the sampled
+frames, never the ground truth) and its precision/recall on the evaluation frames reported at conf 0.25 and at
+the chosen conf (``results.json`` ``thresholds``, ``WORK/thresholds.md``).
+
+Stages are cached in ``--work`` (delete a stage's folder to redo it). Results: ``WORK/results.json`` and
+Markdown tables on stdout; docs/benchmarks.md and docs/learning-loop.md have the numbers.
 """
 
 from __future__ import annotations
@@ -73,6 +78,10 @@ RECIPES = {  # name -> finetune() keyword arguments
     "headonly+lr0.0005+nomosaic": {"freeze": 22, "lr0": 0.0005, "mosaic": 0.0},  # the edge's scale exactly
     "freeze10+general30+nomosaic": {"freeze": 10, "general_share": 0.3, "mosaic": 0.0},
     "freeze10+general50": {"freeze": 10, "general_share": 0.5},
+    # between the two: the neck's P3 path (layers 13-15, the stride-8 output small people come from) trains too,
+    # or only the P4/P5 path (16-21); both with the general share
+    "freeze13+general30": {"freeze": 13, "general_share": 0.3},
+    "freeze16+general30": {"freeze": 16, "general_share": 0.3},
 }
 
 log = logging.getLogger("learning_loop")
