@@ -25,8 +25,13 @@ of the JPEG samples at the default limits (2/min, 30/h, 200/day: 200 a day bind)
     nice -n 10 .venv/bin/python bench/learning_loop.py --scene towncentre --work bench-output/loop-street \
         --epochs 6 --recipes headonly+lr0.0005
 
-Stages are cached in ``--work`` (delete a stage's folder to redo it). Results: ``WORK/results.json`` and a
-Markdown table on stdout; docs/benchmarks.md and docs/learning-loop.md have the numbers.
+Each fine-tuned model's score thresholds are chosen as ``smartcam-model loop`` chooses them (``models.thresholds``:
+precision matching against the general 320 model on the teacher-labeled validation slice of the sampled
+frames, never the ground truth) and its precision/recall on the evaluation frames reported at conf 0.25 and at
+the chosen conf (``results.json`` ``thresholds``, ``WORK/thresholds.md``).
+
+Stages are cached in ``--work`` (delete a stage's folder to redo it). Results: ``WORK/results.json`` and
+Markdown tables on stdout; docs/benchmarks.md and docs/learning-loop.md have the numbers.
 """
 
 from __future__ import annotations
@@ -73,6 +78,10 @@ RECIPES = {  # name -> finetune() keyword arguments
     "headonly+lr0.0005+nomosaic": {"freeze": 22, "lr0": 0.0005, "mosaic": 0.0},  # the edge's scale exactly
     "freeze10+general30+nomosaic": {"freeze": 10, "general_share": 0.3, "mosaic": 0.0},
     "freeze10+general50": {"freeze": 10, "general_share": 0.5},
+    # between the two: the neck's P3 path (layers 13-15, the stride-8 output small people come from) trains too,
+    # or only the P4/P5 path (16-21); both with the general share
+    "freeze13+general30": {"freeze": 13, "general_share": 0.3},
+    "freeze16+general30": {"freeze": 16, "general_share": 0.3},
 }
 
 log = logging.getLogger("learning_loop")
@@ -165,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--teacher-imgsz", type=int, default=960)
     p.add_argument("--teacher-conf", type=float, default=0.35)
     p.add_argument("--general-per-clip", type=int, default=40)
+    p.add_argument("--no-teacher", action="store_true", help="do not score the teacher (slow; a reference only)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     scene = SCENES[args.scene]
@@ -259,7 +269,10 @@ def main(argv: list[str] | None = None) -> int:
                        "train_s": round(train_s, 1), "build_s": round(build_s, 1)}
         save()
 
-    if "teacher" not in scores:
+    thresholds_stage(results, save, work, scene_ds / "val.labels.json", eval_slice, g320,
+                     [k for k in (f"{r}{tag}-e{args.epochs}" for r in args.recipes)], models)
+
+    if "teacher" not in scores and not args.no_teacher:
         from models.evaluate import load_labels, predict, score
 
         t = time.perf_counter()
@@ -271,7 +284,80 @@ def main(argv: list[str] | None = None) -> int:
         save()
 
     print(table(results, scene.title))
+    print(thresholds_table(results))
     return 0
+
+
+EDGE_CONF = 0.1  # camera/config.py's detector.conf: what a camera without an over-the-air model runs at
+
+
+def _pr(sc) -> dict:
+    return {"conf": sc.conf, "precision": round(sc.precision, 4), "recall": round(sc.recall, 4), "tp": sc.tp,
+            "fp": sc.fp, "gt": sc.gt}
+
+
+def thresholds_stage(results: dict, save, work: Path, slice_labels: Path, eval_slice: Path, current: Path,
+                     keys: list[str], models: Path) -> None:
+    """Each fine-tuned model's score thresholds, chosen as the loop chooses them (``models.thresholds``: precision
+    matching against the general 320 model at the edge's thresholds) on the **teacher-labeled validation slice**
+    of the sampled frames (``dataset/val.labels.json``, the loop's own slice; never the ground truth), then
+    precision/recall on the held-out evaluation (ground truth / hand-checked labels) at conf 0.25 and at the
+    chosen conf. Also ``conf`` matched from the edge config's 0.1 (what the counting harness runs at)."""
+    from models.evaluate import load_labels, predict, score, scoring_detector
+    from models.thresholds import DEFAULTS, ScoredBoxes, choose_thresholds
+
+    out = results.setdefault("thresholds", {})
+    todo = [k for k in keys if k not in out]
+    if not todo:
+        return
+    val, ev = load_labels(slice_labels), load_labels(eval_slice)
+
+    def preds(path: Path) -> tuple[list, list]:
+        det = scoring_detector(path, DEFAULTS.get("iou", 0.45))
+        return predict(det, val), predict(det, ev)
+
+    cur_val, cur_ev = preds(current)
+    cur_boxes = ScoredBoxes.of(val, cur_val)
+    for key in todo:
+        new_val, new_ev = preds(models / f"{key}-320.onnx")
+        new_boxes = ScoredBoxes.of(val, new_val)
+        choice = choose_thresholds(cur_boxes, new_boxes, DEFAULTS)
+        from_edge = choose_thresholds(cur_boxes, new_boxes, {"conf": EDGE_CONF}, keys=("conf",))
+        conf = choice.thresholds["conf"]
+        out[key] = {
+            "slice": {"images": len(val), "boxes": int(sum(len(g.boxes) for g in val)),
+                      "current@0.25": _pr(score(val, cur_val, 0.25)), "new@0.25": _pr(score(val, new_val, 0.25)),
+                      "new@chosen": _pr(score(val, new_val, conf))},
+            "chosen": choice.thresholds, "rows": choice.rows,
+            "conf_from_edge_0.1": from_edge.thresholds["conf"], "conf_from_edge_rows": from_edge.rows,
+            "eval": {"current@0.25": _pr(score(ev, cur_ev, 0.25)), "new@0.25": _pr(score(ev, new_ev, 0.25)),
+                     "new@chosen": _pr(score(ev, new_ev, conf))},
+        }
+        log.info("%s: thresholds %s\n%s", key, choice.thresholds, choice.table())
+        save()
+    (work / "thresholds.md").write_text(thresholds_table(results) + "\n")
+
+
+def thresholds_table(results: dict) -> str:
+    lines = ["| model | chosen conf / track_threshold / high_score / new_track_score (conf from 0.1) | "
+             "slice P / R at 0.25 | slice P / R at chosen | eval P / R at 0.25 | eval P / R at chosen | eval FP |",
+             "|---|---|---|---|---|---|---|"]
+    first = True
+    for key, r in results.get("thresholds", {}).items():
+        if first:
+            c, e = r["slice"]["current@0.25"], r["eval"]["current@0.25"]
+            lines.append(f"| general-320 (current, 0.25 / 0.5 / 0.4 / 0.5) | | {c['precision']:.3f} / "
+                         f"{c['recall']:.3f} | | {e['precision']:.3f} / {e['recall']:.3f} | | {e['fp']} |")
+            first = False
+        t, sl, ev = r["chosen"], r["slice"], r["eval"]
+        lines.append(f"| {key} | {t['conf']:g} / {t['track_threshold']:g} / {t['high_score']:g} / "
+                     f"{t['new_track_score']:g} ({r['conf_from_edge_0.1']:g}) | "
+                     f"{sl['new@0.25']['precision']:.3f} / {sl['new@0.25']['recall']:.3f} | "
+                     f"{sl['new@chosen']['precision']:.3f} / {sl['new@chosen']['recall']:.3f} | "
+                     f"{ev['new@0.25']['precision']:.3f} / {ev['new@0.25']['recall']:.3f} | "
+                     f"{ev['new@chosen']['precision']:.3f} / {ev['new@chosen']['recall']:.3f} | "
+                     f"{ev['new@0.25']['fp']} -> {ev['new@chosen']['fp']} |")
+    return "\n".join(lines)
 
 
 def table(results: dict, title: str = "PETS09 held-out AP50") -> str:

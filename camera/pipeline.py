@@ -99,6 +99,7 @@ class EdgeRunner:
         self.updater: Any = None  # model_updates.enabled: over-the-air models (camera/model_updates.py)
         self.swaps: list[dict[str, Any]] = []  # one entry per model swapped in (or back) during the run
         self._swap_pending: Any = None  # (swap, old inference queue, first frame of the new model, switch ms)
+        self._tracker: Any = None  # the running tracker (a swapped-in model brings its own score thresholds)
         self.clock = SystemClock()  # is the wall clock set? (camera/clock.py: a Pi before NTP is not)
         self.sampler: Any = None  # samples.enabled with a broker: hard frames for the learning loop
         self.sample_queue: Any = None
@@ -138,8 +139,8 @@ class EdgeRunner:
         record = self._open_updater(load) if cfg.model_updates.enabled else None
         self.detector = load(Path(record.path), record.thresholds) if record else load(cfg.model, {})
         log.info("model %s loaded (sha256 %s, imgsz %s, classes %s, conf %.2f, %d stream(s) x %d inference "
-                 "thread(s))", self.detector.name, self.detector.sha256[:12], self.detector.imgsz, d.classes, d.conf,
-                 self.streams, threads)
+                 "thread(s))", self.detector.name, self.detector.sha256[:12], self.detector.imgsz, d.classes,
+                 self.detector.conf, self.streams, threads)  # conf: the model's manifest's, else the config's
         if cfg.mqtt.broker:
             self.outbox = Outbox(cfg.outbox_path(), max_rows=cfg.outbox.max_events)
             self._dead_at_start = self.outbox.dead_lettered  # _finish says how many this run added
@@ -222,7 +223,7 @@ class EdgeRunner:
             payload = build_sample(cand, site=self.cfg.site, camera_id=self.cfg.camera_id,
                                    model_name=self.detector.name, model_sha256=self.detector.sha256,
                                    names=self.detector.names, spec=self.cfg.samples, masks=self.cfg.masks,
-                                   conf=self.cfg.detector.conf)
+                                   conf=self.detector.conf)  # what it ran at (a manifest's own conf)
             if self.sample_queue.put(payload) is not None:
                 self.samples_queued += 1
                 self.publisher.notify()
@@ -294,6 +295,10 @@ class EdgeRunner:
         builder.set_model(swap.detector.name, swap.detector.sha256)
         builder.track_threshold = float(swap.record.thresholds.get("track_threshold",
                                                                    self.cfg.filters.track_threshold))
+        if self._tracker is not None:  # the new model's own tracker thresholds (or the config's)
+            from camera.tracker import with_model_thresholds
+
+            self._tracker.spec = with_model_thresholds(self.cfg.tracker, swap.record.thresholds)
         self.updater.swapped(swap)
         self.swaps.append({"at_frame": self.stats.frames_processed, "from": old.sha256, "to": swap.detector.sha256,
                            "drain_ms": wait_ms, "switch_ms": switch_ms, "trial": swap.trial, "wall": time.time()})
@@ -352,12 +357,12 @@ class EdgeRunner:
     def _loop(self) -> int:
         from camera.events import EventBuilder
         from camera.filters import apply_filters
-        from camera.tracker import Tracker
+        from camera.tracker import Tracker, with_model_thresholds
 
         cfg, src, stats = self.cfg, self.source, self.stats
         assert src is not None
-        tracker = Tracker(cfg.tracker)
         active = self.updater.active if self.updater is not None else None
+        tracker = self._tracker = Tracker(with_model_thresholds(cfg.tracker, active.thresholds if active else {}))
         builder = EventBuilder(site=cfg.site, camera_id=cfg.camera_id, model_name=self.detector.name,
                                model_sha256=self.detector.sha256, zones=cfg.zones, lines=cfg.lines,
                                track_threshold=(active.thresholds if active else {}).get(

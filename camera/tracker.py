@@ -81,6 +81,27 @@ class TrackerSpec(BaseModel, extra="forbid"):
         return self
 
 
+MODEL_THRESHOLDS = ("high_score", "new_track_score")  # the tracker's score thresholds a model's manifest may carry
+
+
+def with_model_thresholds(spec: TrackerSpec, thresholds: dict[str, float]) -> TrackerSpec:
+    """``spec`` with a model's own score thresholds (its registry manifest's ``high_score`` / ``new_track_score``,
+    chosen for that model's scores by the learning loop, models/thresholds.py), where the manifest has them;
+    ``low_score`` comes down with ``high_score`` if it must.
+
+    >>> s = with_model_thresholds(TrackerSpec(), {"conf": 0.4, "high_score": 0.05, "new_track_score": 0.3})
+    >>> s.high_score, s.new_track_score, s.low_score
+    (0.05, 0.3, 0.05)
+    >>> with_model_thresholds(TrackerSpec(), {"conf": 0.4}) == TrackerSpec()
+    True
+    """
+    update = {k: float(thresholds[k]) for k in MODEL_THRESHOLDS if k in thresholds}
+    if not update:
+        return spec
+    high = update.get("high_score", spec.high_score)
+    return spec.model_copy(update={**update, "low_score": min(spec.low_score, high)})
+
+
 class KalmanBox:
     """Constant-velocity Kalman filter on (cx, cy, w, h) with velocities per second; steps are in seconds.
 

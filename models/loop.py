@@ -3,7 +3,8 @@
 export the camera's samples from the sink -> label them with the teacher -> fine-tune -> build INT8 (calibrated
 on the camera's own frames, at the input of the model the camera runs) -> evaluate the new and the current model
 on (a) the latest time slice of the camera's frames (labeled by the teacher, never trained on) and (b)
-persons-eval -> gate -> publish to the registry and deploy to the camera (issue 14), only if the gate passed.
+persons-eval -> choose the new model's score thresholds on that slice (``models.thresholds``: precision
+matching against the current model) -> gate -> publish (the chosen thresholds in the manifest) to the registry and deploy to the camera (issue 14), only if the gate passed.
 
 Each step writes into ``--work`` and is skipped when its output is already there, so an interrupted turn goes on
 where it stopped (``finetune`` also resumes its own run).
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from models.gate import AP, Decision, GateSpec, decide
+from models.thresholds import DEFAULTS, ScoredBoxes, ThresholdChoice, choose_thresholds
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,8 @@ class TurnSettings:
     batch: int = 16
     calib_frames: int = 64
     gate: GateSpec = field(default_factory=GateSpec)
+    # the thresholds the camera runs the current model at (its manifest's; missing ones: the edge's defaults)
+    current_thresholds: dict[str, float] = field(default_factory=dict)
     publish: dict[str, Any] | None = None  # registry, signing_key[, name, notes]
     deploy: dict[str, Any] | None = None  # broker, site[, canary (0 or 1: watch the camera), watch_s]
 
@@ -62,21 +66,33 @@ class TurnReport:
     candidate: Path
     version: str | None = None
     deployed: bool = False
+    thresholds: dict[str, float] = field(default_factory=dict)  # the candidate's, as published
+    choice: ThresholdChoice | None = None
 
     def table(self) -> str:
-        lines = ["| model | camera AP50 (held-out slice) | persons-eval AP50 |", "|---|---:|---:|"]
+        """Before/after: AP50 on the slice and persons-eval, and precision/recall on the slice at each model's
+        ``conf`` (the candidate also at the current model's, to show what the threshold choice changed)."""
+        lines = ["| model | conf | precision (slice) | recall (slice) | camera AP50 (held-out slice) | "
+                 "persons-eval AP50 |", "|---|---:|---:|---:|---:|---:|"]
         for r in self.rows:
-            lines.append(f"| {r['model']} | {r['camera']:.4f} | {r['general']:.4f} |")
+            ap = (f"{r['camera']:.4f} | {r['general']:.4f}") if "camera" in r else " | "
+            lines.append(f"| {r['model']} | {r['conf']:.3f} | {r['precision']:.3f} | {r['recall']:.3f} | {ap} |")
         d = self.decision
-        lines.append(f"| change | {(d.after.camera - d.before.camera) * 100:+.1f} pt | "
+        lines.append(f"| change | | | | {(d.after.camera - d.before.camera) * 100:+.1f} pt | "
                      f"{(d.after.general - d.before.general) * 100:+.1f} pt |")
         return "\n".join(lines)
+
+    def thresholds_line(self) -> str:
+        return "thresholds for the new model (precision matching on the slice): " + ", ".join(
+            f"{r['name']} {r['current']:g} -> {r['chosen']:g}" + ("" if r["reason"] == "matched" else
+                                                                  f" ({r['reason']})")
+            for r in (self.choice.rows if self.choice else []))
 
 
 def run_turn(s: TurnSettings, say: Callable[[str], None] = print) -> TurnReport:
     from camera.detector import Detector
     from models.build import build_model
-    from models.evaluate import evaluate_accuracy, load_labels
+    from models.evaluate import load_labels, predict, score, scoring_detector
     from models.finetune import finetune
     from models.label import Teacher, label_images
 
@@ -136,18 +152,37 @@ def run_turn(s: TurnSettings, say: Callable[[str], None] = print) -> TurnReport:
 
     done = step("eval")
     cam, gen = load_labels(camera_labels), load_labels(s.general_labels)
-    scores = {}
+    now = {**DEFAULTS, "iou": current.iou, **s.current_thresholds}
+    preds = {}
     for name, path in (("current", s.current), ("candidate", candidate)):
-        scores[name] = AP(evaluate_accuracy(path, cam).ap50, evaluate_accuracy(path, gen).ap50)
+        detector = scoring_detector(path, now["iou"])
+        preds[name] = (predict(detector, cam), predict(detector, gen))
+    choice = choose_thresholds(ScoredBoxes.of(cam, preds["current"][0]), ScoredBoxes.of(cam, preds["candidate"][0]),
+                               now)
+    thresholds = {"iou": now["iou"], **choice.thresholds}
+    scored = {("current", now["conf"]): score(cam, preds["current"][0], now["conf"]),
+              ("candidate", thresholds["conf"]): score(cam, preds["candidate"][0], thresholds["conf"]),
+              ("candidate", now["conf"]): score(cam, preds["candidate"][0], now["conf"])}
+    scores = {name: AP(scored[(name, conf)].ap50, score(gen, preds[name][1]).ap50)
+              for name, conf in (("current", now["conf"]), ("candidate", thresholds["conf"]))}
     done()
     decision = decide(scores["current"], scores["candidate"], s.gate)
-    report = TurnReport(decision, [{"model": f"current ({s.current.name})", "camera": scores["current"].camera,
-                                    "general": scores["current"].general},
-                                   {"model": f"candidate ({candidate.name})", "camera": scores["candidate"].camera,
-                                    "general": scores["candidate"].general}],
-                        seconds, n_samples, candidate)
+
+    def row(name: str, path: Path, conf: float, ap: AP | None, suffix: str = "") -> dict[str, Any]:
+        sc = scored[(name, conf)]
+        r: dict[str, Any] = {"model": f"{name} ({path.name}){suffix}", "conf": conf, "precision": sc.precision,
+                             "recall": sc.recall}
+        return r | ({"camera": ap.camera, "general": ap.general} if ap else {})
+
+    rows = [row("current", s.current, now["conf"], scores["current"]),
+            row("candidate", candidate, thresholds["conf"], scores["candidate"])]
+    if thresholds["conf"] != now["conf"]:
+        rows.append(row("candidate", candidate, now["conf"], None, " at the current conf"))
+    report = TurnReport(decision, rows, seconds, n_samples, candidate, thresholds=thresholds, choice=choice)
     (s.work / "eval.json").write_text(json.dumps({"decision": decision.as_dict(), "rows": report.rows,
+                                                  "thresholds": thresholds, "threshold_choice": choice.as_dict(),
                                                   "seconds": seconds}, indent=2, default=str))
+    say(report.thresholds_line())
     say(f"gate {decision.reason}")
     if decision.passed and s.publish:
         _publish_and_deploy(s, report, say, step)
@@ -167,10 +202,12 @@ def _publish_and_deploy(s: TurnSettings, report: TurnReport, say: Callable[[str]
     registry = open_registry(s.publish["registry"])
     name = s.publish.get("name") or f"{s.camera[:45]}-loop"  # a version name has at most 50 characters
     manifest = publish(registry, report.candidate, load_private_key(s.publish["signing_key"]), name=name,
-                       notes=f"learning loop for {s.camera}: {report.decision.reason}")
+                       notes=f"learning loop for {s.camera}: {report.decision.reason}",
+                       thresholds=report.thresholds)
     report.version = manifest["version"]
     done()
-    say(f"published {report.version}")
+    say(f"published {report.version} with thresholds " + ", ".join(f"{k} {v:g}"
+                                                                   for k, v in manifest["thresholds"].items()))
     _record(s.work, version=report.version, seconds=report.seconds)
     if not s.deploy:
         return

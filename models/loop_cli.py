@@ -76,6 +76,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     lp.add_argument("--labels", default=str(PERSONS_EVAL), help="the regression guard (persons-eval labels.json)")
     lp.add_argument("--min-gain", type=float, default=1.0, help="camera AP50 points the new model must gain")
     lp.add_argument("--max-drop", type=float, default=1.0, help="persons-eval AP50 points it may lose")
+    lp.add_argument("--current-threshold", action="append", default=[], metavar="NAME=VALUE",
+                    help="a score threshold the camera runs the current model at (conf, track_threshold, high_score, "
+                    "new_track_score; default what a camera runs a registry model at when its manifest does not say: 0.25, "
+                    "0.5, 0.4, 0.5; a camera on its configured model detects at detector.conf 0.1); the new "
+                    "model's are chosen to match their precision on the held-out slice (models/thresholds.py)")
     lp.add_argument("--registry", help="publish there when the gate passes (DIR or s3://...)")
     lp.add_argument("--signing-key", help="ed25519 private key for publish")
     lp.add_argument("--deploy-broker", help="deploy the published version to the camera through this broker")
@@ -120,6 +125,14 @@ def cmd_loop(args: argparse.Namespace) -> int:
                 raise ValueError("--deploy-broker needs --site")
             deploy = {"broker": args.deploy_broker, "site": args.site, "canary": int(args.canary_watch > 0),
                       "watch_s": args.canary_watch}
+    from models.thresholds import DEFAULTS
+
+    current_thresholds = {}
+    for item in args.current_threshold:
+        key, _, value = item.partition("=")
+        if key not in DEFAULTS or not value:
+            raise ValueError(f"--current-threshold {item!r}: expected NAME=VALUE, NAME one of {', '.join(DEFAULTS)}")
+        current_thresholds[key] = float(value)
     s = TurnSettings(camera=args.camera, work=Path(args.work), current=Path(args.current), base=Path(args.base),
                      teacher=Path(args.teacher), general_labels=Path(args.labels),
                      samples=Path(args.samples) if args.samples else None, site=args.site, db=args.db,
@@ -127,9 +140,12 @@ def cmd_loop(args: argparse.Namespace) -> int:
                      val_share=args.val_share, epochs=args.epochs, imgsz=args.imgsz, freeze=args.freeze,
                      general_data=Path(args.general) if args.general else None, general_share=args.general_share,
                      batch=args.batch, lr0=args.lr0, gate=GateSpec(args.min_gain / 100, args.max_drop / 100),
-                     publish=publish, deploy=deploy)
+                     publish=publish, deploy=deploy, current_thresholds=current_thresholds)
     report = run_turn(s, say=lambda text: print(text, flush=True))
     print(report.table())
+    if report.choice:
+        print(report.choice.table())
+    print(report.thresholds_line())
     print("steps (s): " + ", ".join(f"{k} {v}" for k, v in report.seconds.items()))
     print(report.decision.reason)
     if report.version:

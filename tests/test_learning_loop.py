@@ -145,6 +145,13 @@ def test_tiny_turn_end_to_end_gives_a_gate_verdict(tiny_turn):
     doc = json.loads((work / "eval.json").read_text())
     assert doc["decision"]["passed"] is (proc.returncode == 0)
     assert set(doc["seconds"]) >= {"label", "finetune", "build", "eval"}
+    # the new model's thresholds, chosen on the slice (models/thresholds.py), are in the record and the log
+    assert set(doc["thresholds"]) == {"conf", "iou", "track_threshold", "high_score", "new_track_score"}
+    assert 0.1 <= doc["thresholds"]["conf"] <= 0.9 and doc["thresholds"]["iou"] == 0.45
+    assert [r["name"] for r in doc["threshold_choice"]["rows"]] == ["conf", "track_threshold", "high_score",
+                                                                   "new_track_score"]
+    assert "thresholds for the new model (precision matching on the slice): conf 0.25 -> " in out
+    assert "| threshold | current | precision (current) | chosen |" in out
     from camera.detector import Detector
 
     candidate = Detector(work / "candidate-96x96-int8.onnx", classes=("person",))  # the edge can load it
@@ -201,10 +208,12 @@ def test_accepted_turn_publishes_a_signed_version_and_the_camera_runs_it(tiny_tu
         report = run_turn(turn_settings(tiny_turn, work, GateSpec(min_gain=-1.0, max_drop=1.0), registry,
                                         ota_keys[0], mosquitto.url), say=said.append)
         running = edge.detector.sha256
+        running_conf, running_iou = edge.detector.conf, edge.detector.iou
     finally:
         rc = edge.stop()
         watch.close()
     assert rc == 0
+    tracker_spec = edge.runner._tracker.spec  # after the swap: the new model's tracker thresholds
     assert "finetune" not in report.seconds and {"eval", "publish", "deploy"} <= set(report.seconds)
     assert report.decision.passed and report.decision.reason.startswith("accepted: "), report.decision.reason
     sha = file_sha256(report.candidate)
@@ -219,6 +228,13 @@ def test_accepted_turn_publishes_a_signed_version_and_the_camera_runs_it(tiny_tu
     desired = json.loads(docs[0][0])
     assert desired["manifest"]["version"] == report.version and desired["url"].startswith("file://")
     assert running == sha  # the camera swapped the new model in
+    # ... with the thresholds the turn chose for it: in the signed manifest, in the log, in the edge's detector
+    chosen = json.loads((work / "eval.json").read_text())["thresholds"]
+    assert report.thresholds == chosen and entry["manifest"]["thresholds"] == chosen
+    assert any(line.startswith(f"published {report.version} with thresholds conf {chosen['conf']:g}")
+               for line in said), said
+    assert (running_conf, running_iou) == (chosen["conf"], chosen["iou"])
+    assert (tracker_spec.high_score, tracker_spec.new_track_score) == (chosen["high_score"], chosen["new_track_score"])
     record = json.loads((work / "eval.json").read_text())
     assert record["version"] == report.version and record["deployed"] is True
 

@@ -186,6 +186,48 @@ def test_bad_updates_are_refused_with_a_reason_and_the_old_model_serves_on(mosqu
     assert all(validation_errors(r, REPORTED_SCHEMA_FILE) == [] for r in watch.reports(SITE, CAM))
 
 
+def test_a_model_runs_at_its_manifests_thresholds_after_the_swap_and_after_a_restart(mosquitto, tmp_path,
+                                                                                      ota_model_a, ota_model_b,
+                                                                                      ota_keys):
+    """The thresholds the learning loop chose for a model (models/thresholds.py) travel in its signed manifest:
+    the detector's conf / iou and the tracker's high_score / new_track_score are the manifest's from the swap on,
+    and again when the edge restarts on that model from disk; a model without them runs at the config's."""
+    registry = open_registry(tmp_path / "reg")
+    own = {"conf": 0.3, "iou": 0.5, "track_threshold": 0.55, "high_score": 0.6, "new_track_score": 0.7}
+    v2 = publish(registry, ota_model_b, load_private_key(ota_keys[0]), name="person", thresholds=own)["version"]
+    cfg = ota_edge_config(tmp_path, model=ota_model_a, broker=mosquitto.url, site=SITE, camera=CAM,
+                          trust_key=ota_keys[1])
+
+    def running() -> tuple[float, float, float, float]:
+        wait_until(lambda: edge.runner._tracker is not None, 30, "the tracker")
+        spec = edge.runner._tracker.spec
+        return edge.detector.conf, edge.detector.iou, spec.high_score, spec.new_track_score
+
+    watch = Watch(mosquitto.port)
+    edge = EdgeThread(cfg)
+    try:
+        watch.wait_report(SITE, CAM, lambda d: d["state"] == "active", what="start-up report")
+        assert running() == (cfg.detector.conf, cfg.detector.iou, cfg.tracker.high_score, cfg.tracker.new_track_score)
+        assert deploy(registry, v2, BrokerSettings.from_url(mosquitto.url), SITE, [CAM], say=lambda _: None) == 0
+        watch.wait_report(SITE, CAM, lambda d: d["state"] == "active" and d["version"] == v2, timeout=60)
+        assert running() == (0.3, 0.5, 0.6, 0.7)  # swapped in at its own thresholds
+    finally:
+        assert edge.stop() == 0
+    n = len(watch.reports(SITE, CAM))
+    edge = EdgeThread(cfg)  # a restart: it starts on v2 (it passed probation) from disk
+    try:
+        watch.wait_report(SITE, CAM, lambda d: d["state"] == "active" and d["version"] == v2, since=n)
+        assert edge.detector.name == v2 and running() == (0.3, 0.5, 0.6, 0.7)
+        # a model published without tracker thresholds: the tracker goes back to the config's
+        v3 = publish(registry, ota_model_a, load_private_key(ota_keys[0]), name="base")["version"]
+        assert deploy(registry, v3, BrokerSettings.from_url(mosquitto.url), SITE, [CAM], say=lambda _: None) == 0
+        watch.wait_report(SITE, CAM, lambda d: d["state"] == "active" and d["version"] == v3, timeout=60, since=n)
+        assert running()[2:] == (cfg.tracker.high_score, cfg.tracker.new_track_score)
+    finally:
+        assert edge.stop() == 0
+        watch.close()
+
+
 def test_a_model_that_fails_probation_is_rolled_back(mosquitto, tmp_path, ota_model_a, ota_model_b, ota_keys):
     registry = open_registry(tmp_path / "reg")
     zero = publish(registry, zeroed_scores(ota_model_b, tmp_path / "zeroed.onnx"), load_private_key(ota_keys[0]),

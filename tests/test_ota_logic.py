@@ -50,6 +50,13 @@ def test_desired_documents_are_checked_against_their_schema(tmp_path):
                      (json.dumps({**doc, "extra": 1}).encode(), "model-desired.v1")]:
         with pytest.raises(UpdateRefused, match=why):
             parse_desired(bad)
+    # a model's own tracker thresholds (chosen by the learning loop) are scores: in [0, 1]
+    own = {**MANIFEST, "thresholds": {"conf": 0.3, "high_score": 0.45, "new_track_score": 0.6}}
+    assert parse_desired(json.dumps({**doc, "manifest": own}).encode())["manifest"] == own
+    for key in ("high_score", "new_track_score"):
+        with pytest.raises(UpdateRefused, match="model-desired.v1"):
+            parse_desired(json.dumps({**doc, "manifest": {**own, "thresholds": {**own["thresholds"], key: 1.5}}})
+                          .encode())
 
 
 def test_the_later_issued_of_camera_and_site_documents_wins():
