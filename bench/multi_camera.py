@@ -8,6 +8,9 @@ runs for ``--seconds`` while a real Mosquitto takes every camera's events, then 
 * per-camera processed fps, and their spread (min / max: 1.0 is perfectly fair);
 * peak memory: VmHWM of the one process, or the sum of the N processes' (each one's own peak).
 
+The one process runs once per ``--batch`` value (``detector.batch``: 1 = frame by frame, 4 = up to four waiting
+frames of the cameras in one network run) and reports the mean frames per run it measured.
+
 Then the detector's capacity per model size by the Frigate rule of thumb (1000 / inference ms = detections per
 second; / 5 = cameras at 5 fps), from ``detect`` timed on one thread.
 
