@@ -16,7 +16,8 @@ Batching (``max_batch`` > 1): a worker that picks a frame whose lane has a ``bat
 dynamic batch, camera/detector.py) keeps picking, in the same fair order, while the next frame is for the same
 model session, up to ``max_batch`` frames, and runs them as one network call (:func:`camera.detector.detect_batch`).
 The order in which frames are picked, and so every lane's share, is the same as without batching; each frame's
-result is what its own camera's detector would have given alone.
+result is what its own camera's detector would have given alone. A worker takes no more than its share of the
+waiting frames among the idle workers (:func:`batch_limit`), so a batch never leaves another worker idle.
 
 >>> sched = FairScheduler(workers=1)
 >>> a, b = sched.lane(lambda img: ("a", img), "a"), sched.lane(lambda img: ("b", img), "b")
@@ -44,6 +45,17 @@ from camera.inference import Result
 log = logging.getLogger(__name__)
 
 
+def batch_limit(waiting: int, idle: int, max_batch: int) -> int:
+    """Frames one worker may take for a batch: its share of what waits among the idle workers (itself included),
+    at most ``max_batch``. Taking everything would leave the other workers idle with a frame or two per camera
+    in the pool (one camera, batch 4, two workers: measured at half the throughput).
+
+    >>> batch_limit(4, 2, 4), batch_limit(2, 1, 4), batch_limit(12, 2, 4), batch_limit(1, 2, 4)
+    (2, 2, 4, 1)
+    """
+    return max(1, min(max_batch, -(-waiting // max(1, idle))))
+
+
 class _Job:
     """One frame waiting for, or in, the detector; ``result`` is set by a worker."""
 
@@ -69,6 +81,7 @@ class FairScheduler:
         self.workers = max(1, int(workers))
         self.max_batch = max(1, int(max_batch))
         self.batches: dict[int, int] = {}  # network runs by batch size (stats, the benchmark)
+        self._busy = 0  # workers running frames now (guarded by the lock)
         self._cond = threading.Condition()
         self._lanes: list[Lane] = []
         self._clock = 0.0  # virtual time: the least pass of the lanes served so far
@@ -132,14 +145,17 @@ class FairScheduler:
                 picked = self._pick()
                 if picked is not None:
                     lane = picked[0]
+                    limit = batch_limit(sum(len(ln.waiting) for ln in self._lanes), self.workers - self._busy,
+                                        self.max_batch)
                     jobs = [(lane, self._take(lane))]
                     session = lane.batch.session if lane.batch is not None else None
-                    while session is not None and len(jobs) < self.max_batch:
+                    while session is not None and len(jobs) < limit:
                         following = self._pick()
                         if following is None or following[0].batch is None or \
                                 following[0].batch.session is not session:
                             break
                         jobs.append((following[0], self._take(following[0])))
+                    self._busy += 1
                     return jobs
                 self._cond.wait()
 
@@ -169,6 +185,8 @@ class FairScheduler:
                 lane.busy_ms += share_ms
                 job.image = None
                 job.done.set()
+            with self._cond:
+                self._busy -= 1
 
     def close(self) -> None:
         """Stop the workers (frames still waiting are failed; call after every lane is drained)."""
