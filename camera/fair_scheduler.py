@@ -145,11 +145,11 @@ class FairScheduler:
                 picked = self._pick()
                 if picked is not None:
                     lane = picked[0]
-                    limit = batch_limit(sum(len(ln.waiting) for ln in self._lanes), self.workers - self._busy,
-                                        self.max_batch)
+                    session = lane.batch.session if lane.batch is not None and self.max_batch > 1 else None
+                    limit = 1 if session is None else batch_limit(
+                        sum(len(ln.waiting) for ln in self._lanes), self.workers - self._busy, self.max_batch)
                     jobs = [(lane, self._take(lane))]
-                    session = lane.batch.session if lane.batch is not None else None
-                    while session is not None and len(jobs) < limit:
+                    while len(jobs) < limit:
                         following = self._pick()
                         if following is None or following[0].batch is None or \
                                 following[0].batch.session is not session:

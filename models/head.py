@@ -3,8 +3,8 @@
 Why: an Ultralytics export is fully convolutional except for three things baked in for one input size (the
 anchor grid, the stride row and the anchor count in the DFL reshapes). Rewriting those lets us build any
 ``--imgsz`` from an fp32 ONNX without torch. Slimming keeps only the classes the edge needs (person), and
-``fast_dfl`` moves the DFL softmax to the last axis (onnxruntime is slow on the other), and
-``dynamic_batch`` lets one run take several frames (several cameras' frames at once: camera/fair_scheduler.py), and
+``fast_dfl`` moves the DFL softmax to the last axis (onnxruntime is slow on the other).
+``dynamic_batch`` lets one run take several frames (several cameras' frames at once: camera/fair_scheduler.py);
 ``decode_nodes`` names the float-only tail (DFL, box decode, concat of boxes and scores) that must stay
 out of quantization: one INT8 scale cannot cover box pixels (0..imgsz) and scores (0..1) at once.
 """
@@ -147,10 +147,24 @@ def retarget(model: onnx.ModelProto, imgsz: tuple[int, int]) -> onnx.ModelProto:
 BATCH_DIM = "batch"  # the name of a dynamic batch dimension
 
 
+def _with_batch(model: onnx.ModelProto, batch: int | str) -> onnx.ModelProto:
+    """A copy whose input and output dim 0 is ``batch`` (a size, or the name of a dynamic dimension)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for value in (*out.graph.input, *out.graph.output):
+        dim = value.type.tensor_type.shape.dim[0]
+        if isinstance(batch, int):
+            dim.dim_value = batch  # clears dim_param (one of the two)
+        else:
+            dim.dim_param = batch
+    del out.graph.value_info[:]
+    return out
+
+
 def dynamic_batch(model: onnx.ModelProto) -> onnx.ModelProto:
     """Return a copy that takes a batch of any size: input and output dim 0 become ``batch``, and the head's
     reshapes, exported with a fixed leading 1, copy their input's batch instead (shape value 0). Per image the
-    results are exactly those of the static graph (tests/test_head.py); at batch 1 it runs as fast.
+    results are exactly those of the static graph (tests/test_detector_batch.py); at batch 1 it runs as fast.
 
     >>> import onnx.helper as oh
     >>> g = oh.make_graph([oh.make_node("Reshape", ["x", "s"], ["y"])], "g",
@@ -160,12 +174,12 @@ def dynamic_batch(model: onnx.ModelProto) -> onnx.ModelProto:
     >>> m = dynamic_batch(oh.make_model(g))
     >>> m.graph.input[0].type.tensor_type.shape.dim[0].dim_param, numpy_helper.to_array(m.graph.initializer[0])
     ('batch', array([ 0, -1]))
+    >>> fixed_batch(m).graph.input[0].type.tensor_type.shape.dim[0].dim_value
+    1
     """
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    graph = out.graph
-    inits = {i.name: i for i in graph.initializer}
-    for node in graph.node:
+    out = _with_batch(model, BATCH_DIM)
+    inits = {i.name: i for i in out.graph.initializer}
+    for node in out.graph.node:
         if node.op_type != "Reshape":
             continue
         shape = inits.get(node.input[1])
@@ -176,11 +190,6 @@ def dynamic_batch(model: onnx.ModelProto) -> onnx.ModelProto:
             arr = arr.copy()
             arr[0] = 0  # "copy dim 0 from the input": the batch
             shape.CopyFrom(numpy_helper.from_array(arr, shape.name))
-    for value in (*graph.input, *graph.output):
-        dim = value.type.tensor_type.shape.dim[0]
-        dim.ClearField("dim_value")
-        dim.dim_param = BATCH_DIM
-    del graph.value_info[:]
     return onnx.shape_inference.infer_shapes(out)
 
 
@@ -190,15 +199,7 @@ def fixed_batch(model: onnx.ModelProto) -> onnx.ModelProto:
     dims = [v.type.tensor_type.shape.dim[0] for v in (*model.graph.input, *model.graph.output)]
     if all(d.HasField("dim_value") for d in dims):
         return model
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    for value in (*out.graph.input, *out.graph.output):
-        dim = value.type.tensor_type.shape.dim[0]
-        if not dim.HasField("dim_value"):
-            dim.ClearField("dim_param")
-            dim.dim_value = 1
-    del out.graph.value_info[:]
-    return onnx.shape_inference.infer_shapes(out)
+    return onnx.shape_inference.infer_shapes(_with_batch(model, 1))
 
 
 def slim_classes(model: onnx.ModelProto, keep: Sequence[str]) -> onnx.ModelProto:
