@@ -82,7 +82,33 @@ RECIPES = {  # name -> finetune() keyword arguments
     # or only the P4/P5 path (16-21); both with the general share
     "freeze13+general30": {"freeze": 13, "general_share": 0.3},
     "freeze16+general30": {"freeze": 16, "general_share": 0.3},
+    "nofreeze": {"freeze": 0},
+    "nofreeze+general30+e12": {"freeze": 0, "general_share": 0.3, "epochs": 12},
+    "freeze10+general30+e12": {"freeze": 10, "general_share": 0.3, "epochs": 12},
 }
+WISE = "+wise"  # RECIPE+wiseA: that recipe's fine-tune merged with the base, alpha A (models.weight_merge)
+
+
+def recipe_name(name: str) -> str:
+    """argparse type: a recipe of RECIPES, optionally with a +wiseA suffix (0 < A < 1).
+
+    >>> recipe_name("freeze10+general30+wise0.5")
+    'freeze10+general30+wise0.5'
+    >>> recipe_name("freeze10+wise2")
+    Traceback (most recent call last):
+    argparse.ArgumentTypeError: freeze10+wise2: the +wise alpha must be between 0 and 1
+    """
+    trained, _, alpha = name.partition(WISE)
+    if trained not in RECIPES:
+        raise argparse.ArgumentTypeError(f"{name}: unknown recipe (one of {', '.join(RECIPES)}, +wiseA optional)")
+    if alpha:
+        try:
+            ok = 0 < float(alpha) < 1
+        except ValueError:
+            ok = False
+        if not ok:
+            raise argparse.ArgumentTypeError(f"{name}: the +wise alpha must be between 0 and 1")
+    return name
 
 log = logging.getLogger("learning_loop")
 
@@ -167,7 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scene", choices=list(SCENES), default="pets09", help="which camera (bench/loop_scenes.py)")
     p.add_argument("--work", help="cache and results folder (default bench-output/learning-loop[-SCENE])")
     p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    p.add_argument("--recipes", nargs="+", default=list(RECIPES), type=recipe_name,
+                   help="recipes to run (default all); RECIPE+wiseA also merges that fine-tune with the base, "
+                        "weight alpha A (WiSE-FT)")
     p.add_argument("--per-minute", type=int, default=600, help="sampler rate limit for these short clips")
     p.add_argument("--track-gap", type=float, default=3.0, help="sampler per-track gap (s of video)")
     p.add_argument("--random", type=float, default=0.1, help="random baseline probability per frame")
@@ -234,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         label_images(samples, teacher, scene_ds, conf=args.teacher_conf, val_share=0.2)
         timings[f"label_scene{tag}"] = round(time.perf_counter() - t, 1)
     general_ds = work / "general-dataset"
-    mixing = any(RECIPES[r].get("general_share") for r in args.recipes)
+    mixing = any(RECIPES[r.partition(WISE)[0]].get("general_share") for r in args.recipes)
     if mixing and not (general_ds / "data.yaml").is_file():  # only recipes that mix need it
         t = time.perf_counter()
         label_images(general_frames(work, args.general_per_clip, scene.general_clips), teacher, general_ds,
@@ -253,14 +281,20 @@ def main(argv: list[str] | None = None) -> int:
         key = f"{recipe}{tag}-e{args.epochs}"
         if key in scores:
             continue
-        kw = dict(RECIPES[recipe])
+        trained, _, alpha = recipe.partition(WISE)
+        kw = dict(RECIPES[trained])
         share = kw.pop("general_share", 0.0)
         seed = kw.pop("seed", 0)
-        pt = work / "runs" / f"{key}.pt"
+        epochs = kw.pop("epochs", args.epochs)
+        pt = work / "runs" / f"{trained}{tag}-e{args.epochs}.pt"  # +wise variants share their recipe's run
         t = time.perf_counter()
         if not pt.is_file():
-            finetune(scene_ds / "data.yaml", BASE_PT, pt, imgsz=max(s320), epochs=args.epochs,
+            finetune(scene_ds / "data.yaml", BASE_PT, pt, imgsz=max(s320), epochs=epochs,
                      general=general_ds / "data.yaml" if share else None, general_share=share, seed=seed, **kw)
+        if alpha:
+            from models.weight_merge import merge_checkpoints
+
+            pt = merge_checkpoints(BASE_PT, pt, float(alpha), work / "runs" / f"{key}.pt")
         train_s = time.perf_counter() - t
         t = time.perf_counter()
         onnx_path = build(pt, s320, calib, models / f"{key}-320.onnx")
