@@ -48,6 +48,7 @@ class TurnSettings:
     lr0: float = 0.0005
     general_data: Path | None = None  # a YOLO data.yaml of other scenes to mix in
     general_share: float = 0.0
+    wise: float | None = None  # merge the fine-tune with the base at this alpha before the build (WiSE-FT)
     batch: int = 16
     calib_frames: int = 64
     gate: GateSpec = field(default_factory=GateSpec)
@@ -142,7 +143,17 @@ def run_turn(s: TurnSettings, say: Callable[[str], None] = print) -> TurnReport:
         finetune(dataset / "data.yaml", s.base, candidate_pt, imgsz=imgsz, epochs=s.epochs, freeze=s.freeze,
                  general=s.general_data, general_share=s.general_share, batch=s.batch, lr0=s.lr0, resume=True)
         done()
-    candidate = s.work / f"candidate-{current.imgsz[0]}x{current.imgsz[1]}-int8.onnx"
+    if s.wise is not None:
+        from models.weight_merge import merge_checkpoints
+
+        merged = s.work / f"candidate-wise{s.wise:g}.pt"
+        if not merged.is_file():
+            done = step("merge")
+            merge_checkpoints(s.base, candidate_pt, s.wise, merged)
+            done()
+        candidate_pt = merged
+    tag = "" if s.wise is None else f"-wise{s.wise:g}"
+    candidate = s.work / f"candidate{tag}-{current.imgsz[0]}x{current.imgsz[1]}-int8.onnx"
     if not candidate.is_file():
         done = step("build")
         build_model(str(candidate_pt), current.imgsz, [str(dataset / "images" / "train")], candidate,

@@ -49,6 +49,17 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     ft.add_argument("--device", help="cpu, 0, ... (default: the first GPU, else the CPU)")
     ft.add_argument("--out", required=True, help="output .pt")
 
+    mg = sub.add_parser(
+        "merge", help="merge a fine-tune with the checkpoint it started from (WiSE-FT weight interpolation)",
+        description="Writes --out = (1 - ALPHA) x --base + ALPHA x --tuned, tensor by tensor (both the same "
+        "architecture, the fine-tune trained from the base). 0 is the base, 1 the fine-tune; in between keeps "
+        "much of the camera's gain and much of the general knowledge (docs/learning-loop.md). Needs "
+        "smartcam[ultralytics].")
+    mg.add_argument("--base", default=str(BASE), help=f"the checkpoint the fine-tune started from (default {BASE})")
+    mg.add_argument("--tuned", required=True, help="the fine-tuned checkpoint")
+    mg.add_argument("--alpha", type=float, required=True, help="weight of the fine-tune, 0..1")
+    mg.add_argument("--out", required=True, help="output .pt")
+
     lp = sub.add_parser(
         "loop", help="one turn of the learning loop for one camera, with a before/after table",
         description="export samples -> label -> finetune -> build INT8 (calibrated on the camera's frames) -> "
@@ -71,6 +82,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     lp.add_argument("--lr0", type=float, default=0.0005, help="initial learning rate (AdamW)")
     lp.add_argument("--general", help="data.yaml of general frames to mix in")
     lp.add_argument("--general-share", type=float, default=0.0)
+    lp.add_argument("--wise", type=float, metavar="ALPHA",
+                    help="merge the fine-tune with --base before the build (WiSE-FT, see `merge`)")
     lp.add_argument("--batch", type=int, default=16)
     lp.add_argument("--val-share", type=float, default=0.2)
     lp.add_argument("--labels", default=str(PERSONS_EVAL), help="the regression guard (persons-eval labels.json)")
@@ -111,6 +124,13 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    from models.weight_merge import merge_checkpoints
+
+    print(f"wrote {merge_checkpoints(args.base, args.tuned, args.alpha, args.out)}")
+    return 0
+
+
 def cmd_loop(args: argparse.Namespace) -> int:
     from models.gate import GateSpec
     from models.loop import TurnSettings, run_turn
@@ -139,7 +159,7 @@ def cmd_loop(args: argparse.Namespace) -> int:
                      store=args.store, since=args.since, teacher_imgsz=args.teacher_imgsz,
                      val_share=args.val_share, epochs=args.epochs, imgsz=args.imgsz, freeze=args.freeze,
                      general_data=Path(args.general) if args.general else None, general_share=args.general_share,
-                     batch=args.batch, lr0=args.lr0, gate=GateSpec(args.min_gain / 100, args.max_drop / 100),
+                     batch=args.batch, lr0=args.lr0, wise=args.wise, gate=GateSpec(args.min_gain / 100, args.max_drop / 100),
                      publish=publish, deploy=deploy, current_thresholds=current_thresholds)
     report = run_turn(s, say=lambda text: print(text, flush=True))
     print(report.table())
@@ -156,4 +176,4 @@ def cmd_loop(args: argparse.Namespace) -> int:
     return 3 if deploy and not report.deployed else 0
 
 
-COMMANDS = {"label": cmd_label, "finetune": cmd_finetune, "loop": cmd_loop}
+COMMANDS = {"label": cmd_label, "finetune": cmd_finetune, "merge": cmd_merge, "loop": cmd_loop}

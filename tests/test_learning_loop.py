@@ -260,3 +260,24 @@ def test_refused_turn_publishes_and_deploys_nothing(tiny_turn, mosquitto, tmp_pa
     assert retained(mosquitto.port, site_desired_topic(SITE), settle_s=0.5) == []
     record = json.loads((work / "eval.json").read_text())
     assert record["decision"]["passed"] is False and "version" not in record
+
+
+@pytest.mark.slow
+def test_wise_turn_merges_the_same_fine_tune_with_the_base_and_builds_that(tiny_turn, tmp_path):
+    """``loop --wise 0.5`` on a finished turn's work folder: no new training, the candidate is the fine-tune
+    merged half way with the base (models/weight_merge.py), built and scored under its own name."""
+    work = tmp_path / "turn"
+    shutil.copytree(tiny_turn.work, work)
+    proc = subprocess.run(
+        [sys.executable, "-m", "models", "loop", "--camera", "cam", "--current", str(tiny_turn.current), "--work",
+         str(work), "--samples", str(tiny_turn.samples), "--teacher-imgsz", "320", "--base", str(TRAINABLE),
+         "--epochs", "1", "--batch", "4", "--val-share", "0.25", "--labels", str(PERSONS_EVAL / "labels.json"),
+         "--wise", "0.5"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode in (0, 1), proc.stderr[-3000:]
+    assert "| candidate (candidate-wise0.5-96x96-int8.onnx) |" in proc.stdout
+    doc = json.loads((work / "eval.json").read_text())
+    assert "finetune" not in doc["seconds"] and {"merge", "build"} <= set(doc["seconds"])
+    from ultralytics.nn.tasks import torch_safe_load
+
+    ckpt, _ = torch_safe_load(str(work / "candidate-wise0.5.pt"))
+    assert ckpt["wise_ft"]["alpha"] == 0.5 and ckpt["wise_ft"]["tuned"] == str(work / "candidate.pt")

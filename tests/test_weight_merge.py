@@ -68,3 +68,22 @@ def test_a_different_architecture_is_refused_with_the_tensor_named(tmp_path):
         interpolate_state({"a": torch.zeros(1)}, {"a": torch.zeros(1), "b": torch.zeros(1)}, 0.5)
     with pytest.raises(ValueError, match="alpha must be between"):
         interpolate_state({}, {}, 1.5)
+
+
+def test_merge_command_writes_the_merged_checkpoint_and_refuses_a_bad_alpha(shifted, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    out = tmp_path / "half.pt"
+    cmd = [sys.executable, "-m", "models", "merge", "--base", str(TRAINABLE), "--tuned", str(shifted), "--out"]
+    done = subprocess.run([*cmd, str(out), "--alpha", "0.5"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"wrote {out}" in done.stdout
+    merged, base = _floats(out), _floats(TRAINABLE)
+    assert max(float((merged[k] - base[k] - 0.5).abs().max()) for k in base) < 2e-3
+    bad = subprocess.run([*cmd, str(tmp_path / "bad.pt"), "--alpha", "2"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode != 0 and "alpha must be between 0 (the base) and 1 (the fine-tune), got 2.0" in bad.stderr
+    assert not (tmp_path / "bad.pt").exists()
