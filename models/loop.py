@@ -97,6 +97,10 @@ def run_turn(s: TurnSettings, say: Callable[[str], None] = print) -> TurnReport:
     from models.finetune import finetune
     from models.label import Teacher, label_images
 
+    if s.wise is not None:
+        from models.weight_merge import check_alpha
+
+        check_alpha(s.wise)  # before hours of labeling and training, not after
     s.work.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
 
@@ -143,16 +147,16 @@ def run_turn(s: TurnSettings, say: Callable[[str], None] = print) -> TurnReport:
         finetune(dataset / "data.yaml", s.base, candidate_pt, imgsz=imgsz, epochs=s.epochs, freeze=s.freeze,
                  general=s.general_data, general_share=s.general_share, batch=s.batch, lr0=s.lr0, resume=True)
         done()
+    tag = "" if s.wise is None else f"-wise{s.wise:g}"
     if s.wise is not None:
         from models.weight_merge import merge_checkpoints
 
-        merged = s.work / f"candidate-wise{s.wise:g}.pt"
+        merged = s.work / f"candidate{tag}.pt"
         if not merged.is_file():
             done = step("merge")
             merge_checkpoints(s.base, candidate_pt, s.wise, merged)
             done()
         candidate_pt = merged
-    tag = "" if s.wise is None else f"-wise{s.wise:g}"
     candidate = s.work / f"candidate{tag}-{current.imgsz[0]}x{current.imgsz[1]}-int8.onnx"
     if not candidate.is_file():
         done = step("build")

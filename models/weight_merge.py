@@ -19,6 +19,13 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
+def check_alpha(alpha: float) -> float:
+    """``alpha`` if it is a weight between 0 and 1 (checked before a long fine-tune, not after it)."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be between 0 (the base) and 1 (the fine-tune), got {alpha}")
+    return alpha
+
+
 def interpolate_state(base: Mapping[str, Any], tuned: Mapping[str, Any], alpha: float) -> dict[str, Any]:
     """``(1 - alpha) * base + alpha * tuned`` for every floating-point tensor (in float32, then the tuned
     tensor's dtype); other tensors are the tuned model's. Both must hold the same names and shapes.
@@ -32,8 +39,7 @@ def interpolate_state(base: Mapping[str, Any], tuned: Mapping[str, Any], alpha: 
     Traceback (most recent call last):
     ValueError: tensor w has shape (2,) in the base and (3,) in the fine-tune: not the same architecture
     """
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be between 0 (the base) and 1 (the fine-tune), got {alpha}")
+    check_alpha(alpha)
     missing = sorted(set(base) ^ set(tuned))
     if missing:
         raise ValueError(f"the base and the fine-tune differ in {len(missing)} tensors (e.g. {missing[0]}): "
@@ -53,7 +59,7 @@ def interpolate_state(base: Mapping[str, Any], tuned: Mapping[str, Any], alpha: 
 
 def _model_of(ckpt: dict, path: Path):
     """The network of an Ultralytics checkpoint: its EMA weights when it has them (what training keeps)."""
-    model = ckpt.get("ema") or ckpt.get("model")
+    model = ckpt.get("ema") if ckpt.get("ema") is not None else ckpt.get("model")
     if model is None or not hasattr(model, "state_dict"):
         raise ValueError(f"{path}: not an Ultralytics checkpoint (no 'model' or 'ema' network)")
     return model

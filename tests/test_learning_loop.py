@@ -281,3 +281,15 @@ def test_wise_turn_merges_the_same_fine_tune_with_the_base_and_builds_that(tiny_
 
     ckpt, _ = torch_safe_load(str(work / "candidate-wise0.5.pt"))
     assert ckpt["wise_ft"]["alpha"] == 0.5 and ckpt["wise_ft"]["tuned"] == str(work / "candidate.pt")
+
+
+def test_a_bad_wise_alpha_is_refused_before_any_work(tmp_path):
+    """``--wise 2`` is an error the user sees at once, not after the labeling and the fine-tune."""
+    work = tmp_path / "turn"
+    proc = subprocess.run(
+        [sys.executable, "-m", "models", "loop", "--camera", "cam", "--current", str(ONNX_FP32), "--work",
+         str(work), "--samples", str(tmp_path / "no-samples"), "--wise", "2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "alpha must be between 0 (the base) and 1 (the fine-tune), got 2.0" in proc.stderr
+    assert not work.exists()
