@@ -85,6 +85,8 @@ RECIPES = {  # name -> finetune() keyword arguments
     "nofreeze": {"freeze": 0},
     "nofreeze+general30+e12": {"freeze": 0, "general_share": 0.3, "epochs": 12},
     "freeze10+general30+e12": {"freeze": 10, "general_share": 0.3, "epochs": 12},
+    "nofreeze+general30+e20": {"freeze": 0, "general_share": 0.3, "epochs": 20},
+    "nofreeze+general30+e20+seed1": {"freeze": 0, "general_share": 0.3, "epochs": 20, "seed": 1},
 }
 WISE = "+wise"  # RECIPE+wiseA: that recipe's fine-tune merged with the base, alpha A (models.weight_merge)
 
@@ -180,6 +182,30 @@ def general_frames(work: Path, per_clip: int, clips: tuple[str, ...]) -> Path:
         for k in np.linspace(0, len(frames) - 1, per_clip).astype(int):
             cv2.imwrite(str(out / f"{Path(clip).stem}-{k:05d}.jpg"), frames[k], [cv2.IMWRITE_JPEG_QUALITY, 92])
     return out
+
+
+def general_val(work: Path, per_clip: int, clips: tuple[str, ...], teacher, conf: float) -> Path:
+    """Teacher labels (persons-eval format) of general frames *between* the training ones: a second validation set
+    for choosing among candidates (e.g. the merge's alpha) without looking at persons-eval, the gate's guard."""
+    out = work / "general-val"
+    labels = out / "labels.json"
+    if labels.is_file():
+        return labels
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    records = []
+    for clip in clips:
+        frames = read_video(SHARED / "data" / "videos" / clip)
+        train = np.linspace(0, len(frames) - 1, per_clip).astype(int)
+        for k in ((train[:-1] + train[1:]) // 2)[::2]:  # midway between two training frames, never one of them
+            name = f"images/{Path(clip).stem}-{k:05d}.jpg"
+            cv2.imwrite(str(out / name), frames[k], [cv2.IMWRITE_JPEG_QUALITY, 92])
+            image = cv2.imread(str(out / name))
+            d = teacher.detect(image)
+            d = d[d.confidence >= conf]
+            records.append({"image": name, "width": image.shape[1], "height": image.shape[0],
+                            "boxes": np.round(d.xyxy, 1).tolist(), "visibility": [1.0] * len(d), "ignore": []})
+    labels.write_text(json.dumps(records))
+    return labels
 
 
 def ap50(model: Path, labels: Path) -> float:
@@ -303,6 +329,18 @@ def main(argv: list[str] | None = None) -> int:
                        "train_s": round(train_s, 1), "build_s": round(build_s, 1)}
         save()
 
+    if any(WISE in r for r in args.recipes):  # validation scores to choose alpha by, beside the test scores
+        gval = general_val(work, args.general_per_clip, scene.general_clips, teacher, args.teacher_conf)
+        sel = results.setdefault("selection", {})
+        keys = ["general-320"] + [f"{r.partition(WISE)[0]}{tag}-e{args.epochs}" for r in args.recipes] + \
+               [f"{r}{tag}-e{args.epochs}" for r in args.recipes]
+        for key in dict.fromkeys(keys):
+            path = models / f"{key}-320.onnx" if key != "general-320" else g320
+            if key not in sel and path.is_file():
+                sel[key] = {"scene_val": ap50(path, scene_ds / "val.labels.json"), "general_val": ap50(path, gval)}
+                save()
+        print(selection_table(results))
+
     thresholds_stage(results, save, work, scene_ds / "val.labels.json", eval_slice, g320,
                      [k for k in (f"{r}{tag}-e{args.epochs}" for r in args.recipes)], models)
 
@@ -392,6 +430,36 @@ def thresholds_table(results: dict) -> str:
                      f"{ev['new@chosen']['precision']:.3f} / {ev['new@chosen']['recall']:.3f} | "
                      f"{ev['new@0.25']['fp']} -> {ev['new@chosen']['fp']} |")
     return "\n".join(lines)
+
+
+def selection_table(results: dict, max_drop: float = 1.0) -> str:
+    """Each candidate's validation scores (teacher labels: the scene's validation slice, general frames between
+    the training ones) beside its test scores, and per fine-tune the alpha those choose: the best scene
+    validation AP50 among the merges (alpha 1 = not merged) that lose at most ``max_drop`` points of general
+    validation AP50 — chosen without the held-out slice or persons-eval."""
+    sel, scores = results.get("selection", {}), results.get("ap50", {})
+    base = sel.get("general-320")
+    if not base:
+        return ""
+    rows = ["| model | scene val (teacher) | general val (teacher) | street/scene test | persons-eval |",
+            "|---|---:|---:|---:|---:|"]
+    for key, v in sel.items():
+        t = scores.get(key, {})
+        rows.append(f"| {key} | {v['scene_val']:.4f} | {v['general_val']:.4f} | {t.get('scene', float('nan')):.4f} "
+                    f"| {t.get('persons_eval', float('nan')):.4f} |")
+    for key in sel:
+        if key == "general-320" or WISE in key:
+            continue
+        trained, _, epochs = key.rpartition("-e")
+        family = {key: 1.0} | {k: float(k.partition(WISE)[2].rpartition("-e")[0]) for k in sel
+                               if k.startswith(trained + WISE) and k.endswith(f"-e{epochs}")}
+        ok = {k: a for k, a in family.items() if sel[k]["general_val"] >= base["general_val"] - max_drop / 100}
+        if ok:
+            best = max(ok, key=lambda k: sel[k]["scene_val"])
+            rows.append(f"\n{trained}: chosen alpha {ok[best]:g} ({best}) of {sorted(family.values())}")
+        else:
+            rows.append(f"\n{trained}: no alpha within {max_drop:g} pt of general validation")
+    return "\n".join(rows)
 
 
 def table(results: dict, title: str = "PETS09 held-out AP50") -> str:

@@ -13,6 +13,7 @@ PERSONS_EVAL = SHARED / "data" / "persons-eval" / "labels.json"
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
+    from models.loop import BOTH, RECIPES
     lab = sub.add_parser(
         "label", help="sampled frames -> YOLO dataset labeled by a strong teacher (fp32, large input, TTA)",
         description="Labels every frame in --images (a `smartcam-sink samples export` folder, or any folder of "
@@ -77,13 +78,20 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     lp.add_argument("--teacher-imgsz", type=int, default=960)
     lp.add_argument("--base", default=str(BASE))
     lp.add_argument("--imgsz", type=int, help="training input (default: the current model's longer side)")
-    lp.add_argument("--epochs", type=int, default=10)
-    lp.add_argument("--freeze", type=int, default=22, help="modules kept fixed (default 22: only the head trains)")
-    lp.add_argument("--lr0", type=float, default=0.0005, help="initial learning rate (AdamW)")
-    lp.add_argument("--general", help="data.yaml of general frames to mix in")
-    lp.add_argument("--general-share", type=float, default=0.0)
+    lp.add_argument("--recipe", choices=[*RECIPES, BOTH],
+                    help="what trains: head (only the detection head, 10 epochs, lr 0.0005: best where the gap is "
+                         "small), whole (everything, 30 %% --general frames mixed in, 20 epochs, merged with "
+                         "--base at alpha 0.5: best where people are small), both (train each, keep the one with "
+                         "the higher AP50 on the camera's held-out slice). Default: both with --general, else head")
+    lp.add_argument("--general", help="data.yaml of general frames (other scenes, teacher-labeled) to mix in")
+    lp.add_argument("--epochs", type=int, help="override the recipe's epochs (head 10, whole 20)")
+    lp.add_argument("--freeze", type=int, help="override the recipe's modules kept fixed (head 22, whole 0)")
+    lp.add_argument("--lr0", type=float, help="override the recipe's initial learning rate (AdamW; 0.0005)")
+    lp.add_argument("--general-share", type=float, help="override the recipe's share of --general frames "
+                                                        "(head 0, whole 0.3)")
     lp.add_argument("--wise", type=float, metavar="ALPHA",
-                    help="merge the fine-tune with --base before the build (WiSE-FT, see `merge`)")
+                    help="override the recipe's merge with --base before the build (WiSE-FT, see `merge`; head: "
+                         "none, whole 0.5; 1 = do not merge)")
     lp.add_argument("--batch", type=int, default=16)
     lp.add_argument("--val-share", type=float, default=0.2)
     lp.add_argument("--labels", default=str(PERSONS_EVAL), help="the regression guard (persons-eval labels.json)")
@@ -133,7 +141,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 def cmd_loop(args: argparse.Namespace) -> int:
     from models.gate import GateSpec
-    from models.loop import TurnSettings, run_turn
+    from models.loop import BOTH, TurnSettings, run_turn
 
     publish = deploy = None
     if args.registry:
@@ -157,7 +165,8 @@ def cmd_loop(args: argparse.Namespace) -> int:
                      teacher=Path(args.teacher), general_labels=Path(args.labels),
                      samples=Path(args.samples) if args.samples else None, site=args.site, db=args.db,
                      store=args.store, since=args.since, teacher_imgsz=args.teacher_imgsz,
-                     val_share=args.val_share, epochs=args.epochs, imgsz=args.imgsz, freeze=args.freeze,
+                     val_share=args.val_share, recipe=args.recipe or (BOTH if args.general else "head"),
+                     epochs=args.epochs, imgsz=args.imgsz, freeze=args.freeze,
                      general_data=Path(args.general) if args.general else None, general_share=args.general_share,
                      batch=args.batch, lr0=args.lr0, wise=args.wise, gate=GateSpec(args.min_gain / 100, args.max_drop / 100),
                      publish=publish, deploy=deploy, current_thresholds=current_thresholds)

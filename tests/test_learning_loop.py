@@ -293,3 +293,47 @@ def test_a_bad_wise_alpha_is_refused_before_any_work(tmp_path):
     assert proc.returncode != 0
     assert "alpha must be between 0 (the base) and 1 (the fine-tune), got 2.0" in proc.stderr
     assert not work.exists()
+
+
+@pytest.mark.slow
+def test_both_recipes_train_and_the_better_one_on_the_camera_slice_goes_to_the_gate(tiny_turn, tmp_path):
+    """``loop --recipe both``: the head-only and the whole-network recipe (merged at 0.5) are each fine-tuned and
+    built, scored on the camera's held-out slice, and the one with the higher AP50 is the candidate the gate
+    judges (the real path at a tiny size: 1 epoch each at 96, the turn's own dataset as the general frames)."""
+    work = tmp_path / "turn"
+    shutil.copytree(tiny_turn.work, work)
+    proc = subprocess.run(
+        [sys.executable, "-m", "models", "loop", "--camera", "cam", "--current", str(tiny_turn.current), "--work",
+         str(work), "--samples", str(tiny_turn.samples), "--teacher-imgsz", "320", "--base", str(TRAINABLE),
+         "--recipe", "both", "--general", str(work / "dataset" / "data.yaml"), "--epochs", "1", "--batch", "4",
+         "--val-share", "0.25", "--labels", str(PERSONS_EVAL / "labels.json")],
+        cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode in (0, 1), proc.stderr[-3000:]
+    doc = json.loads((work / "eval.json").read_text())
+    tried = doc["recipes"]
+    assert set(tried) == {"head", "whole"}
+    assert tried["head"]["freeze"] == 22 and tried["head"]["wise"] is None
+    assert tried["whole"]["freeze"] == 0 and tried["whole"]["general_share"] == 0.3 and tried["whole"]["wise"] == 0.5
+    assert tried["head"]["epochs"] == tried["whole"]["epochs"] == 1  # --epochs overrides every recipe tried
+    chosen = doc["recipe"]
+    assert tried[chosen]["camera_ap50"] == max(t["camera_ap50"] for t in tried.values())
+    assert f"| candidate ({Path(tried[chosen]['candidate']).name}) |" in proc.stdout
+    assert "recipes tried (camera slice AP50): head " in proc.stdout and f"{chosen} " in proc.stdout
+    assert {"finetune head", "finetune whole", "merge whole", "build head", "build whole", "choose"} <= set(
+        doc["seconds"])
+    from ultralytics.nn.tasks import torch_safe_load
+
+    ckpt, _ = torch_safe_load(str(work / "candidate-whole-wise0.5.pt"))
+    assert ckpt["wise_ft"]["alpha"] == 0.5 and ckpt["wise_ft"]["tuned"] == str(work / "candidate-whole.pt")
+
+
+def test_a_recipe_that_mixes_general_frames_is_refused_without_them_before_any_work(tmp_path):
+    """``--recipe whole`` trains on 30 % general frames: without ``--general`` that is a one-line error at once."""
+    work = tmp_path / "turn"
+    proc = subprocess.run(
+        [sys.executable, "-m", "models", "loop", "--camera", "cam", "--current", str(ONNX_FP32), "--work",
+         str(work), "--samples", str(tmp_path / "no-samples"), "--recipe", "whole"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "recipe whole mixes 30 % general frames into training: give it --general DATA.yaml" in proc.stderr
+    assert not work.exists()
