@@ -1,6 +1,7 @@
 """``smartcam-model loop``: one whole turn of the learning loop for one camera, with a before/after report.
 
-export the camera's samples from the sink -> label them with the teacher -> fine-tune -> build INT8 (calibrated
+export the camera's samples from the sink -> label them with the teacher -> fine-tune (``RECIPES``; with
+``both``, each recipe, and the one with the higher AP50 on the camera's slice goes on) -> build INT8 (calibrated
 on the camera's own frames, at the input of the model the camera runs) -> evaluate the new and the current model
 on (a) the latest time slice of the camera's frames (labeled by the teacher, never trained on) and (b)
 persons-eval -> choose the new model's score thresholds on that slice (``models.thresholds``: precision
