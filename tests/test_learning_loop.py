@@ -283,16 +283,22 @@ def test_wise_turn_merges_the_same_fine_tune_with_the_base_and_builds_that(tiny_
     assert ckpt["wise_ft"]["alpha"] == 0.5 and ckpt["wise_ft"]["tuned"] == str(work / "candidate.pt")
 
 
-def test_a_bad_wise_alpha_is_refused_before_any_work(tmp_path):
-    """``--wise 2`` is an error the user sees at once, not after the labeling and the fine-tune."""
+def refused_at_once(tmp_path: Path, *flags: str) -> str:
+    """``smartcam-model loop`` with ``flags`` must fail before it touches ``--work``; returns its stderr."""
     work = tmp_path / "turn"
     proc = subprocess.run(
         [sys.executable, "-m", "models", "loop", "--camera", "cam", "--current", str(ONNX_FP32), "--work",
-         str(work), "--samples", str(tmp_path / "no-samples"), "--wise", "2"],
+         str(work), "--samples", str(tmp_path / "no-samples"), *flags],
         cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
-    assert "alpha must be between 0 (the base) and 1 (the fine-tune), got 2.0" in proc.stderr
     assert not work.exists()
+    return proc.stderr
+
+
+def test_a_bad_wise_alpha_is_refused_before_any_work(tmp_path):
+    """``--wise 2`` is an error the user sees at once, not after the labeling and the fine-tune."""
+    assert "alpha must be between 0 (the base) and 1 (the fine-tune), got 2.0" in refused_at_once(tmp_path,
+                                                                                                  "--wise", "2")
 
 
 @pytest.mark.slow
@@ -329,11 +335,5 @@ def test_both_recipes_train_and_the_better_one_on_the_camera_slice_goes_to_the_g
 
 def test_a_recipe_that_mixes_general_frames_is_refused_without_them_before_any_work(tmp_path):
     """``--recipe whole`` trains on 30 % general frames: without ``--general`` that is a one-line error at once."""
-    work = tmp_path / "turn"
-    proc = subprocess.run(
-        [sys.executable, "-m", "models", "loop", "--camera", "cam", "--current", str(ONNX_FP32), "--work",
-         str(work), "--samples", str(tmp_path / "no-samples"), "--recipe", "whole"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0
-    assert "recipe whole mixes 30 % general frames into training: give it --general DATA.yaml" in proc.stderr
-    assert not work.exists()
+    assert "recipe whole mixes 30 % general frames into training: give it --general DATA.yaml" in refused_at_once(
+        tmp_path, "--recipe", "whole")
