@@ -184,14 +184,16 @@ def run_turn(s: TurnSettings, say: Callable[[str], None] = print) -> TurnReport:
     imgsz = s.imgsz or max(current.imgsz)
     tried: dict[str, dict[str, Any]] = {}
     for name, recipe in plan.items():
-        prefix = "candidate" if len(plan) == 1 else f"candidate-{name}"
-        onnx = _candidate(s, recipe, prefix, dataset, current.imgsz, imgsz, step)
-        tried[name] = {"candidate": onnx, **recipe}
+        tried[name] = {"candidate": _candidate(s, name, recipe, len(plan) == 1, dataset, current.imgsz, imgsz,
+                                               step), **recipe}
+    cam, gen = load_labels(camera_labels), load_labels(s.general_labels)
+    now = {**DEFAULTS, "iou": current.iou, **s.current_thresholds}
+    slice_preds: dict[Path, list] = {}  # each candidate's predictions on the slice, made once
     if len(tried) > 1:  # the better fine-tune on the camera's own slice goes on to the gate
         done = step("choose")
-        cam = load_labels(camera_labels)
         for t in tried.values():
-            t["camera_ap50"] = round(score(cam, predict(scoring_detector(t["candidate"], current.iou), cam)).ap50, 4)
+            slice_preds[t["candidate"]] = predict(scoring_detector(t["candidate"], now["iou"]), cam)
+            t["camera_ap50"] = round(score(cam, slice_preds[t["candidate"]]).ap50, 4)
         done()
         chosen = max(tried, key=lambda n: tried[n]["camera_ap50"])
         say("recipes tried (camera slice AP50): " + ", ".join(
@@ -201,12 +203,11 @@ def run_turn(s: TurnSettings, say: Callable[[str], None] = print) -> TurnReport:
     candidate = tried[chosen]["candidate"]
 
     done = step("eval")
-    cam, gen = load_labels(camera_labels), load_labels(s.general_labels)
-    now = {**DEFAULTS, "iou": current.iou, **s.current_thresholds}
     preds = {}
     for name, path in (("current", s.current), ("candidate", candidate)):
         detector = scoring_detector(path, now["iou"])
-        preds[name] = (predict(detector, cam), predict(detector, gen))
+        on_slice = slice_preds[path] if path in slice_preds else predict(detector, cam)
+        preds[name] = (on_slice, predict(detector, gen))
     choice = choose_thresholds(ScoredBoxes.of(cam, preds["current"][0]), ScoredBoxes.of(cam, preds["candidate"][0]),
                                now)
     thresholds = {"iou": now["iou"], **choice.thresholds}
@@ -240,14 +241,15 @@ def run_turn(s: TurnSettings, say: Callable[[str], None] = print) -> TurnReport:
     return report
 
 
-def _candidate(s: TurnSettings, r: dict[str, Any], prefix: str, dataset: Path, size: tuple[int, int],
+def _candidate(s: TurnSettings, name: str, r: dict[str, Any], alone: bool, dataset: Path, size: tuple[int, int],
                imgsz: int, step: Callable[[str], Callable[[], None]]) -> Path:
-    """Fine-tune with recipe ``r`` (``WORK/{prefix}.pt``), merge it with the base if the recipe says so, build it
-    to INT8 at the current model's input; each output skipped when it is already there."""
+    """Fine-tune with recipe ``r`` (``WORK/candidate.pt``, or ``candidate-NAME.pt`` when it is not ``alone``),
+    merge it with the base if the recipe says so, build it to INT8 at the current model's input; each output
+    skipped when it is already there."""
     from models.build import build_model
     from models.finetune import finetune
 
-    label = "" if prefix == "candidate" else " " + prefix.removeprefix("candidate-")  # its step's name
+    prefix, label = ("candidate", "") if alone else (f"candidate-{name}", f" {name}")  # files, step names
     pt = s.work / f"{prefix}.pt"
     if not pt.is_file():
         done = step(f"finetune{label}")
